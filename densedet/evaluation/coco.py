@@ -1,0 +1,369 @@
+"""COCO box evaluation: the official ``pycocotools`` COCOeval with a configurable detection cap.
+
+``evaluate_coco`` runs ``COCOeval`` (iouType ``bbox``) unchanged for the matching and the
+precision/recall accumulation, then reads the 12 summary numbers from ``eval['precision']`` and
+``eval['recall']`` itself. Why not ``COCOeval.summarize``: it looks up AP at ``maxDets == 100``
+literally and the others at ``maxDets[0..2]``, so any cap other than 100 silently gives AP = -1.
+Here every AP-type number uses the largest cap and the AR names follow the caps
+(``max_dets=(1, 10, 300)`` gives ``AR1, AR10, AR300``). For the default caps the numbers are
+identical to ``COCOeval.stats`` (same slices, same reduction order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from densedet.evaluation._format import format_per_class_table
+
+__all__ = [
+    "evaluate_coco",
+    "format_table",
+    "detections_to_coco",
+    "load_coco_annotations",
+    "load_coco_results",
+    "coco_pr_curves",
+    "summarize_coco_eval",
+]
+
+AREA_NAMES = ("all", "small", "medium", "large")
+_AREA_SUFFIX = {"small": "s", "medium": "m", "large": "l"}
+
+
+# --------------------------------------------------------------------------- loading and checks
+def load_coco_annotations(annotations: dict | str | os.PathLike) -> dict:
+    """Load a COCO ground-truth dict (or JSON file) into a copy safe to hand to pycocotools.
+
+    pycocotools writes ``ignore`` into every GT annotation during evaluation, so each annotation
+    is copied (shallowly) to leave the caller's dict untouched. Missing ``iscrowd`` defaults to 0
+    and missing ``area`` to the box area ``w * h`` (converted datasets often omit both;
+    pycocotools would fail with a bare KeyError).
+    """
+    source = str(annotations) if isinstance(annotations, (str, os.PathLike)) else "annotations dict"
+    if isinstance(annotations, (str, os.PathLike)):
+        with open(annotations) as f:
+            annotations = json.load(f)
+    if not isinstance(annotations, dict):
+        raise ValueError(f"{source}: a COCO annotation file must hold a JSON object, got {type(annotations).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in annotations:
+            raise ValueError(f"{source}: missing the top-level field '{key}'")
+    anns = []
+    for i, ann in enumerate(annotations["annotations"]):
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in ann:
+                raise ValueError(f"{source}: annotation #{i} (id {ann.get('id')}) has no '{key}' field")
+        bbox = ann["bbox"]
+        if len(bbox) != 4:
+            raise ValueError(f"{source}: annotation #{i} (id {ann.get('id')}) has bbox {bbox!r}, expected [x, y, w, h]")
+        ann = dict(ann)
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
+        ann.setdefault("id", i + 1)
+        anns.append(ann)
+    dataset = dict(annotations)
+    dataset["annotations"] = anns
+    return dataset
+
+
+def load_coco_results(results: list | str | os.PathLike) -> list[dict]:
+    """Load a COCO results list (or JSON file) as fresh records ``{image_id, category_id, bbox, score}``.
+
+    Copies are made because ``COCO.loadRes`` adds fields to every record it is given.
+    """
+    source = str(results) if isinstance(results, (str, os.PathLike)) else "results list"
+    if isinstance(results, (str, os.PathLike)):
+        with open(results) as f:
+            results = json.load(f)
+    if not isinstance(results, list):
+        raise ValueError(f"{source}: COCO results must be a JSON list of detections, got {type(results).__name__}")
+    records = []
+    for i, det in enumerate(results):
+        if not isinstance(det, dict):
+            raise ValueError(f"{source}: record #{i} is {type(det).__name__}, expected an object")
+        for key in ("image_id", "category_id", "bbox", "score"):
+            if key not in det:
+                raise ValueError(f"{source}: record #{i} has no '{key}' field")
+        bbox = [float(v) for v in det["bbox"]]
+        if len(bbox) != 4:
+            raise ValueError(f"{source}: record #{i} has bbox {det['bbox']!r}, expected [x, y, w, h]")
+        records.append(
+            {"image_id": det["image_id"], "category_id": det["category_id"], "bbox": bbox, "score": float(det["score"])}
+        )
+    return records
+
+
+def _check_results_match_gt(records: list[dict], dataset: dict) -> None:
+    """Raise if results name images or categories the ground truth does not have.
+
+    pycocotools only asserts "Results do not correspond to current coco set" for images and
+    silently drops unknown categories (usually a label/category-id mapping bug).
+    """
+    image_ids = {img["id"] for img in dataset["images"]}
+    category_ids = {cat["id"] for cat in dataset["categories"]}
+    bad_images = sorted({r["image_id"] for r in records} - image_ids, key=str)
+    if bad_images:
+        first = next(i for i, r in enumerate(records) if r["image_id"] == bad_images[0])
+        raise ValueError(
+            f"results name {len(bad_images)} image id(s) not in the ground truth, e.g. {bad_images[:5]} "
+            f"(first at record #{first}); were the results made for another annotation file?"
+        )
+    bad_cats = sorted({r["category_id"] for r in records} - category_ids, key=str)
+    if bad_cats:
+        first = next(i for i, r in enumerate(records) if r["category_id"] == bad_cats[0])
+        raise ValueError(
+            f"results use category id(s) {bad_cats[:5]} not in the ground-truth categories "
+            f"{sorted(category_ids)[:10]} (first at record #{first}); contiguous labels must be mapped "
+            f"back to category ids (see detections_to_coco)"
+        )
+
+
+def _check_max_dets(max_dets: Sequence[int]) -> list[int]:
+    caps = sorted(int(m) for m in max_dets)
+    if not caps or caps[0] < 1 or len(set(caps)) != len(caps):
+        raise ValueError(f"max_dets must be distinct positive integers, got {tuple(max_dets)!r}")
+    return caps
+
+
+def _class_names(dataset: dict, cat_ids: list[int], class_names: Sequence[str] | None) -> list[str]:
+    """Names for ``cat_ids`` (sorted category ids); duplicates get their id appended to stay distinct."""
+    if class_names is not None:
+        if len(class_names) != len(cat_ids):
+            raise ValueError(
+                f"class_names has {len(class_names)} names but the ground truth has {len(cat_ids)} categories"
+            )
+        names = [str(n) for n in class_names]
+    else:
+        by_id = {cat["id"]: str(cat.get("name", cat["id"])) for cat in dataset["categories"]}
+        names = [by_id[c] for c in cat_ids]
+    counts = {n: names.count(n) for n in names}
+    return [f"{n} (id {c})" if counts[n] > 1 else n for n, c in zip(names, cat_ids)]
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate_coco(
+    results: list | str | os.PathLike,
+    annotations: dict | str | os.PathLike,
+    max_dets: Sequence[int] = (1, 10, 100),
+    class_names: Sequence[str] | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """COCO box AP/AR of a results list against ground truth, with the official pycocotools code.
+
+    Args:
+        results: COCO results ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``
+            or the path of such a JSON file. May be empty (every defined number is then 0).
+        annotations: COCO ground truth (dict with ``images``, ``annotations``, ``categories``)
+            or its JSON path.
+        max_dets: caps on detections per image (COCOeval ``params.maxDets``). AP-type numbers and
+            ARs/m/l use the largest; there is one ``AR<cap>`` per cap.
+        class_names: names of the categories in ascending category-id order (default: the
+            ``name`` fields of the ground truth).
+        verbose: let pycocotools print its progress and print the table.
+
+    Returns:
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}``
+        (AR names follow ``max_dets``) as floats in [0, 1], -1 where pycocotools leaves a number
+        undefined (no GT in that area range); ``"per_class"``: {name: AP at IoU 0.50:0.95, area
+        all, largest cap, -1 for a category without GT}; ``"curves"``: {name: {"IoU=0.50":
+        (recall thresholds (101,), precision (101,)), "IoU=0.75": ...}} for ``plot_pr_curves``.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    dataset = load_coco_annotations(annotations)
+    records = load_coco_results(results)
+    caps = _check_max_dets(max_dets)
+    _check_results_match_gt(records, dataset)
+
+    # pycocotools prints progress on stdout; silence it unless asked.
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        coco_gt = COCO()
+        coco_gt.dataset = dataset
+        coco_gt.createIndex()
+        if records:
+            coco_dt = coco_gt.loadRes(records)
+        else:
+            # loadRes indexes anns[0]; an empty detection set is a valid (all-miss) answer.
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(dataset["images"]), "categories": list(dataset["categories"]), "annotations": []}
+            coco_dt.createIndex()
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.params.maxDets = caps
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+
+    metrics: dict[str, Any] = summarize_coco_eval(coco_eval)
+    names = _class_names(dataset, list(coco_eval.params.catIds), class_names)
+    metrics["per_class"] = _per_class_ap(coco_eval, names)
+    metrics["curves"] = coco_pr_curves(coco_eval, names)
+    if verbose:
+        print(format_table(metrics))
+    return metrics
+
+
+def _mean_defined(values: np.ndarray) -> float:
+    """Mean over entries > -1 (-1 marks "undefined" in COCOeval), or -1 if there are none."""
+    defined = values[values > -1]
+    return float(np.mean(defined)) if defined.size else -1.0
+
+
+def summarize_coco_eval(coco_eval: Any) -> dict[str, float]:
+    """The 12 COCO summary numbers from an accumulated ``COCOeval``, for any ``params.maxDets``.
+
+    Mirrors ``COCOeval.summarize`` (same array slices and reduction, so identical values for the
+    default caps) except that AP-type numbers use the largest cap instead of a literal 100.
+    """
+    params = coco_eval.params
+    precision = coco_eval.eval["precision"]  # (T iou, R recall thresholds, K classes, A areas, M caps)
+    recall = coco_eval.eval["recall"]  # (T, K, A, M)
+    caps = list(params.maxDets)
+    area_index = {name: list(params.areaRngLbl).index(name) for name in AREA_NAMES}
+    last = len(caps) - 1
+
+    def ap(iou: float | None = None, area: str = "all") -> float:
+        s = precision[:, :, :, area_index[area], last]
+        if iou is not None:
+            s = s[np.where(params.iouThrs == iou)[0]]
+        return _mean_defined(s)
+
+    def ar(cap_index: int, area: str = "all") -> float:
+        return _mean_defined(recall[:, :, area_index[area], cap_index])
+
+    stats = {"AP": ap(), "AP50": ap(0.5), "AP75": ap(0.75)}
+    for area in ("small", "medium", "large"):
+        stats["AP" + _AREA_SUFFIX[area]] = ap(area=area)
+    for i, cap in enumerate(caps):
+        stats[f"AR{cap}"] = ar(i)
+    for area in ("small", "medium", "large"):
+        stats["AR" + _AREA_SUFFIX[area]] = ar(last, area)
+    return stats
+
+
+def _per_class_ap(coco_eval: Any, names: list[str]) -> dict[str, float]:
+    precision = coco_eval.eval["precision"]
+    return {name: _mean_defined(precision[:, :, k, 0, -1]) for k, name in enumerate(names)}
+
+
+def coco_pr_curves(coco_eval: Any, names: Sequence[str] | None = None) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per-class precision at COCO's 101 recall thresholds, IoU 0.50 and 0.75, area all, largest cap.
+
+    Returns ``{name: {"IoU=0.50": (recall (101,), precision (101,)), "IoU=0.75": ...}}``;
+    categories without ground truth (precision -1) are left out.
+    """
+    params = coco_eval.params
+    precision = coco_eval.eval["precision"]
+    if names is None:
+        names = [str(c) for c in params.catIds]
+    recall_thresholds = np.asarray(params.recThrs, dtype=np.float64)
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for k, name in enumerate(names):
+        per_iou = {}
+        for iou in (0.5, 0.75):
+            t = np.where(params.iouThrs == iou)[0]
+            if t.size == 0:
+                continue
+            p = precision[t[0], :, k, 0, -1]
+            if np.all(p > -1):
+                per_iou[f"IoU={iou:.2f}"] = (recall_thresholds.copy(), p.astype(np.float64))
+        if per_iou:
+            curves[name] = per_iou
+    return curves
+
+
+# --------------------------------------------------------------------------- printing
+_DESCRIPTIONS = {
+    "AP": ("0.50:0.95", "all"),
+    "AP50": ("0.50", "all"),
+    "AP75": ("0.75", "all"),
+    "APs": ("0.50:0.95", "small"),
+    "APm": ("0.50:0.95", "medium"),
+    "APl": ("0.50:0.95", "large"),
+    "ARs": ("0.50:0.95", "small"),
+    "ARm": ("0.50:0.95", "medium"),
+    "ARl": ("0.50:0.95", "large"),
+}
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The 12 COCO numbers (one line each, as pycocotools prints them) and a per-class AP table."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    caps = [int(k[2:]) for k in numbers if k.startswith("AR") and k[2:].isdigit()]
+    largest = max(caps) if caps else 100
+    lines = []
+    for name, value in numbers.items():
+        if name.startswith("AR") and name[2:].isdigit():
+            iou, area, cap = "0.50:0.95", "all", int(name[2:])
+        elif name in _DESCRIPTIONS:
+            (iou, area), cap = _DESCRIPTIONS[name], largest
+        else:
+            lines.append(f" {name:<6} = {value:0.3f}")
+            continue
+        kind = "Average Precision  (AP)" if name.startswith("AP") else "Average Recall     (AR)"
+        lines.append(f" {name:<6} {kind} @[ IoU={iou:<9} | area={area:>6s} | maxDets={cap:>3d} ] = {value:0.3f}")
+    per_class = metrics.get("per_class")
+    if per_class:
+        lines.append("")
+        lines.append(format_per_class_table(per_class, value_name="AP"))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- conversion
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def detections_to_coco(
+    detections: Sequence[dict[str, Any]],
+    image_ids: Sequence[int],
+    category_ids: Sequence[int] | None = None,
+) -> list[dict]:
+    """Model outputs to COCO results records.
+
+    Args:
+        detections: one dict per image with ``boxes`` (N, 4) as (x1, y1, x2, y2) in original
+            image pixels, ``scores`` (N,) and ``labels`` (N,) contiguous in 0..K-1
+            (tensors or arrays).
+        image_ids: the COCO image id of each entry of ``detections``.
+        category_ids: ``category_ids[label]`` is the COCO category id of a label; None means
+            ``label + 1`` (categories numbered 1..K).
+
+    Returns:
+        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]`` with plain Python numbers.
+    """
+    if len(detections) != len(image_ids):
+        raise ValueError(f"got {len(detections)} detection dicts but {len(image_ids)} image ids")
+    records = []
+    for i, (det, image_id) in enumerate(zip(detections, image_ids)):
+        for key in ("boxes", "scores", "labels"):
+            if key not in det:
+                raise ValueError(f"detections[{i}] has no '{key}' entry")
+        boxes = _to_numpy(det["boxes"]).astype(np.float64).reshape(-1, 4)
+        scores = _to_numpy(det["scores"]).astype(np.float64).reshape(-1)
+        labels = _to_numpy(det["labels"]).astype(np.int64).reshape(-1)
+        if not (len(boxes) == len(scores) == len(labels)):
+            raise ValueError(
+                f"detections[{i}]: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels must agree"
+            )
+        if category_ids is None:
+            cats = labels + 1
+        else:
+            if len(labels) and (labels.min() < 0 or labels.max() >= len(category_ids)):
+                raise ValueError(
+                    f"detections[{i}] has label {int(labels.max() if labels.max() >= len(category_ids) else labels.min())} "
+                    f"outside 0..{len(category_ids) - 1} (len(category_ids))"
+                )
+            cats = np.asarray(category_ids, dtype=np.int64)[labels]
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        for box, score, cat in zip(xywh.tolist(), scores.tolist(), cats.tolist()):
+            records.append({"image_id": int(image_id), "category_id": int(cat), "bbox": box, "score": score})
+    return records
