@@ -1,0 +1,121 @@
+"""Model presets and :func:`build_model`.
+
+A preset is a named :class:`~densedet.config.ModelConfig`; ``build_model(name, **overrides)``
+replaces fields of that config (checked by type) and builds the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig, _coerce, validate
+from .retinanet import RetinaNet, build_retinanet
+
+__all__ = ["PRESETS", "build_model", "build_from_config", "list_models", "load_weights", "RetinaNet"]
+
+
+def _retinanet(depth: int, **kw: Any) -> ModelConfig:
+    return ModelConfig(arch="retinanet", backbone=f"resnet{depth}", **kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Canonical RetinaNet (paper; detectron2 and mmdetection agree): P6 from C5, float anchors,
+    # fixed strides, 100 detections, pad to a multiple of 128 so P3..P7 grids align.
+    "retinanet_r18_fpn": _retinanet(18),
+    "retinanet_r34_fpn": _retinanet(34),
+    "retinanet_r50_fpn": _retinanet(50),
+    "retinanet_r101_fpn": _retinanet(101),
+    # torchvision's retinanet_resnet50_fpn (v1), so its COCO checkpoint loads and gives its detections.
+    # Differences from the canonical preset, each one torchvision's choice:
+    #   p6_from="p5"              LastLevelP6P7(256, 256) takes P6 from P5, not C5
+    #   anchor_integer_sizes      sizes int()-truncated: 32, 40, 50 (not 40.32, 50.80)
+    #   round_cell_anchors        cell half-extents rounded to integers
+    #   stride_mode="inferred"    strides = padded size // feature size (61 / 114 px at P6 / P7 for 800x1216)
+    #   num_classes=91            COCO ids used directly as channels; channel 0 is an unused "background"
+    #   detections_per_img=300    torchvision's default (COCO AP counts only 100)
+    #   size_divisible=32         pad to a multiple of 32 (not 128)
+    #   norm="frozen_bn"          the published weights are a FrozenBN model
+    "retinanet_r50_fpn_torchvision": _retinanet(
+        50, num_classes=91, p6_from="p5", anchor_integer_sizes=True, round_cell_anchors=True,
+        stride_mode="inferred", detections_per_img=300, size_divisible=32, norm="frozen_bn", frozen_stages=2),
+}
+
+
+def list_models() -> list[str]:
+    from . import refinedet_presets  # noqa: F401  (registers RefineDet presets when available)
+    return sorted(PRESETS)
+
+
+def build_from_config(cfg: ModelConfig) -> nn.Module:
+    """Build the model a :class:`ModelConfig` describes."""
+    if cfg.arch == "retinanet":
+        return build_retinanet(cfg)
+    if cfg.arch == "refinedet":
+        from .refinedet_presets import build_refinedet_from_config
+        return build_refinedet_from_config(cfg)
+    raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r} (retinanet, refinedet)")
+
+
+def build_model(name: str, num_classes: int | None = None, weights: str | None = None, **overrides: Any) -> nn.Module:
+    """Build a preset by name, e.g. ``build_model("retinanet_r50_fpn", num_classes=20, min_size=512)``.
+
+    Overrides are :class:`ModelConfig` fields (torchvision's names where one exists). ``weights``
+    is a path to a state-dict file — torchvision's (plain state dict) or a densedet checkpoint —
+    loaded with ``strict=True`` and ``weights_only=True`` (no code from the file runs).
+    """
+    names = list_models()
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(names)}")
+    cfg = PRESETS[name]
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    hints = __import__("typing").get_type_hints(ModelConfig)
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ConfigError(f"unknown model option {key!r}; valid options: {', '.join(sorted(fields))}")
+        overrides[key] = _coerce(list(value) if isinstance(value, tuple) else value, hints[key], key)
+    cfg = dataclasses.replace(cfg, **overrides)
+    from ..config import Config
+    validate(Config(model=cfg))
+    model = build_from_config(cfg)
+    model.config = cfg
+    if weights:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load model weights from ``path`` strictly; a mismatch lists the offending keys."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: weights file not found") from None
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    # A BatchNorm checkpoint's num_batches_tracked is harmless for a FrozenBN model.
+    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+    if missing or unexpected or shape:
+        lines = [f"{path}: weights do not fit this model"]
+        if shape:
+            lines.append("shape mismatch: " + ", ".join(
+                f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shape[:10]))
+        if missing:
+            lines.append(f"missing ({len(missing)}): " + ", ".join(missing[:10]))
+        if unexpected:
+            lines.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected[:10]))
+        raise ValueError("\n  ".join(lines))
+    state = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(state, strict=True)

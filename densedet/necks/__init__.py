@@ -1,0 +1,3 @@
+from .fpn import FPN, BackboneWithFPN, LastLevelP6P7
+
+__all__ = ["FPN", "BackboneWithFPN", "LastLevelP6P7"]

@@ -1,0 +1,78 @@
+"""Losses for dense detectors.
+
+Focal loss (Lin et al. 2017, eq. 5): FL(p_t) = -α_t (1 - p_t)^γ log(p_t), computed from logits
+with ``binary_cross_entropy_with_logits`` for numerical stability. γ = 0 with α = 0.5 is (half)
+balanced cross-entropy; α < 0 disables the α weighting.
+
+The normaliser is the number of foreground anchors of the whole batch (all processes together,
+see :func:`foreground_normalizer`), as SPEC and the paper ("normalized by the number of anchors
+assigned to a ground-truth box") define it; torchvision instead normalises per image and averages,
+which weighs an image with 2 objects as much as one with 50.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .boxes import BoxCoder, elementwise_giou
+
+__all__ = ["sigmoid_focal_loss", "foreground_normalizer", "box_regression_loss", "smooth_l1"]
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Element-wise focal loss; ``logits`` and ``targets`` (0/1) of the same shape, computed in fp32."""
+    logits = logits.float()
+    targets = targets.to(logits.dtype)
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce if gamma == 0 else ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+def foreground_normalizer(num_foreground: Tensor) -> Tensor:
+    """Mean number of foreground anchors per process, at least 1.
+
+    With DistributedDataParallel the gradients are averaged over W processes, so dividing each
+    process's sum by ``total_fg / W`` gives exactly the gradient of ``sum_all / total_fg`` — the
+    loss of one process holding the whole batch.
+    """
+    n = num_foreground.detach().float()
+    if dist.is_available() and dist.is_initialized():
+        n = n.clone()
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return n.clamp(min=1.0)
+
+
+def smooth_l1(input: Tensor, target: Tensor, beta: float) -> Tensor:
+    """Element-wise smooth-L1; ``beta = 0`` is exactly L1."""
+    if beta < 1e-5:
+        return (input - target).abs()
+    return F.smooth_l1_loss(input, target, beta=beta, reduction="none")
+
+
+def box_regression_loss(kind: str, pred_deltas: Tensor, gt_boxes: Tensor, anchors: Tensor,
+                        box_coder: BoxCoder, beta: float = 0.0) -> Tensor:
+    """Summed box loss over foreground anchors.
+
+    Args:
+        kind: ``l1`` (RetinaNet paper/torchvision), ``smooth_l1`` (with ``beta``) or ``giou``
+            (on decoded boxes).
+        pred_deltas: ``[F, 4]`` predicted deltas of the foreground anchors.
+        gt_boxes: ``[F, 4]`` their matched boxes; anchors: ``[F, 4]``.
+    """
+    if kind == "giou":
+        pred_boxes = box_coder.decode(pred_deltas, anchors)
+        return (1.0 - elementwise_giou(pred_boxes, gt_boxes.float())).sum()
+    target = box_coder.encode(gt_boxes.float(), anchors.float())
+    if kind == "l1":
+        return (pred_deltas.float() - target).abs().sum()
+    if kind == "smooth_l1":
+        return smooth_l1(pred_deltas.float(), target, beta).sum()
+    raise ValueError(f"unknown box loss {kind!r}; expected l1, smooth_l1 or giou")

@@ -1,0 +1,116 @@
+"""Image batching shared by every densedet model: normalise, resize, pad; and the way back.
+
+Order of operations follows torchvision's ``GeneralizedRCNNTransform`` (normalise, then resize with
+bilinear interpolation, then zero-pad the normalised image to a multiple of ``size_divisible``), so
+the torchvision-compatible preset sees bit-identical input. Boxes returned by a model are mapped
+back to each image's original pixels by :meth:`ImagePreprocessor.postprocess`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ImagePreprocessor", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImagePreprocessor(nn.Module):
+    """Turn a list of images into one padded, normalised batch.
+
+    Args:
+        min_size: target shorter side (a tuple picks one at random per batch in training, as
+            torchvision; detectron2's 640–800 multi-scale training).
+        max_size: cap on the longer side.
+        mean, std: per-channel normalisation of RGB in [0, 1].
+        size_divisible: pad height and width up to a multiple of this.
+        fixed_size: ``(h, w)`` warps every image to exactly that size (RefineDet, square demo input);
+            ``min_size``/``max_size`` are then unused.
+
+    ``forward(images: list[[3, H_i, W_i]], targets=None) -> (batch [B, 3, Hp, Wp], image_sizes, targets)``
+    where ``image_sizes[i] = (h_i, w_i)`` is the resized size (the valid region of the padded batch)
+    and targets' boxes are scaled by the same factors.
+    """
+
+    def __init__(self, min_size: int | Sequence[int] = 800, max_size: int = 1333,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 size_divisible: int = 128, fixed_size: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
+        self.max_size = int(max_size)
+        self.size_divisible = int(size_divisible)
+        self.fixed_size = tuple(int(s) for s in fixed_size) if fixed_size else None
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+
+    def _scale_for(self, h: int, w: int) -> tuple[float, float] | None:
+        """Scale factors (sy, sx), or None when the image keeps its size."""
+        if self.fixed_size is not None:
+            fh, fw = self.fixed_size
+            return None if (h, w) == (fh, fw) else (fh / h, fw / w)
+        target = random.choice(self.min_size) if self.training else self.min_size[-1]
+        # float32 arithmetic, as torchvision computes it, so resized sizes agree to the pixel.
+        short = torch.tensor(float(min(h, w)), dtype=torch.float32)
+        long = torch.tensor(float(max(h, w)), dtype=torch.float32)
+        scale = torch.min(target / short, self.max_size / long).item()
+        return None if scale == 1.0 else (scale, scale)
+
+    def resize(self, image: Tensor, target: dict | None) -> tuple[Tensor, dict | None]:
+        h, w = image.shape[-2:]
+        scale = self._scale_for(h, w)
+        if scale is None:
+            return image, target
+        if self.fixed_size is not None:
+            image = F.interpolate(image[None], size=self.fixed_size, mode="bilinear", align_corners=False)[0]
+        else:
+            image = F.interpolate(image[None], scale_factor=scale[0], mode="bilinear",
+                                  recompute_scale_factor=True, align_corners=False)[0]
+        if target is not None and "boxes" in target:
+            nh, nw = image.shape[-2:]
+            ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float32)
+            target = {**target, "boxes": target["boxes"] * ratio.to(target["boxes"].device)}
+        return image, target
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None
+                ) -> tuple[Tensor, list[tuple[int, int]], list[dict] | None]:
+        if not isinstance(images, (list, tuple)) or not images:
+            raise ValueError("images must be a non-empty list of [3, H, W] tensors")
+        out_images, out_targets = [], [] if targets is not None else None
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i} has shape {tuple(image.shape)}; expected [3, H, W]")
+            image = (image.float() - self.mean) / self.std
+            image, target = self.resize(image, targets[i] if targets is not None else None)
+            out_images.append(image)
+            if out_targets is not None:
+                out_targets.append(target)
+        image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in out_images]
+        return self.pad(out_images), image_sizes, out_targets
+
+    def pad(self, images: list[Tensor]) -> Tensor:
+        d = self.size_divisible
+        hp = int(math.ceil(max(im.shape[-2] for im in images) / d) * d)
+        wp = int(math.ceil(max(im.shape[-1] for im in images) / d) * d)
+        if all(im.shape[-2:] == (hp, wp) for im in images):
+            return torch.stack(images)
+        batch = images[0].new_zeros((len(images), 3, hp, wp))
+        for b, im in zip(batch, images):
+            b[:, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return batch
+
+    @staticmethod
+    def postprocess(detections: list[dict], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Scale each image's ``boxes`` from the resized size back to its original size."""
+        for det, (h, w), (oh, ow) in zip(detections, image_sizes, original_sizes):
+            if (h, w) != (oh, ow):
+                ratio = torch.tensor([ow / w, oh / h, ow / w, oh / h], dtype=torch.float32)
+                det["boxes"] = det["boxes"] * ratio.to(det["boxes"].device)
+        return detections

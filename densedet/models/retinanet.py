@@ -1,0 +1,314 @@
+"""RetinaNet (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017).
+
+One training step, top to bottom in :meth:`RetinaNet.forward`:
+images → :class:`ImagePreprocessor` (normalise, resize, pad) → backbone + FPN (P3–P7) →
+:class:`RetinaNetHead` (class logits ``[B, ΣHWA, K]``, box deltas ``[B, ΣHWA, 4]``) →
+:class:`AnchorGenerator` (``[ΣHWA, 4]``, same order) → :class:`Matcher` (``[B, ΣHWA]``) →
+focal loss + box loss, both divided by the batch's foreground count.
+Every step is batched over images; the only Python loops run over the pyramid levels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..anchors import AnchorGenerator, retinanet_anchor_sizes
+from ..backbones.resnet import ResNet, load_torchvision_resnet, make_norm
+from ..boxes import BoxCoder, batched_nms, clip_boxes
+from ..config import ModelConfig
+from ..losses import box_regression_loss, foreground_normalizer, sigmoid_focal_loss
+from ..matching import Matcher, pad_targets
+from ..necks.fpn import FPN, BackboneWithFPN
+from .preprocess import ImagePreprocessor
+
+__all__ = ["RetinaNet", "RetinaNetHead", "build_retinanet", "check_targets"]
+
+logger = logging.getLogger("densedet")
+
+
+def _tower(in_channels: int, channels: int, num_convs: int, norm: str) -> nn.Sequential:
+    layers = []
+    for i in range(num_convs):
+        block: list[nn.Module] = [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1,
+                                            bias=norm == "none")]
+        if norm != "none":
+            block.append(make_norm(norm, channels))
+        block.append(nn.ReLU(inplace=True))
+        layers.append(nn.Sequential(*block))
+    return nn.Sequential(*layers)
+
+
+def _flatten_level(x: Tensor, width: int) -> Tensor:
+    """``[B, A·width, H, W]`` → ``[B, H·W·A, width]`` (order y, x, a — the anchors' order)."""
+    b, _, h, w = x.shape
+    return x.view(b, -1, width, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, width)
+
+
+class RetinaNetClassificationHead(nn.Module):
+    """4 × (3x3 conv + ReLU) then a 3x3 conv to A·K logits, shared across levels.
+
+    Initialisation (paper, section 4.1): N(0, 0.01) weights, zero bias, and the last bias set to
+    −log((1 − π)/π) so every anchor starts with foreground probability π = 0.01 — without it the
+    loss of the ~100k easy negatives swamps the first iterations.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
+                 channels: int = 256, norm: str = "none", prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = _tower(in_channels, channels, num_convs, norm)
+        self.cls_logits = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return torch.cat([_flatten_level(self.cls_logits(self.conv(f)), self.num_classes) for f in features], 1)
+
+
+class RetinaNetRegressionHead(nn.Module):
+    """4 × (3x3 conv + ReLU) then a 3x3 conv to A·4 deltas, shared across levels."""
+
+    def __init__(self, in_channels: int, num_anchors: int, num_convs: int = 4, channels: int = 256,
+                 norm: str = "none") -> None:
+        super().__init__()
+        self.conv = _tower(in_channels, channels, num_convs, norm)
+        self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return torch.cat([_flatten_level(self.bbox_pred(self.conv(f)), 4) for f in features], 1)
+
+
+class RetinaNetHead(nn.Module):
+    """Classification and box subnets; ``forward(features) -> (logits [B, ΣHWA, K], deltas [B, ΣHWA, 4])``."""
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
+                 channels: int = 256, norm: str = "none", prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.classification_head = RetinaNetClassificationHead(in_channels, num_anchors, num_classes, num_convs,
+                                                               channels, norm, prior_prob)
+        self.regression_head = RetinaNetRegressionHead(in_channels, num_anchors, num_convs, channels, norm)
+
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.classification_head(features), self.regression_head(features)
+
+
+def check_targets(targets: list[dict]) -> None:
+    """Reject boxes the loss cannot use, naming the image; readers repair or drop them earlier."""
+    for i, t in enumerate(targets):
+        boxes = t["boxes"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+        if boxes.numel() == 0:
+            continue
+        if not torch.isfinite(boxes).all():
+            raise ValueError(f"target {i} (image_id {t.get('image_id')}): boxes contain NaN or inf")
+        bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if bad.any():
+            j = int(bad.nonzero()[0])
+            raise ValueError(f"target {i} (image_id {t.get('image_id')}): box {j} {boxes[j].tolist()} has zero or "
+                             f"negative width/height")
+
+
+class RetinaNet(nn.Module):
+    """A RetinaNet assembled from its parts (any part left out is built from the defaults).
+
+    ``model(images)`` in eval mode: ``images`` a list of ``[3, H, W]`` float tensors in [0, 1];
+    returns per image ``{"boxes": [D, 4] (x1, y1, x2, y2, original pixels), "scores": [D],
+    "labels": [D]}``. In train mode ``model(images, targets)`` with ``{"boxes", "labels"}`` targets
+    returns ``{"cls": loss, "box": loss}``.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, anchor_generator: AnchorGenerator,
+                 head: RetinaNetHead | None = None, preprocessor: ImagePreprocessor | None = None,
+                 matcher: Matcher | None = None, box_coder: BoxCoder | None = None, *,
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_loss: str = "l1",
+                 smooth_l1_beta: float = 0.0, cls_loss: str = "focal",
+                 score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
+                 detections_per_img: int = 100) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.anchor_generator = anchor_generator
+        self.head = head or RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location,
+                                          num_classes)
+        self.transform = preprocessor or ImagePreprocessor()
+        self.matcher = matcher or Matcher()
+        self.box_coder = box_coder or BoxCoder()
+        self.num_classes = num_classes
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.cls_loss, self.box_loss, self.smooth_l1_beta = cls_loss, box_loss, smooth_l1_beta
+        self.score_thresh, self.topk_candidates = score_thresh, topk_candidates
+        self.nms_thresh, self.detections_per_img = nms_thresh, detections_per_img
+        head_a = self.head.classification_head.cls_logits.out_channels // num_classes
+        if head_a != anchor_generator.num_anchors_per_location:
+            raise ValueError(f"the head predicts {head_a} anchors per position but the anchor generator makes "
+                             f"{anchor_generator.num_anchors_per_location} (sizes x aspect_ratios)")
+
+    # -- the flow -------------------------------------------------------------------------
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("in training mode the model needs targets")
+            check_targets(targets)
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        batch, image_sizes, targets = self.transform(images, targets)
+        logits, deltas, anchors, level_sizes = self.forward_dense(batch)
+        if self.training:
+            return self.compute_loss(logits, deltas, anchors, targets)
+        detections = self.postprocess(logits, deltas, anchors, image_sizes, level_sizes)
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+    def forward_dense(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """Normalised, padded batch ``[B, 3, Hp, Wp]`` → logits, deltas, anchors, anchors per level."""
+        features = self.backbone(batch)
+        logits, deltas = self.head(features)
+        feature_sizes = [tuple(f.shape[-2:]) for f in features]
+        anchors = self.anchor_generator(tuple(batch.shape[-2:]), feature_sizes, batch.device)
+        a = self.anchor_generator.num_anchors_per_location
+        return logits, deltas, anchors, [h * w * a for h, w in feature_sizes]
+
+    # -- training -------------------------------------------------------------------------
+    def compute_loss(self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+        """logits ``[B, A, K]``, deltas ``[B, A, 4]``, anchors ``[A, 4]`` → ``{"cls", "box"}`` scalars."""
+        gt = pad_targets(targets, logits.device)
+        matched_idxs = self.matcher(anchors, gt).matched_idxs                  # [B, A]
+        foreground = matched_idxs >= 0
+        valid = matched_idxs != -2
+        normalizer = foreground_normalizer(foreground.sum())
+        safe_idxs = matched_idxs.clamp(min=0)
+        gt_labels = torch.gather(gt.labels, 1, safe_idxs)                      # [B, A]
+        cls_targets = torch.zeros_like(logits, dtype=torch.float32)
+        cls_targets[foreground, gt_labels[foreground]] = 1.0
+        loss_cls = self.classification_loss(logits[valid], cls_targets[valid]) / normalizer
+        gt_boxes = torch.gather(gt.boxes, 1, safe_idxs.unsqueeze(-1).expand(-1, -1, 4))
+        anchors_fg = anchors.unsqueeze(0).expand_as(deltas)[foreground]
+        loss_box = box_regression_loss(self.box_loss, deltas[foreground], gt_boxes[foreground], anchors_fg,
+                                       self.box_coder, self.smooth_l1_beta) / normalizer
+        return {"cls": loss_cls, "box": loss_box}
+
+    def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Summed classification loss over non-ignored anchors, ``[V, K]`` each."""
+        if self.cls_loss == "focal":
+            return sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma).sum()
+        from .. import losses as L  # the ablation losses (OHEM, GHM-C) live beside the focal loss
+        fn = getattr(L, f"{self.cls_loss}_loss", None)
+        if fn is None:
+            raise ValueError(f"unknown classification loss {self.cls_loss!r}")
+        return fn(logits, targets, alpha=self.focal_alpha, gamma=self.focal_gamma)
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def postprocess(self, logits: Tensor, deltas: Tensor, anchors: Tensor, image_sizes: list[tuple[int, int]],
+                    level_sizes: list[int]) -> list[dict[str, Tensor]]:
+        """Per level: scores > ``score_thresh``, best ``topk_candidates``, decode, clip; then class-wise
+        NMS at ``nms_thresh`` and the ``detections_per_img`` best per image. Boxes in resized-image pixels."""
+        bsz, _, k = logits.shape
+        device = logits.device
+        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)          # [B, 2] (h, w)
+        all_boxes, all_scores, all_labels, all_keep = [], [], [], []
+        for lg, dl, an in zip(logits.split(level_sizes, 1), deltas.split(level_sizes, 1), anchors.split(level_sizes)):
+            scores = torch.sigmoid(lg.float()).flatten(1)                                # [B, n·K]
+            top = min(self.topk_candidates, scores.shape[1])
+            top_scores, top_idxs = scores.masked_fill(scores <= self.score_thresh, -1.0).topk(top, dim=1)
+            anchor_idxs = top_idxs // k
+            boxes = self.box_coder.decode(torch.gather(dl, 1, anchor_idxs.unsqueeze(-1).expand(-1, -1, 4)),
+                                          an[anchor_idxs])
+            boxes = clip_boxes(boxes, sizes.unsqueeze(1))
+            all_boxes.append(boxes)
+            all_scores.append(top_scores)
+            all_labels.append(top_idxs % k)
+            all_keep.append(top_scores > self.score_thresh)
+        return select_detections(torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1),
+                                 torch.cat(all_keep, 1), self.nms_thresh, self.detections_per_img)
+
+
+def select_detections(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, nms_thresh: float,
+                      detections_per_img: int) -> list[dict[str, Tensor]]:
+    """Class-wise NMS within each image and a per-image cap, over the whole batch at once.
+
+    boxes ``[B, N, 4]``, scores/labels/keep ``[B, N]`` → per image dicts sorted by score.
+    One NMS call covers every image: the group id (image, label) keeps images apart.
+    """
+    bsz = boxes.shape[0]
+    image_idx = torch.arange(bsz, device=boxes.device).unsqueeze(1).expand_as(scores)[keep]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    group = image_idx * (int(labels.max()) + 1 if labels.numel() else 1) + labels
+    kept = batched_nms(boxes, scores, group, nms_thresh)                  # sorted by score, descending
+    # stable sort by image keeps the score order inside each image; rank < cap selects the best.
+    kept = kept[torch.sort(image_idx[kept], stable=True).indices]
+    img = image_idx[kept]
+    counts = torch.bincount(img, minlength=bsz)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(kept.numel(), device=boxes.device) - starts[img]
+    kept = kept[rank < detections_per_img]
+    counts = counts.clamp(max=detections_per_img).tolist()
+    return [{"boxes": b, "scores": s, "labels": l} for b, s, l in
+            zip(boxes[kept].split(counts), scores[kept].split(counts), labels[kept].split(counts))]
+
+
+# -- building from a config -------------------------------------------------------------------
+
+def resolve_norm(cfg: ModelConfig) -> tuple[str, int]:
+    """(norm, frozen_stages) after applying ``auto``; logged, since it decides whether training from
+    scratch can work at all (SPEC: FrozenBN from random init reached AP 0.07, trainable BN 0.36)."""
+    pretrained = bool(cfg.pretrained_backbone)
+    norm = cfg.norm if cfg.norm != "auto" else ("frozen_bn" if pretrained else "bn")
+    frozen = cfg.frozen_stages if cfg.frozen_stages >= 0 else (2 if pretrained else 0)
+    if cfg.norm == "auto":
+        logger.info("backbone norm: %s, frozen stages: %d (%s)", norm, frozen,
+                    "ImageNet weights given" if pretrained else "no pretrained weights: training from scratch "
+                    "needs trainable normalisation")
+    return norm, frozen
+
+
+def build_retinanet(cfg: ModelConfig) -> RetinaNet:
+    """Build a :class:`RetinaNet` from a :class:`ModelConfig`."""
+    if not cfg.backbone.startswith("resnet"):
+        raise ValueError(f"model.backbone: RetinaNet supports resnet18/34/50/101, got {cfg.backbone!r}")
+    depth = int(cfg.backbone[len("resnet"):])
+    norm, frozen = resolve_norm(cfg)
+    if not 3 <= cfg.min_level <= cfg.max_level <= 7 or cfg.min_level > 5:
+        raise ValueError(f"model.min_level/max_level must satisfy 3 <= min_level <= 5, max_level <= 7; "
+                         f"got {cfg.min_level}, {cfg.max_level}")
+    stages = [f"res{l}" for l in range(cfg.min_level, 6)]
+    body = ResNet(depth, norm=norm, frozen_stages=frozen, out_features=stages)
+    if cfg.pretrained_backbone:
+        load_torchvision_resnet(body, cfg.pretrained_backbone)
+    fpn = FPN(body.out_channels, cfg.fpn_channels, extra_levels=cfg.max_level - 5 if cfg.max_level > 5 else 0,
+              p6_from=cfg.p6_from, norm=cfg.fpn_norm)
+    if cfg.max_level < 5:
+        raise ValueError("model.max_level must be >= 5")
+    backbone = BackboneWithFPN(body, fpn)
+    levels = range(cfg.min_level, cfg.max_level + 1)
+    strides = [2 ** l for l in levels]
+    base = cfg.anchor_sizes or [4.0 * s for s in strides]
+    if len(base) != len(strides):
+        raise ValueError(f"model.anchor_sizes has {len(base)} entries for {len(strides)} levels "
+                         f"P{cfg.min_level}-P{cfg.max_level}")
+    anchor_generator = AnchorGenerator(
+        retinanet_anchor_sizes(base, cfg.scales_per_octave, integer=cfg.anchor_integer_sizes),
+        cfg.aspect_ratios, strides, offset=cfg.anchor_offset,
+        round_cell_anchors=cfg.round_cell_anchors, stride_mode=cfg.stride_mode)
+    head = RetinaNetHead(cfg.fpn_channels, anchor_generator.num_anchors_per_location, cfg.num_classes,
+                         cfg.head_convs, cfg.head_channels or cfg.fpn_channels, cfg.head_norm, cfg.prior_prob)
+    preprocessor = ImagePreprocessor(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std,
+                                     cfg.size_divisible, cfg.fixed_size)
+    return RetinaNet(backbone, cfg.num_classes, anchor_generator, head, preprocessor,
+                     Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches),
+                     BoxCoder(tuple(cfg.bbox_reg_weights)),
+                     focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, box_loss=cfg.box_loss,
+                     smooth_l1_beta=cfg.smooth_l1_beta, cls_loss=cfg.cls_loss, score_thresh=cfg.score_thresh,
+                     topk_candidates=cfg.topk_candidates, nms_thresh=cfg.nms_thresh,
+                     detections_per_img=cfg.detections_per_img)
