@@ -193,7 +193,7 @@ def evaluate_coco(
         else:
             # loadRes indexes anns[0]; an empty detection set is a valid (all-miss) answer.
             coco_dt = COCO()
-            coco_dt.dataset = {"images": list(dataset["images"]), "categories": list(dataset["categories"]), "annotations": []}
+            coco_dt.dataset = {"images": dataset["images"], "categories": dataset["categories"], "annotations": []}
             coco_dt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.maxDets = caps
@@ -252,7 +252,10 @@ def _per_class_ap(coco_eval: Any, names: list[str]) -> dict[str, float]:
     return {name: _mean_defined(precision[:, :, k, 0, -1]) for k, name in enumerate(names)}
 
 
-def coco_pr_curves(coco_eval: Any, names: Sequence[str] | None = None) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+Curves = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+
+def coco_pr_curves(coco_eval: Any, names: Sequence[str] | None = None) -> Curves:
     """Per-class precision at COCO's 101 recall thresholds, IoU 0.50 and 0.75, area all, largest cap.
 
     Returns ``{name: {"IoU=0.50": (recall (101,), precision (101,)), "IoU=0.75": ...}}``;
@@ -263,7 +266,7 @@ def coco_pr_curves(coco_eval: Any, names: Sequence[str] | None = None) -> dict[s
     if names is None:
         names = [str(c) for c in params.catIds]
     recall_thresholds = np.asarray(params.recThrs, dtype=np.float64)
-    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    curves: Curves = {}
     for k, name in enumerate(names):
         per_iou = {}
         for iou in (0.5, 0.75):
@@ -357,10 +360,10 @@ def detections_to_coco(
         if category_ids is None:
             cats = labels + 1
         else:
-            if len(labels) and (labels.min() < 0 or labels.max() >= len(category_ids)):
+            bad = labels[(labels < 0) | (labels >= len(category_ids))]
+            if len(bad):
                 raise ValueError(
-                    f"detections[{i}] has label {int(labels.max() if labels.max() >= len(category_ids) else labels.min())} "
-                    f"outside 0..{len(category_ids) - 1} (len(category_ids))"
+                    f"detections[{i}] has label {int(bad[0])} outside 0..{len(category_ids) - 1} (len(category_ids))"
                 )
             cats = np.asarray(category_ids, dtype=np.int64)[labels]
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)

@@ -304,7 +304,9 @@ def evaluate_voc_from_coco(
         entry["labels"].append(label_of[rec["category_id"]])
 
     def as_arrays(d: dict[str, list]) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) if k == "boxes" else np.asarray(v) for k, v in d.items()}
+        arrays = {k: np.asarray(v) for k, v in d.items()}
+        arrays["boxes"] = np.asarray(d["boxes"], dtype=np.float64).reshape(-1, 4)
+        return arrays
 
     return evaluate_voc(
         [as_arrays(d) for d in det_lists],
