@@ -242,11 +242,13 @@ class BoxCoder:
         self.clamp = float(clamp)
 
     @classmethod
-    def from_variances(cls, variances: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2), **kwargs) -> "BoxCoder":
+    def from_variances(
+        cls, variances: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2), clamp: float = math.log(1000.0 / 16)
+    ) -> "BoxCoder":
         """The SSD/RefineDet coder: ``deltas = offsets / variances``, i.e. weights ``1 / variances``."""
         if len(variances) != 4 or any(not v > 0 for v in variances):
             raise ValueError(f"BoxCoder variances must be 4 positive numbers, got {variances!r}")
-        return cls(weights=tuple(1.0 / v for v in variances), **kwargs)
+        return cls(weights=tuple(1.0 / v for v in variances), clamp=clamp)
 
     def __repr__(self) -> str:
         return f"BoxCoder(weights={self.weights}, clamp={self.clamp:.4f})"
