@@ -1,0 +1,157 @@
+"""COCO json annotations: reading into `DetectionData` and writing back.
+
+COCO boxes are [x, y, w, h] in continuous pixel coordinates; we store (x, y, x + w, y + h).
+Categories are sorted by id and mapped to contiguous labels 0..K-1; `category_ids` maps back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from .records import DataReport, DatasetError, DetectionData, make_record
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: annotation file not found") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: "
+                           f"{e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _require(obj: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise DatasetError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+
+
+def _optional_size(value: Any, where: str, key: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 \
+            or not math.isfinite(value):
+        raise DatasetError(f"{where}: '{key}' must be a positive number, got {value!r}")
+    return int(value)
+
+
+def load_coco(json_path: str, image_root: str, strict: bool = False) -> DetectionData:
+    """Read a COCO detection json.
+
+    Every image is kept, images without annotations as negatives; `iscrowd` annotations are kept
+    with iscrowd=True (the matcher ignores them). A file without an "annotations" key (a COCO
+    test-set info file) gives images without boxes. Raises `DatasetError` for malformed JSON
+    (with the error position), missing keys, duplicate image or category ids, annotations whose
+    image or category does not exist (naming the annotation id), and bad bbox values. Box repairs
+    (clipping, dropping degenerate / outside / NaN boxes) follow `records.sanitize_boxes` and
+    are counted in the returned data's `report`.
+    """
+    json_path = str(json_path)
+    doc = _read_json(json_path)
+    _require(doc, ("images", "categories"), json_path)
+    annotations = doc.get("annotations", [])
+    for key, value in (("images", doc["images"]), ("categories", doc["categories"]),
+                       ("annotations", annotations)):
+        if not isinstance(value, list):
+            raise DatasetError(f"{json_path}: '{key}' must be a list, got {type(value).__name__}")
+
+    # Categories sorted by id -> contiguous labels.
+    categories = {}
+    for i, cat in enumerate(doc["categories"]):
+        _require(cat, ("id", "name"), f"{json_path}: categories[{i}]")
+        if cat["id"] in categories:
+            raise DatasetError(f"{json_path}: duplicate category id {cat['id']}")
+        categories[cat["id"]] = str(cat["name"])
+    category_ids = sorted(categories)
+    label_of = {cid: label for label, cid in enumerate(category_ids)}
+
+    images = {}
+    for i, img in enumerate(doc["images"]):
+        _require(img, ("id", "file_name"), f"{json_path}: images[{i}]")
+        where = f"{json_path}: image id {img['id']}"
+        if img["id"] in images:
+            raise DatasetError(f"{where}: duplicate image id (images[{i}])")
+        images[img["id"]] = (img, _optional_size(img.get("height"), where, "height"),
+                             _optional_size(img.get("width"), where, "width"))
+
+    per_image: dict[Any, list] = {image_id: [] for image_id in images}
+    for i, ann in enumerate(annotations):
+        name = f"annotation id {ann['id']}" if isinstance(ann, dict) and "id" in ann \
+            else f"annotations[{i}]"
+        where = f"{json_path}: {name}"
+        _require(ann, ("image_id", "category_id", "bbox"), where)
+        if ann["image_id"] not in images:
+            raise DatasetError(f"{where}: refers to image id {ann['image_id']!r}, which is not "
+                               f"in 'images'")
+        if ann["category_id"] not in label_of:
+            raise DatasetError(f"{where}: unknown category id {ann['category_id']!r} "
+                               f"(known: {category_ids})")
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            raise DatasetError(f"{where}: 'bbox' must be a list of 4 numbers [x, y, w, h], "
+                               f"got {bbox!r}")
+        per_image[ann["image_id"]].append((ann, where))
+
+    report = DataReport(source=f"coco {json_path}")
+    records = []
+    for image_id, (img, height, width) in images.items():
+        anns = per_image[image_id]
+        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                  a["bbox"][1] + a["bbox"][3]] for a, _ in anns]
+        records.append(make_record(
+            file_name=os.path.join(str(image_root), img["file_name"]), image_id=image_id,
+            height=height, width=width, boxes=boxes,
+            labels=[label_of[a["category_id"]] for a, _ in anns],
+            iscrowd=[bool(a.get("iscrowd", 0)) for a, _ in anns],
+            difficult=[False] * len(anns),
+            box_names=[where + f" (image id {image_id})" for _, where in anns],
+            report=report, strict=strict))
+    return DetectionData(records=records, class_names=[categories[c] for c in category_ids],
+                         category_ids=category_ids, source=json_path, report=report)
+
+
+def to_coco_dict(data: DetectionData, image_root: str | None = None) -> dict:
+    """COCO ground-truth dict for `data` (e.g. to evaluate VOC/CSV data with pycocotools).
+
+    File names are written relative to `image_root` when given. Annotation `area` is the box area
+    (w * h) and ids count from 1. Difficult boxes are written with iscrowd=0 and an extra
+    "difficult": 1 key (pycocotools ignores it).
+    """
+    images, annotations = [], []
+    for record in data.records:
+        file_name = record.file_name
+        if image_root is not None:
+            file_name = os.path.relpath(file_name, str(image_root))
+        image = {"id": record.image_id, "file_name": file_name}
+        if record.height is not None and record.width is not None:
+            image.update(height=record.height, width=record.width)
+        images.append(image)
+        for box, label, crowd, difficult in zip(record.boxes.tolist(), record.labels.tolist(),
+                                                record.iscrowd.tolist(),
+                                                record.difficult.tolist()):
+            x1, y1, x2, y2 = box
+            ann = {"id": len(annotations) + 1, "image_id": record.image_id,
+                   "category_id": data.category_id(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                   "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd)}
+            if difficult:
+                ann["difficult"] = 1
+            annotations.append(ann)
+    categories = [{"id": data.category_id(label), "name": name}
+                  for label, name in enumerate(data.class_names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def save_coco(data: DetectionData, json_path: str, image_root: str | None = None) -> None:
+    """Write `to_coco_dict(data, image_root)` to `json_path`."""
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(to_coco_dict(data, image_root), f)

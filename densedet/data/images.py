@@ -1,0 +1,78 @@
+"""Decoding image files into RGB uint8 tensors, whatever their mode, with EXIF rotation applied."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .records import DatasetError
+
+# EXIF orientations 5..8 swap width and height when applied.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] uint8 from any PIL mode.
+
+    16-bit grayscale ("I;16*", and "I", which is how PIL represents 16-bit PNGs) is scaled by
+    255 / 65535 — PIL's own convert("RGB") would clip it to white. Alpha is ignored (the colour
+    channels are used as stored, as torchvision's read_image does in RGB mode); palette images
+    with transparency go through RGBA for the same reason.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        gray = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.rint(gray * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 tensor [3, H, W] (RGB), EXIF orientation applied.
+
+    Grayscale, RGBA, palette and 16-bit images are converted to RGB (see `_to_rgb_array`).
+    Raises `DatasetError` naming the file when it is missing, truncated or not an image.
+    """
+    path = str(path)
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so that truncation errors surface here
+            image = ImageOps.exif_transpose(image)
+            array = _to_rgb_array(image)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory, not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{path}: image too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PIL reports unknown formats as UnidentifiedImageError (an OSError) and truncated data
+        # as OSError/SyntaxError/EOFError depending on the codec.
+        raise DatasetError(f"{path}: cannot decode image: {e}") from None
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def image_size(path: str) -> tuple[int, int] | None:
+    """(height, width) of an image file after EXIF rotation, reading only its header.
+
+    Returns None when the file is missing or unreadable (the error is raised later, by the
+    dataset, when the image is actually needed).
+    """
+    if not os.path.isfile(path):
+        return None
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return None
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return height, width
