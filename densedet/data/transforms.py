@@ -1,0 +1,177 @@
+"""Geometric transforms that move boxes with the pixels, and tiling of large images.
+
+A transform is a callable `(image, target) -> (image, target)`: image a float tensor [3, H, W] in
+[0, 1], target the dict the dataset produces (boxes [N, 4] x1, y1, x2, y2 in continuous pixel
+coordinates). `orig_size` is left untouched: the model maps its detections from the transformed
+image size back to `orig_size`. Randomness comes from torch's global generator, so
+`torch.manual_seed` and DataLoader worker seeding make runs repeatable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Target = dict
+Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        for transform in self.transforms:
+            image, target = transform(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(map(repr, self.transforms)) + ")"
+
+
+class RandomHorizontalFlip:
+    """Mirror the image with probability p; boxes map to x1' = W - x2, x2' = W - x1."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        if torch.rand(()).item() >= self.p:
+            return image, target
+        width = image.shape[-1]
+        target = dict(target)
+        boxes = target["boxes"]
+        target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1],
+                                       width - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image.flip(-1), target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+def resize(image: torch.Tensor, target: Target | None, height: int, width: int
+           ) -> tuple[torch.Tensor, Target | None]:
+    """Resize image [3, H, W] to [3, height, width] (bilinear, antialiased when shrinking).
+
+    Boxes are multiplied by the exact pixel scale factors width / W and height / H, so they stay
+    aligned with the resampled pixels (pixel edges map to pixel edges with align_corners=False).
+    """
+    old_h, old_w = image.shape[-2:]
+    if (old_h, old_w) != (height, width):
+        image = F.interpolate(image[None], size=(height, width), mode="bilinear",
+                              align_corners=False, antialias=True)[0].clamp_(0.0, 1.0)
+    if target is not None:
+        target = dict(target)
+        scale = torch.tensor([width / old_w, height / old_h, width / old_w, height / old_h],
+                             dtype=target["boxes"].dtype)
+        target["boxes"] = target["boxes"] * scale
+    return image, target
+
+
+class ResizeShortestEdge:
+    """Resize so the shorter side is one of `min_sizes` (chosen at random per call) while the
+    longer side stays <= max_size — the detectron2/RetinaNet input rule. Several min_sizes give
+    multi-scale training (e.g. (640, 672, ..., 800)); one gives the fixed test-time size.
+    """
+
+    def __init__(self, min_sizes: int | Sequence[int], max_size: int):
+        self.min_sizes = (min_sizes,) if isinstance(min_sizes, int) else tuple(min_sizes)
+        if not self.min_sizes:
+            raise ValueError("ResizeShortestEdge needs at least one min size")
+        self.max_size = max_size
+
+    def output_size(self, height: int, width: int, min_size: int) -> tuple[int, int]:
+        scale = min(min_size / min(height, width), self.max_size / max(height, width))
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        index = int(torch.randint(len(self.min_sizes), ()).item()) if len(self.min_sizes) > 1 \
+            else 0
+        height, width = self.output_size(*image.shape[-2:], self.min_sizes[index])
+        return resize(image, target, height, width)
+
+    def __repr__(self) -> str:
+        return f"ResizeShortestEdge(min_sizes={self.min_sizes}, max_size={self.max_size})"
+
+
+class ResizeFixed:
+    """Warp to a fixed size: an int gives a square, a tuple is (height, width) — the SSD/RefineDet
+    input (320x320, 512x512). The aspect ratio is not kept."""
+
+    def __init__(self, size: int | tuple[int, int]):
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        return resize(image, target, *self.size)
+
+    def __repr__(self) -> str:
+        return f"ResizeFixed(size={self.size})"
+
+
+def tile_starts(length: int, tile_size: int, overlap: int) -> list[int]:
+    """Start offsets of tiles covering [0, length): stride tile_size - overlap, the last tile
+    shifted back to end exactly at the border (so it may overlap its neighbour more)."""
+    if tile_size <= 0 or not 0 <= overlap < tile_size:
+        raise ValueError(f"need tile_size > 0 and 0 <= overlap < tile_size, got tile_size="
+                         f"{tile_size}, overlap={overlap}")
+    if length <= tile_size:
+        return [0]
+    stride = tile_size - overlap
+    count = math.ceil((length - tile_size) / stride) + 1
+    return [min(i * stride, length - tile_size) for i in range(count)]
+
+
+def tile_grid(height: int, width: int, tile_size: int, overlap: int
+              ) -> list[tuple[int, int, int, int]]:
+    """Tiles (x0, y0, x1, y1) covering a height x width image, row-major."""
+    return [(x0, y0, min(x0 + tile_size, width), min(y0 + tile_size, height))
+            for y0 in tile_starts(height, tile_size, overlap)
+            for x0 in tile_starts(width, tile_size, overlap)]
+
+
+def crop_target(target: Target, x0: int, y0: int, x1: int, y1: int,
+                min_visibility: float = 0.5) -> Target:
+    """Boxes of `target` seen through the window (x0, y0, x1, y1), in window coordinates.
+
+    Boxes are clipped to the window; a box keeping less than `min_visibility` of its area inside
+    is dropped (so is one with no area inside). Per-box fields (labels, iscrowd, difficult) are
+    filtered alike; orig_size becomes the window size and tile_origin records (x0, y0).
+    """
+    boxes = target["boxes"]
+    clipped = torch.stack([boxes[:, 0].clamp(x0, x1), boxes[:, 1].clamp(y0, y1),
+                           boxes[:, 2].clamp(x0, x1), boxes[:, 3].clamp(y0, y1)], dim=1)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (inside > 0) & (inside >= min_visibility * area)
+    out = dict(target)
+    out["boxes"] = clipped[keep] - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+    for key in ("labels", "iscrowd", "difficult"):
+        if key in target:
+            out[key] = target[key][keep]
+    out["orig_size"] = (y1 - y0, x1 - x0)
+    out["tile_origin"] = (x0, y0)
+    return out
+
+
+def tile_image(image: torch.Tensor, target: Target | None, tile_size: int, overlap: int,
+               min_visibility: float = 0.5
+               ) -> list[tuple[torch.Tensor, Target | None, tuple[int, int]]]:
+    """Cut image [3, H, W] into overlapping tiles of at most tile_size x tile_size covering it.
+
+    Returns [(tile [3, h, w], tile target or None, (x0, y0))], row-major; add (x0, y0) to a
+    tile's boxes to get image coordinates. Tiles are views of `image` (no copy). Boxes follow
+    `crop_target` (clipped to the tile, dropped below `min_visibility` of their area).
+    """
+    height, width = image.shape[-2:]
+    tiles = []
+    for x0, y0, x1, y1 in tile_grid(height, width, tile_size, overlap):
+        crop = image[:, y0:y1, x0:x1]
+        tile_target = None if target is None else crop_target(target, x0, y0, x1, y1,
+                                                               min_visibility)
+        tiles.append((crop, tile_target, (x0, y0)))
+    return tiles

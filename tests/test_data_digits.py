@@ -1,0 +1,165 @@
+"""The digit-scene demo dataset: determinism, split disjointness, counts, tight boxes."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from densedet.data import load_coco, make_digit_scenes
+from densedet.data.digits import (INK_THRESHOLD, load_mnist_5k, render_scene, split_indices)
+
+ARGS = dict(num_train=12, num_val=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist_5k()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return make_digit_scenes(str(tmp_path_factory.mktemp("digits")), **ARGS)
+
+
+def all_files(root):
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, root)] = open(path, "rb").read()
+    return out
+
+
+def test_mnist_file_format(mnist):
+    images, labels = mnist
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [500] * 10
+    assert images.max() == 255 and (images > 0).any(axis=(1, 2)).all()
+
+
+def test_train_and_val_digits_are_disjoint(mnist):
+    _, labels = mnist
+    train, val = split_indices(labels)
+    assert len(train) == 4000 and len(val) == 1000
+    assert not set(train.tolist()) & set(val.tolist())
+    assert np.bincount(labels[train]).tolist() == [400] * 10
+    assert np.bincount(labels[val]).tolist() == [100] * 10
+
+
+def test_written_scenes_come_from_their_split_pool(scenes, mnist):
+    """Scene i of a split is render_scene(rng(seed, split, i)) over that split's digit pool:
+    redrawing it from the pool reproduces the PNG pixels and the json boxes exactly."""
+    images, labels = mnist
+    train, val = split_indices(labels)
+    for split_code, split, rows in ((0, "train", train), (1, "val", val)):
+        rng = np.random.default_rng([ARGS["seed"], split_code, 0])
+        pixels, boxes, box_labels, masks = render_scene(rng, images[rows], labels[rows],
+                                                        return_masks=True)
+        png = np.asarray(Image.open(os.path.join(scenes[f"{split}_images"], "000000.png")))
+        np.testing.assert_array_equal(png, pixels)
+        data = load_coco(scenes[f"{split}_json"], scenes[f"{split}_images"])
+        np.testing.assert_array_equal(data.records[0].boxes, boxes)
+        np.testing.assert_array_equal(data.records[0].labels, box_labels)
+        used = rows[[m["index"] for m in masks]]
+        assert set(used.tolist()) <= set(rows.tolist())
+        np.testing.assert_array_equal(labels[used], box_labels)
+
+
+def test_same_arguments_same_bytes_and_seed_matters(scenes, tmp_path):
+    again = make_digit_scenes(str(tmp_path / "again"), **ARGS)
+    assert all_files(scenes["root"]) == all_files(again["root"])
+    other = make_digit_scenes(str(tmp_path / "other"), **{**ARGS, "seed": 4})
+    first = "train/000000.png"
+    assert all_files(other["root"])[first] != all_files(scenes["root"])[first]
+
+
+def test_counts_layout_and_coco_format(scenes):
+    for split, count in (("train", ARGS["num_train"]), ("val", ARGS["num_val"])):
+        pngs = sorted(os.listdir(scenes[f"{split}_images"]))
+        assert pngs == [f"{i:06d}.png" for i in range(count)]
+        doc = json.load(open(scenes[f"{split}_json"]))
+        assert doc["categories"] == [{"id": d + 1, "name": str(d)} for d in range(10)]
+        data = load_coco(scenes[f"{split}_json"], scenes[f"{split}_images"])
+        assert data.class_names == [str(d) for d in range(10)] and len(data) == count
+        assert data.report.dropped == 0 and data.report.clipped == 0
+        for record in data.records:
+            assert 2 <= len(record) <= 10
+            assert (record.height, record.width) == (320, 320)
+        with Image.open(os.path.join(scenes[f"{split}_images"], pngs[0])) as image:
+            assert image.mode == "RGB" and image.size == (320, 320)
+    meta = json.load(open(scenes["meta"]))
+    assert meta["num_train"] == 12 and meta["seed"] == 3 and meta["max_px"] == 150
+
+
+def test_matching_meta_does_nothing_and_new_arguments_redraw(tmp_path):
+    root = str(tmp_path / "d")
+    paths = make_digit_scenes(root, num_train=4, num_val=2)
+    png = os.path.join(paths["train_images"], "000000.png")
+    stamp = os.stat(png).st_mtime_ns
+    os.utime(png, ns=(stamp - 10**9, stamp - 10**9))  # mark the file; a rewrite would reset it
+    make_digit_scenes(root, num_train=4, num_val=2)
+    assert os.stat(png).st_mtime_ns == stamp - 10**9
+    make_digit_scenes(root, num_train=3, num_val=2)
+    assert sorted(os.listdir(paths["train_images"])) == ["000000.png", "000001.png",
+                                                         "000002.png"]
+    assert os.stat(png).st_mtime_ns != stamp - 10**9
+
+
+def test_boxes_are_tight_around_the_ink_and_sizes_in_range(mnist):
+    images, labels = mnist
+    sizes = []
+    for i in range(40):
+        pixels, boxes, _, masks = render_scene(np.random.default_rng(i), images, labels,
+                                               return_masks=True)
+        assert len(boxes) == len(masks) >= 2
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 320).all()
+        for box, mask in zip(boxes, masks):
+            rows, cols = np.nonzero(mask["alpha"] >= INK_THRESHOLD)
+            # Ink pixel (r, c) covers [c, c+1) x [r, r+1): the box is exactly their union.
+            ink = [mask["x0"] + cols.min(), mask["y0"] + rows.min(),
+                   mask["x0"] + cols.max() + 1, mask["y0"] + rows.max() + 1]
+            assert box.tolist() == ink
+            sizes.append(max(box[2] - box[0], box[3] - box[1]))
+    sizes = np.array(sizes)
+    assert sizes.min() >= 12 and sizes.max() <= 150
+    # Log-uniform on [12, 150]: P(< 24) = log 2 / log 12.5 = 0.27, P(> 100) = 0.16.
+    assert 0.17 < (sizes < 24).mean() < 0.40
+    assert 0.07 < (sizes > 100).mean() < 0.28
+    assert math.isclose(np.median(np.log(sizes)), (math.log(12) + math.log(150)) / 2, abs_tol=0.3)
+
+
+def test_boxes_overlap_at_most_iou_0_3(mnist):
+    images, labels = mnist
+    for i in range(20):
+        _, boxes, _ = render_scene(np.random.default_rng(100 + i), images, labels)
+        for a in range(len(boxes)):
+            for b in range(a + 1, len(boxes)):
+                x1, y1 = np.maximum(boxes[a, :2], boxes[b, :2])
+                x2, y2 = np.minimum(boxes[a, 2:], boxes[b, 2:])
+                inter = max(x2 - x1, 0) * max(y2 - y1, 0)
+                area = lambda k: (boxes[k, 2] - boxes[k, 0]) * (boxes[k, 3] - boxes[k, 1])
+                assert inter / (area(a) + area(b) - inter) <= 0.3
+
+
+def test_digit_colour_contrasts_with_the_background(mnist):
+    """Where a digit's alpha is 1 the pixel is the digit colour; its luminance differs from the
+    mean background luminance in the box by at least the generator's 0.4 margin (minus the
+    damage later, overlapping digits may do, so we test the median over digits)."""
+    images, labels = mnist
+    weights = np.array([0.299, 0.587, 0.114])
+    gaps = []
+    for i in range(10):
+        pixels, boxes, _, masks = render_scene(np.random.default_rng(200 + i), images, labels,
+                                               return_masks=True)
+        for mask in masks[-1:]:  # the last digit drawn is never overdrawn
+            alpha = mask["alpha"]
+            r, c = np.unravel_index(np.argmax(alpha), alpha.shape)
+            ink = pixels[mask["y0"] + r, mask["x0"] + c] / 255.0
+            h, w = alpha.shape
+            patch = pixels[mask["y0"]:mask["y0"] + h, mask["x0"]:mask["x0"] + w] / 255.0
+            background = patch[alpha < 0.01].mean(axis=0)
+            gaps.append(abs(ink @ weights - background @ weights))
+    assert np.median(gaps) > 0.3
