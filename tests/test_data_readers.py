@@ -162,6 +162,13 @@ def test_coco_duplicate_image_id(tmp_path):
         load_coco(write_json(tmp_path, doc), ".")
 
 
+def test_coco_image_ids_must_be_integers(tmp_path):
+    doc = coco_doc()
+    doc["images"][0]["id"] = "a"
+    with pytest.raises(DatasetError, match=r"image id 'a': image ids must be integers"):
+        load_coco(write_json(tmp_path, doc), ".")
+
+
 def test_coco_annotation_for_missing_image(tmp_path):
     doc = coco_doc()
     doc["annotations"][0]["image_id"] = 12

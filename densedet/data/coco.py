@@ -77,7 +77,9 @@ def load_coco(json_path: str, image_root: str, strict: bool = False) -> Detectio
     images = {}
     for i, img in enumerate(doc["images"]):
         _require(img, ("id", "file_name"), f"{json_path}: images[{i}]")
-        where = f"{json_path}: image id {img['id']}"
+        where = f"{json_path}: image id {img['id']!r}"
+        if not isinstance(img["id"], int) or isinstance(img["id"], bool):
+            raise DatasetError(f"{where}: image ids must be integers (images[{i}])")
         if img["id"] in images:
             raise DatasetError(f"{where}: duplicate image id (images[{i}])")
         images[img["id"]] = (img, _optional_size(img.get("height"), where, "height"),
