@@ -15,7 +15,8 @@ from torch import nn
 from ..config import ConfigError, ModelConfig, _coerce, validate
 from .retinanet import RetinaNet, build_retinanet
 
-__all__ = ["PRESETS", "build_model", "build_from_config", "list_models", "load_weights", "RetinaNet"]
+__all__ = ["PRESETS", "build_model", "build_from_config", "list_models", "load_weights", "load_state_dict_checked",
+           "RetinaNet"]
 
 
 def _retinanet(depth: int, **kw: Any) -> ModelConfig:
@@ -101,6 +102,12 @@ def load_weights(model: nn.Module, path: str) -> None:
         state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    load_state_dict_checked(model, state, path)
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
+    path = source
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

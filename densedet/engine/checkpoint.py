@@ -1,0 +1,98 @@
+"""Checkpoints: written atomically, read without executing code, self-describing.
+
+A checkpoint is a dict saved with ``torch.save``::
+
+    {"format": "densedet-checkpoint-v1", "model": state_dict, "config": Config as plain dict,
+     "class_names": [...], "category_ids": [...] | None, "iteration": int,
+     "optimizer": ..., "scheduler": ..., "rng": {...}, "metrics": {...}}
+
+Only tensors, numbers, strings, lists and dicts are stored, so it loads with
+``torch.load(weights_only=True)``: a checkpoint file can never run code. Saving writes to a
+temporary file in the same folder, fsyncs it and renames it over the target, so a kill or a full
+disk at any moment leaves either the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, from_dict
+
+__all__ = ["CHECKPOINT_FORMAT", "atomic_save", "load_checkpoint", "model_from_checkpoint", "CheckpointError"]
+
+CHECKPOINT_FORMAT = "densedet-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit the model."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` via a temporary file + fsync + rename (POSIX-atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise CheckpointError(f"{path}: could not write checkpoint ({err.strerror or err}); "
+                              f"the previous file at that path is unchanged") from None
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a densedet checkpoint (``weights_only=True``); raises :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a densedet checkpoint (no '{CHECKPOINT_FORMAT}' format tag); "
+                              f"for a plain state dict use build_model(..., weights=path)")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path, **model_overrides: Any) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model a checkpoint was trained with and load its weights.
+
+    Returns ``(model in eval mode, Config, checkpoint dict)``. ``model_overrides`` change
+    inference-time fields (``score_thresh``, ``detections_per_img``, ``min_size`` …).
+    """
+    from ..models import build_from_config, load_state_dict_checked
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(Config, ckpt["config"])
+    for key, value in model_overrides.items():
+        if not hasattr(cfg.model, key):
+            raise CheckpointError(f"unknown model option {key!r}")
+        setattr(cfg.model, key, value)
+    if cfg.model.norm == "auto":               # keep the norm the run trained with
+        cfg.model.norm = "frozen_bn" if cfg.model.pretrained_backbone else "bn"
+    cfg.model.pretrained_backbone = None      # the weights come from the checkpoint
+    model = build_from_config(cfg.model)
+    model.config = cfg.model
+    load_state_dict_checked(model, ckpt["model"], str(path))
+    model.class_names = ckpt.get("class_names")
+    model.category_ids = ckpt.get("category_ids")
+    return model.eval(), cfg, ckpt
