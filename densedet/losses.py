@@ -23,13 +23,18 @@ __all__ = ["sigmoid_focal_loss", "foreground_normalizer", "box_regression_loss",
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Element-wise focal loss; ``logits`` and ``targets`` (0/1) of the same shape, computed in fp32."""
-    logits = logits.float()
+    """Element-wise focal loss; ``logits`` and ``targets`` (0/1) of the same shape, computed in fp32 (or fp64)."""
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     targets = targets.to(logits.dtype)
-    p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce if gamma == 0 else ce * (1 - p_t) ** gamma
+    loss = ce
+    if gamma != 0:
+        # 1 - p_t from sigmoid(-x) / sigmoid(x) directly rather than 1 - p_t: no cancellation for easy
+        # examples, and the clamp keeps (1 - p_t)^(gamma - 1) finite where p_t rounds to 1 — for
+        # gamma < 1 the backward pass would otherwise compute inf * 0 = NaN.
+        one_minus_p_t = torch.sigmoid(-logits) * targets + torch.sigmoid(logits) * (1 - targets)
+        loss = ce * one_minus_p_t.clamp(min=torch.finfo(logits.dtype).tiny) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss
