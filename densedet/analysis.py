@@ -1,0 +1,607 @@
+"""``densedet analyze``: the paper's data arguments, measured on your dataset and your anchors.
+
+Lin et al. (2017) build RetinaNet on two observations about dense detection (seed 001):
+
+1. **Class imbalance.** A one-stage detector scores ~100k anchors per image, of which only a few
+   are foreground: foreground : background is about 1 : 1000 (section 3). Here: foreground,
+   ignored and background anchors per image under the configured matcher.
+2. **Anchor coverage.** An anchor is foreground only at IoU >= 0.5 with a ground-truth box, so a
+   box whose best anchor stays below 0.5 "corresponds to no anchor" (kept only by the low-quality
+   rule, if it is on). Here: the fraction of boxes whose best anchor IoU is below the foreground
+   and the background thresholds, by box size, and what other anchor settings would achieve.
+
+Boxes are measured where the anchors see them: after the model's own resize (its preprocessor in
+eval mode: ``min_size[-1]`` / ``max_size``, or ``fixed_size``), computed from the record's
+width/height without decoding pixels. Each image is padded on its own to ``size_divisible``
+(in a training batch, padding to the largest image adds background anchors only).
+
+Outputs: a printed summary, ``analysis.json`` and PNG plots (``box_sizes.png``,
+``coverage_by_size.png``, ``imbalance_per_image.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .boxes import box_iou
+from .config import Config, ConfigError, DataConfig, ModelConfig, load_config
+from .data import DatasetError, DetectionData, image_size, load_coco, load_csv, load_voc, make_digit_scenes
+from .matching import BACKGROUND, IGNORE, PaddedTargets, pad_targets
+
+__all__ = ["load_split", "dataset_statistics", "resized_image_size", "AnchorSetup", "anchor_setup",
+           "prepare_images", "PreparedImage", "anchor_statistics", "coverage", "default_candidates",
+           "candidate_coverage", "analyze", "format_summary", "write_plots", "add_parser", "run",
+           "SIZE_BINS"]
+
+# Box size bins (sqrt of area, in resized-image pixels). 32 and 96 are COCO's small/medium/large
+# edges; the powers of two match the anchor octaves (32 · 2^k at P3..P7).
+SIZE_BINS: tuple[float, ...] = (0.0, 16.0, 32.0, 64.0, 96.0, 128.0, 256.0, 512.0, math.inf)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def load_split(data: DataConfig, split: str = "train") -> DetectionData:
+    """Read the ``train`` or ``val`` split a :class:`DataConfig` describes.
+
+    ``coco``/``csv``/``voc`` read ``data.<split>`` (annotation file, or folder of VOC XML) with
+    images under ``data.<split>_images`` (default: next to the annotations); ``digits`` generates
+    (or reuses) the digit scenes under ``data.root`` and reads their COCO json.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if data.format == "digits":
+        paths = make_digit_scenes(data.root, num_train=data.num_train, num_val=data.num_val, seed=data.seed)
+        return load_coco(paths[f"{split}_json"], paths[f"{split}_images"], strict=data.strict)
+    path = getattr(data, split)
+    images = getattr(data, f"{split}_images") or None
+    if not path:
+        raise ConfigError(f"data.{split}: no annotation path given (data.format is {data.format!r})")
+    if not os.path.exists(path):
+        raise DatasetError(f"{path}: annotation file not found (data.{split})")
+    if data.format == "coco":
+        if data.class_names is not None:
+            raise ConfigError("data.class_names: a COCO file names its own categories; leave it unset")
+        return load_coco(path, images if images is not None else os.path.dirname(path), strict=data.strict)
+    if data.format == "csv":
+        return load_csv(path, image_root=images, class_names=data.class_names, strict=data.strict)
+    if data.format == "voc":
+        return load_voc(path, image_dir=images, class_names=data.class_names, strict=data.strict)
+    raise ConfigError(f"data.format: must be coco, voc, csv or digits, got {data.format!r}")
+
+
+def _record_size(record, source: str) -> tuple[int, int]:
+    """(height, width) of a record, from the annotations or else the image header."""
+    if record.height is not None and record.width is not None:
+        return int(record.height), int(record.width)
+    size = image_size(record.file_name)
+    if size is None:
+        raise DatasetError(f"{source}: image {record.file_name!r} (id {record.image_id}) has no width/height in "
+                           f"the annotations and its file cannot be read")
+    return int(size[0]), int(size[1])
+
+
+def _quantiles(values: np.ndarray, qs: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    return {f"p{int(round(q * 100))}": float(np.quantile(values, q)) for q in qs}
+
+
+def dataset_statistics(data: DetectionData) -> dict[str, Any]:
+    """Counts and distributions of one split, in original image pixels.
+
+    Returns a JSON-ready dict: ``images``, ``images_without_boxes``, ``boxes``, ``crowd_boxes``,
+    ``boxes_per_image`` (mean and quantiles), ``box_size`` (sqrt(area) quantiles),
+    ``aspect_ratio`` (h/w quantiles), ``class_counts`` (by class name, crowd boxes excluded) and
+    ``image_sizes`` (the five most common (h, w)).
+    """
+    per_image = np.array([len(r) for r in data.records], dtype=np.int64)
+    boxes = [r.boxes[~r.iscrowd] for r in data.records]
+    all_boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
+    w = (all_boxes[:, 2] - all_boxes[:, 0]).astype(np.float64)
+    h = (all_boxes[:, 3] - all_boxes[:, 1]).astype(np.float64)
+    labels = np.concatenate([r.labels[~r.iscrowd] for r in data.records]) if data.records else np.zeros(0, np.int64)
+    counts = np.bincount(labels, minlength=data.num_classes) if labels.size else np.zeros(data.num_classes, np.int64)
+    sizes: dict[tuple[int, int], int] = {}
+    for r in data.records:
+        if r.height is not None and r.width is not None:
+            sizes[(int(r.height), int(r.width))] = sizes.get((int(r.height), int(r.width)), 0) + 1
+    common = sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+    return {
+        "source": data.source,
+        "images": len(data.records),
+        "images_without_boxes": int((per_image == 0).sum()),
+        "boxes": int(per_image.sum()),
+        "crowd_boxes": int(sum(int(r.iscrowd.sum()) for r in data.records)),
+        "boxes_per_image": {"mean": float(per_image.mean()) if per_image.size else 0.0,
+                            **_quantiles(per_image.astype(np.float64))},
+        "box_size": _quantiles(np.sqrt(w * h)),
+        "aspect_ratio": _quantiles(h / np.maximum(w, 1e-12)),
+        "class_counts": {name: int(c) for name, c in zip(data.class_names, counts.tolist())},
+        "image_sizes": [{"height": hh, "width": ww, "images": n} for (hh, ww), n in common],
+    }
+
+
+# -- the model's view: resize, anchors, matching ---------------------------------------------------
+
+def resized_image_size(preprocessor, height: int, width: int) -> tuple[int, int]:
+    """The size an ``ImagePreprocessor`` in eval mode resizes an ``height x width`` image to.
+
+    Same arithmetic as the preprocessor (a float32 scale, then ``floor(side · scale)`` as
+    ``F.interpolate(recompute_scale_factor=True)`` does), so it agrees to the pixel without
+    touching image data; ``fixed_size`` warps to exactly that size.
+    """
+    if preprocessor.fixed_size is not None:
+        return int(preprocessor.fixed_size[0]), int(preprocessor.fixed_size[1])
+    target = preprocessor.min_size[-1]
+    short = torch.tensor(float(min(height, width)), dtype=torch.float32)
+    long = torch.tensor(float(max(height, width)), dtype=torch.float32)
+    scale = torch.min(target / short, preprocessor.max_size / long).item()
+    if scale == 1.0:
+        return height, width
+    return int(math.floor(height * scale)), int(math.floor(width * scale))
+
+
+@dataclass
+class AnchorSetup:
+    """What the analysis needs from a model.
+
+    ``anchors(padded_hw) -> [A, 4]``; ``match(anchors [A, 4], PaddedTargets) -> [B, A]`` matched
+    box index, ``BACKGROUND`` (-1) or ``IGNORE`` (-2); thresholds for the coverage numbers;
+    ``anchor_sizes`` per level (for the plots).
+    """
+
+    preprocessor: Any
+    anchors: Callable[[tuple[int, int]], Tensor]
+    match: Callable[[Tensor, PaddedTargets], Tensor]
+    fg_iou_thresh: float
+    bg_iou_thresh: float
+    anchor_sizes: list[list[float]]
+    aspect_ratios: list[float]
+
+
+def anchor_setup(model: torch.nn.Module, model_cfg: ModelConfig | None = None) -> AnchorSetup:
+    """Adapt a built model: RetinaNet (``anchor_generator``, ``matcher``, ``transform``) or
+    RefineDet (``anchors(size)``, its per-prediction matching at ``iou_threshold``, no ignore band).
+
+    Feature map sizes follow from the padded size: every stride-2 conv of the ResNet/FPN
+    pyramid (3x3 or 7x7 with "same" padding, and the 3x3/s2 max-pool) gives ``ceil(side / 2)``,
+    so level l has ``ceil(side / stride_l)`` cells — checked against ``forward_dense`` in the tests.
+    """
+    if hasattr(model, "anchor_generator") and hasattr(model, "matcher"):
+        gen = model.anchor_generator
+
+        def anchors(padded: tuple[int, int]) -> Tensor:
+            feature_sizes = [(math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in gen.strides]
+            return gen(tuple(padded), feature_sizes)
+
+        def match(anchors_: Tensor, targets: PaddedTargets) -> Tensor:
+            return model.matcher(anchors_, targets).matched_idxs
+
+        return AnchorSetup(model.transform, anchors, match, model.matcher.fg_iou_thresh,
+                           model.matcher.bg_iou_thresh, gen.sizes, gen.aspect_ratios[0])
+    if hasattr(model, "anchors") and hasattr(model, "preprocessor"):
+        from .models.refinedet import match_anchors
+
+        thresh = float(getattr(model, "iou_threshold", 0.5))
+
+        def match_refinedet(anchors_: Tensor, targets: PaddedTargets) -> Tensor:
+            return match_anchors(anchors_, targets.boxes, targets.valid, thresh)
+
+        sizes = [[float(s)] for s in getattr(model, "anchor_sizes", [])]
+        return AnchorSetup(model.preprocessor, lambda padded: model.anchors(tuple(padded)), match_refinedet,
+                           thresh, thresh, sizes, list(getattr(model, "aspect_ratios", [])))
+    raise TypeError(f"cannot analyse anchors of {type(model).__name__}: it has neither anchor_generator/matcher "
+                    f"(RetinaNet) nor anchors()/preprocessor (RefineDet)")
+
+
+@dataclass
+class PreparedImage:
+    """One image as the model sees it: ``boxes [G, 4]`` (resized pixels, crowd excluded),
+    ``crowd [C, 4]``, ``resized (h, w)`` and ``padded (Hp, Wp)``."""
+
+    image_id: int
+    resized: tuple[int, int]
+    padded: tuple[int, int]
+    boxes: Tensor
+    crowd: Tensor
+
+
+def prepare_images(data: DetectionData, preprocessor, indices: Sequence[int] | None = None) -> list[PreparedImage]:
+    """Resize each record's boxes by the preprocessor's rule and compute its padded size."""
+    divisor = int(preprocessor.size_divisible)
+    out = []
+    for i in (range(len(data.records)) if indices is None else indices):
+        record = data.records[i]
+        h, w = _record_size(record, data.source)
+        nh, nw = resized_image_size(preprocessor, h, w)
+        ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float32)
+        boxes = torch.from_numpy(record.boxes).float() * ratio
+        crowd = torch.from_numpy(record.iscrowd)
+        padded = (math.ceil(nh / divisor) * divisor, math.ceil(nw / divisor) * divisor)
+        out.append(PreparedImage(record.image_id, (nh, nw), padded, boxes[~crowd], boxes[crowd]))
+    return out
+
+
+def _box_sizes(boxes: Tensor) -> Tensor:
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    return (wh[:, 0] * wh[:, 1]).sqrt()
+
+
+def _bin_index(sizes: np.ndarray, bins: Sequence[float]) -> np.ndarray:
+    """Bin i holds ``bins[i] <= size < bins[i+1]``."""
+    return np.clip(np.searchsorted(np.asarray(bins), sizes, side="right") - 1, 0, len(bins) - 2)
+
+
+def _bin_names(bins: Sequence[float]) -> list[str]:
+    return [f"{lo:g}-{hi:g}" if math.isfinite(hi) else f">={lo:g}" for lo, hi in zip(bins[:-1], bins[1:])]
+
+
+def _best_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
+    """``[G]`` highest IoU of each box with any anchor (0 when there are no anchors)."""
+    if boxes.shape[0] == 0 or anchors.shape[0] == 0:
+        return torch.zeros(boxes.shape[0])
+    return box_iou(boxes, anchors).max(dim=1).values
+
+
+def coverage(best_iou: np.ndarray, sizes: np.ndarray, fg_iou_thresh: float, bg_iou_thresh: float,
+             bins: Sequence[float] = SIZE_BINS) -> dict[str, Any]:
+    """Fractions of boxes whose best anchor IoU is below the fg / bg thresholds, overall and by size bin.
+
+    ``best_iou [G]``, ``sizes [G]`` (sqrt area). A bin without boxes reports ``None`` fractions.
+    """
+    idx = _bin_index(sizes, bins)
+    by_size = []
+    for b, name in enumerate(_bin_names(bins)):
+        m = idx == b
+        n = int(m.sum())
+        by_size.append({"bin": name, "boxes": n,
+                        "below_fg": float((best_iou[m] < fg_iou_thresh).mean()) if n else None,
+                        "below_bg": float((best_iou[m] < bg_iou_thresh).mean()) if n else None,
+                        "mean_best_iou": float(best_iou[m].mean()) if n else None})
+    n = int(best_iou.size)
+    return {"boxes": n,
+            "below_fg": float((best_iou < fg_iou_thresh).mean()) if n else None,
+            "below_bg": float((best_iou < bg_iou_thresh).mean()) if n else None,
+            "mean_best_iou": float(best_iou.mean()) if n else None,
+            "by_size": by_size}
+
+
+def anchor_statistics(setup: AnchorSetup, images: Sequence[PreparedImage],
+                      bins: Sequence[float] = SIZE_BINS) -> dict[str, Any]:
+    """Imbalance and coverage of the model's anchors on prepared images.
+
+    Per image: ``anchors``, ``foreground``, ``ignored``, ``background`` counts under the model's
+    matcher (low-quality matches included, as in training). Per box (crowd excluded):
+    ``best_iou`` with any anchor, whether any anchor was assigned to it (``assigned``), and how
+    many (``anchors_per_box``). Returns totals, per-image lists and :func:`coverage` by size.
+    """
+    fg, ign, bg, total, num_boxes = [], [], [], [], []
+    best, sizes, assigned, per_box = [], [], [], []
+    for im in images:
+        anchors = setup.anchors(im.padded)
+        targets = [{"boxes": torch.cat([im.boxes, im.crowd]),
+                    "labels": torch.zeros(len(im.boxes) + len(im.crowd), dtype=torch.long),
+                    "iscrowd": torch.cat([torch.zeros(len(im.boxes), dtype=torch.bool),
+                                          torch.ones(len(im.crowd), dtype=torch.bool)])}]
+        matched = setup.match(anchors, pad_targets(targets))[0]                    # [A]
+        fg.append(int((matched >= 0).sum()))
+        ign.append(int((matched == IGNORE).sum()))
+        bg.append(int((matched == BACKGROUND).sum()))
+        total.append(int(anchors.shape[0]))
+        num_boxes.append(int(len(im.boxes)))
+        if len(im.boxes):
+            best.append(_best_iou(im.boxes, anchors))
+            sizes.append(_box_sizes(im.boxes))
+            hits = torch.bincount(matched[matched >= 0], minlength=len(im.boxes) + len(im.crowd))[: len(im.boxes)]
+            per_box.append(hits)
+            assigned.append(hits > 0)
+    best_np = torch.cat(best).numpy().astype(np.float64) if best else np.zeros(0)
+    sizes_np = torch.cat(sizes).numpy().astype(np.float64) if sizes else np.zeros(0)
+    assigned_np = torch.cat(assigned).numpy() if assigned else np.zeros(0, bool)
+    per_box_np = torch.cat(per_box).numpy() if per_box else np.zeros(0, np.int64)
+    fg_a, bg_a = np.array(fg), np.array(bg)
+    cov = coverage(best_np, sizes_np, setup.fg_iou_thresh, setup.bg_iou_thresh, bins)
+    idx = _bin_index(sizes_np, bins)
+    for b, entry in enumerate(cov["by_size"]):
+        m = idx == b
+        entry["not_assigned"] = float((~assigned_np[m]).mean()) if m.any() else None
+    return {
+        "images": len(images),
+        "fg_iou_thresh": setup.fg_iou_thresh,
+        "bg_iou_thresh": setup.bg_iou_thresh,
+        "anchors_per_image_mean": float(np.mean(total)) if total else 0.0,
+        "foreground_per_image_mean": float(fg_a.mean()) if fg else 0.0,
+        "ignored_per_image_mean": float(np.mean(ign)) if ign else 0.0,
+        "background_per_image_mean": float(bg_a.mean()) if bg else 0.0,
+        # Σ background / Σ foreground over the images: the paper's "1 : 1000" read as one number.
+        "background_per_foreground": float(bg_a.sum() / fg_a.sum()) if fg and fg_a.sum() > 0 else None,
+        "images_without_foreground": int((fg_a == 0).sum()) if fg else 0,
+        "boxes": int(best_np.size),
+        "boxes_not_assigned": float((~assigned_np).mean()) if assigned_np.size else None,
+        "anchors_per_box_mean": float(per_box_np.mean()) if per_box_np.size else None,
+        "coverage": cov,
+        "per_image": {"image_id": [im.image_id for im in images], "boxes": num_boxes, "anchors": total,
+                      "foreground": fg, "ignored": ign, "background": bg},
+        "_box_sizes": sizes_np,   # for the plots; dropped from the JSON
+    }
+
+
+# -- what other anchors would cover --------------------------------------------------------------
+
+def default_candidates(model_cfg: ModelConfig, box_aspect_ratios: np.ndarray | None = None
+                       ) -> dict[str, dict[str, Any]]:
+    """Anchor settings worth comparing, as :class:`ModelConfig` overrides (RetinaNet only).
+
+    - ``sizes x0.5``: every base size halved — one smaller octave at the bottom (16 px at P3),
+      one lost at the top; the "smaller base size" remedy for small boxes.
+    - ``sizes x0.75``: a milder shift.
+    - ``4 scales/octave``: denser scales (the paper's Table 1c tried 1–4; saturates at 2–3).
+    - ``ratios 1:3..3:1``: five aspect ratios (h/w) 1/3, 1/2, 1, 2, 3.
+    - ``ratios from data``: the 10th, 50th and 90th percentiles of the boxes' h/w.
+    """
+    base = model_cfg.anchor_sizes or [4.0 * 2 ** l for l in range(model_cfg.min_level, model_cfg.max_level + 1)]
+    candidates = {
+        "sizes x0.5": {"anchor_sizes": [0.5 * b for b in base]},
+        "sizes x0.75": {"anchor_sizes": [0.75 * b for b in base]},
+        "4 scales/octave": {"scales_per_octave": 4},
+        "ratios 1:3..3:1": {"aspect_ratios": [1 / 3, 0.5, 1.0, 2.0, 3.0]},
+    }
+    if box_aspect_ratios is not None and box_aspect_ratios.size >= 3:
+        qs = np.quantile(box_aspect_ratios, [0.1, 0.5, 0.9])
+        ratios = sorted({round(float(q), 2) for q in qs if q > 0})
+        if ratios:
+            candidates["ratios from data"] = {"aspect_ratios": ratios}
+    return candidates
+
+
+def candidate_coverage(model_cfg: ModelConfig, candidates: dict[str, dict[str, Any]],
+                       images: Sequence[PreparedImage], bins: Sequence[float] = SIZE_BINS,
+                       build: Callable[[ModelConfig], torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Coverage (:func:`coverage`) each candidate's anchors achieve on the same prepared boxes.
+
+    Each candidate is ``model_cfg`` with its overrides; the model is built with ``build``
+    (default ``densedet.models.build_from_config``) so that the anchors are exactly the ones
+    training would use. Also reports anchors per location and per image (the cost: the
+    classification head grows with A·K).
+    """
+    if build is None:
+        from .models import build_from_config as build
+    out = {}
+    for name, overrides in candidates.items():
+        try:
+            cfg = dataclasses.replace(model_cfg, **overrides)
+            setup = anchor_setup(build(cfg), cfg)
+        except (ValueError, ConfigError, TypeError) as err:
+            out[name] = {"overrides": overrides, "error": str(err)}
+            continue
+        best, sizes, total = [], [], []
+        for im in images:
+            anchors = setup.anchors(im.padded)
+            total.append(int(anchors.shape[0]))
+            if len(im.boxes):
+                best.append(_best_iou(im.boxes, anchors))
+                sizes.append(_box_sizes(im.boxes))
+        best_np = torch.cat(best).numpy().astype(np.float64) if best else np.zeros(0)
+        sizes_np = torch.cat(sizes).numpy().astype(np.float64) if sizes else np.zeros(0)
+        out[name] = {"overrides": overrides,
+                     "anchors_per_location": len(setup.anchor_sizes[0]) * len(setup.aspect_ratios),
+                     "anchors_per_image_mean": float(np.mean(total)) if total else 0.0,
+                     "coverage": coverage(best_np, sizes_np, setup.fg_iou_thresh, setup.bg_iou_thresh, bins)}
+    return out
+
+
+# -- the whole analysis ---------------------------------------------------------------------------
+
+def _subset(n: int, max_images: int) -> list[int]:
+    """Evenly spaced indices (deterministic), all of them when ``max_images <= 0`` or ``>= n``."""
+    if max_images <= 0 or max_images >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, max_images).round().astype(int).tolist()))
+
+
+def analyze(cfg: Config, split: str = "train", max_images: int = 1000, candidates: bool = True,
+            data: DetectionData | None = None, bins: Sequence[float] = SIZE_BINS, log=print) -> dict[str, Any]:
+    """Dataset statistics, anchor imbalance/coverage and candidate anchors for ``cfg``.
+
+    The dataset comes from ``cfg.data`` (:func:`load_split`) unless ``data`` is given; the model
+    from ``cfg.model``. Anchor statistics use at most ``max_images`` evenly spaced images
+    (``<= 0``: all); dataset statistics always use all of them.
+    """
+    from .models import build_from_config
+
+    data = data if data is not None else load_split(cfg.data, split)
+    result: dict[str, Any] = {"split": split, "dataset": dataset_statistics(data)}
+    model = build_from_config(cfg.model)
+    setup = anchor_setup(model, cfg.model)
+    indices = _subset(len(data.records), max_images)
+    log(f"analysing anchors on {len(indices)} of {len(data.records)} images")
+    images = prepare_images(data, setup.preprocessor, indices)
+    stats = anchor_statistics(setup, images, bins)
+    result["anchors"] = {"sizes": [[round(s, 2) for s in lv] for lv in setup.anchor_sizes],
+                         "aspect_ratios": setup.aspect_ratios, **stats}
+    if candidates and cfg.model.arch == "retinanet":
+        boxes = torch.cat([im.boxes for im in images]) if images else torch.zeros(0, 4)
+        wh = (boxes[:, 2:] - boxes[:, :2]).numpy().astype(np.float64)
+        ratios = wh[:, 1] / np.maximum(wh[:, 0], 1e-12) if len(wh) else np.zeros(0)
+        result["candidates"] = {
+            "current": {"overrides": {}, "anchors_per_location": len(setup.anchor_sizes[0]) * len(setup.aspect_ratios),
+                        "anchors_per_image_mean": stats["anchors_per_image_mean"], "coverage": stats["coverage"]},
+            **candidate_coverage(cfg.model, default_candidates(cfg.model, ratios), images, bins, build_from_config)}
+    return result
+
+
+def _pct(x: float | None) -> str:
+    return "  n/a" if x is None else f"{100 * x:5.1f}%"
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The printed report of :func:`analyze`."""
+    d, a = result["dataset"], result["anchors"]
+    lines = [f"dataset {d['source']} ({result['split']}): {d['images']} images "
+             f"({d['images_without_boxes']} without boxes), {d['boxes']} boxes ({d['crowd_boxes']} crowd)",
+             f"  boxes per image: mean {d['boxes_per_image']['mean']:.2f}, max {d['boxes_per_image'].get('p100', 0):g}"]
+    if d["box_size"]:
+        bs, ar = d["box_size"], d["aspect_ratio"]
+        lines.append(f"  box size sqrt(area), original px: p10 {bs['p10']:.1f}, median {bs['p50']:.1f}, p90 {bs['p90']:.1f}")
+        lines.append(f"  aspect ratio h/w: p10 {ar['p10']:.2f}, median {ar['p50']:.2f}, p90 {ar['p90']:.2f}")
+    lines.append("  classes: " + ", ".join(f"{k} {v}" for k, v in d["class_counts"].items()))
+    ratio = a["background_per_foreground"]
+    lines += [f"anchors ({a['images']} images, resized as the model does): sizes per level {a['sizes']}, "
+              f"ratios {[round(r, 2) for r in a['aspect_ratios']]}",
+              f"  per image: {a['anchors_per_image_mean']:.0f} anchors, {a['foreground_per_image_mean']:.1f} foreground, "
+              f"{a['ignored_per_image_mean']:.1f} ignored, {a['background_per_image_mean']:.0f} background",
+              f"  imbalance: 1 foreground : {ratio:.0f} background" if ratio is not None
+              else "  imbalance: no foreground anchors at all",
+              f"  boxes with best anchor IoU < {a['fg_iou_thresh']:g}: {_pct(a['coverage']['below_fg'])}, "
+              f"< {a['bg_iou_thresh']:g}: {_pct(a['coverage']['below_bg'])}; "
+              f"assigned no anchor: {_pct(a['boxes_not_assigned'])}",
+              f"  {'size bin':>10} {'boxes':>7} {'<fg':>7} {'<bg':>7} {'unassigned':>10}"]
+    for row in a["coverage"]["by_size"]:
+        if row["boxes"]:
+            lines.append(f"  {row['bin']:>10} {row['boxes']:>7d} {_pct(row['below_fg']):>7} {_pct(row['below_bg']):>7} "
+                         f"{_pct(row['not_assigned']):>10}")
+    if result.get("candidates"):
+        lines.append(f"candidate anchors (share of boxes with best IoU < {a['fg_iou_thresh']:g}):")
+        for name, c in result["candidates"].items():
+            if "error" in c:
+                lines.append(f"  {name:<18} error: {c['error']}")
+            else:
+                lines.append(f"  {name:<18} A={c['anchors_per_location']:<3d} {_pct(c['coverage']['below_fg'])}   "
+                             f"{c['overrides'] or ''}")
+    return "\n".join(lines)
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+def _new_figure(width: float = 6.0, height: float = 4.0):
+    """A figure on the Agg canvas (no pyplot: no global backend switch, nothing to close)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def write_plots(result: dict[str, Any], box_sizes: np.ndarray, out_dir: str | os.PathLike) -> list[Path]:
+    """``box_sizes.png`` (histogram of resized box sizes, anchor sizes marked), ``coverage_by_size.png``
+    (share of boxes below the fg threshold per size bin, per candidate) and ``imbalance_per_image.png``
+    (foreground and background anchors per image)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    a = result["anchors"]
+    paths = []
+
+    fig, ax = _new_figure()
+    if box_sizes.size:
+        lo, hi = max(float(box_sizes.min()), 1.0), max(float(box_sizes.max()), 2.0)
+        ax.hist(box_sizes, bins=np.geomspace(lo, hi * 1.01, 40), color="tab:blue", alpha=0.8)
+    for level in a["sizes"]:
+        for s in level:
+            ax.axvline(s, color="tab:red", alpha=0.4, lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("box size sqrt(area), resized px (red: anchor sizes)")
+    ax.set_ylabel("boxes")
+    ax.set_title("box sizes vs anchor sizes")
+    paths.append(out / "box_sizes.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+
+    fig, ax = _new_figure(7.0, 4.0)
+    series = result.get("candidates") or {"current": {"coverage": a["coverage"]}}
+    names = [row["bin"] for row in a["coverage"]["by_size"]]
+    x = np.arange(len(names))
+    for name, c in series.items():
+        if "coverage" not in c:
+            continue
+        ys = [np.nan if row["below_fg"] is None else row["below_fg"] for row in c["coverage"]["by_size"]]
+        ax.plot(x, ys, marker="o", lw=2.5 if name == "current" else 1.2, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("box size bin (sqrt area, resized px)")
+    ax.set_ylabel(f"share with best anchor IoU < {a['fg_iou_thresh']:g}")
+    ax.set_title("boxes no anchor covers, by size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(out / "coverage_by_size.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+
+    fig, ax = _new_figure(7.0, 4.0)
+    per = a["per_image"]
+    order = np.argsort(per["foreground"], kind="stable")
+    xi = np.arange(len(order))
+    ax.plot(xi, np.maximum(np.asarray(per["background"])[order], 0.5), ".", ms=3, label="background")
+    ax.plot(xi, np.maximum(np.asarray(per["ignored"])[order], 0.5), ".", ms=3, label="ignored")
+    ax.plot(xi, np.maximum(np.asarray(per["foreground"])[order], 0.5), ".", ms=3, label="foreground")
+    ax.set_yscale("log")
+    ax.set_xlabel("image (sorted by foreground anchors)")
+    ax.set_ylabel("anchors (0 drawn at 0.5)")
+    ratio = a["background_per_foreground"]
+    ax.set_title("anchors per image" + (f": 1 fg : {ratio:.0f} bg" if ratio else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(out / "imbalance_per_image.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    return paths
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    """Register ``densedet analyze CONFIG [key=value ...] [--out DIR] [--split S] [--max-images N]``."""
+    p = subparsers.add_parser(
+        "analyze", help="dataset statistics, anchor imbalance and coverage for a config",
+        description="Measure what the focal-loss paper argues about: boxes per image and their sizes, "
+                    "foreground/ignored/background anchors per image under the configured matcher, the "
+                    "share of boxes no anchor reaches at the foreground IoU, by size, and what other "
+                    "anchor sizes/ratios would reach. Writes analysis.json and PNG plots.")
+    p.add_argument("config", help="YAML config (densedet.config.Config)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.min_size=512")
+    p.add_argument("--out", default=None, help="output folder (default: <train.output_dir>/analysis)")
+    p.add_argument("--split", default="train", choices=["train", "val"])
+    p.add_argument("--max-images", type=int, default=1000,
+                   help="anchor statistics on at most this many evenly spaced images (0: all; default 1000)")
+    p.add_argument("--no-candidates", action="store_true", help="skip the alternative anchor settings")
+    p.set_defaults(func=run)
+
+
+def _json_ready(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def run(args: argparse.Namespace) -> int:
+    """``densedet analyze``; returns the exit code (2 for a bad config or dataset)."""
+    try:
+        cfg = load_config(args.config, list(args.overrides))
+        result = analyze(cfg, split=args.split, max_images=args.max_images, candidates=not args.no_candidates)
+    except (ConfigError, DatasetError, FileNotFoundError) as err:
+        print(f"densedet analyze: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or os.path.join(cfg.train.output_dir, "analysis"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(format_summary(result))
+    sizes = result["anchors"].pop("_box_sizes")
+    (out / "analysis.json").write_text(json.dumps(_json_ready(result), indent=1))
+    paths = write_plots(result, sizes, out)
+    print(f"wrote {out / 'analysis.json'} and {', '.join(p.name for p in paths)}")
+    return 0
