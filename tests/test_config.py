@@ -1,0 +1,156 @@
+"""Typed configs: YAML round trip, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from densedet.config import (Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config, save_config,
+                             to_dict, validate)
+
+
+def test_yaml_round_trip_of_a_changed_config(tmp_path):
+    cfg = Config()
+    cfg.model.backbone = "resnet18"
+    cfg.model.anchor_sizes = [16.0, 32.0, 64.0, 128.0]
+    cfg.model.max_level = 6
+    cfg.model.fixed_size = [320, 320]
+    cfg.model.min_size = [640, 672, 704]
+    cfg.solver.lr = 0.005
+    cfg.solver.steps = [10, 20]
+    cfg.data.class_names = ["Tree"]
+    cfg.train.output_dir = str(tmp_path / "run")
+    path = tmp_path / "c.yaml"
+    save_config(cfg, path)
+    back = load_config(path)
+    assert back == cfg
+    assert to_dict(back) == yaml.safe_load(path.read_text())
+
+
+def test_partial_yaml_keeps_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("solver:\n  lr: 0.02\nmodel:\n  num_classes: 3\n")
+    cfg = load_config(path)
+    assert cfg.solver.lr == 0.02 and cfg.model.num_classes == 3
+    assert cfg.solver.momentum == 0.9 and cfg.model.backbone == "resnet50"
+
+
+def test_override_solver_lr():
+    cfg = apply_overrides(Config(), ["solver.lr=0.02"])
+    assert cfg.solver.lr == 0.02 and isinstance(cfg.solver.lr, float)
+    cfg = apply_overrides(Config(), ["solver.steps=[10,20]", "model.fixed_size=[256,256]", "train.batch_size=4"])
+    assert cfg.solver.steps == [10, 20] and cfg.model.fixed_size == [256, 256] and cfg.train.batch_size == 4
+
+
+def test_override_ints_are_accepted_for_floats():
+    assert apply_overrides(Config(), ["solver.lr=1"]).solver.lr == 1.0
+
+
+def test_load_config_applies_overrides_after_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("solver:\n  lr: 0.02\n")
+    assert load_config(path, ["solver.lr=0.5"]).solver.lr == 0.5
+
+
+@pytest.mark.parametrize("override,key", [
+    ("solver.lrr=0.1", "solver.lrr"),
+    ("solvr.lr=0.1", "solvr"),
+    ("model.anchor_size=[1]", "model.anchor_size"),
+])
+def test_unknown_override_key_is_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        apply_overrides(Config(), [override])
+
+
+def test_unknown_yaml_key_is_named_with_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  backbone: resnet18\n  fpn_chanels: 64\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "model.fpn_chanels" in str(err.value) and "bad.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.batch_size=abc", "train.batch_size"),
+    ("train.batch_size=2.5", "train.batch_size"),
+    ("solver.lr=fast", "solver.lr"),
+    ("model.anchor_sizes=[32, big]", r"model\.anchor_sizes"),
+    ("train.channels_last=3", "train.channels_last"),
+])
+def test_wrong_type_is_named(override, key):
+    with pytest.raises(ConfigError, match=key):
+        apply_overrides(Config(), [override])
+
+
+def test_wrong_type_in_yaml_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("solver:\n  steps: 100\n")
+    with pytest.raises(ConfigError, match=r"solver\.steps"):
+        load_config(path)
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides(Config(), ["solver.lr"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("solver.lr=-0.01", "solver.lr"),
+    ("solver.lr=0", "solver.lr"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.max_iters=-5", "train.max_iters"),
+    ("model.num_classes=0", "model.num_classes"),
+    ("model.anchor_sizes=[32,64]", "model.anchor_sizes"),
+    ("model.bg_iou_thresh=0.6", "model.bg_iou_thresh"),
+    ("solver.optimizer=adam", "solver.optimizer"),
+])
+def test_impossible_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        apply_overrides(Config(), [override])
+
+
+def test_anchor_sizes_count_must_match_the_levels():
+    cfg = Config()
+    cfg.model.max_level = 6
+    cfg.model.anchor_sizes = [16.0, 32.0, 64.0, 128.0]
+    validate(cfg)                                   # P3-P6: 4 levels
+    cfg.model.anchor_sizes = [16.0, 32.0, 64.0, 128.0, 256.0]
+    with pytest.raises(ConfigError, match=r"model\.anchor_sizes.*5 entries.*P3-P6 need 4"):
+        validate(cfg)
+
+
+def test_refinedet_size_must_be_a_multiple_of_64():
+    cfg = Config()
+    cfg.model.arch = "refinedet"
+    cfg.model.refinedet_size = 512
+    validate(cfg)
+    cfg.model.refinedet_size = 300
+    with pytest.raises(ConfigError, match=r"model\.refinedet_size.*multiple of 64.*300"):
+        validate(cfg)
+
+
+def test_from_dict_checks_nested_types_and_builds_dataclasses():
+    cfg = from_dict(Config, {"model": {"fixed_size": [320, 320]}, "solver": {"lr": 0.1}})
+    assert isinstance(cfg.model, ModelConfig) and cfg.model.fixed_size == [320, 320]
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        from_dict(Config, {"model": [1, 2]})
+
+
+def test_every_model_field_survives_a_round_trip(tmp_path):
+    # A non-default value in every field of ModelConfig; nothing is lost or re-typed on the way.
+    cfg = Config(model=dataclasses.replace(
+        ModelConfig(), pretrained_backbone="r.pth", norm="gn", frozen_stages=1, head_channels=128,
+        min_size=512, fixed_size=[384, 384], anchor_offset=0.5, focal_alpha=0.5, bbox_reg_weights=[1.0, 1.0, 2.0, 2.0]))
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_missing_and_invalid_yaml_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
