@@ -253,7 +253,8 @@ def write_tables(results: Sequence[dict], out_dir: str | os.PathLike) -> list[Pa
     gamma_rows = sorted((r for r in results if "gamma" in r["groups"]), key=lambda r: r["gamma"])
     if gamma_rows:
         md = ["Varying γ for FL, each with the paper's best α (layout of Lin et al. 2017, Table 1b).",
-              "AP ×100 on the validation split; *paper*: their COCO numbers (ResNet-50-FPN, 600 px), for the ordering.",
+              "AP ×100 on the validation split; *paper*: their COCO numbers (ResNet-50-FPN, 600 px), "
+              "for the ordering.",
               "", "| γ | α | AP | AP50 | AP75 | paper AP | paper AP50 | paper AP75 | note |",
               "|---|---|---|---|---|---|---|---|---|"]
         rows = []
@@ -314,7 +315,8 @@ def plot_ap_vs_gamma(results: Sequence[dict], path: str | os.PathLike) -> Path |
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([g for g, _ in sweep], [ap for _, ap in sweep], "o-", color="tab:blue", lw=2, label="FL, this run")
-    others = [r for r in results if "loss" in r["groups"] and r["cls_loss"] != "focal" and _percent(r, "AP") is not None]
+    others = [r for r in results
+              if "loss" in r["groups"] and r["cls_loss"] != "focal" and _percent(r, "AP") is not None]
     for k, r in enumerate(others, 1):
         ax.axhline(_percent(r, "AP"), ls=":", lw=1.2, color=f"C{k}", label=r["method"])
     ax.set_xlabel("γ (α: the paper's best for each γ)")

@@ -454,13 +454,15 @@ def format_summary(result: dict[str, Any]) -> str:
              f"  boxes per image: mean {d['boxes_per_image']['mean']:.2f}, max {d['boxes_per_image'].get('p100', 0):g}"]
     if d["box_size"]:
         bs, ar = d["box_size"], d["aspect_ratio"]
-        lines.append(f"  box size sqrt(area), original px: p10 {bs['p10']:.1f}, median {bs['p50']:.1f}, p90 {bs['p90']:.1f}")
+        lines.append(f"  box size sqrt(area), original px: p10 {bs['p10']:.1f}, median {bs['p50']:.1f}, "
+                     f"p90 {bs['p90']:.1f}")
         lines.append(f"  aspect ratio h/w: p10 {ar['p10']:.2f}, median {ar['p50']:.2f}, p90 {ar['p90']:.2f}")
     lines.append("  classes: " + ", ".join(f"{k} {v}" for k, v in d["class_counts"].items()))
     ratio = a["background_per_foreground"]
     lines += [f"anchors ({a['images']} images, resized as the model does): sizes per level {a['sizes']}, "
               f"ratios {[round(r, 2) for r in a['aspect_ratios']]}",
-              f"  per image: {a['anchors_per_image_mean']:.0f} anchors, {a['foreground_per_image_mean']:.1f} foreground, "
+              f"  per image: {a['anchors_per_image_mean']:.0f} anchors, "
+              f"{a['foreground_per_image_mean']:.1f} foreground, "
               f"{a['ignored_per_image_mean']:.1f} ignored, {a['background_per_image_mean']:.0f} background",
               f"  imbalance: 1 foreground : {ratio:.0f} background" if ratio is not None
               else "  imbalance: no foreground anchors at all",

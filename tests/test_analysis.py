@@ -239,3 +239,25 @@ def test_analyze_with_candidates_and_plots(tmp_path):
     paths = A.write_plots(result, sizes, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
     assert "boxes with best anchor IoU < 0.5:  50.0%" in A.format_summary(result)
+
+
+def test_crowd_boxes_are_not_counted_as_boxes_but_ignore_their_anchors(tiny_setup):
+    # A crowd region over the right half: every non-foreground anchor lying at least half inside it is ignored
+    # (the matcher's rule); the crowd box itself takes no part in coverage or box counts.
+    cfg, setup = tiny_setup
+    plain = DetectionData([ImageRecord("a.png", 1, 128, 128, [EXACT_BOX], [0])], ["cat", "dog"], None, "x")
+    crowd = DetectionData([ImageRecord("a.png", 1, 128, 128, [EXACT_BOX, [64, 0, 128, 128]], [0, 1],
+                                       iscrowd=[False, True])], ["cat", "dog"], None, "x")
+    a = A.anchor_statistics(setup, A.prepare_images(plain, setup.preprocessor))
+    b = A.anchor_statistics(setup, A.prepare_images(crowd, setup.preprocessor))
+    assert b["boxes"] == a["boxes"] == 1 and b["coverage"]["below_fg"] == 0.0
+    assert b["per_image"]["foreground"] == [1]
+    # Brute force over the anchors: intersection with the crowd region / anchor area >= 0.5, not already
+    # foreground or ignored in the plain image (the 5 around the exact box lie far left of x = 64).
+    anchors = setup.anchors((128, 128)).double().numpy()
+    inter_w = np.clip(np.minimum(anchors[:, 2], 128) - np.maximum(anchors[:, 0], 64), 0, None)
+    inter_h = np.clip(np.minimum(anchors[:, 3], 128) - np.maximum(anchors[:, 1], 0), 0, None)
+    area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    inside = int((inter_w * inter_h / area >= 0.5).sum())
+    assert inside > 50
+    assert b["per_image"]["ignored"][0] - a["per_image"]["ignored"][0] == inside
