@@ -1,0 +1,360 @@
+"""Export a detector to ONNX, with its post-processing inside the graph.
+
+The exported graph takes what :class:`~densedet.models.preprocess.ImagePreprocessor` produces and
+returns final detections, so a deployment needs only onnxruntime (see ``densedet/onnx_runner.py``)::
+
+    inputs   images       [B, 3, H, W] float32, normalised and zero-padded (H, W fixed at export)
+             image_sizes  [B, 2] float32, (h, w) of the valid (resized, unpadded) region of each image
+    outputs  boxes        [B, D, 4] float32, (x1, y1, x2, y2) in input pixels, clipped to image_sizes
+             scores       [B, D] float32, decreasing; 0 in padding slots
+             labels       [B, D] int64, 0..K-1; -1 in padding slots
+             num_detections [B] int64, the number of valid slots (D = detections_per_img)
+
+The batch dimension is dynamic; height and width are fixed because the anchors are baked in as
+constants. Post-processing mirrors the PyTorch model step by step (sigmoid / softmax and box
+decoding in fp32, per-level resp. per-class top-k, class-wise NMS, the D best per image); the NMS
+is ONNX's ``NonMaxSuppression`` operator, which suppresses at IoU > threshold and keeps scores >
+threshold, the same conventions as :func:`densedet.boxes.batched_nms`.
+
+How: the post-processing is an ordinary ``nn.Module`` (:class:`OnnxDetector`) traced by the
+TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, which needs no onnxscript);
+NMS is a ``torch.autograd.Function`` whose ``symbolic`` emits ``NonMaxSuppression`` and whose
+eager ``forward`` computes the same thing with densedet's exact NMS, so the wrapper can be run and
+tested in PyTorch too. A JSON sidecar ``<file>.json`` records what a runner needs (input size,
+resize mode, mean/std, class names, thresholds).
+
+Also here: :func:`optimize_for_inference`, the opt-in CPU fast path the benchmark justified
+(``densedet bench --suite fast``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .boxes import batched_nms
+
+__all__ = ["export_onnx", "OnnxDetector", "onnx_nms", "default_export_size", "optimize_for_inference",
+           "fuse_conv_bn", "add_parser", "SIDECAR_FORMAT"]
+
+SIDECAR_FORMAT = "densedet-onnx-v1"
+INPUT_NAMES = ["images", "image_sizes"]
+OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
+
+
+# ----------------------------------------------------------------------------------------------
+# NonMaxSuppression as an exportable op
+# ----------------------------------------------------------------------------------------------
+
+class _NonMaxSuppression(torch.autograd.Function):
+    """ONNX ``NonMaxSuppression`` (opset ≥ 10), corner boxes, per batch and class.
+
+    ``forward(boxes [B, N, 4], scores [B, C, N]) -> selected [M, 3]`` int64 rows (batch, class, box),
+    at most ``max_per_class`` per (batch, class); only scores > ``score_thresh`` take part.
+    """
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou_thresh: float,
+                score_thresh: float) -> Tensor:
+        b, c, i = torch.nonzero(scores > score_thresh, as_tuple=True)
+        num_classes = scores.shape[1]
+        group = b * num_classes + c
+        keep = batched_nms(boxes[b, i], scores[b, c, i], group, iou_thresh)   # by decreasing score
+        # cap per group: rank of each kept box inside its (batch, class) group
+        keep = keep[torch.sort(group[keep], stable=True).indices]
+        counts = torch.bincount(group[keep], minlength=scores.shape[0] * num_classes)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(keep.numel(), device=boxes.device) - starts[group[keep]]
+        keep = keep[rank < max_per_class]
+        return torch.stack((b[keep], c[keep], i[keep]), dim=1)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_per_class: int, iou_thresh: float, score_thresh: float):
+        const = lambda v, dtype: g.op("Constant", value_t=torch.tensor([v], dtype=dtype))  # noqa: E731
+        return g.op("NonMaxSuppression", boxes, scores, const(max_per_class, torch.int64),
+                    const(iou_thresh, torch.float32), const(score_thresh, torch.float32), center_point_box_i=0)
+
+
+def onnx_nms(boxes: Tensor, scores: Tensor, max_per_class: int, iou_thresh: float, score_thresh: float) -> Tensor:
+    """Class-wise NMS with ONNX ``NonMaxSuppression``'s signature; exports as that operator.
+
+    Args:
+        boxes: ``[B, N, 4]`` (x1, y1, x2, y2).
+        scores: ``[B, C, N]``.
+    Returns:
+        ``[M, 3]`` int64 (batch, class, box index) of the kept boxes.
+    """
+    return _NonMaxSuppression.apply(boxes, scores, int(max_per_class), float(iou_thresh), float(score_thresh))
+
+
+# ----------------------------------------------------------------------------------------------
+# The exportable detector
+# ----------------------------------------------------------------------------------------------
+
+def default_export_size(model: nn.Module) -> tuple[int, int]:
+    """The model's fixed input size if it has one, else a square of its ``min_size`` padded up to
+    ``size_divisible`` (RetinaNet's 800 → 896 with the default divisor 128)."""
+    if hasattr(model, "image_size"):                     # RefineDet
+        return tuple(int(s) for s in model.image_size)
+    transform = model.transform
+    if transform.fixed_size is not None:
+        return tuple(int(s) for s in transform.fixed_size)
+    d = transform.size_divisible
+    side = int(math.ceil(max(transform.min_size) / d) * d)
+    return side, side
+
+
+def _preprocessor(model: nn.Module):
+    return model.preprocessor if hasattr(model, "preprocessor") else model.transform
+
+
+def _is_refinedet(model: nn.Module) -> bool:
+    return hasattr(model, "odm_head") and hasattr(model, "decode_predictions")
+
+
+class OnnxDetector(nn.Module):
+    """Network + post-processing on a fixed input size, with dense, padded outputs.
+
+    ``forward(images [B, 3, H, W], image_sizes [B, 2]) -> (boxes [B, D, 4], scores [B, D],
+    labels [B, D], num_detections [B])`` — see the module docstring. Works for
+    :class:`~densedet.models.retinanet.RetinaNet` (sigmoid, per-level top-k over anchors×classes,
+    decode, clip, NMS) and :class:`~densedet.models.refinedet.RefineDet` (softmax, ARM filtering,
+    two-step decode, per-class top-k, NMS on unclipped boxes, clip).
+    """
+
+    def __init__(self, model: nn.Module, image_size: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.refinedet = _is_refinedet(model)
+        device = next(model.parameters()).device
+        if self.refinedet:
+            anchors = model.anchors(self.image_size, device=device)
+            self.level_sizes: list[int] = []
+        else:
+            d = model.transform.size_divisible
+            if self.image_size[0] % d or self.image_size[1] % d:
+                raise ValueError(f"export size {self.image_size} must be a multiple of the model's "
+                                 f"size_divisible={d} (the pyramid levels must tile the input exactly)")
+            with torch.no_grad():
+                _, _, anchors, self.level_sizes = model.forward_dense(torch.zeros(1, 3, *self.image_size,
+                                                                                  device=device))
+        self.register_buffer("anchors", anchors.float(), persistent=False)
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.refinedet:
+            outputs = self.model.head_outputs(images)
+            boxes, scores = self.model.decode_predictions(outputs, self.anchors)
+            return self._select_per_class(boxes, scores, image_sizes)
+        features = self.model.backbone(images)
+        logits, deltas = self.model.head(features)
+        return self._select_per_level(logits, deltas, image_sizes)
+
+    # RetinaNet: RetinaNet.postprocess with fixed shapes --------------------------------------
+    def _select_per_level(self, logits: Tensor, deltas: Tensor, image_sizes: Tensor):
+        m = self.model
+        num_classes = logits.shape[-1]
+        thresh = m.score_thresh
+        all_boxes, all_scores, all_labels = [], [], []
+        start = 0
+        for n in self.level_sizes:
+            lg, dl, an = logits[:, start:start + n], deltas[:, start:start + n], self.anchors[start:start + n]
+            start += n
+            scores = torch.sigmoid(lg.float()).flatten(1)                                 # [B, n·K]
+            scores = torch.where(scores > thresh, scores, torch.full_like(scores, -1.0))
+            top_scores, top_idxs = scores.topk(min(m.topk_candidates, n * num_classes), dim=1)
+            anchor_idxs = torch.div(top_idxs, num_classes, rounding_mode="floor")
+            boxes = m.box_coder.decode(torch.gather(dl, 1, anchor_idxs.unsqueeze(-1).expand(-1, -1, 4)),
+                                       an[anchor_idxs])
+            all_boxes.append(_clip(boxes, image_sizes))
+            all_scores.append(top_scores)
+            all_labels.append(top_idxs - anchor_idxs * num_classes)
+        boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
+        # per-class score planes [B, K, N]: a candidate only scores in its own class's plane
+        classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1)
+        planes = torch.where(labels.unsqueeze(1) == classes, scores.unsqueeze(1), torch.full_like(scores, -1.0)
+                             .unsqueeze(1))
+        selected = onnx_nms(boxes, planes, m.detections_per_img, m.nms_thresh, thresh)
+        scores, idxs, valid = _best_per_image(selected[:, 0], selected[:, 2], scores, m.detections_per_img)
+        boxes = torch.gather(boxes, 1, idxs.unsqueeze(-1).expand(-1, -1, 4))
+        return _padded(boxes, scores, torch.gather(labels, 1, idxs), valid)
+
+    # RefineDet: RefineDet.select_detections with fixed shapes ---------------------------------
+    def _select_per_class(self, boxes: Tensor, scores: Tensor, image_sizes: Tensor):
+        m = self.model
+        bsz, num_anchors, num_classes = scores.shape
+        per_class = scores.transpose(1, 2)                                                # [B, K, A]
+        top_scores, top_anchor = per_class.topk(min(m.topk_candidates, num_anchors), dim=2)
+        # keep only each class's top-k anchors: everything else drops below the NMS score threshold
+        planes = torch.full_like(per_class, -1.0).scatter(2, top_anchor, top_scores)
+        selected = onnx_nms(boxes, planes, m.detections_per_img, m.nms_thresh, m.score_thresh)
+        # rank the survivors of all classes together: flat index class·A + anchor (class-major)
+        flat = selected[:, 1] * num_anchors + selected[:, 2]
+        scores, idxs, valid = _best_per_image(selected[:, 0], flat, planes.flatten(1), m.detections_per_img)
+        anchor_idxs = idxs % num_anchors
+        boxes = _clip(torch.gather(boxes, 1, anchor_idxs.unsqueeze(-1).expand(-1, -1, 4)), image_sizes)
+        return _padded(boxes, scores, torch.div(idxs, num_anchors, rounding_mode="floor"), valid)
+
+
+def _clip(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """``[B, N, 4]`` clipped to per-image ``(h, w)`` ``[B, 2]`` (same arithmetic as ``clip_boxes``)."""
+    h, w = image_sizes[:, 0:1].to(boxes.dtype), image_sizes[:, 1:2].to(boxes.dtype)
+    return torch.stack((boxes[..., 0].clamp(min=0).minimum(w), boxes[..., 1].clamp(min=0).minimum(h),
+                        boxes[..., 2].clamp(min=0).minimum(w), boxes[..., 3].clamp(min=0).minimum(h)), dim=-1)
+
+
+def _best_per_image(img: Tensor, idx: Tensor, scores: Tensor, limit: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Scatter the NMS survivors ``(img, idx)`` into a dense ``[B, N]`` score map and take the
+    ``limit`` best per image → (scores, indices into N, valid), each ``[B, D]``. ONNX TopK breaks
+    ties by lower index, as the stable sorts of the PyTorch post-processing do."""
+    kept = torch.full_like(scores, -1.0)
+    kept[img, idx] = scores[img, idx]
+    top_scores, top_idxs = kept.topk(min(limit, scores.shape[1]), dim=1)
+    return top_scores, top_idxs, top_scores >= 0
+
+
+def _padded(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero boxes and scores, label -1, in the slots past each image's detections."""
+    boxes = torch.where(valid.unsqueeze(-1), boxes, torch.zeros_like(boxes))
+    scores = torch.where(valid, scores, torch.zeros_like(scores))
+    labels = torch.where(valid, labels, torch.full_like(labels, -1))
+    return boxes, scores, labels, valid.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# export_onnx
+# ----------------------------------------------------------------------------------------------
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """``model.onnx`` → ``model.onnx.json``."""
+    return Path(str(onnx_path) + ".json")
+
+
+def _sidecar(model: nn.Module, image_size: tuple[int, int], opset: int, class_names: list[str] | None) -> dict:
+    pre = _preprocessor(model)
+    refinedet = _is_refinedet(model)
+    fixed = refinedet or pre.fixed_size is not None
+    num_classes = int(model.num_classes)
+    names = class_names or getattr(model, "class_names", None) or [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a model with {num_classes} classes")
+    return {
+        "format": SIDECAR_FORMAT,
+        "arch": "refinedet" if refinedet else "retinanet",
+        "input_size": list(image_size),
+        # warp: stretch to exactly (H, W), as fixed_size models do; fit: keep the aspect ratio,
+        # scale to fit inside (H, W) and pad bottom/right with zeros after normalising.
+        "resize": "warp" if fixed else "fit",
+        "mean": [float(v) for v in pre.mean.flatten()],
+        "std": [float(v) for v in pre.std.flatten()],
+        "class_names": list(names),
+        "score_thresh": float(model.score_thresh),
+        "nms_thresh": float(model.nms_thresh),
+        "detections_per_img": int(model.detections_per_img),
+        "inputs": INPUT_NAMES,
+        "outputs": OUTPUT_NAMES,
+        "opset": int(opset),
+    }
+
+
+def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | None = None, batch_size: int = 1,
+                opset: int = 17, dynamic_batch: bool = True, class_names: list[str] | None = None) -> Path:
+    """Write ``model`` (RetinaNet or RefineDet) as an ONNX file with post-processing inside, plus
+    the JSON sidecar ``<path>.json``.
+
+    Args:
+        model: a densedet detector; exported in eval mode on CPU (the caller's model is not moved).
+        path: output ``.onnx`` file.
+        image_size: ``(H, W)`` of the padded input; default :func:`default_export_size`.
+        batch_size: batch size of the example used for tracing (the batch axis stays dynamic
+            unless ``dynamic_batch=False``).
+        opset: ONNX opset (≥ 11 for NonMaxSuppression's tie-breaking and TopK semantics).
+        class_names: stored in the sidecar; default ``model.class_names`` or "0".."K-1".
+
+    Returns:
+        ``path``. The graph's inputs/outputs are listed in the module docstring.
+    """
+    if opset < 11:
+        raise ValueError(f"opset must be >= 11, got {opset}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    size = tuple(int(s) for s in image_size) if image_size is not None else default_export_size(model)
+    if _is_refinedet(model):
+        from .models.refinedet import check_input_size
+        check_input_size(*size)
+    sidecar = _sidecar(model, size, opset, class_names)
+    wrapper = OnnxDetector(model.eval(), size)
+    images = torch.zeros(batch_size, 3, *size, device=wrapper.anchors.device)
+    sizes = torch.tensor([size] * batch_size, dtype=torch.float32, device=images.device)
+    dynamic_axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES} if dynamic_batch else None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # the TorchScript exporter's deprecation and tracer notices
+            torch.onnx.export(wrapper, (images, sizes), str(path), dynamo=False, opset_version=opset,
+                              input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
+    finally:
+        model.train(was_training)
+    sidecar_path(path).write_text(json.dumps(sidecar, indent=2))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference fast path (opt-in)
+# ----------------------------------------------------------------------------------------------
+
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm/FrozenBatchNorm that directly follows a Conv2d inside an
+    ``nn.Sequential``-like parent into the conv's weight and bias, in place; returns ``model``.
+
+    Only for inference: the folded model has no normalisation layers left to train.
+    """
+    ...
+    return model
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """Placeholder; filled in from the benchmark's findings."""
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: densedet export
+# ----------------------------------------------------------------------------------------------
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``densedet export --weights CKPT --format onnx --out model.onnx [--size H W]``."""
+    p = subparsers.add_parser("export", help="export a checkpoint to ONNX (post-processing included)",
+                              description="Export a densedet checkpoint to ONNX with decoding, NMS and top-k "
+                                          "inside the graph, plus a JSON sidecar for densedet.onnx_runner.")
+    p.add_argument("--weights", required=True, help="densedet checkpoint (.pt)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (only onnx)")
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx (sidecar: model.onnx.json)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="fixed input size (default: the model's fixed size, else min_size padded to size_divisible)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--score-thresh", type=float, default=None, help="override the checkpoint's score threshold")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch axis to --batch-size")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import model_from_checkpoint
+    overrides = {} if args.score_thresh is None else {"score_thresh": args.score_thresh}
+    model, _, _ = model_from_checkpoint(args.weights, **overrides)
+    out = export_onnx(model, args.out, image_size=args.size, batch_size=args.batch_size, opset=args.opset,
+                      dynamic_batch=not args.static_batch)
+    side = json.loads(sidecar_path(out).read_text())
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {sidecar_path(out)}: {side['arch']}, input "
+          f"{side['input_size'][0]}x{side['input_size'][1]} ({side['resize']}), {len(side['class_names'])} classes")
+    return 0

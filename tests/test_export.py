@@ -1,0 +1,333 @@
+"""ONNX export: the graph gives PyTorch's detections; the torch-free runner maps them back.
+
+Comparison policy (``_assert_same_detections``): per image, every PyTorch detection must have an
+ONNX detection with the same label, score within 1e-4 and box within 1e-2 px, one-to-one, and the
+counts must agree. Order is not compared: scores that differ by ~1e-7 (onnxruntime's convolutions
+round differently) may swap near-equal neighbours, and ONNX TopK/NMS may order exact ties
+differently. A near-tie NMS decision (an IoU within float rounding of the threshold) could in
+principle keep a box on one side only; we allow no such case here (none occurred on these images)
+so that a real post-processing bug cannot hide behind the tolerance — if one ever appears the
+failure message lists the unmatched detections with their scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import densedet
+from densedet.data import load_image
+from densedet.export import OnnxDetector, add_parser, export_onnx, onnx_nms, sidecar_path
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER_FILE = REPO / "densedet" / "onnx_runner.py"
+SCORE_TOL, BOX_TOL = 1e-4, 1e-2
+
+
+def _deepforest_images() -> list[Path]:
+    spec = importlib.util.find_spec("deepforest")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("deepforest (its sample aerial images) not installed")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    # two large crops (downscaled by the warp) and a 400x400 tile
+    paths = [data / "2019_YELL_2_528000_4978000_image_crop2.png", data / "2019_YELL_2_541000_4977000_image_crop.png",
+             data / "OSBS_029.png"]
+    if not all(p.is_file() for p in paths):
+        pytest.skip("deepforest sample images missing")
+    return paths
+
+
+def _load_runner_module():
+    """densedet/onnx_runner.py loaded from its file, as a user who copied it would (no package import)."""
+    spec = importlib.util.spec_from_file_location("standalone_onnx_runner", RUNNER_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@torch.no_grad()
+def _spread_scores(model: nn.Module, images: list[torch.Tensor], logits_of, per_image: int = 300) -> None:
+    """Make a random-weight head produce varied scores: Kaiming-initialised towers (the paper's
+    N(0, 0.01) init gives nearly equal logits everywhere, i.e. score ties), then a class bias
+    that puts ~``per_image`` candidates above the score threshold."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                m.bias.zero_()
+    logits_of(model, images, per_image)
+
+
+def _calibrate_retinanet(model, images, per_image):
+    model.head.regression_head.bbox_pred.weight.mul_(0.1)           # deltas ~0.05: boxes near anchors
+    batch, _, _ = model.transform(images)
+    logits = model.forward_dense(batch)[0]
+    q = torch.quantile(logits.flatten()[::7], 1 - per_image / logits[0].numel())
+    thresh_logit = float(np.log(model.score_thresh / (1 - model.score_thresh)))
+    model.head.classification_head.cls_logits.bias.fill_(thresh_logit - float(q))
+
+
+def _match(ref: dict, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray):
+    """Greedy one-to-one matching (see the module docstring); returns unmatched indices on both sides."""
+    used = np.zeros(len(scores), bool)
+    missing = []
+    rb, rs, rl = (ref[k].numpy() for k in ("boxes", "scores", "labels"))
+    for i in range(len(rs)):
+        ok = ~used & (labels == rl[i]) & (np.abs(scores - rs[i]) <= SCORE_TOL) & \
+             (np.abs(boxes - rb[i]).max(1) <= BOX_TOL)
+        hits = np.flatnonzero(ok)
+        if hits.size:
+            used[hits[0]] = True
+        else:
+            missing.append(i)
+    return missing, np.flatnonzero(~used)
+
+
+def _assert_same_detections(refs: list[dict], boxes, scores, labels, counts) -> None:
+    for i, ref in enumerate(refs):
+        n = int(counts[i])
+        assert n == len(ref["scores"]), f"image {i}: {n} ONNX detections vs {len(ref['scores'])} in PyTorch"
+        missing, extra = _match(ref, boxes[i, :n], scores[i, :n], labels[i, :n])
+        assert not missing and not len(extra), (
+            f"image {i}: PyTorch detections without an ONNX twin {ref['scores'][missing].tolist()}, "
+            f"ONNX extras {scores[i, extra].tolist()}")
+        # padding past the count
+        assert (labels[i, n:] == -1).all() and (scores[i, n:] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# RetinaNet
+# ----------------------------------------------------------------------------------------------
+
+SIZE = (384, 384)
+
+
+@pytest.fixture(scope="module")
+def retinanet_export(tmp_path_factory):
+    torch.manual_seed(0)
+    paths = _deepforest_images()
+    images = [load_image(str(p)).float() / 255 for p in paths]
+    model = densedet.build_model("retinanet_r18_fpn", num_classes=6, fixed_size=list(SIZE), fpn_channels=64,
+                                 head_convs=2, score_thresh=0.05, detections_per_img=100).eval()
+    _spread_scores(model, images, _calibrate_retinanet)
+    path = tmp_path_factory.mktemp("onnx") / "retina.onnx"
+    # traced with batch 1; the batch axis is dynamic, so the tests below run batch 3
+    export_onnx(model, path, image_size=SIZE, batch_size=1, class_names=list("abcdef"))
+    return model, images, paths, path
+
+
+def _torch_reference(model, images):
+    with torch.no_grad():
+        batch, sizes, _ = model.transform(images)
+        logits, deltas, anchors, level_sizes = model.forward_dense(batch)
+        return batch, sizes, model.postprocess(logits, deltas, anchors, sizes, level_sizes)
+
+
+def test_retinanet_onnx_matches_pytorch_on_aerial_images(retinanet_export):
+    model, images, _, path = retinanet_export
+    batch, sizes, refs = _torch_reference(model, images)
+    assert all(20 <= len(r["scores"]) for r in refs), "the calibrated head should give dozens of detections"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": batch.numpy(), "image_sizes": np.asarray(sizes, np.float32)})
+    assert out[0].shape == (3, 100, 4) and out[1].shape == (3, 100) and out[3].shape == (3,)
+    _assert_same_detections(refs, *out)
+
+
+def test_exported_wrapper_in_pytorch_equals_model_postprocess(retinanet_export):
+    """The traced module, run eagerly (NMS by densedet's exact batched_nms), is bit-identical."""
+    model, images, _, _ = retinanet_export
+    batch, sizes, refs = _torch_reference(model, images)
+    with torch.no_grad():
+        boxes, scores, labels, counts = OnnxDetector(model, SIZE)(batch, torch.tensor(sizes, dtype=torch.float32))
+    for i, ref in enumerate(refs):
+        n = int(counts[i])
+        assert torch.equal(boxes[i, :n], ref["boxes"]) and torch.equal(scores[i, :n], ref["scores"])
+        assert torch.equal(labels[i, :n], ref["labels"])
+
+
+def test_sidecar_records_what_the_runner_needs(retinanet_export):
+    _, _, _, path = retinanet_export
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["input_size"] == list(SIZE) and meta["resize"] == "warp"
+    assert meta["class_names"] == list("abcdef") and meta["score_thresh"] == pytest.approx(0.05)
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["arch"] == "retinanet"
+
+
+def test_runner_end_to_end_matches_model_in_original_pixels(retinanet_export):
+    """Image file → runner (numpy resize + onnxruntime) → boxes in original pixels, vs model(images).
+    The numpy resize equals F.interpolate up to float rounding (~1e-6), within the same tolerances."""
+    model, images, paths, path = retinanet_export
+    runner_mod = _load_runner_module()
+    runner = runner_mod.OnnxDetectorRunner(path)
+    with torch.no_grad():
+        refs = model(images)
+    for p, ref in zip(paths, refs):
+        image = runner_mod.load_rgb(p)
+        det = runner([image])[0]
+        assert len(det["scores"]) == len(ref["scores"])
+        missing, extra = _match(ref, det["boxes"], det["scores"], det["labels"])
+        assert not missing and not len(extra)
+        assert det["boxes"][:, 2].max() <= image.shape[1] + 1e-3 and det["names"][0] in "abcdef"
+
+
+def test_runner_fit_resize_equals_torch_preprocessor():
+    """``resize: fit`` (aspect kept, zero padding after normalising) equals ImagePreprocessor."""
+    runner_mod = _load_runner_module()
+    from densedet.models.preprocess import ImagePreprocessor
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (200, 100, 3), dtype=np.uint8)
+    runner = runner_mod.OnnxDetectorRunner.__new__(runner_mod.OnnxDetectorRunner)
+    runner.meta = {"resize": "fit"}
+    runner.height = runner.width = 128
+    runner.mean = np.asarray([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+    runner.std = np.asarray([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+    padded, size = runner.preprocess(image)
+    pre = ImagePreprocessor(min_size=64, max_size=128, size_divisible=128).eval()
+    batch, sizes, _ = pre([torch.from_numpy(image.transpose(2, 0, 1).copy()).float() / 255])
+    assert size == sizes[0] == (127, 63)     # float32 scale 0.64 - 1 ulp, floored, as torch
+    # torch's kernel rounds its source coordinates slightly differently at a few pixels (~1e-5 on
+    # normalised values in [-2.2, 2.7]); far below what changes a detection
+    np.testing.assert_allclose(padded, batch[0].numpy(), atol=1e-4)
+    assert (padded[:, :, 64:] == 0).all()
+
+
+def test_runner_script_runs_without_torch(retinanet_export, tmp_path):
+    _, _, paths, path = retinanet_export
+    out = tmp_path / "dets.json"
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('r', {str(RUNNER_FILE)!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            f"m.main([{str(path)!r}, {str(paths[2])!r}, '--json', {str(out)!r}, '--threads', '1'])\n"
+            "print('TORCH_LOADED', 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH_LOADED False" in proc.stdout
+    records = json.loads(out.read_text())
+    assert records and set(records[0]) == {"image", "label", "score", "box"}
+
+
+# ----------------------------------------------------------------------------------------------
+# NMS operator semantics
+# ----------------------------------------------------------------------------------------------
+
+def _nms_session(tmp_path):
+    class Wrap(nn.Module):
+        def forward(self, boxes, scores):
+            return onnx_nms(boxes, scores, 3, 0.5, 0.05)
+    boxes = torch.zeros(1, 4, 4)
+    scores = torch.zeros(1, 2, 4)
+    path = tmp_path / "nms.onnx"
+    torch.onnx.export(Wrap(), (boxes, scores), str(path), dynamo=False, opset_version=17,
+                      input_names=["boxes", "scores"], output_names=["selected"],
+                      dynamic_axes={"boxes": {0: "b", 1: "n"}, "scores": {0: "b", 2: "n"}})
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.filterwarnings("ignore")          # the TorchScript exporter's deprecation and tracer notices
+def test_onnx_nms_matches_eager_semantics(tmp_path):
+    session = _nms_session(tmp_path)
+    # hand case: IoU([0,0,2,1], [0,0,1,1]) = 0.5 exactly -> both kept (suppression needs IoU > 0.5);
+    # a score equal to the threshold 0.05 is dropped; per class at most 3.
+    boxes = torch.tensor([[[0, 0, 2, 1], [0, 0, 1, 1], [5, 5, 6, 6], [0, 0, 2, 1.1]]], dtype=torch.float32)
+    scores = torch.tensor([[[0.9, 0.8, 0.05, 0.7], [0.1, 0.2, 0.3, 0.4]]])
+    eager = onnx_nms(boxes, scores, 3, 0.5, 0.05)
+    onnx_sel = session.run(None, {"boxes": boxes.numpy(), "scores": scores.numpy()})[0]
+    as_set = lambda rows: sorted(map(tuple, np.asarray(rows).tolist()))  # noqa: E731
+    # class 0: box 3 overlaps box 0 by 2/2.2 > 0.5 -> removed; class 1: boxes 3,2,1 (cap 3), box 0 dropped
+    assert as_set(eager) == as_set(onnx_sel) == [(0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 2), (0, 1, 3)]
+    # random boxes, two images
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(2, 60, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(2, 60, 2, generator=g) * 20], -1)
+    scores = torch.rand(2, 2, 60, generator=g)
+    onnx_sel = session.run(None, {"boxes": boxes.numpy(), "scores": scores.numpy()})[0]
+    assert as_set(onnx_nms(boxes, scores, 3, 0.5, 0.05)) == as_set(onnx_sel)
+
+
+# ----------------------------------------------------------------------------------------------
+# RefineDet (two-step decoding, ARM filtering), with a tiny backbone to keep the test fast
+# ----------------------------------------------------------------------------------------------
+
+class _TinyBackbone(nn.Module):
+    """Four levels at strides 8, 16, 32, 64 (what RefineDet expects of a backbone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_channels = [16, 16, 16, 16]
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.downs = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU()) for _ in range(3))
+
+    def forward(self, x):
+        outs = [self.stem(x)]
+        for down in self.downs:
+            outs.append(down(outs[-1]))
+        return outs
+
+
+def test_refinedet_onnx_matches_pytorch(tmp_path):
+    refinedet = pytest.importorskip("densedet.models.refinedet")
+    torch.manual_seed(0)
+    paths = _deepforest_images()
+    model = refinedet.RefineDet(3, backbone=_TinyBackbone(), image_size=320, tcb_channels=32,
+                                detections_per_img=200).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    images = [load_image(str(p)).float() / 255 for p in paths]
+    with torch.no_grad():
+        batch, sizes, _ = model.preprocessor(images)
+        outputs = model.head_outputs(batch)
+        refs = model.postprocess_detections(outputs, model.anchors((320, 320)), sizes)
+        eager = OnnxDetector(model, (320, 320))(batch, torch.tensor(sizes, dtype=torch.float32))
+    assert all(len(r["scores"]) >= 20 for r in refs)
+    _assert_same_detections(refs, *(t.numpy() for t in eager))
+    path = export_onnx(model, tmp_path / "refinedet.onnx")
+    assert json.loads(sidecar_path(path).read_text())["arch"] == "refinedet"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": batch.numpy(), "image_sizes": np.asarray(sizes, np.float32)})
+    _assert_same_detections(refs, *out)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def test_export_cli_from_checkpoint(tmp_path, capsys):
+    from densedet.config import Config, to_dict
+    from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
+    from densedet.models import build_from_config
+    cfg = Config()
+    cfg.model.backbone, cfg.model.num_classes, cfg.model.fpn_channels, cfg.model.head_convs = "resnet18", 2, 32, 1
+    cfg.model.min_size, cfg.model.max_size = 256, 256
+    model = build_from_config(cfg.model)
+    ckpt = tmp_path / "model.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": to_dict(cfg),
+                 "class_names": ["tree", "bird"], "category_ids": None, "iteration": 0}, ckpt)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    out = tmp_path / "m.onnx"
+    args = parser.parse_args(["export", "--weights", str(ckpt), "--format", "onnx", "--out", str(out),
+                              "--size", "256", "384"])
+    assert args.func(args) == 0
+    meta = json.loads(sidecar_path(out).read_text())
+    assert meta["class_names"] == ["tree", "bird"] and meta["input_size"] == [256, 384] and meta["resize"] == "fit"
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "image_sizes"]
+    assert session.get_inputs()[0].shape[1:] == [3, 256, 384]
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="multiple of"):
+        export_onnx(model, tmp_path / "bad.onnx", image_size=(250, 256))
