@@ -1,0 +1,438 @@
+"""Prediction on image files, arrays and tensors: :class:`Predictor` and ``densedet predict``.
+
+    predictor = Predictor.from_checkpoint("runs/exp/model_best.pt", tta=FLIP_ONLY, tile_size=1024)
+    detections = predictor(["a.jpg", "b.png"])   # per image {"boxes", "scores", "labels"}
+
+Large images (aerial photos, e.g. deepforest's 2299x2472 orchards) are cut into overlapping tiles
+that each go through the model at its own input size, so small objects are not resized away; the
+boxes are shifted back and merged across tiles (:func:`merge_tiles`). Inference runs in fp32 under
+``torch.inference_mode`` with channels-last weights; bf16 autocast is used only where the hardware
+multiplies bf16 natively (:func:`fast_autocast`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import glob
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TextIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from torch import Tensor, nn
+
+from .boxes import batched_nms, box_area
+from .tta import MERGE_METHODS, TTAConfig, tta_inference, tta_preset
+
+__all__ = ["Predictor", "fast_autocast", "cpu_has_fast_bf16", "merge_tiles", "to_image_tensor", "expand_inputs",
+           "draw_detections", "ProgressBar", "add_parser", "run", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+# -- precision --------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16).
+
+    Read from the ``flags`` line of ``/proc/cpuinfo``. ``torch.backends.cpu.get_cpu_capability()``
+    names the vector ISA PyTorch dispatches to ("AVX2", "AVX512", ...), which does not tell whether
+    AVX512 includes the BF16 extension, so it is only used when cpuinfo is unreadable, and then
+    only an "AMX" answer counts. On an AVX2-only CPU bf16 is emulated, ~100x slower than fp32.
+    """
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
+
+
+def fast_autocast(device: torch.device | str, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast where it is fast, else a no-op (fp32).
+
+    ``precision="auto"``: bf16 on CUDA GPUs that support it and on CPUs with AMX/AVX512-BF16
+    (:func:`cpu_has_fast_bf16`); ``"fp32"``: never; ``"bf16"``: always (slow on other CPUs).
+    """
+    device = torch.device(device)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        if device.type == "cuda":
+            fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        else:
+            fast = device.type == "cpu" and cpu_has_fast_bf16()
+        if not fast:
+            return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+def to_image_tensor(image: Any, index: int = 0) -> Tensor:
+    """One image as ``[3, H, W]``: uint8 (0..255) or float (0..1), on the CPU.
+
+    Accepts a file path (decoded by :func:`densedet.data.load_image`, EXIF rotation applied), a
+    PIL image, a numpy array ``[H, W]`` / ``[H, W, 1|3|4]`` (uint8, or float in [0, 1]; alpha is
+    ignored) or a tensor ``[3, H, W]`` (uint8, or float in [0, 1]).
+    """
+    from .data.images import _to_rgb_array, load_image
+    if isinstance(image, (str, Path)):
+        return load_image(str(image))
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.ascontiguousarray(_to_rgb_array(ImageOps.exif_transpose(image)).transpose(2, 0, 1)))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(f"image {index}: numpy array of shape {image.shape}; expected [H, W] or [H, W, 1|3|4]")
+        if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+            raise ValueError(f"image {index}: numpy dtype {image.dtype}; expected uint8 or float in [0, 1]")
+        image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image {index}: tensor of shape {tuple(image.shape)}; expected [3, H, W]")
+        if image.dtype != torch.uint8 and not image.is_floating_point():
+            raise ValueError(f"image {index}: tensor dtype {image.dtype}; expected uint8 or float in [0, 1]")
+        return image.cpu()
+    raise TypeError(f"image {index}: unsupported type {type(image).__name__} "
+                    "(use a path, PIL image, numpy HWC array or [3, H, W] tensor)")
+
+
+def _as_model_input(image: Tensor, device: torch.device) -> Tensor:
+    image = image.to(device)
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
+
+
+# -- tiling ---------------------------------------------------------------------------------------
+
+def merge_tiles(detections: Sequence[dict[str, Tensor]], windows: Sequence[tuple[int, int, int, int]],
+                image_size: tuple[int, int], iou_threshold: float = 0.5, contain_threshold: float = 0.8,
+                border_tolerance: float = 2.0) -> dict[str, Tensor]:
+    """Merge per-tile detections into one image's detections.
+
+    Args:
+        detections: per tile ``{"boxes": [D_t, 4] (tile pixels), "scores", "labels"}``.
+        windows: per tile ``(x0, y0, x1, y1)`` in the image (``densedet.data.tile_grid``).
+        image_size: ``(H, W)`` of the whole image.
+        iou_threshold: class-wise NMS across tiles (duplicates of an object seen whole twice).
+        contain_threshold: a box touching an inner tile border (within ``border_tolerance`` px,
+            on a side where the tile does not end at the image border) is the visible part of a
+            cut object; it is removed when a larger box of the same class from another tile
+            covers at least this fraction of its area, so an object split by a border is reported
+            once. (An object larger than the tile overlap is seen whole by no tile; its parts stay.)
+
+    Returns:
+        ``{"boxes": [D, 4] (image pixels), "scores", "labels"}`` by decreasing score.
+    """
+    height, width = image_size
+    parts_boxes, parts_tile, parts_cut = [], [], []
+    for t, (det, (x0, y0, x1, y1)) in enumerate(zip(detections, windows)):
+        boxes = det["boxes"].float()
+        boxes = boxes + torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=boxes.device)
+        tol = border_tolerance
+        # a side counts only where the tile ends inside the image (x0 > 0 ...), not at its border
+        cut = ((x0 > 0) & (boxes[:, 0] - x0 <= tol)) | ((x1 < width) & (x1 - boxes[:, 2] <= tol))
+        cut |= ((y0 > 0) & (boxes[:, 1] - y0 <= tol)) | ((y1 < height) & (y1 - boxes[:, 3] <= tol))
+        parts_boxes.append(boxes)
+        parts_tile.append(torch.full((boxes.shape[0],), t, dtype=torch.int64, device=boxes.device))
+        parts_cut.append(cut)
+    boxes = torch.cat(parts_boxes)
+    scores = torch.cat([d["scores"].float() for d in detections])
+    labels = torch.cat([d["labels"] for d in detections])
+    tile = torch.cat(parts_tile)
+    cut = torch.cat(parts_cut)
+    keep = torch.ones_like(cut)
+    cut_idx = cut.nonzero().squeeze(1)
+    if cut_idx.numel():
+        c = boxes[cut_idx]                                                          # [C, 4]
+        lt = torch.maximum(c[:, None, :2], boxes[None, :, :2])
+        rb = torch.minimum(c[:, None, 2:], boxes[None, :, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)                                     # [C, N]
+        area = box_area(boxes)
+        covered = ((inter >= contain_threshold * area[cut_idx, None]) & (area[None, :] > area[cut_idx, None])
+                   & (labels[None, :] == labels[cut_idx, None]) & (tile[None, :] != tile[cut_idx, None]))
+        keep[cut_idx[covered.any(1)]] = False
+    idx = keep.nonzero().squeeze(1)
+    kept = idx[batched_nms(boxes[idx], scores[idx], labels[idx], iou_threshold)]
+    return {"boxes": boxes[kept], "scores": scores[kept], "labels": labels[kept]}
+
+
+# -- the predictor --------------------------------------------------------------------------------
+
+class Predictor:
+    """Detect objects in images with a trained model.
+
+    Args:
+        checkpoint_or_model: a densedet checkpoint path, or a model (it is put in eval mode and moved
+            to ``device``; ``score_thresh`` is then set on it).
+        device: where to run.
+        score_thresh: the model's candidate score threshold (None: the checkpoint's).
+        tta: test-time augmentation (:class:`~densedet.tta.TTAConfig`), or None.
+        tile_size: > 0: images larger than this on a side are cut into tiles of this size.
+        tile_overlap: overlap between neighbouring tiles (should exceed the largest object).
+        batch_size: images (or tiles) per forward pass.
+        precision: ``auto`` (bf16 only where fast, :func:`fast_autocast`), ``fp32`` or ``bf16``.
+        channels_last: store conv weights channels-last (faster convolutions on CPU and GPU).
+
+    ``predictor(images)``: a list (or one) of paths, PIL images, numpy HWC uint8 arrays or
+    ``[3, H, W]`` tensors → per image ``{"boxes": [D, 4] (x1, y1, x2, y2, original pixels),
+    "scores": [D], "labels": [D] (0..K-1)}`` on the CPU, by decreasing score.
+    """
+
+    def __init__(self, checkpoint_or_model: str | Path | nn.Module, device: str | torch.device = "cpu",
+                 score_thresh: float | None = None, tta: TTAConfig | None = None, tile_size: int = 0,
+                 tile_overlap: int = 128, batch_size: int = 4, precision: str = "auto",
+                 channels_last: bool = True) -> None:
+        if tile_size < 0 or (tile_size > 0 and not 0 <= tile_overlap < tile_size):
+            raise ValueError(f"need tile_size >= 0 and 0 <= tile_overlap < tile_size, got tile_size={tile_size}, "
+                             f"tile_overlap={tile_overlap}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(checkpoint_or_model, (str, Path)):
+            from .engine.checkpoint import model_from_checkpoint
+            overrides = {} if score_thresh is None else {"score_thresh": float(score_thresh)}
+            model = model_from_checkpoint(checkpoint_or_model, **overrides)[0]
+        else:
+            model = checkpoint_or_model
+            if score_thresh is not None:
+                model.score_thresh = float(score_thresh)
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        fast_autocast(self.device, precision)  # validates precision now rather than on the first image
+        self.precision = precision
+        self.tta = tta
+        self.tile_size, self.tile_overlap, self.batch_size = int(tile_size), int(tile_overlap), int(batch_size)
+        num_classes = int(getattr(model, "num_classes", 0))
+        self.class_names = list(getattr(model, "class_names", None) or [str(i) for i in range(num_classes)])
+        self.category_ids = getattr(model, "category_ids", None)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> "Predictor":
+        """A predictor for the model stored in a densedet checkpoint (keyword arguments as the constructor)."""
+        return cls(path, **kwargs)
+
+    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """One forward pass (with TTA if configured) over float ``[3, H, W]`` images on ``self.device``."""
+        with torch.inference_mode(), fast_autocast(self.device, self.precision):
+            out = tta_inference(self.model, images, self.tta) if self.tta is not None else self.model(images)
+        return [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(), "labels": d["labels"].cpu()}
+                for d in out]
+
+    def _windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        from .data.transforms import tile_grid
+        if self.tile_size and (height > self.tile_size or width > self.tile_size):
+            return tile_grid(height, width, self.tile_size, self.tile_overlap)
+        return [(0, 0, width, height)]
+
+    def __call__(self, images: Any) -> list[dict[str, Tensor]]:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        tensors = [to_image_tensor(image, i) for i, image in enumerate(images)]
+        # every (image, window) is one work item, so tiles of several images share batches
+        work = [(i, w) for i, t in enumerate(tensors) for w in self._windows(*t.shape[-2:])]
+        per_image: list[list[tuple[dict, tuple[int, int, int, int]]]] = [[] for _ in tensors]
+        for start in range(0, len(work), self.batch_size):
+            chunk = work[start:start + self.batch_size]
+            crops = [_as_model_input(tensors[i][:, y0:y1, x0:x1], self.device) for i, (x0, y0, x1, y1) in chunk]
+            for (i, window), det in zip(chunk, self.detect(crops)):
+                per_image[i].append((det, window))
+        results = []
+        nms_thresh = float(getattr(self.model, "nms_thresh", 0.5))
+        for tensor, parts in zip(tensors, per_image):
+            if len(parts) == 1:
+                results.append(parts[0][0])
+            else:
+                results.append(merge_tiles([d for d, _ in parts], [w for _, w in parts],
+                                           tuple(tensor.shape[-2:]), iou_threshold=nms_thresh))
+        return results
+
+
+# -- drawing --------------------------------------------------------------------------------------
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def draw_detections(image: Tensor | Image.Image, detection: dict[str, Tensor], class_names: Sequence[str],
+                    score_thresh: float = 0.3) -> Image.Image:
+    """The image with boxes scoring ``>= score_thresh`` drawn, each labelled "name score"."""
+    if isinstance(image, Tensor):
+        array = image if image.dtype == torch.uint8 else (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        image = Image.fromarray(array.permute(1, 2, 0).numpy())
+    image = image.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    line = max(1, round(min(image.size) / 400))
+    font = _font(max(10, round(min(image.size) / 60)))
+    for box, score, label in zip(detection["boxes"].tolist(), detection["scores"].tolist(),
+                                 detection["labels"].tolist()):
+        if score < score_thresh:
+            continue
+        colour = _PALETTE[int(label) % len(_PALETTE)]
+        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))
+        draw.rectangle(box, outline=colour, width=line)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
+        y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
+        left, top, right, bottom = draw.textbbox((box[0], y), text, font=font)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
+        draw.text((box[0], y), text, fill=(0, 0, 0), font=font)
+    return image
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+class ProgressBar:
+    """A plain progress bar on stderr: redrawn in place on a terminal, a line per 10 % otherwise."""
+
+    def __init__(self, total: int, desc: str = "predict", stream: TextIO | None = None, width: int = 30) -> None:
+        self.total, self.desc, self.width = max(int(total), 0), desc, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.done = 0
+        self.start = time.perf_counter()
+        self._last_decile = -1
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def update(self, n: int = 1) -> None:
+        self.done = min(self.done + n, self.total)
+        frac = self.done / self.total if self.total else 1.0
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        filled = int(round(frac * self.width))
+        text = (f"{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+                f"{elapsed:.0f}s elapsed, {eta:.0f}s left")
+        if self._tty:
+            self.stream.write("\r" + text)
+        elif int(frac * 10) != self._last_decile:
+            self._last_decile = int(frac * 10)
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    """Image files from paths, folders (their images, sorted, not recursive) and globs, in the given
+    order without duplicates. Raises ``FileNotFoundError`` naming an input that matches nothing."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"{item}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        elif path.is_file():
+            found = [path]
+        elif glob.has_magic(item):
+            found = [Path(p) for p in sorted(glob.glob(item, recursive=True))
+                     if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS]
+            if not found:
+                raise FileNotFoundError(f"{item}: pattern matches no image files")
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+        files.extend(found)
+    seen: set[Path] = set()
+    unique = [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]
+    if not unique:
+        raise FileNotFoundError("no input images given")
+    return unique
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``densedet predict``."""
+    p = subparsers.add_parser(
+        "predict", help="detect objects in images; write COCO results JSON and annotated images",
+        description="Run a checkpoint on images, folders or globs. Writes OUT/detections.json (COCO results: "
+                    "image ids 1..N in input order, listed with their files in OUT/images.json; category ids "
+                    "from the checkpoint) and one annotated PNG per image. The drawing threshold only changes "
+                    "the pictures, not what is saved.")
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quoted)")
+    p.add_argument("--weights", required=True, help="densedet checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help="model score threshold for saved detections (default: the checkpoint's)")
+    p.add_argument("--score-thresh-draw", type=float, default=0.3, help="draw boxes scoring at least this (0.3)")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "refinedet320", "refinedet"],
+                   help="test-time augmentation: flip = image + mirror; refinedet320 = RefineDet's 7 scales for a "
+                        "320 model (SPEC); refinedet = the same ratios around the model's own input size")
+    p.add_argument("--tta-merge", choices=list(MERGE_METHODS), default=None,
+                   help="how TTA passes are merged (default: vote)")
+    p.add_argument("--tile", type=int, default=0, metavar="SIZE",
+                   help="cut images larger than SIZE px into overlapping SIZE x SIZE tiles (0: off)")
+    p.add_argument("--tile-overlap", type=int, default=128, help="tile overlap in pixels (128)")
+    p.add_argument("--batch-size", type=int, default=4, help="images or tiles per forward pass (4)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 only on CUDA or CPUs with AMX/AVX512-BF16, else fp32")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``densedet predict``: returns the exit code."""
+    from .data.images import load_image
+    from .evaluation import detections_to_coco
+    if args.tile < 0 or (args.tile > 0 and not 0 <= args.tile_overlap < args.tile):
+        raise SystemExit(f"densedet predict: need 0 <= --tile-overlap < --tile, got --tile {args.tile} "
+                         f"--tile-overlap {args.tile_overlap}")
+    if args.batch_size < 1:
+        raise SystemExit(f"densedet predict: --batch-size must be >= 1, got {args.batch_size}")
+    files = expand_inputs(args.inputs)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    predictor = Predictor.from_checkpoint(args.weights, device=device, score_thresh=args.score_thresh,
+                                          tile_size=args.tile, tile_overlap=args.tile_overlap,
+                                          batch_size=args.batch_size, precision=args.precision)
+    tta = tta_preset(args.tta, predictor.model)
+    if tta is not None and args.tta_merge:
+        tta = replace(tta, merge=args.tta_merge)
+    predictor.tta = tta
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    image_records: list[dict] = []
+    used_names: set[str] = set()
+    bar = ProgressBar(len(files))
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        images = [load_image(str(f)) for f in chunk]
+        for k, (path, image, det) in enumerate(zip(chunk, images, predictor(images))):
+            image_id = start + k + 1
+            results.extend(detections_to_coco([det], [image_id], predictor.category_ids))
+            name = f"{path.stem}.png" if f"{path.stem}.png" not in used_names else f"{path.stem}_{image_id}.png"
+            used_names.add(name)
+            draw_detections(image, det, predictor.class_names, args.score_thresh_draw).save(out / name)
+            image_records.append({"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
+                                  "width": int(image.shape[-1]), "annotated": name,
+                                  "detections": int(len(det["scores"]))})
+        bar.update(len(chunk))
+    bar.close()
+    (out / "detections.json").write_text(json.dumps(results))
+    (out / "images.json").write_text(json.dumps(image_records, indent=1))
+    drawn = sum(1 for r in results if r["score"] >= args.score_thresh_draw)
+    print(f"{len(results)} detections ({drawn} drawn at score >= {args.score_thresh_draw:g}) in {len(files)} images: "
+          f"{out / 'detections.json'}, annotated images in {out}")
+    return 0
