@@ -52,33 +52,7 @@ SIZE_BINS: tuple[float, ...] = (0.0, 16.0, 32.0, 64.0, 96.0, 128.0, 256.0, 512.0
 
 # -- data ----------------------------------------------------------------------------------------
 
-def load_split(data: DataConfig, split: str = "train") -> DetectionData:
-    """Read the ``train`` or ``val`` split a :class:`DataConfig` describes.
-
-    ``coco``/``csv``/``voc`` read ``data.<split>`` (annotation file, or folder of VOC XML) with
-    images under ``data.<split>_images`` (default: next to the annotations); ``digits`` generates
-    (or reuses) the digit scenes under ``data.root`` and reads their COCO json.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if data.format == "digits":
-        paths = make_digit_scenes(data.root, num_train=data.num_train, num_val=data.num_val, seed=data.seed)
-        return load_coco(paths[f"{split}_json"], paths[f"{split}_images"], strict=data.strict)
-    path = getattr(data, split)
-    images = getattr(data, f"{split}_images") or None
-    if not path:
-        raise ConfigError(f"data.{split}: no annotation path given (data.format is {data.format!r})")
-    if not os.path.exists(path):
-        raise DatasetError(f"{path}: annotation file not found (data.{split})")
-    if data.format == "coco":
-        if data.class_names is not None:
-            raise ConfigError("data.class_names: a COCO file names its own categories; leave it unset")
-        return load_coco(path, images if images is not None else os.path.dirname(path), strict=data.strict)
-    if data.format == "csv":
-        return load_csv(path, image_root=images, class_names=data.class_names, strict=data.strict)
-    if data.format == "voc":
-        return load_voc(path, image_dir=images, class_names=data.class_names, strict=data.strict)
-    raise ConfigError(f"data.format: must be coco, voc, csv or digits, got {data.format!r}")
+from .engine.data import load_split  # noqa: E402  (re-exported: analysis needs the same splits as training)
 
 
 def _record_size(record, source: str) -> tuple[int, int]:

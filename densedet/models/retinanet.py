@@ -191,14 +191,14 @@ class RetinaNet(nn.Module):
         gt_labels = torch.gather(gt.labels, 1, safe_idxs)                      # [B, A]
         cls_targets = torch.zeros_like(logits, dtype=torch.float32)
         cls_targets[foreground, gt_labels[foreground]] = 1.0
-        loss_cls = self.classification_loss(logits[valid], cls_targets[valid]) / normalizer
+        loss_cls = self.classification_loss(logits[valid], cls_targets[valid], len(targets)) / normalizer
         gt_boxes = torch.gather(gt.boxes, 1, safe_idxs.unsqueeze(-1).expand(-1, -1, 4))
         anchors_fg = anchors.unsqueeze(0).expand_as(deltas)[foreground]
         loss_box = box_regression_loss(self.box_loss, deltas[foreground], gt_boxes[foreground], anchors_fg,
                                        self.box_coder, self.smooth_l1_beta) / normalizer
         return {"cls": loss_cls, "box": loss_box}
 
-    def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def classification_loss(self, logits: Tensor, targets: Tensor, num_images: int) -> Tensor:
         """Summed classification loss over non-ignored anchors, ``[V, K]`` each."""
         if self.cls_loss == "focal":
             return sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma).sum()
@@ -206,7 +206,7 @@ class RetinaNet(nn.Module):
         fn = getattr(L, f"{self.cls_loss}_loss", None)
         if fn is None:
             raise ValueError(f"unknown classification loss {self.cls_loss!r}")
-        return fn(logits, targets, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        return fn(logits, targets, alpha=self.focal_alpha, gamma=self.focal_gamma, num_images=num_images)
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,54 @@
+"""Where and in which precision to run.
+
+bf16 is only fast where the hardware multiplies bf16 natively: CUDA GPUs, and CPUs with AMX or
+AVX512-BF16. On an AVX2-only CPU PyTorch emulates it and a bf16 matmul runs ~100x slower than fp32
+(measured on this project's 2-core AVX2 machine: 1.3 vs 142 GFLOP/s; ``densedet bench``), so
+``auto`` picks fp32 there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+__all__ = ["cpu_has_fast_bf16", "resolve_precision", "autocast", "default_device"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo, else torch's capability)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto`` | ``fp32`` | ``bf16`` → the autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for ``dtype`` on ``device``; a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

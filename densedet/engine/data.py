@@ -1,0 +1,112 @@
+"""From a :class:`DataConfig` to datasets and batches.
+
+The batch stream is a pure function of (seed, iteration): sample k of the run is
+``permutation(seed, epoch = k // N)[k % N]``, and every process takes its slice of each batch.
+A resumed run therefore sees exactly the batches an uninterrupted run would, with no sampler state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+from ..config import Config, ConfigError, DataConfig
+from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, ResizeShortestEdge,
+                    TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
+
+__all__ = ["load_split", "build_train_dataset", "BatchStream"]
+
+
+def load_split(data: DataConfig, split: str = "train") -> DetectionData:
+    """Read the ``train`` or ``val`` split a :class:`DataConfig` describes.
+
+    ``coco``/``csv``/``voc`` read ``data.<split>`` (annotation file, or folder of VOC XML) with
+    images under ``data.<split>_images`` (default: next to the annotations); ``digits`` generates
+    (or reuses) the digit scenes under ``data.root`` and reads their COCO json.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if data.format == "digits":
+        paths = make_digit_scenes(data.root, num_train=data.num_train, num_val=data.num_val, seed=data.seed)
+        return load_coco(paths[f"{split}_json"], paths[f"{split}_images"], strict=data.strict)
+    path = getattr(data, split)
+    images = getattr(data, f"{split}_images") or None
+    if not path:
+        raise ConfigError(f"data.{split}: no annotation path given (data.format is {data.format!r})")
+    if not os.path.exists(path):
+        raise DatasetError(f"{path}: annotation file not found (data.{split})")
+    if data.format == "coco":
+        if data.class_names is not None:
+            raise ConfigError("data.class_names: a COCO file names its own categories; leave it unset")
+        return load_coco(path, images if images is not None else os.path.dirname(path), strict=data.strict)
+    if data.format == "csv":
+        return load_csv(path, image_root=images, class_names=data.class_names, strict=data.strict)
+    if data.format == "voc":
+        return load_voc(path, image_dir=images, class_names=data.class_names, strict=data.strict)
+    raise ConfigError(f"data.format: must be coco, voc, csv or digits, got {data.format!r}")
+
+
+def build_train_dataset(cfg: Config, data: DetectionData):
+    """The training dataset with its augmentation (flip, multi-scale; SSD's for RefineDet)."""
+    d = cfg.data
+    transforms = []
+    if d.augment == "ssd":
+        from ..data.ssd_augment import SSDAugmentation
+        transforms.append(SSDAugmentation(cfg.model.refinedet_size))
+    else:
+        if d.train_min_sizes:
+            transforms.append(ResizeShortestEdge(d.train_min_sizes, cfg.model.max_size))
+        if d.hflip_prob > 0:
+            transforms.append(RandomHorizontalFlip(d.hflip_prob))
+    transform = Compose(transforms) if transforms else None
+    if d.tile_size > 0:
+        return TiledDataset(data, d.tile_size, d.tile_overlap, transforms=transform,
+                            cache_images=d.cache_images, skip_empty=False)
+    dataset = DetectionDataset(data, transforms=transform, cache_images=d.cache_images)
+    if d.cache_images:
+        dataset.preload()
+    return dataset
+
+
+class BatchStream:
+    """Deterministic batches: ``stream.batch(iteration)`` → (images, targets) of this process.
+
+    Augmentations draw from torch's global RNG, which is re-seeded from (seed, k) before sample k,
+    so augmentation too is a function of the sample's position in the run alone.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the number of processes "
+                              f"({world_size})")
+        if len(dataset) == 0:
+            raise ConfigError("the training set is empty")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self._perm_epoch, self._perm = -1, None
+
+    def _index(self, k: int) -> int:
+        n = len(self.dataset)
+        epoch = k // n
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
+        return int(self._perm[k % n])
+
+    def sample(self, k: int) -> tuple[torch.Tensor, dict]:
+        """Sample k of the run; the RNGs are seeded from k, so the result does not depend on the
+        number of processes or on where a run was resumed."""
+        torch.manual_seed(self.seed * 1_000_033 + k)
+        random.seed(self.seed * 1_000_033 + k)
+        return self.dataset[self._index(k)]
+
+    def batch(self, iteration: int) -> tuple[list[torch.Tensor], list[dict]]:
+        per_rank = self.batch_size // self.world_size
+        start = iteration * self.batch_size + self.rank * per_rank
+        samples = [self.sample(k) for k in range(start, start + per_rank)]
+        return [s[0] for s in samples], [s[1] for s in samples]
+
+    def epoch_of(self, iteration: int) -> float:
+        return iteration * self.batch_size / len(self.dataset)

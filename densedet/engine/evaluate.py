@@ -1,0 +1,54 @@
+"""Run a model over a dataset and score it with pycocotools (gathered across processes)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data import DetectionData, DetectionDataset, to_coco_dict
+from ..device import autocast
+from ..evaluation import detections_to_coco, evaluate_coco
+
+__all__ = ["predict_dataset", "evaluate_model"]
+
+
+@torch.inference_mode()
+def predict_dataset(model: nn.Module, data: DetectionData, batch_size: int = 8,
+                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                    rank: int = 0, world_size: int = 1, progress=None) -> list[dict]:
+    """COCO-format results for this process's share of ``data`` (images rank, rank + W, …)."""
+    device = torch.device(device)
+    dataset = DetectionDataset(data, cache_images=False)
+    indices = list(range(rank, len(dataset), world_size))
+    results = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        images = [dataset[i][0].to(device) for i in chunk]
+        with autocast(device, dtype):
+            detections = model(images)
+        detections = [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()} for d in detections]
+        image_ids = [int(data.records[i].image_id) for i in chunk]
+        results += detections_to_coco(detections, image_ids, data.category_ids)
+        if progress is not None:
+            progress(min(start + batch_size, len(indices)), len(indices))
+    model.train(was_training)
+    return results
+
+
+def evaluate_model(model: nn.Module, data: DetectionData, batch_size: int = 8, device="cpu",
+                   dtype: torch.dtype | None = None, max_dets=(1, 10, 100), progress=None) -> dict:
+    """COCO metrics of ``model`` on ``data`` (every process predicts a shard; rank 0 scores)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    results = predict_dataset(model, data, batch_size, device, dtype, rank, world, progress)
+    if distributed:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    metrics = evaluate_coco(results, to_coco_dict(data), max_dets=tuple(max_dets), class_names=data.class_names)
+    metrics.pop("curves", None)
+    return metrics
