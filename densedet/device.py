@@ -13,18 +13,23 @@ import functools
 
 import torch
 
-__all__ = ["cpu_has_fast_bf16", "resolve_precision", "autocast", "default_device"]
+__all__ = ["cpu_has_fast_bf16", "resolve_precision", "autocast", "fast_autocast", "default_device"]
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo, else torch's capability)."""
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16).
+
+    Read from the ``flags`` line of ``/proc/cpuinfo``. ``torch.backends.cpu.get_cpu_capability()``
+    names the vector ISA PyTorch dispatches to ("AVX2", "AVX512", ...), which does not tell whether
+    AVX512 includes the BF16 extension, so it is only used when cpuinfo is unreadable, and then
+    only an "AMX" answer counts.
+    """
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+                    return bool(set(line.split(":", 1)[1].split()) & {"amx_bf16", "avx512_bf16"})
     except OSError:
         pass
     return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
@@ -43,8 +48,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision != "auto":
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -52,3 +57,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fast_autocast(device: torch.device | str, precision: str = "auto"):
+    """bf16 autocast where it is fast (``auto``), always (``bf16``) or never (``fp32``)."""
+    device = torch.device(device)
+    return autocast(device, resolve_precision(precision, device))

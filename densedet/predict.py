@@ -13,8 +13,6 @@ multiplies bf16 natively (:func:`fast_autocast`).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import glob
 import json
 import sys
@@ -39,44 +37,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # -- precision --------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16).
-
-    Read from the ``flags`` line of ``/proc/cpuinfo``. ``torch.backends.cpu.get_cpu_capability()``
-    names the vector ISA PyTorch dispatches to ("AVX2", "AVX512", ...), which does not tell whether
-    AVX512 includes the BF16 extension, so it is only used when cpuinfo is unreadable, and then
-    only an "AMX" answer counts. On an AVX2-only CPU bf16 is emulated, ~100x slower than fp32.
-    """
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
-
-
-def fast_autocast(device: torch.device | str, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast where it is fast, else a no-op (fp32).
-
-    ``precision="auto"``: bf16 on CUDA GPUs that support it and on CPUs with AMX/AVX512-BF16
-    (:func:`cpu_has_fast_bf16`); ``"fp32"``: never; ``"bf16"``: always (slow on other CPUs).
-    """
-    device = torch.device(device)
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "auto":
-        if device.type == "cuda":
-            fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        else:
-            fast = device.type == "cpu" and cpu_has_fast_bf16()
-        if not fast:
-            return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+# One definition of "where is bf16 fast" for the whole library (densedet.device).
+from .device import cpu_has_fast_bf16, fast_autocast  # noqa: E402
 
 
 # -- inputs ---------------------------------------------------------------------------------------

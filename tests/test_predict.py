@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import densedet.device
 from densedet.predict import (Predictor, ProgressBar, add_parser, cpu_has_fast_bf16, draw_detections,
                               expand_inputs, fast_autocast, merge_tiles, to_image_tensor)
 from densedet.tta import TTAConfig
@@ -53,10 +54,10 @@ def test_cpu_bf16_detection_reads_cpuinfo_flags(tmp_path):
 
 def test_fast_autocast_picks_bf16_only_where_fast(monkeypatch):
     import densedet.predict as predict
-    monkeypatch.setattr(predict, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(densedet.device, "cpu_has_fast_bf16", lambda: False)
     with fast_autocast("cpu"):
         assert not torch.is_autocast_enabled("cpu")
-    monkeypatch.setattr(predict, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(densedet.device, "cpu_has_fast_bf16", lambda: True)
     with fast_autocast("cpu"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with fast_autocast("cpu", "fp32"):
