@@ -7,6 +7,8 @@ A resumed run therefore sees exactly the batches an uninterrupted run would, wit
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import random
 
@@ -17,6 +19,30 @@ from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFl
                     TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
 
 __all__ = ["load_split", "build_train_dataset", "BatchStream"]
+
+
+def resolve_path(path: str) -> str:
+    """``pkg://PACKAGE/sub/path`` → that path inside an installed package (found without importing
+    it), so a config can name data shipped in a registry package; other paths pass unchanged."""
+    if not path or not path.startswith("pkg://"):
+        return path
+    package, _, rest = path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{path}: package {package!r} is not installed")
+    return os.path.join(list(spec.submodule_search_locations)[0], rest)
+
+
+def resolve_paths(spec: str, key: str) -> list[str]:
+    """A comma-separated list of paths or glob patterns (each may be ``pkg://``), all of which must exist."""
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        item = resolve_path(item)
+        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise DatasetError(f"{item}: annotation path not found ({key})")
+        out += matches
+    return out
 
 
 def load_split(data: DataConfig, split: str = "train") -> DetectionData:
@@ -32,11 +58,15 @@ def load_split(data: DataConfig, split: str = "train") -> DetectionData:
         paths = make_digit_scenes(data.root, num_train=data.num_train, num_val=data.num_val, seed=data.seed)
         return load_coco(paths[f"{split}_json"], paths[f"{split}_images"], strict=data.strict)
     path = getattr(data, split)
-    images = getattr(data, f"{split}_images") or None
+    images = resolve_path(getattr(data, f"{split}_images")) or None
     if not path:
         raise ConfigError(f"data.{split}: no annotation path given (data.format is {data.format!r})")
-    if not os.path.exists(path):
-        raise DatasetError(f"{path}: annotation file not found (data.{split})")
+    paths = resolve_paths(path, f"data.{split}")
+    if data.format == "voc" and (len(paths) > 1 or os.path.isfile(paths[0])):
+        return load_voc(paths, image_dir=images, class_names=data.class_names, strict=data.strict)
+    path = paths[0]
+    if len(paths) > 1:
+        raise ConfigError(f"data.{split}: {data.format} takes one annotation file, got {len(paths)}")
     if data.format == "coco":
         if data.class_names is not None:
             raise ConfigError("data.class_names: a COCO file names its own categories; leave it unset")
