@@ -312,13 +312,50 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | 
 # Inference fast path (opt-in)
 # ----------------------------------------------------------------------------------------------
 
-def fuse_conv_bn(model: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm/FrozenBatchNorm that directly follows a Conv2d inside an
-    ``nn.Sequential``-like parent into the conv's weight and bias, in place; returns ``model``.
+def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
+    """conv(x)·scale + shift  ==  conv'(x) with W' = W·scale, b' = (b − mean)·scale + beta."""
+    eps = float(norm.eps)
+    weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+    bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
+    scale = weight.detach() * torch.rsqrt(norm.running_var + eps)
+    conv_bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(scale)
+    conv.weight = nn.Parameter(conv.weight.detach() * scale.view(-1, 1, 1, 1).to(conv.weight.dtype),
+                               requires_grad=False)
+    conv.bias = nn.Parameter(((conv_bias - norm.running_mean) * scale + bias.detach()).to(conv.weight.dtype),
+                             requires_grad=False)
 
-    Only for inference: the folded model has no normalisation layers left to train.
+
+def _is_foldable_norm(module: nn.Module) -> bool:
+    from .backbones.resnet import FrozenBatchNorm2d
+    if isinstance(module, FrozenBatchNorm2d):
+        return True
+    return isinstance(module, nn.BatchNorm2d) and not module.training and module.track_running_stats
+
+
+@torch.no_grad()
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """Fold each eval-mode BatchNorm / FrozenBatchNorm applied directly to a Conv2d's output into
+    that conv (weights and bias), in place, and replace the norm by ``nn.Identity``; returns ``model``.
+
+    Pairs are found structurally: a conv followed by a norm inside an ``nn.Sequential`` (FPN/head
+    towers, ResNet ``downsample``), and sibling attributes ``convN`` / ``bnN`` (the ResNet blocks'
+    naming, where ``bnN`` only ever sees ``convN``'s output). Inference only: no norm is left to train.
     """
-    ...
+    for parent in list(model.modules()):
+        pairs: list[tuple[nn.Conv2d, str]] = []
+        if isinstance(parent, nn.Sequential):
+            items = list(parent.named_children())
+            pairs += [(a, name_b) for (_, a), (name_b, b) in zip(items, items[1:])
+                      if isinstance(a, nn.Conv2d) and _is_foldable_norm(b)]
+        children = dict(parent.named_children())
+        for name, child in children.items():
+            if name.startswith("conv") and isinstance(child, nn.Conv2d):
+                norm_name = "bn" + name[len("conv"):]
+                if norm_name in children and _is_foldable_norm(children[norm_name]):
+                    pairs.append((child, norm_name))
+        for conv, norm_name in pairs:
+            _fold(conv, getattr(parent, norm_name))
+            setattr(parent, norm_name, nn.Identity())
     return model
 
 

@@ -1,0 +1,11 @@
+"""Thin wrapper: `python benchmarks/all.py [--quick] [--out FILE]` = `densedet bench --suite all`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
+
+from densedet.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["--suite", *"all".split(), *sys.argv[1:]]))
