@@ -192,6 +192,20 @@ def test_resnet_backbone_with_res6_and_r101_builder():
     assert model.odm_head.box_convs[0].in_channels == 1024  # Caffe's residual block before each head
 
 
+def test_configs_build_the_caffe_model():
+    from densedet.config import load_config
+    from densedet.models.refinedet import build_refinedet
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(root / "refinedet512_vgg16_voc.yaml")
+    model = build_refinedet(cfg.model)
+    assert isinstance(model.backbone, VGG16) and model.image_size == (512, 512)
+    assert model.aspect_ratios == (1.0, 2.0, 0.5) and model.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert (model.nms_thresh, model.topk_candidates, model.detections_per_img) == (0.45, 1000, 500)
+    assert model.odm_head.cls_convs[0].out_channels == 3 * 21
+    assert model.anchors(model.image_size).shape == (16320, 4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Matching
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ ratio 1, 2, 1/2 (Caffe ``PriorBox`` with ``flip``, permute NCHW → NHWC then fl
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -61,6 +62,8 @@ __all__ = [
 # Input sides must be multiples of the coarsest stride: the TCB's 2x2/s2 deconvolution exactly
 # doubles P_{l+1}, which must then equal the size of source l.
 SIZE_MULTIPLE = 64
+
+logger = logging.getLogger(__name__)
 
 
 def check_input_size(height: int, width: int) -> None:
@@ -382,7 +385,7 @@ def hard_negative_mining(background_loss: Tensor, positive: Tensor, negative_poo
         ``[B, A]`` bool, the mined negatives.
     """
     num_pos = positive.sum(dim=1)
-    num_neg = torch.minimum((num_pos.double() * neg_pos_ratio).floor().long(), negative_pool.sum(dim=1))
+    num_neg = torch.minimum((num_pos.float() * neg_pos_ratio).floor().long(), negative_pool.sum(dim=1))
     loss = torch.where(negative_pool, background_loss.detach(), torch.full_like(background_loss, -math.inf))
     order = loss.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -395,7 +398,9 @@ def multibox_loss(pred_deltas: Tensor, pred_logits: Tensor, target_labels: Tenso
 
     ``cls = sum_{pos ∪ mined neg} CE`` and ``box = sum_pos smooth_L1_{beta=1}(pred - target)``, each
     divided by ``max(1, number of positives in the batch)``; negatives are mined 3:1 per image from
-    ``negative_pool`` by their CE against background. Computed in fp32.
+    ``negative_pool`` by their CE against background. Computed in fp32. The positives are counted
+    in this process only: Caffe normalises per GPU and averages the GPUs' gradients, which is what
+    DistributedDataParallel does with this loss.
 
     Args:
         pred_deltas: ``[B, A, 4]``.
@@ -673,13 +678,13 @@ def _check_targets(targets: list[dict], num_images: int, num_classes: int) -> No
 # ----------------------------------------------------------------------------------------------
 
 
-def _refinedet_vgg16(num_classes: int, image_size: int, backbone_weights: str | None, **overrides) -> RefineDet:
+def _refinedet_vgg16(num_classes: int, default_size: int, backbone_weights: str | None, **overrides) -> RefineDet:
     backbone = overrides.pop("backbone", None)
     if backbone is None:
         backbone = VGG16()
         if backbone_weights is not None:
             load_torchvision_vgg16(backbone, backbone_weights)
-    return RefineDet(num_classes, backbone=backbone, image_size=overrides.pop("image_size", image_size), **overrides)
+    return RefineDet(num_classes, backbone=backbone, image_size=overrides.pop("image_size", default_size), **overrides)
 
 
 def refinedet320_vgg16(num_classes: int, backbone_weights: str | None = None, **overrides) -> RefineDet:
@@ -696,7 +701,7 @@ def refinedet512_vgg16(num_classes: int, backbone_weights: str | None = None, **
     return _refinedet_vgg16(num_classes, 512, backbone_weights, **overrides)
 
 
-def _refinedet_r101(num_classes: int, image_size: int, backbone_weights: str | None, backbone_norm: str,
+def _refinedet_r101(num_classes: int, default_size: int, backbone_weights: str | None, backbone_norm: str,
                     frozen_stages: int, **overrides) -> RefineDet:
     backbone = overrides.pop("backbone", None)
     if backbone is None:
@@ -718,7 +723,7 @@ def _refinedet_r101(num_classes: int, image_size: int, backbone_weights: str | N
         overrides["odm_head"] = RefineDetHead([channels] * len(in_channels), num_anchors, num_classes + 1,
                                               block_planes=256, norm="bn")
     return RefineDet(num_classes, backbone=backbone, tcb_channels=channels,
-                     image_size=overrides.pop("image_size", image_size), **overrides)
+                     image_size=overrides.pop("image_size", default_size), **overrides)
 
 
 def refinedet320_r101(num_classes: int, backbone_weights: str | None = None, backbone_norm: str = "frozen_bn",
@@ -751,6 +756,11 @@ def build_refinedet(cfg) -> RefineDet:
     """
     size = int(cfg.refinedet_size)
     fixed = tuple(cfg.fixed_size) if cfg.fixed_size else (size, size)
+    for field, value, caffe in (("aspect_ratios", cfg.aspect_ratios, [1.0, 2.0, 0.5]),
+                                ("bbox_reg_weights", cfg.bbox_reg_weights, [10.0, 10.0, 5.0, 5.0])):
+        if [float(v) for v in value] != caffe:
+            # the ModelConfig defaults are RetinaNet's; a RefineDet config should set these
+            logger.warning("RefineDet model.%s = %s differs from the Caffe model's %s", field, list(value), caffe)
     preprocessor = ImagePreprocessor(fixed[0], max(fixed), cfg.image_mean, cfg.image_std,
                                      max(SIZE_MULTIPLE, int(cfg.size_divisible)), fixed)
     options = dict(
