@@ -270,7 +270,7 @@ def validate(cfg: Config) -> None:
          f"must be coco, voc, csv or digits, got {cfg.data.format!r}"),
     ]
     m = cfg.model
-    if m.anchor_sizes is not None:
+    if m.anchor_sizes is not None and m.arch == "retinanet":
         checks.append((len(m.anchor_sizes) == m.max_level - m.min_level + 1, "model.anchor_sizes",
                        f"has {len(m.anchor_sizes)} entries but levels P{m.min_level}-P{m.max_level} need "
                        f"{m.max_level - m.min_level + 1}"))
