@@ -214,6 +214,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         start_iter, max_iters = ckpt["iteration"], ckpt["max_iters"]
         best_ap = ckpt.get("best_ap", -1.0)
         elapsed_before = ckpt.get("elapsed", 0.0)
+        if is_main:
+            _drop_records_after(out / "metrics.jsonl", start_iter)
         say(f"resumed from {last_path} at iteration {start_iter}/{max_iters}")
     elif is_main:
         (out / "metrics.jsonl").write_text("")
@@ -345,6 +347,21 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         say(f"(could not draw plots: {err})")
     say(f"run folder: {out} (model_final.pt, model_best.pt, metrics.json, metrics.jsonl, curves.png, predictions/)")
     return summary
+
+
+def _drop_records_after(path: Path, iteration: int) -> None:
+    """Forget the log records of iterations after ``iteration``: the interrupted run logged them,
+    but their steps were lost with it and the resumed run logs them again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass                # a line cut short by the kill
+    path.write_text("".join(kept))
 
 
 def _scalars(metrics: dict) -> dict:
