@@ -202,7 +202,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
                                                         else None)
 
     start_iter, max_iters, best_ap = 0, cfg.train.max_iters, -1.0
-    elapsed_before = 0.0
+    elapsed_before, skipped_before = 0.0, 0
+    last_saved = None        # iteration of the last.pt this run wrote or resumed from
     last_path = out / "last.pt"
     if resume:
         if not last_path.is_file():
@@ -214,6 +215,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         start_iter, max_iters = ckpt["iteration"], ckpt["max_iters"]
         best_ap = ckpt.get("best_ap", -1.0)
         elapsed_before = ckpt.get("elapsed", 0.0)
+        skipped_before, last_saved = ckpt.get("skipped_steps", 0), start_iter
         if is_main:
             _drop_records_after(out / "metrics.jsonl", start_iter)
         say(f"resumed from {last_path} at iteration {start_iter}/{max_iters}")
@@ -225,7 +227,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     progress = Progress(max_iters)
     t_start = time.perf_counter()
     t_train = 0.0            # seconds spent in training steps (evaluation excluded)
-    bad_in_a_row, skipped = 0, 0
+    bad_in_a_row, skipped = 0, skipped_before
     window: dict[str, float] = {}
     window_n, window_imgs, window_t = 0, 0, time.perf_counter()
     iteration = start_iter
@@ -242,6 +244,10 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
+        if world > 1:
+            # Agree before backward: DDP all-reduces gradients inside backward, so a process that
+            # skipped it would leave the others waiting there (a hang, or mismatched collectives).
+            finite = _all_finite(finite, device)
         if finite:
             loss.backward()
             if cfg.solver.clip_grad_norm > 0:
@@ -250,22 +256,21 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
                 norm = torch.norm(torch.stack([p.grad.detach().norm() for p in model.parameters()
                                                if p.grad is not None]))
             finite = bool(torch.isfinite(norm))
-        if world > 1:  # every process must agree to skip, or DDP's replicas diverge
-            flag = torch.tensor([0.0 if finite else 1.0], device=device)
-            dist.all_reduce(flag)
-            finite = flag.item() == 0
+            if world > 1:  # every process must agree to skip, or DDP's replicas diverge
+                finite = _all_finite(finite, device)
         if finite:
             optimizer.step()
             bad_in_a_row = 0
         else:
             skipped += 1
             bad_in_a_row += 1
-            say(f"iteration {iteration}: non-finite loss or gradient ({ {k: float(v) for k, v in losses.items()} }); "
-                f"step skipped ({bad_in_a_row} in a row)")
+            say(f"iteration {iteration}: non-finite loss or gradient "
+                f"({ {k: float(v.detach()) for k, v in losses.items()} }); step skipped ({bad_in_a_row} in a row)")
             if bad_in_a_row >= cfg.train.max_bad_steps:
+                saved = (f"The last good checkpoint is {last_path} (iteration {last_saved})" if last_saved is not None
+                         else f"No checkpoint was written yet (train.checkpoint_period {cfg.train.checkpoint_period})")
                 raise TrainingError(f"{bad_in_a_row} non-finite steps in a row at iteration {iteration}; stopping. "
-                                    f"The last good checkpoint is {last_path} (try a lower solver.lr or "
-                                    f"solver.clip_grad_norm)")
+                                    f"{saved}; try a lower solver.lr or solver.clip_grad_norm")
         iteration += 1
         t_train += time.perf_counter() - t0
         for k, v in losses.items():
@@ -317,9 +322,12 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
                     best_ap = metrics["AP"]
                     atomic_save(_checkpoint(model, optimizer, cfg, iteration, max_iters, train_data,
                                             {"metrics": _scalars(metrics)}), out / "model_best.pt")
-        if is_main and (done or iteration % cfg.train.checkpoint_period == 0):
-            atomic_save(_checkpoint(model, optimizer, cfg, iteration, max_iters, train_data,
-                                    {"best_ap": best_ap, "elapsed": elapsed_before + t_train}), last_path)
+        if done or iteration % cfg.train.checkpoint_period == 0:
+            if is_main:
+                atomic_save(_checkpoint(model, optimizer, cfg, iteration, max_iters, train_data,
+                                        {"best_ap": best_ap, "elapsed": elapsed_before + t_train,
+                                         "skipped_steps": skipped}), last_path)
+            last_saved = iteration
 
     train_seconds = elapsed_before + t_train
     say(f"training done: {iteration} iterations, {train_seconds / 60:.1f} min of training, "
@@ -347,6 +355,13 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         say(f"(could not draw plots: {err})")
     say(f"run folder: {out} (model_final.pt, model_best.pt, metrics.json, metrics.jsonl, curves.png, predictions/)")
     return summary
+
+
+def _all_finite(finite: bool, device: torch.device) -> bool:
+    """True when ``finite`` holds on every process."""
+    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
 
 
 def _drop_records_after(path: Path, iteration: int) -> None:
