@@ -92,7 +92,10 @@ def model_from_checkpoint(path: str | Path, **model_overrides: Any) -> tuple[nn.
     cfg.model.pretrained_backbone = None      # the weights come from the checkpoint
     model = build_from_config(cfg.model)
     model.config = cfg.model
-    load_state_dict_checked(model, ckpt["model"], str(path))
+    try:
+        load_state_dict_checked(model, ckpt["model"], str(path))
+    except ValueError as err:  # a CheckpointError, so that the CLI reports it as a bad input
+        raise CheckpointError(str(err)) from None
     model.class_names = ckpt.get("class_names")
     model.category_ids = ckpt.get("category_ids")
     return model.eval(), cfg, ckpt
