@@ -84,6 +84,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_coco, evaluate_voc_from_coco, format_table, format_voc_table, plot_pr_curves
     model, cfg, _ = model_from_checkpoint(args.weights)
     cfg = apply_overrides(cfg, args.overrides)
+    model_keys = [o.split("=", 1)[0].strip()[len("model."):] for o in args.overrides
+                  if o.strip().startswith("model.")]
+    if model_keys:  # model.* overrides (score_thresh, min_size, ...) must reach the model, not only cfg
+        model, _, _ = model_from_checkpoint(args.weights, **{k: getattr(cfg.model, k) for k in model_keys})
     device = default_device()
     dtype = resolve_precision(args.precision, device)
     model.to(device)
