@@ -68,6 +68,8 @@ def load_coco(json_path: str, image_root: str, strict: bool = False) -> Detectio
     categories = {}
     for i, cat in enumerate(doc["categories"]):
         _require(cat, ("id", "name"), f"{json_path}: categories[{i}]")
+        if not isinstance(cat["id"], int) or isinstance(cat["id"], bool):
+            raise DatasetError(f"{json_path}: categories[{i}]: category ids must be integers, got {cat['id']!r}")
         if cat["id"] in categories:
             raise DatasetError(f"{json_path}: duplicate category id {cat['id']}")
         categories[cat["id"]] = str(cat["name"])
@@ -82,6 +84,8 @@ def load_coco(json_path: str, image_root: str, strict: bool = False) -> Detectio
             raise DatasetError(f"{where}: image ids must be integers (images[{i}])")
         if img["id"] in images:
             raise DatasetError(f"{where}: duplicate image id (images[{i}])")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DatasetError(f"{where}: 'file_name' must be a non-empty string, got {img['file_name']!r}")
         images[img["id"]] = (img, _optional_size(img.get("height"), where, "height"),
                              _optional_size(img.get("width"), where, "width"))
 
@@ -91,6 +95,9 @@ def load_coco(json_path: str, image_root: str, strict: bool = False) -> Detectio
             else f"annotations[{i}]"
         where = f"{json_path}: {name}"
         _require(ann, ("image_id", "category_id", "bbox"), where)
+        for key in ("image_id", "category_id"):
+            if not isinstance(ann[key], int) or isinstance(ann[key], bool):
+                raise DatasetError(f"{where}: '{key}' must be an integer, got {ann[key]!r}")
         if ann["image_id"] not in images:
             raise DatasetError(f"{where}: refers to image id {ann['image_id']!r}, which is not "
                                f"in 'images'")
