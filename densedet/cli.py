@@ -92,6 +92,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     dtype = resolve_precision(args.precision, device)
     model.to(device)
     data = load_split(cfg.data, args.split)
+    if data.num_classes != cfg.model.num_classes:
+        from .config import ConfigError
+        raise ConfigError(f"model.num_classes of {args.weights} is {cfg.model.num_classes} but the {args.split} data "
+                          f"has {data.num_classes} classes ({', '.join(data.class_names[:12])})")
     results = predict_dataset(model, data, cfg.test.batch_size, device, dtype)
     gt = to_coco_dict(data)
     if args.metric == "coco":
