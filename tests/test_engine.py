@@ -1,0 +1,369 @@
+"""The training engine's guarantees: deterministic batches, exact resume, and several processes
+computing what one process on the whole batch computes.
+
+Runs train a 6-iteration RetinaNet R18-FPN on 8 tiny digit scenes (conftest ``make_tiny_config``).
+Weights are compared bit for bit (``torch.equal``): with ``train.deterministic`` and the same
+number of threads, CPU training here is reproducible exactly, so a resumed run must match an
+uninterrupted one exactly, not approximately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from densedet.config import ConfigError, save_config
+from densedet.engine.checkpoint import CheckpointError, load_checkpoint
+from densedet.engine.data import BatchStream, build_train_dataset, load_split
+from densedet.engine.trainer import TrainingError, lr_factor, train
+
+pytestmark = pytest.mark.usefixtures("no_plots")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def final_weights(cfg) -> dict[str, torch.Tensor]:
+    return load_checkpoint(Path(cfg.train.output_dir) / "model_final.pt")["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:5]}"
+
+
+def loss_records(cfg) -> list[tuple[int, float, float]]:
+    """(iteration, loss_cls, loss_box) of every training record in metrics.jsonl, in file order."""
+    lines = (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [(r["iteration"], r["loss_cls"], r["loss_box"]) for r in records if "loss_cls" in r]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The child uses as many threads as this process: a different thread count splits float
+    reductions differently, and the comparison is bit for bit."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def straight_run(make_tiny_config, keep_torch_globals, tmp_path_factory, no_plots):
+    """Run A: the tiny config trained 6 iterations without interruption."""
+    cfg = make_tiny_config(tmp_path_factory.mktemp("straight") / "run")
+    with keep_torch_globals():
+        metrics = train(cfg, log=lambda msg: None)
+    return cfg, metrics
+
+
+# -- the batch stream ---------------------------------------------------------------------------
+
+def test_batch_stream_is_a_pure_function_of_the_iteration(tiny_config):
+    cfg = tiny_config()
+    dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))
+    first = BatchStream(dataset, 4, seed=3)
+    images_a, targets_a = first.batch(5)
+    first.batch(0)                                   # another position in between changes nothing
+    images_b, targets_b = BatchStream(dataset, 4, seed=3).batch(5)
+    for a, b in zip(images_a + [t["boxes"] for t in targets_a], images_b + [t["boxes"] for t in targets_b]):
+        assert torch.equal(a, b)
+
+
+def test_batch_stream_covers_each_image_once_per_epoch(tiny_config):
+    cfg = tiny_config()
+    dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))
+    stream = BatchStream(dataset, 4, seed=0)
+    for epoch in range(3):                           # 8 images, 4 per batch: 2 iterations an epoch
+        ids = [t["image_id"] for it in (2 * epoch, 2 * epoch + 1) for t in stream.batch(it)[1]]
+        assert sorted(ids) == sorted(r.image_id for r in dataset.data.records)
+    assert stream.epoch_of(3) == 1.5
+
+
+def test_batch_stream_gives_each_rank_its_slice_of_the_global_batch(tiny_config):
+    """Rank r of W holds images [r*B/W, (r+1)*B/W) of the one-process batch, augmentation included
+    (hflip_prob 0.5 here), across an epoch boundary."""
+    cfg = tiny_config()
+    dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))
+    whole = BatchStream(dataset, 4, seed=1)
+    for iteration in range(4):
+        images, targets = whole.batch(iteration)
+        for rank in range(2):
+            shard_images, shard_targets = BatchStream(dataset, 4, seed=1, rank=rank, world_size=2).batch(iteration)
+            assert len(shard_images) == 2
+            for j in range(2):
+                assert torch.equal(shard_images[j], images[2 * rank + j])
+                assert torch.equal(shard_targets[j]["boxes"], targets[2 * rank + j]["boxes"])
+                assert shard_targets[j]["image_id"] == targets[2 * rank + j]["image_id"]
+
+
+def test_batch_stream_flips_are_seeded_per_sample(tiny_config):
+    """With hflip_prob 0.5 some samples come flipped: the stream really draws augmentation."""
+    cfg = tiny_config()
+    data = load_split(cfg.data, "train")
+    dataset = build_train_dataset(cfg, data)
+    stream = BatchStream(dataset, 2, seed=0)
+    plain = build_train_dataset(cfg, data)
+    plain.transforms = None
+    flipped = 0
+    for k in range(16):
+        image, target = stream.sample(k)
+        original, _ = plain[stream._index(k)]
+        if not torch.equal(image, original):
+            assert torch.equal(image, original.flip(-1))
+            flipped += 1
+    assert 0 < flipped < 16
+
+
+def test_batch_stream_rejects_a_batch_that_does_not_split(tiny_config):
+    cfg = tiny_config()
+    dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))
+    with pytest.raises(ConfigError, match="batch_size"):
+        BatchStream(dataset, 3, seed=0, rank=0, world_size=2)
+
+
+# -- the schedule -------------------------------------------------------------------------------
+
+def test_lr_factor_warmup_steps_and_cosine(tiny_config):
+    cfg = tiny_config()
+    s = cfg.solver
+    s.warmup_iters, s.warmup_factor, s.steps, s.gamma = 10, 0.1, [20, 30], 0.5
+    assert lr_factor(0, 40, cfg) == pytest.approx(0.1)
+    assert lr_factor(5, 40, cfg) == pytest.approx(0.1 * 0.5 + 0.5)        # linear from 0.1 to 1
+    assert lr_factor(10, 40, cfg) == 1.0
+    assert lr_factor(19, 40, cfg) == 1.0
+    assert lr_factor(20, 40, cfg) == pytest.approx(0.5)
+    assert lr_factor(35, 40, cfg) == pytest.approx(0.25)
+    s.schedule, s.warmup_iters, s.min_lr_factor = "cosine", 0, 0.1
+    assert lr_factor(0, 40, cfg) == pytest.approx(1.0)
+    assert lr_factor(20, 40, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(40, 40, cfg) == pytest.approx(0.1)
+
+
+# -- determinism and resume -----------------------------------------------------------------------
+
+def test_training_twice_gives_identical_weights(straight_run, tiny_config, restore_torch_globals):
+    """The precondition of exact resume: the same config trains to the same bits."""
+    cfg_a, metrics_a = straight_run
+    cfg = tiny_config("again")
+    metrics = train(cfg, log=lambda msg: None)
+    assert_same_weights(final_weights(cfg), final_weights(cfg_a))
+    assert loss_records(cfg) == loss_records(cfg_a)
+    assert metrics["AP"] == metrics_a["AP"]
+    assert metrics["iterations"] == 6 and metrics["skipped_steps"] == 0
+
+
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(straight_run, tiny_config, monkeypatch,
+                                                                   restore_torch_globals):
+    """Stop during iteration 4 (last.pt holds iteration 2, iteration 3's step is lost), resume:
+    the final weights and the logged losses equal the straight run's bit for bit, and
+    metrics.jsonl lists every iteration once."""
+    cfg_a, _ = straight_run
+    cfg = tiny_config("resumed")
+    real_batch = BatchStream.batch
+
+    def interrupted(self, iteration):
+        if iteration == 3:
+            raise KeyboardInterrupt
+        return real_batch(self, iteration)
+
+    monkeypatch.setattr(BatchStream, "batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=lambda msg: None)
+    assert load_checkpoint(Path(cfg.train.output_dir) / "last.pt")["iteration"] == 2
+    assert not (Path(cfg.train.output_dir) / "model_final.pt").exists()
+
+    monkeypatch.setattr(BatchStream, "batch", real_batch)
+    logs = []
+    metrics = train(cfg, resume=True, log=logs.append)
+    assert any("resumed from" in line and "iteration 2/6" in line for line in logs)
+    assert_same_weights(final_weights(cfg), final_weights(cfg_a))
+    assert loss_records(cfg) == loss_records(cfg_a)
+    assert metrics["iterations"] == 6
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny_config, restore_torch_globals):
+    cfg = tiny_config()
+    with pytest.raises(TrainingError, match="last.pt"):
+        train(cfg, resume=True, log=lambda msg: None)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_the_uninterrupted_run(straight_run, tiny_config, tmp_path):
+    """``densedet train`` killed with SIGKILL once last.pt reports iteration >= 2, then
+    ``densedet train --resume``: final weights equal run A's bit for bit.
+
+    Each batch of the killed process sleeps 0.3 s so that the kill lands mid-run rather than
+    after the 6 fast iterations; sleeping changes no number.
+    """
+    cfg_a, _ = straight_run
+    cfg = tiny_config("killed")
+    config_path = tmp_path / "tiny.yaml"
+    save_config(cfg, config_path)
+    slow_start = (
+        "import sys, time\n"
+        "from densedet.engine.data import BatchStream\n"
+        "real = BatchStream.batch\n"
+        "def slow(self, iteration):\n"
+        "    time.sleep(0.3)\n"
+        "    return real(self, iteration)\n"
+        "BatchStream.batch = slow\n"
+        "from densedet.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    child = subprocess.Popen([sys.executable, "-c", slow_start, "train", str(config_path)], cwd=REPO,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = Path(cfg.train.output_dir) / "last.pt"
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            try:
+                if load_checkpoint(last)["iteration"] >= 2:
+                    child.send_signal(signal.SIGKILL)
+                    killed_at = load_checkpoint(last)["iteration"]
+                    break
+            except CheckpointError:
+                pass                 # not written yet (atomic_save: never half a file)
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        _, err = child.communicate()
+    assert killed_at is not None, f"the run ended before it could be killed:\n{err.decode()[-2000:]}"
+    assert child.returncode == -signal.SIGKILL
+    assert 2 <= killed_at < 6
+    assert not (Path(cfg.train.output_dir) / "model_final.pt").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "densedet", "train", str(config_path), "--resume"], cwd=REPO,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {last} at iteration {killed_at}/6" in resumed.stderr
+    assert_same_weights(final_weights(cfg), final_weights(cfg_a))
+    assert loss_records(cfg) == loss_records(cfg_a)
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+def with_p7(cfg):
+    """The tiny config on P3-P7: P3-P6 models leave a parameter without gradient (see below)."""
+    cfg.model.max_level, cfg.model.anchor_sizes = 7, [16.0, 32.0, 64.0, 128.0, 256.0]
+    return cfg
+
+
+@pytest.mark.xfail(strict=True, reason="FPN builds P7's conv even for max_level 6 and never uses it "
+                   "(densedet/necks/fpn.py LastLevelP6P7); DDP then never reduces the bucket holding it "
+                   "and `torchrun ... densedet train` fails at iteration 2 for any P3-P6 config (the demo's)")
+def test_every_parameter_gets_a_gradient(tiny_config, restore_torch_globals):
+    """DistributedDataParallel (find_unused_parameters=False, as the trainer builds it) needs
+    every trainable parameter to take part in the loss; an unused one leaves the first step's
+    gradients un-averaged and stops the run at the second."""
+    from densedet.models import build_from_config
+    cfg = tiny_config(norm="gn")
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model).train()
+    dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))
+    images, targets = BatchStream(dataset, 2, 0).batch(0)
+    sum(model(images, targets).values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+
+
+def _ddp_gradients(rank: int, world: int, port: int, cfg, out: str) -> None:
+    """One process of a 2-process gloo group: loss and gradients of its shard under DDP."""
+    import torch.distributed as dist
+    from densedet.models import build_from_config
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = build_from_config(cfg.model).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))
+        images, targets = BatchStream(dataset, cfg.train.batch_size, cfg.train.seed, rank, world).batch(1)
+        losses = ddp(images, targets)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"losses": {k: v.detach() for k, v in losses.items()}, "grads": grads},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_compute_the_gradient_of_the_whole_batch(tiny_config, tmp_path, restore_torch_globals):
+    """DDP over 2 gloo processes, each with half of a 4-image batch, equals one process on all 4
+    images: the mean of the per-process losses is the whole-batch loss and the averaged gradients
+    are its gradients (the focal-loss normaliser is all-reduced: ``foreground_normalizer``).
+
+    The backbone uses GroupNorm, not BatchNorm: BN normalises with the statistics of the batch a
+    process sees, so 2 processes with 2 images each compute a different function from one
+    process with 4 (SyncBatchNorm would be needed); GN is per image and makes the two equal.
+    P3-P7 rather than P3-P6: see ``test_every_parameter_gets_a_gradient``.
+    """
+    import torch.multiprocessing as mp
+    from densedet.models import build_from_config
+    cfg = with_p7(tiny_config(norm="gn"))
+    cfg.train.batch_size = 4
+    mp.spawn(_ddp_gradients, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    shards = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model).train()
+    dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))
+    images, targets = BatchStream(dataset, 4, cfg.train.seed).batch(1)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+
+    for key, value in losses.items():
+        mean = (shards[0]["losses"][key] + shards[1]["losses"][key]) / 2
+        torch.testing.assert_close(mean, value.detach(), rtol=1e-5, atol=1e-5)
+    # the shards really differ, so the check above is not trivially true
+    assert not torch.equal(shards[0]["losses"]["cls"], shards[1]["losses"]["cls"])
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == shards[0]["grads"].keys() == shards[1]["grads"].keys()
+    for name, grad in grads.items():
+        assert torch.equal(shards[0]["grads"][name], shards[1]["grads"][name]), name  # DDP replicas agree
+        torch.testing.assert_close(shards[0]["grads"][name], grad, rtol=0.0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_like_one(tiny_config, tmp_path, restore_torch_globals):
+    """``torchrun --nproc_per_node 2 -m densedet train`` (gloo) ends with the weights one process
+    reaches on the same global batches (GroupNorm backbone; see the test above for why)."""
+    single = with_p7(tiny_config("single", norm="gn"))
+    # 4 images: 2 a process, since GN at P7 (1x1 at 128 px) needs more than one value per group
+    single.train.max_iters, single.train.checkpoint_period, single.train.batch_size = 3, 3, 4
+    train(single, log=lambda msg: None)
+
+    double = with_p7(tiny_config("double", norm="gn"))
+    double.train.max_iters, double.train.checkpoint_period, double.train.batch_size = 3, 3, 4
+    config_path = tmp_path / "ddp.yaml"
+    save_config(double, config_path)
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "densedet", "train", str(config_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes" in run.stderr
+    a, b = final_weights(single), final_weights(double)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
