@@ -266,9 +266,6 @@ def with_p7(cfg):
     return cfg
 
 
-@pytest.mark.xfail(strict=True, reason="FPN builds P7's conv even for max_level 6 and never uses it "
-                   "(densedet/necks/fpn.py LastLevelP6P7); DDP then never reduces the bucket holding it "
-                   "and `torchrun ... densedet train` fails at iteration 2 for any P3-P6 config (the demo's)")
 def test_every_parameter_gets_a_gradient(tiny_config, restore_torch_globals):
     """DistributedDataParallel (find_unused_parameters=False, as the trainer builds it) needs
     every trainable parameter to take part in the loss; an unused one leaves the first step's

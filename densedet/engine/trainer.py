@@ -138,7 +138,7 @@ def _checkpoint(model, optimizer, cfg, iteration, max_iters, data, extra=None) -
     return {"format": CHECKPOINT_FORMAT, "model": _unwrap(model).state_dict(), "config": to_dict(cfg),
             "class_names": list(data.class_names), "category_ids": data.category_ids,
             "iteration": iteration, "max_iters": max_iters, "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(), **(extra or {})}
+            "rng": _rng_state(), "num_threads": torch.get_num_threads(), **(extra or {})}
 
 
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None = None,
@@ -219,13 +219,18 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         if is_main:
             _drop_records_after(out / "metrics.jsonl", start_iter)
         say(f"resumed from {last_path} at iteration {start_iter}/{max_iters}")
+        if ckpt.get("num_threads", torch.get_num_threads()) != torch.get_num_threads():
+            # Float sums are reduced in a thread-count-dependent order: same weights need the same count.
+            say(f"note: the interrupted run used {ckpt['num_threads']} threads, this one {torch.get_num_threads()}; "
+                f"set OMP_NUM_THREADS={ckpt['num_threads']} for bit-identical continuation")
+        for stale in out.glob(".last.pt.*.tmp"):      # a save cut short by the kill
+            stale.unlink(missing_ok=True)
     elif is_main:
         (out / "metrics.jsonl").write_text("")
 
     budget = cfg.train.max_minutes * 60.0
     calibrated = resume or budget <= 0
     progress = Progress(max_iters)
-    t_start = time.perf_counter()
     t_train = 0.0            # seconds spent in training steps (evaluation excluded)
     bad_in_a_row, skipped = 0, skipped_before
     window: dict[str, float] = {}
@@ -301,7 +306,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
             history.append(record)
             if is_main:
                 with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(_json_safe(record)) + "\n")
                 terms = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
                 progress.update(iteration, f"loss {record['loss']:.3f} ({terms}) lr {record['lr']:.4g} "
                                            f"{record['images_per_s']:.1f} img/s")
@@ -377,6 +382,11 @@ def _drop_records_after(path: Path, iteration: int) -> None:
         except (ValueError, KeyError, TypeError):
             pass                # a line cut short by the kill
     path.write_text("".join(kept))
+
+
+def _json_safe(record: dict) -> dict:
+    """NaN/inf (a skipped step's loss) as null: strict JSON readers refuse NaN."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def _scalars(metrics: dict) -> dict:

@@ -26,20 +26,25 @@ def _conv_block(cin: int, cout: int, kernel: int, norm: str) -> nn.Sequential:
 
 
 class LastLevelP6P7(nn.Module):
-    """P6 = 3x3/s2 conv on C5 (paper, detectron2, mmdet) or on P5 (torchvision v1); P7 = 3x3/s2 conv on ReLU(P6)."""
+    """P6 = 3x3/s2 conv on C5 (paper, detectron2, mmdet) or on P5 (torchvision v1); P7 = 3x3/s2 conv on ReLU(P6).
 
-    def __init__(self, in_channels: int, out_channels: int, use_p5: bool) -> None:
+    With ``with_p7=False`` (a P3-P6 pyramid) no P7 conv exists at all: an unused parameter would
+    get no gradient, which DistributedDataParallel refuses.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, use_p5: bool, with_p7: bool = True) -> None:
         super().__init__()
         self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
-        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1) if with_p7 else None
         self.use_p5 = use_p5
         for m in (self.p6, self.p7):
-            nn.init.kaiming_uniform_(m.weight, a=1)
-            nn.init.zeros_(m.bias)
+            if m is not None:
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
 
     def forward(self, c5: Tensor, p5: Tensor) -> list[Tensor]:
         p6 = self.p6(p5 if self.use_p5 else c5)
-        return [p6, self.p7(F.relu(p6))]
+        return [p6] if self.p7 is None else [p6, self.p7(F.relu(p6))]
 
 
 class FPN(nn.Module):
@@ -67,7 +72,7 @@ class FPN(nn.Module):
         self.extra_blocks = None
         if extra_levels:
             in_p6 = out_channels if p6_from == "p5" else in_channels[-1]
-            self.extra_blocks = LastLevelP6P7(in_p6, out_channels, use_p5=p6_from == "p5")
+            self.extra_blocks = LastLevelP6P7(in_p6, out_channels, use_p5=p6_from == "p5", with_p7=extra_levels == 2)
         self.out_channels = out_channels
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
@@ -80,7 +85,7 @@ class FPN(nn.Module):
             results.insert(0, self.layer_blocks[i](last))
         if self.extra_blocks is not None:
             extra = self.extra_blocks(features[-1], results[-1])
-            results.extend(extra[: self.extra_levels])
+            results.extend(extra)
         return results
 
 
