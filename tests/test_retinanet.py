@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import random
 
 import pytest
 import torch
@@ -205,6 +208,39 @@ def test_batched_postprocess_equals_each_image_alone():
         assert (batched[i]["boxes"][:, 2] <= w).all() and (batched[i]["boxes"][:, 3] <= h).all()
 
 
+def _reference_postprocess(model, logits, deltas, anchors, size, per_level):
+    """One image, loops: per level threshold + top-k + decode + clip, then greedy class-wise NMS."""
+    from densedet.boxes import box_iou, clip_boxes
+    k = logits.shape[-1]
+    cands = []
+    for lg, dl, an in zip(logits.split(per_level), deltas.split(per_level), anchors.split(per_level)):
+        scores = torch.sigmoid(lg).flatten()
+        idx = [i for i in scores.argsort(descending=True).tolist() if scores[i] > model.score_thresh]
+        for i in idx[: model.topk_candidates]:
+            box = model.box_coder.decode(dl[i // k][None], an[i // k][None])
+            box = clip_boxes(box, torch.tensor([size], dtype=torch.float32))[0]
+            cands.append((scores[i].item(), i % k, box))
+    cands.sort(key=lambda c: -c[0])
+    kept = []
+    for score, label, box in cands:
+        if all(lab != label or box_iou(box[None], b[None]).item() <= model.nms_thresh for _, lab, b in kept):
+            kept.append((score, label, box))
+    return kept[: model.detections_per_img]
+
+
+def test_postprocess_matches_a_per_image_loop_reference():
+    model, logits, deltas, anchors, per_level = _dense_case(bsz=2, seed=4)
+    model.score_thresh, model.topk_candidates, model.detections_per_img = 0.2, 40, 25
+    sizes = [(128, 128), (96, 112)]
+    out = model.postprocess(logits, deltas, anchors, sizes, per_level)
+    for i in range(2):
+        ref = _reference_postprocess(model, logits[i], deltas[i], anchors, sizes[i], per_level)
+        assert len(ref) == len(out[i]["scores"]) > 5
+        assert torch.allclose(out[i]["scores"], torch.tensor([r[0] for r in ref]))
+        assert out[i]["labels"].tolist() == [r[1] for r in ref]
+        assert torch.allclose(out[i]["boxes"], torch.stack([r[2] for r in ref]), atol=1e-4)
+
+
 def test_postprocess_threshold_leaves_images_without_detections():
     model, logits, deltas, anchors, per_level = _dense_case(bsz=2, seed=2)
     logits[0] = -20.0                     # nothing above the threshold in image 0
@@ -286,6 +322,10 @@ def test_build_model_overrides_take_effect():
     with torch.no_grad():
         (det,) = model([torch.rand(3, 64, 64)])
     assert len(det["boxes"]) == 3
+    one_per_level = _tiny(min_size=64, max_size=200, score_thresh=0.0, topk_candidates=1, detections_per_img=100)
+    with torch.no_grad():
+        (det,) = one_per_level([torch.rand(3, 64, 64)])
+    assert 1 <= len(det["boxes"]) <= 5                  # at most one candidate from each of P3..P7
 
 
 def test_build_model_override_changes_the_architecture():
@@ -304,3 +344,72 @@ def test_unknown_override_is_named():
         build_model("retinanet_r18_fpn", score_thresh="high")
     with pytest.raises(ValueError, match="unknown model 'retinanet_r19_fpn'"):
         build_model("retinanet_r19_fpn")
+
+
+# --- learning on real data -----------------------------------------------------------------------------
+
+DEEPFOREST_DATA = os.path.join(os.path.dirname(importlib.util.find_spec("deepforest").origin), "data")
+
+
+def _tree_photo(xml: str, crop: tuple[int, int, int, int] | None, size: int):
+    """A deepforest aerial photo (VOC boxes of tree crowns), optionally cropped, resized to size x size."""
+    from densedet.data import load_image, load_voc
+    from densedet.data.transforms import crop_target, resize
+
+    record = load_voc(os.path.join(DEEPFOREST_DATA, xml)).records[0]
+    image = load_image(record.file_name).float() / 255
+    target = {"boxes": torch.from_numpy(record.boxes), "labels": torch.zeros(len(record), dtype=torch.long)}
+    if crop is not None:
+        x0, y0, x1, y1 = crop
+        image = image[:, y0:y1, x0:x1]
+        target = crop_target(target, x0, y0, x1, y1)
+    image, target = resize(image, target, size, size)
+    return image, {"boxes": target["boxes"], "labels": target["labels"]}
+
+
+def _overfit_ap50(photos: list[tuple[str, tuple | None]], size: int, steps: int) -> tuple[float, list[int]]:
+    """Train a small from-scratch RetinaNet on the photos with Adam; COCO AP50 on the same photos."""
+    from densedet.evaluation import detections_to_coco, evaluate_coco
+
+    random.seed(0)
+    torch.manual_seed(0)
+    images, targets = zip(*[_tree_photo(xml, crop, size) for xml, crop in photos])
+    # GroupNorm in the backbone too: with one or two images per batch BatchNorm's batch statistics
+    # would differ from the running statistics used in eval mode.
+    model = build_model("retinanet_r18_fpn", num_classes=1, norm="gn", fpn_channels=64, head_convs=2,
+                        head_norm="gn", max_level=6, anchor_sizes=[16, 32, 64, 128], fixed_size=[size, size],
+                        size_divisible=64, detections_per_img=200)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        losses = model(list(images), list(targets))
+        optimizer.zero_grad()
+        (losses["cls"] + losses["box"]).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        detections = model(list(images))
+    gt = {"images": [{"id": i + 1, "height": size, "width": size} for i in range(len(images))],
+          "categories": [{"id": 1, "name": "Tree"}], "annotations": []}
+    for i, t in enumerate(targets):
+        for x1, y1, x2, y2 in t["boxes"].tolist():
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": 1,
+                                      "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                      "iscrowd": 0})
+    metrics = evaluate_coco(detections_to_coco(detections, list(range(1, len(images) + 1))), gt)
+    return metrics["AP50"], [len(t["boxes"]) for t in targets]
+
+
+def test_small_retinanet_overfits_a_crop_of_a_real_aerial_photo():
+    ap50, counts = _overfit_ap50([("OSBS_029.xml", (0, 0, 192, 192))], size=192, steps=40)
+    assert counts == [14]
+    assert ap50 > 0.9
+
+
+@pytest.mark.slow
+def test_small_retinanet_overfits_two_real_aerial_photos():
+    photos = [("OSBS_029.xml", None), ("2019_YELL_2_541000_4977000_image_crop.xml", (300, 300, 700, 700))]
+    ap50, counts = _overfit_ap50(photos, size=320, steps=80)
+    assert counts == [61, 30]
+    assert ap50 > 0.9
