@@ -205,10 +205,17 @@ class ResNet(nn.Module):
     def freeze(self, frozen_stages: int) -> None:
         """Stop gradients into the stem (``>= 1``) and ``layer1 … layer{k-1}`` (``k >= 2``)."""
         modules = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
-        for group in modules[:max(0, frozen_stages)]:
-            for m in group:
-                for p in m.parameters():
-                    p.requires_grad_(False)
+        self._frozen = [m for group in modules[:max(0, frozen_stages)] for m in group]
+        for m in self._frozen:
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ResNet":
+        super().train(mode)
+        # A frozen stage is frozen entirely: its BatchNorm statistics must not drift either.
+        for m in getattr(self, "_frozen", []):
+            m.eval()
+        return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -26,8 +26,8 @@ class ImagePreprocessor(nn.Module):
     """Turn a list of images into one padded, normalised batch.
 
     Args:
-        min_size: target shorter side (a tuple picks one at random per batch in training, as
-            torchvision; detectron2's 640–800 multi-scale training).
+        min_size: target shorter side (a tuple picks one at random per image in training, as
+            torchvision does; detectron2's 640–800 multi-scale training).
         max_size: cap on the longer side.
         mean, std: per-channel normalisation of RGB in [0, 1].
         size_divisible: pad height and width up to a multiple of this.
