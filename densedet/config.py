@@ -37,6 +37,7 @@ class ModelConfig:
     pretrained_backbone: str | None = None  # path to a torchvision ImageNet state-dict file
     norm: str = "auto"                      # auto | frozen_bn | bn | gn ; auto: frozen_bn iff pretrained
     frozen_stages: int = -1                 # -1 auto: 2 (stem + res2) iff pretrained, else 0
+    frozen_bn_eps: float = 1e-5             # torchvision's COCO RetinaNet runs with 0.0 (overwrite_eps)
     # FPN and levels
     fpn_channels: int = 256
     fpn_norm: str = "none"

@@ -71,7 +71,7 @@ def _spread_scores(model: nn.Module, images: list[torch.Tensor], logits_of, per_
 
 
 def _calibrate_retinanet(model, images, per_image):
-    model.head.regression_head.bbox_pred.weight.mul_(0.1)           # deltas ~0.05: boxes near anchors
+    model.head.regression_head.bbox_reg.weight.mul_(0.1)           # deltas ~0.05: boxes near anchors
     batch, _, _ = model.transform(images)
     logits = model.forward_dense(batch)[0]
     q = torch.quantile(logits.flatten()[::7], 1 - per_image / logits[0].numel())

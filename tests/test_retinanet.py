@@ -289,7 +289,7 @@ def _torchvision_retinanet_keys() -> set[str]:
         for kind in ("inner_blocks", "layer_blocks"):
             keys |= {f"backbone.fpn.{kind}.{i}.0.weight", f"backbone.fpn.{kind}.{i}.0.bias"}
     keys |= {f"backbone.fpn.extra_blocks.{p}.{k}" for p in ("p6", "p7") for k in ("weight", "bias")}
-    for sub, pred in (("classification_head", "cls_logits"), ("regression_head", "bbox_pred")):
+    for sub, pred in (("classification_head", "cls_logits"), ("regression_head", "bbox_reg")):
         for i in range(4):
             keys |= {f"head.{sub}.conv.{i}.0.weight", f"head.{sub}.conv.{i}.0.bias"}
         keys |= {f"head.{sub}.{pred}.weight", f"head.{sub}.{pred}.bias"}
@@ -302,7 +302,7 @@ def test_torchvision_preset_state_dict_keys_match_torchvision():
     assert set(state) == _torchvision_retinanet_keys()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert shapes["head.classification_head.cls_logits.weight"] == (9 * 91, 256, 3, 3)
-    assert shapes["head.regression_head.bbox_pred.weight"] == (36, 256, 3, 3)
+    assert shapes["head.regression_head.bbox_reg.weight"] == (36, 256, 3, 3)
     assert shapes["head.classification_head.conv.0.0.weight"] == (256, 256, 3, 3)
     assert shapes["backbone.fpn.inner_blocks.0.0.weight"] == (256, 512, 1, 1)
     assert shapes["backbone.fpn.inner_blocks.2.0.weight"] == (256, 2048, 1, 1)

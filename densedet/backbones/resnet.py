@@ -57,10 +57,10 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
+def make_norm(kind: str, channels: int, eps: float = 1e-5) -> nn.Module:
     """Build a normalisation layer by name: ``frozen_bn``, ``bn``, ``gn`` (32 groups) or ``none``."""
     if kind == "frozen_bn":
-        return FrozenBatchNorm2d(channels)
+        return FrozenBatchNorm2d(channels, eps)
     if kind == "bn":
         return nn.BatchNorm2d(channels)
     if kind == "gn":
@@ -147,7 +147,7 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", frozen_stages: int = 2,
-                 out_features: Sequence[str] = ("res3", "res4", "res5")) -> None:
+                 out_features: Sequence[str] = ("res3", "res4", "res5"), norm_eps: float = 1e-5) -> None:
         super().__init__()
         if depth not in _ARCH:
             raise ValueError(f"ResNet depth must be one of {sorted(_ARCH)}, got {depth}")
@@ -158,7 +158,7 @@ class ResNet(nn.Module):
         self.depth = depth
         self.norm = norm
         self.out_features = tuple(out_features)
-        norm_layer = lambda c: make_norm(norm, c)  # noqa: E731
+        norm_layer = lambda c: make_norm(norm, c, norm_eps) if norm == "frozen_bn" else make_norm(norm, c)  # noqa: E731
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)

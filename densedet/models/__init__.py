@@ -7,6 +7,7 @@ replaces fields of that config (checked by type) and builds the model.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import torch
@@ -39,10 +40,12 @@ PRESETS: dict[str, ModelConfig] = {
     #   num_classes=91            COCO ids used directly as channels; channel 0 is an unused "background"
     #   detections_per_img=300    torchvision's default (COCO AP counts only 100)
     #   size_divisible=32         pad to a multiple of 32 (not 128)
-    #   norm="frozen_bn"          the published weights are a FrozenBN model
+    #   norm="frozen_bn"          the published weights are a FrozenBN model ...
+    #   frozen_bn_eps=0.0         ... run with eps 0 (torchvision's overwrite_eps for COCO_V1)
     "retinanet_r50_fpn_torchvision": _retinanet(
         50, num_classes=91, p6_from="p5", anchor_integer_sizes=True, round_cell_anchors=True,
-        stride_mode="inferred", detections_per_img=300, size_divisible=32, norm="frozen_bn", frozen_stages=2),
+        stride_mode="inferred", detections_per_img=300, size_divisible=32, norm="frozen_bn", frozen_stages=2,
+        frozen_bn_eps=0.0),
 }
 
 
@@ -105,10 +108,28 @@ def load_weights(model: nn.Module, path: str) -> None:
     load_state_dict_checked(model, state, path)
 
 
+_LEGACY_HEAD_KEY = re.compile(r"^(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)$")
+
+
+def _upgrade_legacy_keys(state: dict, own: dict) -> dict:
+    """torchvision's first RetinaNet checkpoints name the head towers ``conv.0, conv.2, conv.4, conv.6``
+    (conv, ReLU, conv, …); the current layout (ours) is ``conv.0.0, conv.1.0, …``. Rename when needed."""
+    out = {}
+    for key, value in state.items():
+        m = _LEGACY_HEAD_KEY.match(key)
+        if m and key not in own and int(m.group(2)) % 2 == 0:
+            new = f"{m.group(1)}.{int(m.group(2)) // 2}.0.{m.group(3)}"
+            if new in own:
+                key = new
+        out[key] = value
+    return out
+
+
 def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
     """``load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
     path = source
     own = model.state_dict()
+    state = _upgrade_legacy_keys(state, own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))

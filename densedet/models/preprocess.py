@@ -56,10 +56,9 @@ class ImagePreprocessor(nn.Module):
             fh, fw = self.fixed_size
             return None if (h, w) == (fh, fw) else (fh / h, fw / w)
         target = random.choice(self.min_size) if self.training else self.min_size[-1]
-        # float32 arithmetic, as torchvision computes it, so resized sizes agree to the pixel.
-        short = torch.tensor(float(min(h, w)), dtype=torch.float32)
-        long = torch.tensor(float(max(h, w)), dtype=torch.float32)
-        scale = torch.min(target / short, self.max_size / long).item()
+        # Python-float (double) arithmetic, as torchvision's eager path: 320 / 400 must give exactly
+        # 0.8 so that interpolate's floor(400 * 0.8) is 320 (float32 gives 0.79999995 -> 319).
+        scale = min(target / min(h, w), self.max_size / max(h, w))
         return None if scale == 1.0 else (scale, scale)
 
     def resize(self, image: Tensor, target: dict | None) -> tuple[Tensor, dict | None]:

@@ -80,7 +80,7 @@ class RetinaNetRegressionHead(nn.Module):
                  norm: str = "none") -> None:
         super().__init__()
         self.conv = _tower(in_channels, channels, num_convs, norm)
-        self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
+        self.bbox_reg = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -88,7 +88,7 @@ class RetinaNetRegressionHead(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        return torch.cat([_flatten_level(self.bbox_pred(self.conv(f)), 4) for f in features], 1)
+        return torch.cat([_flatten_level(self.bbox_reg(self.conv(f)), 4) for f in features], 1)
 
 
 class RetinaNetHead(nn.Module):
@@ -283,7 +283,7 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
         raise ValueError(f"model.min_level/max_level must satisfy 3 <= min_level <= 5, max_level <= 7; "
                          f"got {cfg.min_level}, {cfg.max_level}")
     stages = [f"res{l}" for l in range(cfg.min_level, 6)]
-    body = ResNet(depth, norm=norm, frozen_stages=frozen, out_features=stages)
+    body = ResNet(depth, norm=norm, frozen_stages=frozen, out_features=stages, norm_eps=cfg.frozen_bn_eps)
     if cfg.pretrained_backbone:
         load_torchvision_resnet(body, cfg.pretrained_backbone)
     fpn = FPN(body.out_channels, cfg.fpn_channels, extra_levels=cfg.max_level - 5 if cfg.max_level > 5 else 0,
