@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .export import optimize_for_inference
+
 __all__ = ["BenchSettings", "QUICK", "FULL", "Table", "run_suites", "count_flops", "time_call", "time_interleaved",
            "measure_peak_memory", "write_results", "add_parser", "main", "SUITES"]
 
@@ -272,7 +274,8 @@ def _torchvision_model(num_classes: int, size: int):
 def bench_inference(settings: BenchSettings, device: torch.device) -> Table:
     """End-to-end ``model(images)``: fp32 NCHW ``no_grad`` baseline vs densedet's fast path."""
     dtype = _precision(device)
-    fast_name = "inference_mode + channels_last" + (f" + {dtype} autocast" if dtype else " (fp32)")
+    fast_name = ("optimize_for_inference (conv-BN folded, channels_last) + inference_mode" +
+                 (f" + {dtype} autocast" if dtype else " (fp32)"))
     table = Table("Inference latency and throughput",
                   ["model", "size", "batch", "GFLOP/img", "baseline ms", "fast ms", "speedup", "fast img/s",
                    "fast GFLOP/s", "torchvision ms"])
@@ -298,7 +301,7 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> Table:
             except Exception as err:  # noqa: BLE001 - a preset under construction must not stop the suite
                 table.notes.append(f"{name}: could not be built ({type(err).__name__}: {err})")
                 continue
-            fast = copy.deepcopy(base).to(memory_format=torch.channels_last)
+            fast = optimize_for_inference(base)
             for batch in settings.infer_batches:
                 images = _images(batch, size, device)
                 flops = count_flops(base, lambda: base(images))
@@ -560,7 +563,8 @@ def _memory_child(spec: dict) -> dict:
     fast = spec["mode"] == "fast"
     dtype = _precision(device) if fast else None
     if fast:
-        model = model.to(memory_format=torch.channels_last)
+        model = optimize_for_inference(model, inplace=True) if spec["kind"] == "infer" else \
+            model.to(memory_format=torch.channels_last)
     images = _images(batch, size, device)
     if spec["kind"] == "infer":
         model.eval()

@@ -30,6 +30,7 @@ Also here: :func:`optimize_for_inference`, the opt-in CPU fast path the benchmar
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import warnings
@@ -359,9 +360,24 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """Placeholder; filled in from the benchmark's findings."""
-    return model
+def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The CPU inference fast path that measured worth it: eval mode, conv-BN folding, channels_last.
+
+    Call the result under ``torch.inference_mode()`` (and, where bf16 is native, autocast). On this
+    project's 2-core AVX2 machine, 512x512 batch 1 fp32, network only, two interleaved runs with 9
+    and 7 repeats (medians; machine shared, load average 3-8): channels_last + inference_mode gave
+    1.24-1.41x over fp32 NCHW eager (R18 and R50), folding conv-BN on top 1.23-1.49x (R18) and
+    1.43-1.58x (R50). ``torch.jit.trace`` + ``freeze`` (1.29-1.69x) and ``torch.compile``
+    (inductor, 1.25-1.66x, plus 10-100 s of compilation) were not reliably better, so they are not
+    used (``densedet bench --suite fast`` re-measures all of them).
+
+    Returns a folded copy (the original keeps its norms and can still be trained) unless ``inplace``.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    fuse_conv_bn(model)
+    return model.to(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------------------------

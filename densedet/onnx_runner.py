@@ -103,9 +103,9 @@ class OnnxDetectorRunner:
         if self.meta["resize"] == "warp":
             nh, nw = self.height, self.width
         else:
-            # fit: one scale for both sides, computed in float32 and floored as ImagePreprocessor and
+            # fit: one scale for both sides in Python floats, floored, as ImagePreprocessor and
             # F.interpolate(recompute_scale_factor=True) do, so sizes agree to the pixel
-            scale = float(min(np.float32(self.height) / np.float32(h), np.float32(self.width) / np.float32(w)))
+            scale = min(self.height / h, self.width / w)
             nh, nw = min(self.height, int(np.floor(h * scale))), min(self.width, int(np.floor(w * scale)))
         x = resize_bilinear(x, nh, nw)
         padded = np.zeros((3, self.height, self.width), np.float32)
