@@ -6,16 +6,18 @@ import math
 from collections.abc import Mapping
 
 
-def _cell(value: float) -> str:
+def _cell(value: float, percent: bool) -> str:
     # -1 (COCO) and nan (VOC) both mean "no ground truth for this class".
     if value is None or (isinstance(value, float) and math.isnan(value)) or value < 0:
         return "-"
-    return f"{100.0 * value:.2f}"
+    return f"{100.0 * value:.2f}" if percent else f"{value:.3f}"
 
 
-def format_per_class_table(per_class: Mapping[str, float], value_name: str = "AP", columns: int = 3) -> str:
-    """Per-class values (in [0, 1]) as percentages, ``columns`` (class, value) pairs per row."""
-    items = [(str(name), _cell(value)) for name, value in per_class.items()]
+def format_per_class_table(per_class: Mapping[str, float], value_name: str = "AP", columns: int = 3,
+                           percent: bool = True) -> str:
+    """Per-class values in [0, 1], printed as percentages (VOC's convention) or as fractions
+    (``percent=False``, COCO's, matching its summary), ``columns`` (class, value) pairs per row."""
+    items = [(str(name), _cell(value, percent)) for name, value in per_class.items()]
     if not items:
         return ""
     name_width = max(len("class"), *(len(n) for n, _ in items))

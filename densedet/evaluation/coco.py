@@ -314,7 +314,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     per_class = metrics.get("per_class")
     if per_class:
         lines.append("")
-        lines.append(format_per_class_table(per_class, value_name="AP"))
+        lines.append(format_per_class_table(per_class, value_name="AP", percent=False))
     return "\n".join(lines)
 
 
