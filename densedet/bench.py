@@ -94,7 +94,7 @@ class BenchSettings:
 FULL = BenchSettings()
 QUICK = BenchSettings(
     infer_models=["retinanet_r18_fpn"], infer_sizes=[320], infer_batches=[1],
-    train_models=["retinanet_r18_fpn"], train_size=320, train_batches=[2],
+    train_models=["retinanet_r18_fpn"], train_size=256, train_batches=[2],
     post_batches=[1], match_batches=[1], peak_sizes={"fp32": 1024, "bf16": 256},
     memory_models=["retinanet_r18_fpn"], memory_size=320, memory_batches={"infer": 1, "train": 2},
     fast_models=["retinanet_r18_fpn"], fast_size=320, repeat=3, warmup=1)
