@@ -8,13 +8,16 @@ Guarantees:
   ``--weights CKPT`` alone rebuilds the model;
 - ``resume=True`` restores model, optimizer, schedule, RNG states and iteration from
   ``output_dir/last.pt``; batches and augmentation are functions of the iteration
-  (``engine.data.BatchStream``), so the resumed run continues as if never stopped;
+  (``engine.data.BatchStream``), so the resumed run continues as if never stopped (bit for bit
+  with a fixed ``max_iters`` and the same thread count; a time-budgeted run spends the budget
+  left, re-fitting its iteration count to the measured speed);
 - a non-finite loss or gradient never reaches the weights: the step is skipped and counted, and
   ``train.max_bad_steps`` in a row stop the run with the last good checkpoint intact.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -230,6 +233,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
 
     budget = cfg.train.max_minutes * 60.0
     calibrated = resume or budget <= 0
+    recent_steps: collections.deque = collections.deque(maxlen=20)
     progress = Progress(max_iters)
     t_train = 0.0            # seconds spent in training steps (evaluation excluded)
     bad_in_a_row, skipped = 0, skipped_before
@@ -278,23 +282,29 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
                                     f"{saved}; try a lower solver.lr or solver.clip_grad_norm")
         iteration += 1
         t_train += time.perf_counter() - t0
+        recent_steps.append(time.perf_counter() - t0)
         for k, v in losses.items():
             window[k] = window.get(k, 0.0) + float(v.detach())
         window_n += 1
         window_imgs += cfg.train.batch_size
 
-        if not calibrated and iteration - start_iter == 10:
-            # Fit the schedule to the time budget: measure the step time once, then fix max_iters so
-            # the run (and its LR schedule) ends on budget. A fixed iteration count keeps resume exact.
-            per_iter = t_train / 10
-            max_iters = max(iteration + 1, int((budget - elapsed_before) / per_iter * 0.97))
+        if budget > 0 and iteration - start_iter >= 10 and iteration % 10 == 0 and iteration < max_iters:
+            # Fit the schedule to the time budget: from the measured step time, set max_iters so the
+            # run and its LR schedule end on budget. Re-fitted every 10 steps (the machine's load can
+            # change); max_iters is saved with each checkpoint, so a resumed run continues the same plan.
+            per_iter = sum(recent_steps) / len(recent_steps)
+            remaining = budget - elapsed_before - t_train
+            new_max = max(iteration + 1, iteration + int(remaining / per_iter * 0.98))
             if world > 1:
-                t = torch.tensor([max_iters], device=device)
+                t = torch.tensor([new_max], device=device)
                 dist.broadcast(t, 0)
-                max_iters = int(t.item())
-            calibrated = True
+                new_max = int(t.item())
+            changed = abs(new_max - max_iters) > max(2, 0.02 * max_iters)
+            max_iters = new_max
             progress.total = max_iters
-            say(f"time budget {cfg.train.max_minutes:g} min: {per_iter:.2f} s/iteration -> {max_iters} iterations")
+            if not calibrated or changed:
+                say(f"time budget {cfg.train.max_minutes:g} min: {per_iter:.2f} s/iteration -> {max_iters} iterations")
+            calibrated = True
 
         if iteration % cfg.train.log_period == 0 or iteration == max_iters:
             dt = time.perf_counter() - window_t
