@@ -727,6 +727,8 @@ def run_suites(suites: Sequence[str], settings: BenchSettings, device: torch.dev
                log: Callable[[str], None] = print) -> dict:
     """Run the named suites; returns ``{"machine": {...}, "tables": [Table.as_dict(), ...]}`` and
     logs each table as markdown as soon as it is measured."""
+    from .device import flush_denormals
+    flush_denormals()           # what densedet's training and inference run with
     device = device or torch.device("cpu")
     unknown = [s for s in suites if s not in _SUITE_FUNCS]
     if unknown:

@@ -38,7 +38,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # -- precision --------------------------------------------------------------------------------------
 
 # One definition of "where is bf16 fast" for the whole library (densedet.device).
-from .device import cpu_has_fast_bf16, fast_autocast  # noqa: E402
+from .device import cpu_has_fast_bf16, fast_autocast, flush_denormals  # noqa: E402
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -164,6 +164,7 @@ class Predictor:
                              f"tile_overlap={tile_overlap}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        flush_denormals()
         if isinstance(checkpoint_or_model, (str, Path)):
             from .engine.checkpoint import model_from_checkpoint
             overrides = {} if score_thresh is None else {"score_thresh": float(score_thresh)}

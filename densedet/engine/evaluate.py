@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import DetectionData, DetectionDataset, to_coco_dict
-from ..device import autocast
+from ..device import autocast, flush_denormals
 from ..evaluation import detections_to_coco, evaluate_coco
 
 __all__ = ["predict_dataset", "evaluate_model"]
@@ -20,6 +20,7 @@ def predict_dataset(model: nn.Module, data: DetectionData, batch_size: int = 8,
     """COCO-format results for this process's share of ``data`` (images rank, rank + W, …)."""
     device = torch.device(device)
     dataset = DetectionDataset(data, cache_images=False)
+    flush_denormals()
     indices = list(range(rank, len(dataset), world_size))
     results = []
     was_training = model.training

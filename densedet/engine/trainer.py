@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, ConfigError, save_config, to_dict
-from ..device import autocast, default_device, resolve_precision
+from ..device import autocast, default_device, flush_denormals, resolve_precision
 from ..models import build_from_config
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from .data import BatchStream, build_train_dataset, load_split
@@ -152,6 +152,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     opposed to ``resume``, which continues the same run.
     """
     rank, world = init_distributed()
+    flush_denormals()
     is_main = rank == 0
     log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say = log if is_main else (lambda msg: None)
