@@ -163,3 +163,13 @@ def test_nan_box_is_dropped_and_counted_or_refused_in_strict_mode(tmp_path):
     assert sum(len(r.boxes) for r in data.records) == 1
     with pytest.raises(DatasetError, match="ann.json"):
         load_coco(str(path), str(tmp_path), strict=True)
+
+
+def test_empty_dataset_is_refused_with_its_file_named(tmp_path):
+    from densedet.config import DataConfig
+    from densedet.engine.data import load_split
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    cfg = DataConfig(format="coco", train=str(path), train_images=str(tmp_path))
+    with pytest.raises(DatasetError, match=r"empty\.json.*no images"):
+        load_split(cfg, "train")

@@ -46,6 +46,15 @@ def resolve_paths(spec: str, key: str) -> list[str]:
 
 
 def load_split(data: DataConfig, split: str = "train") -> DetectionData:
+    """Read the ``train`` or ``val`` split a :class:`DataConfig` describes; an empty split is an error
+    naming its source (training on nothing would otherwise fail far later)."""
+    loaded = _load_split(data, split)
+    if not loaded.records:
+        raise DatasetError(f"{loaded.source}: the {split} split has no images (data.{split})")
+    return loaded
+
+
+def _load_split(data: DataConfig, split: str = "train") -> DetectionData:
     """Read the ``train`` or ``val`` split a :class:`DataConfig` describes.
 
     ``coco``/``csv``/``voc`` read ``data.<split>`` (annotation file, or folder of VOC XML) with
