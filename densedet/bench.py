@@ -54,6 +54,7 @@ __all__ = ["BenchSettings", "QUICK", "FULL", "Table", "run_suites", "count_flops
 
 SUITES = ("infer", "peak", "train", "post", "match", "memory", "fast")
 DEFAULT_SUITES = ("infer", "peak", "train", "post", "match", "memory")
+PROGRESS = False          # the CLI turns on per-row progress lines on stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +109,14 @@ class Table:
     columns: list[str]
     rows: list[list[Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def add(self, row: list[Any]) -> None:
+        """Append a row and show it on stderr at once (a long run shows progress, and a killed
+        run leaves its measured rows behind)."""
+        self.rows.append(row)
+        if PROGRESS:
+            print(f"  [{self.title}] " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row),
+                  file=sys.stderr, flush=True)
 
     def markdown(self) -> str:
         fmt = lambda v: f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else (  # noqa: E731
@@ -255,7 +264,7 @@ def bench_peak(settings: BenchSettings, device: torch.device) -> Table:
         b = torch.randn(n, n, device=device).to(dtype)
         times = time_call(lambda: a @ b, max(3, settings.repeat), settings.warmup, device)
         ms = _median_ms(times)
-        table.rows.append([name, n, ms, 2 * n ** 3 / (ms / 1000) / 1e9])
+        table.add([name, n, ms, 2 * n ** 3 / (ms / 1000) / 1e9])
     table.notes.append("bf16 is emulated (and ~100x slower) on CPUs without AMX / AVX512-BF16; "
                        f"this CPU: fast bf16 = {_precision(torch.device('cpu')) is not None}")
     return table
@@ -330,7 +339,7 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> Table:
                 times = time_interleaved(fns, settings.repeat, settings.warmup, device)
                 base_ms, fast_ms = _median_ms(times["base"]), _median_ms(times["fast"])
                 tv_ms: Any = _median_ms(times["tv"]) if "tv" in times else "n/a"
-                table.rows.append([name, size, batch, flops / batch / 1e9, base_ms, fast_ms, base_ms / fast_ms,
+                table.add([name, size, batch, flops / batch / 1e9, base_ms, fast_ms, base_ms / fast_ms,
                                    1000 * batch / fast_ms, flops / 1e9 / (fast_ms / 1000), tv_ms])
             del base, fast
     return table
@@ -397,7 +406,7 @@ def bench_train(settings: BenchSettings, device: torch.device) -> Table:
                 med = {k: 1000 * statistics.median(p[k] for p in parts) for k in parts[0]}
                 total = 1000 * statistics.median(sum(p.values()) for p in parts)
                 results[mode] = total
-                table.rows.append([name, batch_size, mode, med["forward"], med["loss"], med["backward"], med["step"],
+                table.add([name, batch_size, mode, med["forward"], med["loss"], med["backward"], med["step"],
                                    total, 1000 * batch_size / total,
                                    results["baseline"] / total if mode == "fast" else 1.0])
                 del model, opt
@@ -477,7 +486,7 @@ def bench_post(settings: BenchSettings, device: torch.device) -> Table:
         base_ms = _median_ms(time_call(slow, settings.repeat, settings.warmup, device))
         fast_ms = _median_ms(time_call(fast, settings.repeat, settings.warmup, device))
         cand = min(settings.post_candidates, 1000) * settings.post_levels
-        table.rows.append([batch, cand, statistics.mean(len(x["scores"]) for x in a), base_ms, fast_ms,
+        table.add([batch, cand, statistics.mean(len(x["scores"]) for x in a), base_ms, fast_ms,
                            base_ms / fast_ms])
     table.notes.append("scores > 0.05, top 1000 per level, class-wise NMS 0.5, 100 per image; both use densedet's "
                        "exact NMS, so the difference is batching over images")
@@ -524,7 +533,7 @@ def bench_match(settings: BenchSettings, device: torch.device) -> Table:
         base_ms = _median_ms(time_call(lambda: _match_per_image(anchors, gts), settings.repeat, settings.warmup,
                                        device))
         fast_ms = _median_ms(time_call(lambda: matcher(anchors, padded), settings.repeat, settings.warmup, device))
-        table.rows.append([batch, base_ms, fast_ms, base_ms / fast_ms])
+        table.add([batch, base_ms, fast_ms, base_ms / fast_ms])
     table.notes.append(f"anchors: {settings.match_anchors} random boxes in a 1024 px image (~{side}x{side}x9)")
     return table
 
@@ -635,7 +644,7 @@ def bench_memory(settings: BenchSettings, device: torch.device) -> Table:
             for mode in ("baseline", "fast"):
                 r = measure_peak_memory(kind, name, settings.memory_size, batch, mode, settings.model_overrides,
                                         torch.get_num_threads())
-                table.rows.append([name, kind, batch, mode, r["setup_mb"], r["peak_mb"],
+                table.add([name, kind, batch, mode, r["setup_mb"], r["peak_mb"],
                                    r["peak_mb"] - r["setup_mb"], r["params_mb"]])
                 if not r["exact"]:
                     table.notes.append("high-water mark could not be reset: peaks include setup")
@@ -687,7 +696,7 @@ def bench_fast_paths(settings: BenchSettings, device: torch.device) -> Table:
                 with ctx():
                     out = candidate(xin)          # first call: compiles / specialises
             except Exception as err:  # noqa: BLE001 - report a failing candidate, keep measuring the rest
-                table.rows.append([name, label, "failed", "", "", f"{type(err).__name__}: {str(err)[:80]}"])
+                table.add([name, label, "failed", "", "", f"{type(err).__name__}: {str(err)[:80]}"])
                 continue
 
             def call(candidate=candidate, ctx=ctx, xin=xin):
@@ -699,7 +708,7 @@ def bench_fast_paths(settings: BenchSettings, device: torch.device) -> Table:
         base_ms = _median_ms(times[next(iter(times))])
         for key, (_, diff, prep_s) in prepared.items():
             ms = _median_ms(times[key])
-            table.rows.append([name, variants[key][0], ms, base_ms / ms, diff, prep_s])
+            table.add([name, variants[key][0], ms, base_ms / ms, diff, prep_s])
     table.notes.append("network = backbone + FPN + heads (post-processing excluded: data-dependent shapes); "
                        "variants timed in turns (interleaved); prepare = build + first call (compilation)")
     return table
@@ -802,6 +811,8 @@ def run(args: argparse.Namespace) -> int:
         settings.infer_batches = list(args.batches)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global PROGRESS
+    PROGRESS = True
     suites = list(DEFAULT_SUITES) if "all" in args.suite else list(dict.fromkeys(args.suite))
     results = run_suites(suites, settings, torch.device(args.device))
     if args.out:
