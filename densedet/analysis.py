@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from .boxes import box_iou
-from .config import Config, ConfigError, DataConfig, ModelConfig, load_config
-from .data import DatasetError, DetectionData, image_size, load_coco, load_csv, load_voc, make_digit_scenes
+from .config import Config, ConfigError, ModelConfig, load_config
+from .data import DatasetError, DetectionData, image_size
 from .matching import BACKGROUND, IGNORE, PaddedTargets, pad_targets
 
 __all__ = ["load_split", "dataset_statistics", "resized_image_size", "AnchorSetup", "anchor_setup",
@@ -110,21 +110,9 @@ def dataset_statistics(data: DetectionData) -> dict[str, Any]:
 # -- the model's view: resize, anchors, matching ---------------------------------------------------
 
 def resized_image_size(preprocessor, height: int, width: int) -> tuple[int, int]:
-    """The size an ``ImagePreprocessor`` in eval mode resizes an ``height x width`` image to.
-
-    Same arithmetic as the preprocessor (a float32 scale, then ``floor(side · scale)`` as
-    ``F.interpolate(recompute_scale_factor=True)`` does), so it agrees to the pixel without
-    touching image data; ``fixed_size`` warps to exactly that size.
-    """
-    if preprocessor.fixed_size is not None:
-        return int(preprocessor.fixed_size[0]), int(preprocessor.fixed_size[1])
-    target = preprocessor.min_size[-1]
-    short = torch.tensor(float(min(height, width)), dtype=torch.float32)
-    long = torch.tensor(float(max(height, width)), dtype=torch.float32)
-    scale = torch.min(target / short, preprocessor.max_size / long).item()
-    if scale == 1.0:
-        return height, width
-    return int(math.floor(height * scale)), int(math.floor(width * scale))
+    """The size an ``ImagePreprocessor`` in eval mode resizes an ``height x width`` image to
+    (the preprocessor's own arithmetic, so it agrees to the pixel without touching image data)."""
+    return preprocessor.resized_size(height, width)
 
 
 @dataclass

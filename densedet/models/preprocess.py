@@ -61,6 +61,19 @@ class ImagePreprocessor(nn.Module):
         scale = min(target / min(h, w), self.max_size / max(h, w))
         return None if scale == 1.0 else (scale, scale)
 
+    def resized_size(self, h: int, w: int) -> tuple[int, int]:
+        """The (height, width) an ``h x w`` image gets in eval mode, without touching pixels:
+        ``floor(side * scale)``, as ``F.interpolate(recompute_scale_factor=True)`` computes it."""
+        if self.fixed_size is not None:
+            return self.fixed_size[0], self.fixed_size[1]
+        was_training = self.training
+        self.training = False
+        scale = self._scale_for(h, w)
+        self.training = was_training
+        if scale is None:
+            return h, w
+        return int(math.floor(h * scale[0])), int(math.floor(w * scale[1]))
+
     def resize(self, image: Tensor, target: dict | None) -> tuple[Tensor, dict | None]:
         h, w = image.shape[-2:]
         scale = self._scale_for(h, w)
