@@ -377,7 +377,19 @@ def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module
         model = copy.deepcopy(model)
     model.eval()
     fuse_conv_bn(model)
-    return model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    # channels_last weights with an NCHW input make oneDNN reorder at every layer, which costs
+    # more than it saves: have the preprocessor hand the network a channels_last batch too
+    pre = getattr(model, "transform", None) or getattr(model, "preprocessor", None)
+    if pre is not None and not getattr(pre, "_densedet_channels_last", False):
+        pre.register_forward_hook(_batch_to_channels_last)
+        pre._densedet_channels_last = True
+    return model
+
+
+def _batch_to_channels_last(module: nn.Module, inputs: Any, output: tuple) -> tuple:
+    """Forward hook on a preprocessor: ``(batch, sizes, targets)`` with the batch channels_last."""
+    return (output[0].contiguous(memory_format=torch.channels_last),) + tuple(output[1:])
 
 
 # ----------------------------------------------------------------------------------------------
