@@ -103,3 +103,12 @@ def no_plots():
     report.plot_curves = report.draw_predictions = lambda *args, **kwargs: None
     yield
     report.plot_curves, report.draw_predictions = real
+
+
+@pytest.fixture(autouse=True)
+def _reset_flush_denormal():
+    """densedet's training/inference entry points turn on flush-to-zero for denormals (process-wide
+    CPU state, see densedet.device.flush_denormals); reset it after each test so that tests of exact
+    float behaviour (hypothesis feeds subnormals to the box ops) do not depend on test order."""
+    yield
+    torch.set_flush_denormal(False)

@@ -65,8 +65,8 @@ def _size(root: ET.Element, path: str) -> tuple[int | None, int | None]:
         text = _text(size, tag, f"{path}: <size>", required=False)
         try:
             value = int(float(text)) if text is not None else 0
-        except ValueError:
-            raise DatasetError(f"{path}: <size>/<{tag}> is not a number: {text!r}") from None
+        except (ValueError, OverflowError):   # "abc", "nan" / "inf"
+            raise DatasetError(f"{path}: <size>/<{tag}> is not a finite number: {text!r}") from None
         dims.append(value if value > 0 else None)
     return dims[0], dims[1]
 
