@@ -271,7 +271,7 @@ def write_tables(results: Sequence[dict], out_dir: str | os.PathLike) -> list[Pa
                        key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     if loss_rows:
         md = ["FL vs OHEM vs GHM-C (layout of Lin et al. 2017, Table 1d).",
-              "OHEM keeps 128 anchors per image (per batch if the model does not pass num_images to the loss), "
+              "OHEM keeps 128 anchors per image, "
               "without NMS among examples (the loss sees no boxes); *paper*: their ResNet-101-FPN rows at batch 128, "
               "nms .5.",
               "", "| method | loss | batch size | AP | AP50 | AP75 | paper AP | note |",

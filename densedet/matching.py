@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from .boxes import box_iou
 
@@ -35,22 +36,18 @@ class PaddedTargets:
 
 def pad_targets(targets: list[dict], device: torch.device | str = "cpu") -> PaddedTargets:
     """Stack a list of ``{"boxes": [N_i, 4], "labels": [N_i], "iscrowd"?: [N_i]}`` into padded tensors."""
-    b = len(targets)
-    g = max([int(t["boxes"].shape[0]) for t in targets] + [1])
-    boxes = torch.zeros((b, g, 4), dtype=torch.float32, device=device)
-    labels = torch.zeros((b, g), dtype=torch.long, device=device)
-    present = torch.zeros((b, g), dtype=torch.bool, device=device)
-    crowd = torch.zeros((b, g), dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        n = int(t["boxes"].shape[0])
-        if n == 0:
-            continue
-        boxes[i, :n] = t["boxes"].to(device=device, dtype=torch.float32)
-        labels[i, :n] = t["labels"].to(device)
-        present[i, :n] = True
-        if t.get("iscrowd") is not None:
-            crowd[i, :n] = t["iscrowd"].to(device=device, dtype=torch.bool)
-    return PaddedTargets(boxes, labels, present & ~crowd, present & crowd)
+    counts = torch.tensor([int(t["boxes"].shape[0]) for t in targets], device=device)
+    g = max(int(counts.max()) if len(targets) else 0, 1)
+
+    def stack(key: str, dtype: torch.dtype, tail: tuple[int, ...] = ()) -> Tensor:
+        rows = [t[key].to(device=device, dtype=dtype).reshape(-1, *tail) if t.get(key) is not None
+                else torch.zeros((int(t["boxes"].shape[0]), *tail), dtype=dtype, device=device) for t in targets]
+        padded = pad_sequence(rows + [torch.zeros((g, *tail), dtype=dtype, device=device)], batch_first=True)
+        return padded[:-1]
+
+    present = torch.arange(g, device=device).unsqueeze(0) < counts.unsqueeze(1)
+    crowd = stack("iscrowd", torch.bool) & present
+    return PaddedTargets(stack("boxes", torch.float32, (4,)), stack("labels", torch.long), present & ~crowd, crowd)
 
 
 @dataclass
