@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -70,7 +71,7 @@ class BenchSettings:
     infer_sizes: list[int] = field(default_factory=lambda: [320, 512, 800])
     infer_batches: list[int] = field(default_factory=lambda: [1, 8])
     train_models: list[str] = field(default_factory=lambda: ["retinanet_r18_fpn", "retinanet_r50_fpn"])
-    train_size: int = 512
+    train_sizes: list[int] = field(default_factory=lambda: [320, 512])
     train_batches: list[int] = field(default_factory=lambda: [4, 8])
     post_batches: list[int] = field(default_factory=lambda: [1, 8])
     post_levels: int = 5
@@ -95,7 +96,7 @@ class BenchSettings:
 FULL = BenchSettings()
 QUICK = BenchSettings(
     infer_models=["retinanet_r18_fpn"], infer_sizes=[320], infer_batches=[1],
-    train_models=["retinanet_r18_fpn"], train_size=256, train_batches=[2],
+    train_models=["retinanet_r18_fpn"], train_sizes=[256], train_batches=[2],
     post_batches=[1], match_batches=[1], peak_sizes={"fp32": 1024, "bf16": 256},
     memory_models=["retinanet_r18_fpn"], memory_size=320, memory_batches={"infer": 1, "train": 2},
     fast_models=["retinanet_r18_fpn"], fast_size=320, repeat=3, warmup=1)
@@ -381,35 +382,35 @@ def _train_step_times(model: nn.Module, batch: Tensor, targets: list[dict], devi
 def bench_train(settings: BenchSettings, device: torch.device) -> Table:
     """A RetinaNet training step split into forward, loss, backward and optimizer step."""
     dtype = _precision(device)
-    table = Table(f"Training step at {settings.train_size}x{settings.train_size} (ms, median)",
-                  ["model", "batch", "mode", "forward", "loss", "backward", "step", "total", "img/s", "speedup"])
+    table = Table("Training step (ms, median)",
+                  ["model", "size", "batch", "mode", "forward", "loss", "backward", "step", "total", "img/s", "speedup"])
     table.notes.append("baseline: fp32 NCHW; fast: channels_last" + (f" + {dtype} autocast" if dtype else
                                                                       " (fp32: no native bf16 here)"))
     table.notes.append("SGD momentum step; random weights and 8 random boxes per image; BatchNorm in train mode")
-    for name in settings.train_models:
-        for batch_size in settings.train_batches:
-            images = _images(batch_size, settings.train_size, device)
-            results = {}
-            for mode in ("baseline", "fast"):
-                torch.manual_seed(0)
-                model = _build(name, settings, settings.train_size, device).train()
-                if mode == "fast":
-                    model = model.to(memory_format=torch.channels_last)
-                targets = [{k: v.to(device) for k, v in t.items()}
-                           for t in _random_targets(batch_size, settings.train_size, model.num_classes)]
-                batch, _, targets = model.transform(images, targets)
-                if mode == "fast":
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-                parts = [_train_step_times(model, batch, targets, device, dtype if mode == "fast" else None, opt)
-                         for _ in range(settings.warmup + settings.repeat)][settings.warmup:]
-                med = {k: 1000 * statistics.median(p[k] for p in parts) for k in parts[0]}
-                total = 1000 * statistics.median(sum(p.values()) for p in parts)
-                results[mode] = total
-                table.add([name, batch_size, mode, med["forward"], med["loss"], med["backward"], med["step"],
-                                   total, 1000 * batch_size / total,
-                                   results["baseline"] / total if mode == "fast" else 1.0])
-                del model, opt
+    for name, size, batch_size in itertools.product(settings.train_models, settings.train_sizes,
+                                                    settings.train_batches):
+        images = _images(batch_size, size, device)
+        results = {}
+        for mode in ("baseline", "fast"):
+            torch.manual_seed(0)
+            model = _build(name, settings, size, device).train()
+            if mode == "fast":
+                model = model.to(memory_format=torch.channels_last)
+            targets = [{k: v.to(device) for k, v in t.items()}
+                       for t in _random_targets(batch_size, size, model.num_classes)]
+            batch, _, targets = model.transform(images, targets)
+            if mode == "fast":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+            parts = [_train_step_times(model, batch, targets, device, dtype if mode == "fast" else None, opt)
+                     for _ in range(settings.warmup + settings.repeat)][settings.warmup:]
+            med = {k: 1000 * statistics.median(p[k] for p in parts) for k in parts[0]}
+            total = 1000 * statistics.median(sum(p.values()) for p in parts)
+            results[mode] = total
+            table.add([name, size, batch_size, mode, med["forward"], med["loss"], med["backward"], med["step"],
+                               total, 1000 * batch_size / total,
+                               results["baseline"] / total if mode == "fast" else 1.0])
+            del model, opt
     return table
 
 

@@ -19,7 +19,7 @@ from densedet.bench import (QUICK, BenchSettings, Table, add_parser, count_flops
 
 TINY = BenchSettings(
     infer_models=["retinanet_r18_fpn"], infer_sizes=[128], infer_batches=[1, 2],
-    train_models=["retinanet_r18_fpn"], train_size=128, train_batches=[2],
+    train_models=["retinanet_r18_fpn"], train_sizes=[128], train_batches=[2],
     post_batches=[1, 2], post_candidates=150, post_classes=6,
     match_anchors=3000, match_boxes=12, match_batches=[1, 3],
     peak_sizes={"fp32": 64, "bf16": 32},
@@ -43,7 +43,7 @@ def tiny_results():
 
 
 def test_suites_produce_well_formed_tables(tiny_results):
-    tables = {t["title"].split(",")[0].split(" at ")[0]: t for t in tiny_results["tables"]}
+    tables = {t["title"].split(",")[0].split(" at ")[0].split(" (")[0]: t for t in tiny_results["tables"]}
     assert len(tiny_results["tables"]) == 6
     for t in tiny_results["tables"]:
         _check_table(t)
@@ -56,12 +56,13 @@ def test_suites_produce_well_formed_tables(tiny_results):
         assert rec["speedup"] == pytest.approx(rec["baseline ms"] / rec["fast ms"])
         assert rec["fast img/s"] == pytest.approx(1000 * rec["batch"] / rec["fast ms"])
     train = tables["Training step"]
-    assert [r[2] for r in train["rows"]] == ["baseline", "fast"]
+    assert [r[1:4] for r in train["rows"]] == [[128, 2, "baseline"], [128, 2, "fast"]]
     for row in train["rows"]:
         rec = dict(zip(train["columns"], row))
         parts = rec["forward"] + rec["loss"] + rec["backward"] + rec["step"]
         assert rec["total"] == pytest.approx(parts, rel=1e-6)               # repeat=1: median of one
-    assert [r[0] for r in tables["Matmul peak (same run)"]["rows"]] == ["fp32", "bf16"]
+        assert rec["img/s"] == pytest.approx(1000 * rec["batch"] / rec["total"])
+    assert [r[0] for r in tables["Matmul peak"]["rows"]] == ["fp32", "bf16"]
     fast = next(t for t in tiny_results["tables"] if t["title"].startswith("fp32 inference fast paths"))
     assert len(fast["rows"]) == 3 and all(r[4] < 1e-3 for r in fast["rows"])   # same outputs as eager
 
