@@ -13,6 +13,8 @@ Suites (``--suite``):
   (channels_last, autocast where native) against fp32 NCHW.
 * ``post``   post-processing under a dense load (five levels × 1000 candidates above threshold,
   80 classes): densedet's batched post-processing against a per-image loop (torchvision's shape).
+* ``loss``   the focal loss of a training step (forward + backward): the fused
+  :func:`~densedet.losses.focal_loss_sum` against the unfused one-hot + autograd path.
 * ``match``  anchor matching (120k anchors × 100 boxes): the batched :class:`~densedet.matching.Matcher`
   against a per-image loop of the same rule.
 * ``memory`` peak resident memory of inference and of a training step, one fresh subprocess per
@@ -53,8 +55,8 @@ from .export import optimize_for_inference
 __all__ = ["BenchSettings", "QUICK", "FULL", "Table", "run_suites", "count_flops", "time_call", "time_interleaved",
            "measure_peak_memory", "write_results", "add_parser", "main", "SUITES"]
 
-SUITES = ("infer", "peak", "train", "post", "match", "memory", "fast")
-DEFAULT_SUITES = ("infer", "peak", "train", "post", "match", "memory")
+SUITES = ("infer", "peak", "train", "post", "match", "loss", "memory", "fast")
+DEFAULT_SUITES = ("infer", "peak", "train", "post", "match", "loss", "memory")
 PROGRESS = False          # the CLI turns on per-row progress lines on stderr
 
 
@@ -80,6 +82,8 @@ class BenchSettings:
     match_anchors: int = 120_000
     match_boxes: int = 100
     match_batches: list[int] = field(default_factory=lambda: [1, 8])
+    loss_size: int = 512                   # focal loss over the anchors of a size x size image
+    loss_batches: list[int] = field(default_factory=lambda: [4, 8])
     peak_sizes: dict[str, int] = field(default_factory=lambda: {"fp32": 2048, "bf16": 512})
     memory_models: list[str] = field(default_factory=lambda: ["retinanet_r18_fpn", "retinanet_r50_fpn"])
     memory_size: int = 512
@@ -97,7 +101,7 @@ FULL = BenchSettings()
 QUICK = BenchSettings(
     infer_models=["retinanet_r18_fpn"], infer_sizes=[320], infer_batches=[1],
     train_models=["retinanet_r18_fpn"], train_sizes=[256], train_batches=[2],
-    post_batches=[1], match_batches=[1], peak_sizes={"fp32": 1024, "bf16": 256},
+    post_batches=[1], match_batches=[1], loss_batches=[2], peak_sizes={"fp32": 1024, "bf16": 256},
     memory_models=["retinanet_r18_fpn"], memory_size=320, memory_batches={"infer": 1, "train": 2},
     fast_models=["retinanet_r18_fpn"], fast_size=320, repeat=3, warmup=1)
 
@@ -515,13 +519,15 @@ def _match_per_image(anchors: Tensor, gt_boxes: list[Tensor], fg: float = 0.5, b
 def bench_match(settings: BenchSettings, device: torch.device) -> Table:
     from .matching import Matcher, pad_targets
     table = Table(f"Matching, {settings.match_anchors} anchors x {settings.match_boxes} boxes",
-                  ["batch", "per-image loop ms", "densedet batched ms", "speedup"])
+                  ["batch", "per-image loop ms", "all images at once ms", "densedet ms", "speedup vs loop"])
     g = torch.Generator().manual_seed(0)
     side = int(math.sqrt(settings.match_anchors / 9))
     centres = torch.rand(settings.match_anchors, 2, generator=g) * 1024
     wh = 16 + torch.rand(settings.match_anchors, 2, generator=g) * 300
     anchors = torch.cat([centres - wh / 2, centres + wh / 2], 1).to(device)
     matcher = Matcher()
+    at_once = Matcher()
+    at_once.chunk_elements = 1 << 62
     for batch in settings.match_batches:
         targets = []
         for _ in range(batch):
@@ -531,11 +537,15 @@ def bench_match(settings: BenchSettings, device: torch.device) -> Table:
                                                                                         dtype=torch.long)})
         padded = pad_targets(targets, device)
         gts = [t["boxes"].to(device) for t in targets]
-        base_ms = _median_ms(time_call(lambda: _match_per_image(anchors, gts), settings.repeat, settings.warmup,
-                                       device))
-        fast_ms = _median_ms(time_call(lambda: matcher(anchors, padded), settings.repeat, settings.warmup, device))
-        table.add([batch, base_ms, fast_ms, base_ms / fast_ms])
+        times = time_interleaved({"loop": lambda: _match_per_image(anchors, gts),
+                                  "once": lambda: at_once(anchors, padded),
+                                  "densedet": lambda: matcher(anchors, padded)}, settings.repeat, settings.warmup,
+                                 device)
+        base_ms, once_ms, fast_ms = (_median_ms(times[k]) for k in ("loop", "once", "densedet"))
+        table.add([batch, base_ms, once_ms, fast_ms, base_ms / fast_ms])
     table.notes.append(f"anchors: {settings.match_anchors} random boxes in a 1024 px image (~{side}x{side}x9)")
+    table.notes.append(f"densedet matches images together while [images, boxes, anchors] stays under "
+                       f"{Matcher.chunk_elements} elements, image by image beyond")
     return table
 
 
@@ -729,8 +739,48 @@ def _compiled(net: nn.Module, x: Tensor) -> nn.Module:
 # Running
 # ----------------------------------------------------------------------------------------------
 
+def bench_loss(settings: BenchSettings, device: torch.device) -> Table:
+    """The classification loss of a training step (forward + backward) over RetinaNet's anchors at
+    ``loss_size`` with 80 classes: the fused :func:`~densedet.losses.focal_loss_sum` against the
+    unfused path (one-hot targets, copy of the valid anchors, element-wise focal loss, autograd)."""
+    from .losses import focal_loss_sum, sigmoid_focal_loss
+    k = 80
+    cells = sum(math.ceil(settings.loss_size / 2 ** level) ** 2 for level in range(3, 8))
+    anchors = 9 * cells
+    table = Table(f"Focal loss, forward + backward, {anchors} anchors x {k} classes",
+                  ["batch", "unfused ms", "fused ms", "speedup", "max |grad diff|"])
+    g = torch.Generator().manual_seed(0)
+    for batch in settings.loss_batches:
+        logits = (torch.randn(batch, anchors, k, generator=g) * 3 - 4).to(device)
+        labels = torch.randint(0, k, (batch, anchors), generator=g)
+        labels[torch.rand(batch, anchors, generator=g) > 0.002] = -1          # ~1:500 foreground
+        valid = (torch.rand(batch, anchors, generator=g) > 0.05)
+        labels, valid = labels.to(device), valid.to(device)
+        grads = {}
+
+        def unfused():
+            x = logits.clone().requires_grad_(True)
+            fg = labels >= 0
+            targets = torch.zeros_like(x)
+            targets[fg, labels[fg]] = 1.0
+            sigmoid_focal_loss(x[valid], targets[valid]).sum().backward()
+            grads["unfused"] = x.grad
+
+        def fused():
+            x = logits.clone().requires_grad_(True)
+            focal_loss_sum(x, labels, valid).backward()
+            grads["fused"] = x.grad
+
+        times = time_interleaved({"unfused": unfused, "fused": fused}, settings.repeat, settings.warmup, device)
+        base, fast = _median_ms(times["unfused"]), _median_ms(times["fused"])
+        table.add([batch, base, fast, base / fast, float((grads["unfused"] - grads["fused"]).abs().max())])
+    table.notes.append("both include the clone of the logits that stands in for the head's output; "
+                       "the ratio is what RetinaNet.compute_loss gained by the fusion")
+    return table
+
+
 _SUITE_FUNCS = {"infer": bench_inference, "peak": bench_peak, "train": bench_train, "post": bench_post,
-                "match": bench_match, "memory": bench_memory, "fast": bench_fast_paths}
+                "match": bench_match, "loss": bench_loss, "memory": bench_memory, "fast": bench_fast_paths}
 
 
 def run_suites(suites: Sequence[str], settings: BenchSettings, device: torch.device | None = None,

@@ -99,7 +99,7 @@ class DataConfig:
     seed: int = 0
     strict: bool = False                    # turn every skipped/repaired record into an error
     hflip_prob: float = 0.5
-    train_min_sizes: list[int] | None = None  # multi-scale training; None: model.min_size
+    train_min_sizes: list[int] | None = None  # multi-scale training, one shorter side per batch; None: model.min_size
     augment: str = "basic"                  # basic (flip, multi-scale) | ssd (RefineDet)
     tile_size: int = 0                      # >0: train on overlapping tiles of large images
     tile_overlap: int = 64
@@ -275,6 +275,11 @@ def validate(cfg: Config) -> None:
         checks.append((len(m.anchor_sizes) == m.max_level - m.min_level + 1, "model.anchor_sizes",
                        f"has {len(m.anchor_sizes)} entries but levels P{m.min_level}-P{m.max_level} need "
                        f"{m.max_level - m.min_level + 1}"))
+    if cfg.data.train_min_sizes is not None:
+        checks.append((len(cfg.data.train_min_sizes) > 0 and all(s > 0 for s in cfg.data.train_min_sizes),
+                       "data.train_min_sizes", f"must be a non-empty list of positive sizes, got {cfg.data.train_min_sizes}"))
+        checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.train_min_sizes",
+                       "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
     if m.arch == "refinedet":
         checks.append((m.refinedet_size % 64 == 0, "model.refinedet_size",
                        f"must be a multiple of 64 (RefineDet's TCB upsamples by 2 three times), got {m.refinedet_size}"))

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .boxes import BoxCoder, elementwise_giou
 
-__all__ = ["sigmoid_focal_loss", "foreground_normalizer", "box_regression_loss", "smooth_l1"]
+__all__ = ["sigmoid_focal_loss", "focal_loss_sum", "foreground_normalizer", "box_regression_loss", "smooth_l1"]
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -38,6 +38,57 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss
+
+
+class _FocalLossSum(torch.autograd.Function):
+    """Σ focal loss over the valid anchors of ``[B, A, K]`` logits given ``[B, A]`` labels, with
+    the gradient computed in the same pass (closed form), so that backward is one multiply.
+
+    With x_t = x for the target class and -x otherwise, p_t = σ(x_t) and q = 1 - p_t = σ(-x_t):
+    FL = -α_t q^γ log p_t and dFL/dx = ±α_t q^γ (γ p_t log p_t - q) (+ for the target class).
+    ``log p_t`` is ``logsigmoid(x_t)`` and q is ``σ(-x_t)``, never ``1 - p_t``: no cancellation for
+    easy examples, and no q^(γ-1) factor, so γ < 1 stays finite where q rounds to 0.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, valid: Tensor, alpha: float, gamma: float) -> Tensor:
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        x = logits.to(dtype)
+        k = x.shape[-1]
+        is_target = labels.unsqueeze(-1) == torch.arange(k, device=x.device)      # bool [B, A, K]
+        neg_x = torch.neg(x)
+        x_t = torch.where(is_target, x, neg_x)
+        log_p_t = F.logsigmoid(x_t)
+        q = torch.sigmoid(torch.where(is_target, neg_x, x))
+        del neg_x, x_t
+        weight = q * q if gamma == 2.0 else (torch.ones_like(q) if gamma == 0.0 else q.pow(gamma))
+        if alpha >= 0:
+            weight.mul_(torch.where(is_target, alpha, 1.0 - alpha))
+        weight.mul_(valid.unsqueeze(-1).to(dtype))
+        loss = -(weight * log_p_t).sum()
+        if ctx.needs_input_grad[0]:
+            # grad = ±weight · (γ p_t log p_t − q), p_t = 1 − q (bounded: no cancellation problem here)
+            grad = torch.rsub(q, 1.0).mul_(log_p_t).mul_(gamma).sub_(q).mul_(weight)
+            grad = torch.where(is_target, grad, torch.neg(grad))
+            ctx.save_for_backward(grad.to(logits.dtype) if logits.dtype != dtype else grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None
+
+
+def focal_loss_sum(logits: Tensor, labels: Tensor, valid: Tensor | None = None, alpha: float = 0.25,
+                   gamma: float = 2.0) -> Tensor:
+    """Summed focal loss of ``[B, A, K]`` (or ``[N, K]``) logits against integer ``labels`` of shape
+    ``[B, A]`` (a class in 0..K-1, or any negative value for background), over anchors where
+    ``valid`` is true (all when None). Equal to ``sigmoid_focal_loss(logits[valid], one_hot[valid]).sum()``
+    but in one fused pass: no one-hot target tensor, no gather of the valid anchors, and the
+    gradient computed in the forward pass (about twice as fast on CPU; see ``densedet bench --suite train``)."""
+    if valid is None:
+        valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    return _FocalLossSum.apply(logits, labels, valid, float(alpha), float(gamma))
 
 
 def foreground_normalizer(num_foreground: Tensor) -> Tensor:

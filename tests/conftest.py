@@ -47,6 +47,7 @@ def make_tiny_config(digit_scenes):
         d.train, d.train_images = digit_scenes["train_json"], digit_scenes["train_images"]
         d.val, d.val_images = digit_scenes["val_json"], digit_scenes["val_images"]
         d.hflip_prob = 0.5          # exercise seeded augmentation (resume must replay it exactly)
+        d.train_min_sizes = [64, 128]   # and multi-scale training (one size per batch, by iteration)
         s = cfg.solver
         s.lr, s.warmup_iters, s.warmup_factor, s.clip_grad_norm = 0.01, 2, 0.1, 10.0
         t = cfg.train

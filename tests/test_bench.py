@@ -21,7 +21,7 @@ TINY = BenchSettings(
     infer_models=["retinanet_r18_fpn"], infer_sizes=[128], infer_batches=[1, 2],
     train_models=["retinanet_r18_fpn"], train_sizes=[128], train_batches=[2],
     post_batches=[1, 2], post_candidates=150, post_classes=6,
-    match_anchors=3000, match_boxes=12, match_batches=[1, 3],
+    match_anchors=3000, match_boxes=12, match_batches=[1, 3], loss_size=128, loss_batches=[2],
     peak_sizes={"fp32": 64, "bf16": 32},
     memory_models=["retinanet_r18_fpn"], memory_size=128, memory_batches={"infer": 1, "train": 1},
     fast_models=["retinanet_r18_fpn"], fast_size=128, fast_variants=["eager", "channels_last", "folded"],
@@ -39,12 +39,12 @@ def _check_table(table: dict, min_rows: int = 1) -> None:
 @pytest.fixture(scope="module")
 def tiny_results():
     torch.manual_seed(0)
-    return run_suites(["infer", "peak", "train", "post", "match", "fast"], TINY, log=lambda s: None)
+    return run_suites(["infer", "peak", "train", "post", "match", "loss", "fast"], TINY, log=lambda s: None)
 
 
 def test_suites_produce_well_formed_tables(tiny_results):
     tables = {t["title"].split(",")[0].split(" at ")[0].split(" (")[0]: t for t in tiny_results["tables"]}
-    assert len(tiny_results["tables"]) == 6
+    assert len(tiny_results["tables"]) == 7
     for t in tiny_results["tables"]:
         _check_table(t)
     infer = next(t for t in tiny_results["tables"] if t["title"].startswith("Inference"))
@@ -65,6 +65,13 @@ def test_suites_produce_well_formed_tables(tiny_results):
     assert [r[0] for r in tables["Matmul peak"]["rows"]] == ["fp32", "bf16"]
     fast = next(t for t in tiny_results["tables"] if t["title"].startswith("fp32 inference fast paths"))
     assert len(fast["rows"]) == 3 and all(r[4] < 1e-3 for r in fast["rows"])   # same outputs as eager
+
+
+def test_loss_suite_compares_the_fused_and_unfused_focal_loss(tiny_results):
+    loss = next(t for t in tiny_results["tables"] if t["title"].startswith("Focal loss"))
+    (row,) = loss["rows"]
+    assert row[0] == 2 and row[1] > 0 and row[2] > 0
+    assert row[4] < 1e-6                                   # the two paths give the same gradient
 
 
 def test_post_and_match_baselines_agree_with_densedet(tiny_results):
@@ -94,9 +101,9 @@ def test_results_written_as_markdown_and_json(tiny_results, tmp_path):
     write_results(tiny_results, tmp_path / "r.md")
     write_results(tiny_results, tmp_path / "r.json")
     md = (tmp_path / "r.md").read_text()
-    assert md.startswith("# densedet bench") and md.count("### ") == 6 and "| model | size | batch |" in md
+    assert md.startswith("# densedet bench") and md.count("### ") == 7 and "| model | size | batch |" in md
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["machine"]["torch"] == torch.__version__ and len(data["tables"]) == 6
+    assert data["machine"]["torch"] == torch.__version__ and len(data["tables"]) == 7
 
 
 def test_table_markdown_layout():

@@ -364,3 +364,36 @@ def test_torchrun_two_processes_train_like_one(tiny_config, tmp_path, restore_to
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_multi_scale_size_is_one_per_batch_and_a_function_of_the_iteration(tiny_config):
+    cfg = tiny_config()
+    stream = BatchStream(build_train_dataset(cfg, load_split(cfg.data, "train")), 4, seed=3)
+    sizes = [stream.min_size(it, [64, 96, 128]) for it in range(60)]
+    assert set(sizes) == {64, 96, 128}                                   # every size gets drawn
+    assert sizes == [BatchStream(stream.dataset, 2, seed=3, rank=1, world_size=2).min_size(it, [64, 96, 128])
+                     for it in range(60)]                                # same on every process
+    # The dataset leaves the size to the model (a resize there would be undone by the model's own).
+    image, target = stream.sample(0)
+    record = stream.dataset.data.records[stream._index(0)]
+    assert tuple(image.shape[-2:]) == (record.height, record.width)
+
+
+def test_trainer_feeds_the_model_the_drawn_size_per_iteration(tiny_config, restore_torch_globals, monkeypatch):
+    from densedet.models.preprocess import ImagePreprocessor
+    seen = []
+    original = ImagePreprocessor.forward
+
+    def spy(self, images, targets=None):
+        batch, sizes, targets = original(self, images, targets)
+        if self.training:
+            seen.append((batch.shape[-1], {s for s in sizes}))
+        return batch, sizes, targets
+
+    monkeypatch.setattr(ImagePreprocessor, "forward", spy)
+    cfg = tiny_config()
+    train(cfg, log=lambda msg: None)
+    stream = BatchStream(build_train_dataset(cfg, load_split(cfg.data, "train")), cfg.train.batch_size, cfg.train.seed)
+    expected = [stream.min_size(it, cfg.data.train_min_sizes) for it in range(cfg.train.max_iters)]
+    assert [w for w, _ in seen] == expected
+    assert all(sizes == {(w, w)} for w, sizes in seen)                   # one size for the whole batch

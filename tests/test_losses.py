@@ -195,3 +195,44 @@ def test_box_losses_sum_over_foreground_anchors():
 def test_unknown_box_loss_is_named_in_the_error():
     with pytest.raises(ValueError, match="'iou2'"):
         box_regression_loss("iou2", torch.zeros(1, 4), GT, ANCHOR, BoxCoder())
+
+
+# --- the fused focal loss used in training ----------------------------------------------------------
+
+def _fused_case(dtype, seed=0, b=2, a=300, k=7):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, a, k, generator=g, dtype=torch.float64) * 6).to(dtype)
+    logits[0, :5] = torch.tensor([40.0, -40.0, 17.0, -17.0, 0.0], dtype=dtype).unsqueeze(-1)   # saturated
+    labels = torch.randint(-1, k, (b, a), generator=g)
+    labels[0, :5] = torch.tensor([0, 0, 1, -1, 2])
+    valid = torch.rand(b, a, generator=g) > 0.2
+    return logits, labels, valid
+
+
+@pytest.mark.parametrize("gamma,alpha", [(0.0, 0.75), (0.5, 0.5), (1.0, 0.25), (2.0, 0.25), (5.0, 0.25), (2.0, -1.0)])
+def test_fused_focal_loss_equals_the_reference_and_its_autograd_gradient(gamma, alpha):
+    from densedet.losses import focal_loss_sum
+    logits, labels, valid = _fused_case(torch.float64)
+    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), 7).double() * (labels >= 0).unsqueeze(-1)
+    ref_x = logits.clone().requires_grad_(True)
+    ref = sigmoid_focal_loss(ref_x[valid], onehot[valid], alpha=alpha, gamma=gamma).sum()
+    (ref_grad,) = torch.autograd.grad(ref * 0.37, ref_x)           # a non-unit upstream gradient
+    x = logits.clone().requires_grad_(True)
+    loss = focal_loss_sum(x, labels, valid, alpha=alpha, gamma=gamma)
+    (grad,) = torch.autograd.grad(loss * 0.37, x)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-15)
+    assert torch.equal(grad[~valid], torch.zeros_like(grad[~valid]))    # ignored anchors get nothing
+
+
+def test_fused_focal_loss_in_float32_and_bfloat16_logits():
+    from densedet.losses import focal_loss_sum
+    logits64, labels, valid = _fused_case(torch.float64, seed=1)
+    want = focal_loss_sum(logits64, labels, valid)
+    for dtype, rel in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        x = logits64.to(dtype).requires_grad_(True)
+        loss = focal_loss_sum(x, labels, valid)
+        loss.backward()
+        assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+        assert torch.isfinite(x.grad).all()
+        assert loss.item() == pytest.approx(want.item(), rel=rel)

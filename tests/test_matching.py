@@ -151,3 +151,24 @@ def test_pad_targets_marks_padding_and_crowd():
     assert p.valid.tolist() == [[True, False], [False, False]]
     assert p.crowd.tolist() == [[False, True], [False, False]]
     assert p.labels.tolist() == [[3, 4], [0, 0]]
+
+
+def test_matching_in_chunks_of_images_equals_matching_all_at_once():
+    g = torch.Generator().manual_seed(7)
+    xy = torch.rand(600, 2, generator=g) * 200
+    anchors = torch.cat([xy, xy + 8 + torch.rand(600, 2, generator=g) * 60], 1)
+    targets = []
+    for n in (5, 0, 9, 3, 7):                                  # an empty image among them
+        p = torch.rand(n, 2, generator=g) * 180
+        targets.append({"boxes": torch.cat([p, p + 10 + torch.rand(n, 2, generator=g) * 50], 1),
+                        "labels": torch.randint(0, 4, (n,), generator=g),
+                        "iscrowd": (torch.rand(n, generator=g) > 0.8).long()})
+    padded = pad_targets(targets)
+    whole = Matcher()
+    whole.chunk_elements = 1 << 40
+    reference = whole(anchors, padded).matched_idxs
+    assert (reference >= 0).any() and (reference == -2).any()
+    for per_chunk in (1, 2, 3):
+        chunked = Matcher()
+        chunked.chunk_elements = per_chunk * 9 * 600           # G = 9 boxes after padding
+        assert torch.equal(chunked(anchors, padded).matched_idxs, reference)

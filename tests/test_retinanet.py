@@ -413,3 +413,23 @@ def test_small_retinanet_overfits_two_real_aerial_photos():
     ap50, counts = _overfit_ap50(photos, size=320, steps=80)
     assert counts == [61, 30]
     assert ap50 > 0.9
+
+
+def test_preprocessor_multi_scale_draws_one_size_per_batch_and_evaluates_at_min_size():
+    import random
+    from densedet.models.preprocess import ImagePreprocessor
+    prep = ImagePreprocessor(min_size=128, max_size=1000, size_divisible=32, train_min_sizes=(64, 96))
+    images = [torch.rand(3, 100, 150), torch.rand(3, 120, 100)]
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0]])
+    random.seed(0)
+    drawn = set()
+    for _ in range(20):
+        batch, sizes, targets = prep.train()(images, [{"boxes": boxes}, {"boxes": boxes}])
+        short = {min(s) for s in sizes}
+        assert len(short) == 1                                   # one shorter side for the batch
+        drawn |= short
+        scale = sizes[0][0] / 100                                # image 0: 100 px high
+        assert torch.allclose(targets[0]["boxes"], boxes * scale, atol=1e-4)
+    assert drawn == {64, 96}
+    _, sizes, _ = prep.eval()(images)
+    assert [min(s) for s in sizes] == [128, 128]

@@ -15,7 +15,7 @@ import random
 import torch
 
 from ..config import Config, ConfigError, DataConfig
-from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, ResizeShortestEdge,
+from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip,
                     TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
 
 __all__ = ["load_split", "build_train_dataset", "BatchStream"]
@@ -95,8 +95,8 @@ def build_train_dataset(cfg: Config, data: DetectionData):
         from ..data.ssd_augment import SSDAugmentation
         transforms.append(SSDAugmentation(cfg.model.refinedet_size))
     else:
-        if d.train_min_sizes:
-            transforms.append(ResizeShortestEdge(d.train_min_sizes, cfg.model.max_size))
+        # Multi-scale training (data.train_min_sizes) happens in the model's preprocessor, one size
+        # per batch (see the trainer): resizing here would be undone by the model's own resize.
         if d.hflip_prob > 0:
             transforms.append(RandomHorizontalFlip(d.hflip_prob))
     transform = Compose(transforms) if transforms else None
@@ -146,6 +146,11 @@ class BatchStream:
         start = iteration * self.batch_size + self.rank * per_rank
         samples = [self.sample(k) for k in range(start, start + per_rank)]
         return [s[0] for s in samples], [s[1] for s in samples]
+
+    def min_size(self, iteration: int, sizes) -> int:
+        """The shorter side of iteration's batch under multi-scale training: the same on every
+        process and however the run was interrupted."""
+        return int(random.Random(self.seed * 1_000_037 + iteration).choice(list(sizes)))
 
     def epoch_of(self, iteration: int) -> float:
         return iteration * self.batch_size / len(self.dataset)

@@ -247,6 +247,10 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         for group in optimizer.param_groups:
             group["lr"] = cfg.solver.lr * lr_factor(iteration, max_iters, cfg)
         images, targets = stream.batch(iteration)
+        if cfg.data.train_min_sizes:
+            # Multi-scale: one shorter side for the whole batch, a function of the iteration alone
+            # (the same on every process and after a resume).
+            model.transform.train_min_sizes = (stream.min_size(iteration, cfg.data.train_min_sizes),)
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         with autocast(device, dtype):

@@ -33,6 +33,10 @@ class ImagePreprocessor(nn.Module):
         size_divisible: pad height and width up to a multiple of this.
         fixed_size: ``(h, w)`` warps every image to exactly that size (RefineDet, square demo input);
             ``min_size``/``max_size`` are then unused.
+        train_min_sizes: multi-scale training with one shorter side per *batch*, drawn from this
+            list (Python's ``random``); evaluation keeps ``min_size``. One size per batch rather
+            than per image means no padding to the largest image of the batch, so a smaller draw
+            really costs fewer FLOPs. Set by the trainer from ``data.train_min_sizes``.
 
     ``forward(images: list[[3, H_i, W_i]], targets=None) -> (batch [B, 3, Hp, Wp], image_sizes, targets)``
     where ``image_sizes[i] = (h_i, w_i)`` is the resized size (the valid region of the padded batch)
@@ -41,21 +45,25 @@ class ImagePreprocessor(nn.Module):
 
     def __init__(self, min_size: int | Sequence[int] = 800, max_size: int = 1333,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 size_divisible: int = 128, fixed_size: Sequence[int] | None = None) -> None:
+                 size_divisible: int = 128, fixed_size: Sequence[int] | None = None,
+                 train_min_sizes: Sequence[int] | None = None) -> None:
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
         self.max_size = int(max_size)
         self.size_divisible = int(size_divisible)
         self.fixed_size = tuple(int(s) for s in fixed_size) if fixed_size else None
+        self.train_min_sizes = tuple(int(s) for s in train_min_sizes) if train_min_sizes else None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
 
-    def _scale_for(self, h: int, w: int) -> tuple[float, float] | None:
-        """Scale factors (sy, sx), or None when the image keeps its size."""
+    def _scale_for(self, h: int, w: int, target: int | None = None) -> tuple[float, float] | None:
+        """Scale factors (sy, sx), or None when the image keeps its size. ``target``: this
+        batch's shorter side (multi-scale training); otherwise drawn from / set by ``min_size``."""
         if self.fixed_size is not None:
             fh, fw = self.fixed_size
             return None if (h, w) == (fh, fw) else (fh / h, fw / w)
-        target = random.choice(self.min_size) if self.training else self.min_size[-1]
+        if target is None:
+            target = random.choice(self.min_size) if self.training else self.min_size[-1]
         # Python-float (double) arithmetic, as torchvision's eager path: 320 / 400 must give exactly
         # 0.8 so that interpolate's floor(400 * 0.8) is 320 (float32 gives 0.79999995 -> 319).
         scale = min(target / min(h, w), self.max_size / max(h, w))
@@ -74,9 +82,9 @@ class ImagePreprocessor(nn.Module):
             return h, w
         return int(math.floor(h * scale[0])), int(math.floor(w * scale[1]))
 
-    def resize(self, image: Tensor, target: dict | None) -> tuple[Tensor, dict | None]:
+    def resize(self, image: Tensor, target: dict | None, size: int | None = None) -> tuple[Tensor, dict | None]:
         h, w = image.shape[-2:]
-        scale = self._scale_for(h, w)
+        scale = self._scale_for(h, w, size)
         if scale is None:
             return image, target
         if self.fixed_size is not None:
@@ -95,11 +103,14 @@ class ImagePreprocessor(nn.Module):
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list of [3, H, W] tensors")
         out_images, out_targets = [], [] if targets is not None else None
+        size = None
+        if self.training and self.train_min_sizes and self.fixed_size is None:
+            size = random.choice(self.train_min_sizes)
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"image {i} has shape {tuple(image.shape)}; expected [3, H, W]")
             image = (image.float() - self.mean) / self.std
-            image, target = self.resize(image, targets[i] if targets is not None else None)
+            image, target = self.resize(image, targets[i] if targets is not None else None, size)
             out_images.append(image)
             if out_targets is not None:
                 out_targets.append(target)

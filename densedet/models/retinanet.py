@@ -20,7 +20,7 @@ from ..anchors import AnchorGenerator, retinanet_anchor_sizes
 from ..backbones.resnet import ResNet, load_torchvision_resnet, make_norm
 from ..boxes import BoxCoder, batched_nms, clip_boxes
 from ..config import ModelConfig
-from ..losses import box_regression_loss, foreground_normalizer, sigmoid_focal_loss
+from ..losses import box_regression_loss, focal_loss_sum, foreground_normalizer, sigmoid_focal_loss
 from ..matching import Matcher, pad_targets
 from ..necks.fpn import FPN, BackboneWithFPN
 from .preprocess import ImagePreprocessor
@@ -189,9 +189,14 @@ class RetinaNet(nn.Module):
         normalizer = foreground_normalizer(foreground.sum())
         safe_idxs = matched_idxs.clamp(min=0)
         gt_labels = torch.gather(gt.labels, 1, safe_idxs)                      # [B, A]
-        cls_targets = torch.zeros_like(logits, dtype=torch.float32)
-        cls_targets[foreground, gt_labels[foreground]] = 1.0
-        loss_cls = self.classification_loss(logits[valid], cls_targets[valid], len(targets)) / normalizer
+        if self.cls_loss == "focal":
+            # fused: no one-hot targets, no copy of the valid anchors, gradient in the same pass
+            labels = torch.where(foreground, gt_labels, -1)
+            loss_cls = focal_loss_sum(logits, labels, valid, self.focal_alpha, self.focal_gamma) / normalizer
+        else:
+            cls_targets = torch.zeros_like(logits, dtype=torch.float32)
+            cls_targets[foreground, gt_labels[foreground]] = 1.0
+            loss_cls = self.classification_loss(logits[valid], cls_targets[valid], len(targets)) / normalizer
         gt_boxes = torch.gather(gt.boxes, 1, safe_idxs.unsqueeze(-1).expand(-1, -1, 4))
         anchors_fg = anchors.unsqueeze(0).expand_as(deltas)[foreground]
         loss_box = box_regression_loss(self.box_loss, deltas[foreground], gt_boxes[foreground], anchors_fg,
