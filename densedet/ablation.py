@@ -131,7 +131,9 @@ def run_config(cfg: Config, run: AblationRun, out_dir: str | os.PathLike, budget
 
     With ``budget_iters`` the config's schedule is compressed to the budget: steps and warm-up
     scaled by ``budget_iters / train.max_iters`` (the paper's 1x schedule drops the rate at 2/3 and
-    8/9 of training, which a fixed-budget comparison should keep). With ``budget_minutes``
+    8/9 of training, which a fixed-budget comparison should keep). A config whose length is set
+    by a time budget (``train.max_minutes > 0``, ``max_iters`` a mere cap) keeps its warm-up
+    iterations as they are: scaling them by budget / cap would remove the warm-up. With ``budget_minutes``
     ``train.max_minutes`` is set and the trainer stretches the schedule to it.
     """
     if (budget_iters is None) == (budget_minutes is None):
@@ -146,7 +148,8 @@ def run_config(cfg: Config, run: AblationRun, out_dir: str | os.PathLike, budget
         overrides["train.max_minutes"] = 0.0
         overrides["solver.steps"] = sorted({max(1, round(s * scale)) for s in cfg.solver.steps
                                             if s < cfg.train.max_iters})
-        overrides["solver.warmup_iters"] = min(round(cfg.solver.warmup_iters * scale), budget_iters)
+        warmup_scale = 1.0 if cfg.train.max_minutes > 0 else scale
+        overrides["solver.warmup_iters"] = min(round(cfg.solver.warmup_iters * warmup_scale), budget_iters)
     else:
         if budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {budget_minutes}")

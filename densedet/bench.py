@@ -836,9 +836,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--repeat", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--models", nargs="+", default=None, help="presets for the infer suite")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes for the infer suite")
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes for the infer suite")
+    p.add_argument("--models", nargs="+", default=None, help="presets for the infer suite (RetinaNet ones also "
+                   "for the train suite)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes for the infer and train suites")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes for the infer and train suites")
     p.set_defaults(func=run)
 
 
@@ -856,10 +857,13 @@ def run(args: argparse.Namespace) -> int:
         settings.repeat = args.repeat
     if args.models:
         settings.infer_models = list(args.models)
+        settings.train_models = [m for m in args.models if m.startswith("retinanet")] or settings.train_models
     if args.sizes:
         settings.infer_sizes = list(args.sizes)
+        settings.train_sizes = list(args.sizes)
     if args.batches:
         settings.infer_batches = list(args.batches)
+        settings.train_batches = list(args.batches)
     if args.threads:
         torch.set_num_threads(args.threads)
     global PROGRESS

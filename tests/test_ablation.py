@@ -67,6 +67,15 @@ def test_run_config_sets_loss_budget_and_output(tmp_path):
         AB.run_config(cfg, r, tmp_path)
 
 
+def test_run_config_keeps_the_warmup_of_a_time_budgeted_config(tmp_path):
+    # demo_digits.yaml: max_iters 100000 is only a cap, 10 minutes decide; its 20 warm-up
+    # iterations must survive a 200-iteration budget (100000 -> 200 would scale them to 0).
+    cfg = base_config()
+    cfg.train.max_iters, cfg.train.max_minutes, cfg.solver.warmup_iters = 100_000, 10.0, 20
+    c = AB.run_config(cfg, AB.AblationRun("fl", "FL", "focal", 2.0, 0.25), tmp_path, budget_iters=200)
+    assert c.train.max_iters == 200 and c.train.max_minutes == 0 and c.solver.warmup_iters == 20
+
+
 def test_sweep_trains_each_run_once_with_its_config_and_writes_tables(tmp_path):
     fake = FakeTrain()
     runs = AB.plan_runs()
