@@ -50,28 +50,42 @@ class _FocalLossSum(torch.autograd.Function):
     easy examples, and no q^(γ-1) factor, so γ < 1 stays finite where q rounds to 0.
     """
 
+    # Elements per chunk: each chunk's ~10 temporaries stay in the CPU cache instead of streaming
+    # [B, A, K] tensors through memory ~20 times. On the 2-core test machine, [8, 49104, 80]
+    # forward + backward took 687 / 494 / 380 / 622 / 1005 ms with chunks of 2^14 / 16 / 18 / 22 /
+    # (no chunking), against 2.1 s unfused (``densedet bench --suite loss``).
+    CHUNK_ELEMENTS = 1 << 18
+
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, valid: Tensor, alpha: float, gamma: float) -> Tensor:
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        x = logits.to(dtype)
-        k = x.shape[-1]
-        is_target = labels.unsqueeze(-1) == torch.arange(k, device=x.device)      # bool [B, A, K]
-        neg_x = torch.neg(x)
-        x_t = torch.where(is_target, x, neg_x)
-        log_p_t = F.logsigmoid(x_t)
-        q = torch.sigmoid(torch.where(is_target, neg_x, x))
-        del neg_x, x_t
-        weight = q * q if gamma == 2.0 else (torch.ones_like(q) if gamma == 0.0 else q.pow(gamma))
-        if alpha >= 0:
-            weight.mul_(torch.where(is_target, alpha, 1.0 - alpha))
-        weight.mul_(valid.unsqueeze(-1).to(dtype))
-        loss = -(weight * log_p_t).sum()
-        if ctx.needs_input_grad[0]:
-            # grad = ±weight · (γ p_t log p_t − q), p_t = 1 − q (bounded: no cancellation problem here)
-            grad = torch.rsub(q, 1.0).mul_(log_p_t).mul_(gamma).sub_(q).mul_(weight)
-            grad = torch.where(is_target, grad, torch.neg(grad))
-            ctx.save_for_backward(grad.to(logits.dtype) if logits.dtype != dtype else grad)
-        return loss
+        k = logits.shape[-1]
+        x_all = logits.reshape(-1, k)
+        labels_all, valid_all = labels.reshape(-1), valid.reshape(-1)
+        want_grad = ctx.needs_input_grad[0]
+        grad_all = torch.empty(x_all.shape, dtype=logits.dtype, device=logits.device) if want_grad else None
+        classes = torch.arange(k, device=logits.device)
+        rows = max(1, _FocalLossSum.CHUNK_ELEMENTS // k)
+        total = torch.zeros((), dtype=dtype, device=logits.device)
+        for start in range(0, x_all.shape[0], rows):
+            stop = start + rows
+            x = x_all[start:stop].to(dtype)
+            is_target = labels_all[start:stop, None] == classes                    # bool [n, K]
+            neg_x = torch.neg(x)
+            log_p_t = F.logsigmoid(torch.where(is_target, x, neg_x))
+            q = torch.sigmoid(torch.where(is_target, neg_x, x))
+            weight = q * q if gamma == 2.0 else (torch.ones_like(q) if gamma == 0.0 else q.pow(gamma))
+            if alpha >= 0:
+                weight.mul_(torch.where(is_target, alpha, 1.0 - alpha))
+            weight.mul_(valid_all[start:stop, None])
+            total -= (weight * log_p_t).sum()
+            if want_grad:
+                # grad = ±weight · (γ p_t log p_t − q), p_t = 1 − q (bounded: no cancellation here)
+                g = torch.rsub(q, 1.0).mul_(log_p_t).mul_(gamma).sub_(q).mul_(weight)
+                grad_all[start:stop] = torch.where(is_target, g, torch.neg(g))    # cast to logits' dtype
+        if want_grad:
+            ctx.save_for_backward(grad_all.view(logits.shape))
+        return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
