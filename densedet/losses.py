@@ -99,7 +99,7 @@ def focal_loss_sum(logits: Tensor, labels: Tensor, valid: Tensor | None = None, 
     ``[B, A]`` (a class in 0..K-1, or any negative value for background), over anchors where
     ``valid`` is true (all when None). Equal to ``sigmoid_focal_loss(logits[valid], one_hot[valid]).sum()``
     but in one fused pass: no one-hot target tensor, no gather of the valid anchors, and the
-    gradient computed in the forward pass (about twice as fast on CPU; see ``densedet bench --suite train``)."""
+    gradient computed in the forward pass (``densedet bench --suite loss`` compares the two)."""
     if valid is None:
         valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
     return _FocalLossSum.apply(logits, labels, valid, float(alpha), float(gamma))

@@ -100,13 +100,10 @@ class Matcher:
     def __call__(self, anchors: Tensor, targets: PaddedTargets) -> MatchResult:
         """anchors ``[A, 4]``; targets padded to ``[B, G]`` → :class:`MatchResult` with ``[B, A]``."""
         bsz, g = targets.valid.shape
-        per_chunk = max(1, self.chunk_elements // max(1, g * anchors.shape[0]))
-        if per_chunk >= bsz:
-            return MatchResult(self._match(anchors, targets))
-        parts = [self._match(anchors, PaddedTargets(targets.boxes[i:i + per_chunk], targets.labels[i:i + per_chunk],
-                                                    targets.valid[i:i + per_chunk], targets.crowd[i:i + per_chunk]))
-                 for i in range(0, bsz, per_chunk)]
-        return MatchResult(torch.cat(parts))
+        n = max(1, self.chunk_elements // max(1, g * anchors.shape[0]))      # images per chunk
+        fields = (targets.boxes, targets.labels, targets.valid, targets.crowd)
+        parts = [self._match(anchors, PaddedTargets(*(f[i:i + n] for f in fields))) for i in range(0, bsz, n)]
+        return MatchResult(parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def _match(self, anchors: Tensor, targets: PaddedTargets) -> Tensor:
         bsz, g = targets.valid.shape

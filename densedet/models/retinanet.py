@@ -20,7 +20,7 @@ from ..anchors import AnchorGenerator, retinanet_anchor_sizes
 from ..backbones.resnet import ResNet, load_torchvision_resnet, make_norm
 from ..boxes import BoxCoder, batched_nms, clip_boxes
 from ..config import ModelConfig
-from ..losses import box_regression_loss, focal_loss_sum, foreground_normalizer, sigmoid_focal_loss
+from ..losses import box_regression_loss, focal_loss_sum, foreground_normalizer
 from ..matching import Matcher, pad_targets
 from ..necks.fpn import FPN, BackboneWithFPN
 from .preprocess import ImagePreprocessor
@@ -204,9 +204,8 @@ class RetinaNet(nn.Module):
         return {"cls": loss_cls, "box": loss_box}
 
     def classification_loss(self, logits: Tensor, targets: Tensor, num_images: int) -> Tensor:
-        """Summed classification loss over non-ignored anchors, ``[V, K]`` each."""
-        if self.cls_loss == "focal":
-            return sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma).sum()
+        """Summed ablation loss (``model.cls_loss`` other than focal, which ``compute_loss`` fuses)
+        over non-ignored anchors, ``[V, K]`` each."""
         from .. import losses as L  # the ablation losses (OHEM, GHM-C) live beside the focal loss
         fn = getattr(L, f"{self.cls_loss}_loss", None)
         if fn is None:
