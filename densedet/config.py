@@ -101,6 +101,8 @@ class DataConfig:
     hflip_prob: float = 0.5
     train_min_sizes: list[int] | None = None  # multi-scale training, one shorter side per batch; None: model.min_size
     augment: str = "basic"                  # basic (flip, multi-scale) | ssd (RefineDet)
+    crop_size: int = 0                      # >0: train on object-centred crop_size windows at the image's scale
+    crop_min_visibility: float = 0.7        # a box cut by the window below this visible share is ignored
     tile_size: int = 0                      # >0: train on overlapping tiles of large images
     tile_overlap: int = 64
     cache_images: bool = True
@@ -280,6 +282,12 @@ def validate(cfg: Config) -> None:
                        "data.train_min_sizes", f"must be a non-empty list of positive sizes, got {cfg.data.train_min_sizes}"))
         checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.train_min_sizes",
                        "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
+    checks.append((cfg.data.crop_size >= 0, "data.crop_size", f"must be >= 0, got {cfg.data.crop_size}"))
+    checks.append((0 < cfg.data.crop_min_visibility <= 1, "data.crop_min_visibility",
+                   f"must be in (0, 1], got {cfg.data.crop_min_visibility}"))
+    if cfg.data.crop_size:
+        checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.crop_size",
+                       "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
     if m.arch == "refinedet":
         checks.append((m.refinedet_size % 64 == 0, "model.refinedet_size",
                        f"must be a multiple of 64 (RefineDet's TCB upsamples by 2 three times), got {m.refinedet_size}"))

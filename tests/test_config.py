@@ -105,10 +105,13 @@ def test_override_without_equals_sign_is_rejected():
     ("model.anchor_sizes=[32,64]", "model.anchor_sizes"),
     ("model.bg_iou_thresh=0.6", "model.bg_iou_thresh"),
     ("solver.optimizer=adam", "solver.optimizer"),
+    ("data.crop_size=-1", "data.crop_size"),
+    ("data.crop_min_visibility=1.5", "data.crop_min_visibility"),
+    ("model.arch=refinedet data.crop_size=160", "data.crop_size"),
 ])
 def test_impossible_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        apply_overrides(Config(), [override])
+        apply_overrides(Config(), override.split())
 
 
 def test_anchor_sizes_count_must_match_the_levels():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from densedet.data import (Compose, RandomHorizontalFlip, ResizeFixed, ResizeShortestEdge,
+from densedet.data import (Compose, RandomHorizontalFlip, RandomObjectCrop, ResizeFixed, ResizeShortestEdge,
                            tile_image)
 from densedet.data.transforms import crop_target, tile_grid, tile_starts
 
@@ -134,3 +134,91 @@ def test_object_split_by_a_tile_border_is_clipped_in_both_tiles():
 def test_tile_grid_row_major():
     assert tile_grid(150, 150, 100, 0) == [(0, 0, 100, 100), (50, 0, 150, 100),
                                            (0, 50, 100, 150), (50, 50, 150, 150)]
+
+
+def two_rectangles(height=100, width=200):
+    """Rectangles A (bright, 30x30 at x 20..50) and B (grey, 40x20 at x 120..160)."""
+    image = torch.zeros(3, height, width)
+    image[:, 10:40, 20:50] = 1.0
+    image[:, 50:70, 120:160] = 0.4
+    target = {"boxes": torch.tensor([[20, 10, 50, 40], [120, 50, 160, 70]], dtype=torch.float32),
+              "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([False, False]),
+              "difficult": torch.tensor([False, False]), "image_id": 1, "orig_size": (height, width)}
+    return image, target
+
+
+def test_object_crop_holds_the_chosen_object_whole_on_its_pixels():
+    image, target = rectangle_scene()  # 90 x 120, box (20, 10, 50, 40)
+    crop = RandomObjectCrop(48)
+    starts = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        window, out = crop(image, target)
+        assert window.shape == (3, 48, 48)
+        assert out["resize_as"] == (90, 120)
+        assert out["iscrowd"].tolist() == [False] and out["labels"].tolist() == [3]
+        assert_box_on_pixels(window, out, tol=0.0)       # whole, and where its pixels are
+        x0, y0 = out["tile_origin"]
+        assert torch.equal(window, image[:, y0:y0 + 48, x0:x0 + 48])
+        starts.add((x0, y0))
+    # every start keeping the box inside is x0 in [2, 20], y0 in [0, 10]; the draws spread over them
+    assert all(2 <= x0 <= 20 and 0 <= y0 <= 10 for x0, y0 in starts)
+    assert len({x for x, _ in starts}) > 8 and len({y for _, y in starts}) > 5
+
+
+def test_object_crop_ignores_objects_it_cuts():
+    image, target = two_rectangles()
+    # Hand window (10, 0)-(130, 100): A whole; B keeps 10 of its 40 px width (25% < 70%): ignored.
+    out = crop_target(target, 10, 0, 130, 100, min_visibility=0.7, ignore_partial=True)
+    assert out["boxes"].tolist() == [[10, 10, 40, 40], [110, 50, 120, 70]]
+    assert out["iscrowd"].tolist() == [False, True]
+    assert out["labels"].tolist() == [1, 2]
+    # Window (10, 0)-(150, 100): B keeps 30/40 = 75% >= 70%: a normal (clipped) box.
+    out = crop_target(target, 10, 0, 150, 100, min_visibility=0.7, ignore_partial=True)
+    assert out["iscrowd"].tolist() == [False, False]
+    assert out["boxes"][1].tolist() == [110, 50, 140, 70]
+    # Without ignore_partial the cut box is dropped, as tiles do.
+    assert crop_target(target, 10, 0, 130, 100, 0.7)["labels"].tolist() == [1]
+    # A crowd box stays a crowd box; a box outside the window is gone either way.
+    crowd = {**target, "iscrowd": torch.tensor([True, False])}
+    out = crop_target(crowd, 0, 0, 100, 100, 0.7, ignore_partial=True)
+    assert out["iscrowd"].tolist() == [True] and out["labels"].tolist() == [1]
+
+
+def test_object_crop_centres_on_a_random_non_crowd_object():
+    image, target = two_rectangles()
+    target = {**target, "iscrowd": torch.tensor([False, True])}  # B is crowd: never the chosen one
+    for seed in range(20):
+        torch.manual_seed(seed)
+        _, out = RandomObjectCrop(60)(image, target)
+        assert [20 - out["tile_origin"][0], 10 - out["tile_origin"][1]] == out["boxes"][0, :2].tolist()
+    image, target = two_rectangles()
+    chosen = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        _, out = RandomObjectCrop(60)(image, target)
+        chosen.update(int(l) for l, c in zip(out["labels"], out["iscrowd"]) if not c)
+    assert chosen == {1, 2}
+
+
+def test_object_crop_of_empty_and_small_images():
+    image = torch.rand(3, 50, 70)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "iscrowd": torch.zeros(0, dtype=torch.bool), "image_id": 1, "orig_size": (50, 70)}
+    torch.manual_seed(0)
+    window, out = RandomObjectCrop(32)(image, empty)
+    assert window.shape == (3, 32, 32) and len(out["boxes"]) == 0
+    window, out = RandomObjectCrop(64)(image, empty)   # window taller than the image: full height
+    assert window.shape == (3, 50, 64)
+    # An object larger than the window: the window lies inside the object, which is then cut
+    # (ignored) rather than taught as background.
+    big = {**empty, "boxes": torch.tensor([[5.0, 5.0, 65.0, 45.0]]), "labels": torch.tensor([0]),
+           "iscrowd": torch.tensor([False])}
+    for seed in range(10):
+        torch.manual_seed(seed)
+        window, out = RandomObjectCrop(32)(image, big)
+        x0, y0 = out["tile_origin"]
+        assert 5 <= x0 <= 33 and 5 <= y0 <= 13
+        assert out["iscrowd"].tolist() == [True]
+    with pytest.raises(ValueError, match="size > 0"):
+        RandomObjectCrop(0)

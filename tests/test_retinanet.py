@@ -433,3 +433,21 @@ def test_preprocessor_multi_scale_draws_one_size_per_batch_and_evaluates_at_min_
     assert drawn == {64, 96}
     _, sizes, _ = prep.eval()(images)
     assert [min(s) for s in sizes] == [128, 128]
+
+
+def test_preprocessor_scales_a_crop_as_its_source_image():
+    from densedet.models.preprocess import ImagePreprocessor
+    prep = ImagePreprocessor(min_size=320, max_size=320, size_divisible=32, train_min_sizes=(256,)).train()
+    crop = torch.rand(3, 160, 160)
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0]])
+    # A 160 px crop of a 320 x 320 scene, trained at 256: scaled by 256 / 320 = 0.8 like the scene.
+    batch, sizes, targets = prep([crop], [{"boxes": boxes, "resize_as": (320, 320)}])
+    assert sizes == [(128, 128)] and batch.shape[-2:] == (128, 128)
+    assert torch.allclose(targets[0]["boxes"], boxes * 0.8)
+    # Without resize_as the crop itself would be brought to a 256 px shorter side.
+    _, sizes, _ = prep([crop], [{"boxes": boxes}])
+    assert sizes == [(256, 256)]
+    # A crop of a 400 x 500 image: the scale 256 / 400 = 0.64 of the image, not of the crop.
+    _, sizes, targets = prep([torch.rand(3, 100, 200)], [{"boxes": boxes, "resize_as": (400, 500)}])
+    assert sizes == [(64, 128)]
+    assert torch.allclose(targets[0]["boxes"], boxes * 0.64)

@@ -135,27 +135,82 @@ def tile_grid(height: int, width: int, tile_size: int, overlap: int
 
 
 def crop_target(target: Target, x0: int, y0: int, x1: int, y1: int,
-                min_visibility: float = 0.5) -> Target:
+                min_visibility: float = 0.5, ignore_partial: bool = False) -> Target:
     """Boxes of `target` seen through the window (x0, y0, x1, y1), in window coordinates.
 
     Boxes are clipped to the window; a box keeping less than `min_visibility` of its area inside
-    is dropped (so is one with no area inside). Per-box fields (labels, iscrowd, difficult) are
-    filtered alike; orig_size becomes the window size and tile_origin records (x0, y0).
+    is dropped (so is one with no area inside) or, with `ignore_partial`, kept as a crowd box:
+    the matcher then ignores anchors over the cut object instead of calling them background.
+    Per-box fields (labels, iscrowd, difficult) are filtered alike; orig_size becomes the window
+    size and tile_origin records (x0, y0).
     """
     boxes = target["boxes"]
     clipped = torch.stack([boxes[:, 0].clamp(x0, x1), boxes[:, 1].clamp(y0, y1),
                            boxes[:, 2].clamp(x0, x1), boxes[:, 3].clamp(y0, y1)], dim=1)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-    keep = (inside > 0) & (inside >= min_visibility * area)
+    visible = inside >= min_visibility * area
+    keep = (inside > 0) & (visible | ignore_partial)
     out = dict(target)
     out["boxes"] = clipped[keep] - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
     for key in ("labels", "iscrowd", "difficult"):
         if key in target:
             out[key] = target[key][keep]
+    if ignore_partial:
+        crowd = target["iscrowd"] if "iscrowd" in target else torch.zeros(len(boxes), dtype=torch.bool)
+        out["iscrowd"] = (crowd | ~visible)[keep]
     out["orig_size"] = (y1 - y0, x1 - x0)
     out["tile_origin"] = (x0, y0)
     return out
+
+
+class RandomObjectCrop:
+    """Cut a ``size x size`` window out of the image at the image's own scale (object-centric
+    random crop): the window holds one randomly chosen object whole, at a uniformly random
+    position among those that do (anywhere, in an image without objects).
+
+    Training on windows instead of whole images buys more, cheaper steps from the same compute;
+    centring on an object keeps the foreground share at least that of whole images. Boxes cut
+    by the window keep their clipped box when ``min_visibility`` of their area is inside, and
+    become crowd boxes (ignored by the matcher) otherwise, so that part of a digit is neither
+    taught as a whole object nor as background. ``target["resize_as"]`` records the source size:
+    the model's preprocessor scales the window as it would have scaled the whole image, so
+    objects keep the size they have at test time.
+    """
+
+    def __init__(self, size: int, min_visibility: float = 0.7):
+        if size <= 0 or not 0.0 < min_visibility <= 1.0:
+            raise ValueError(f"need size > 0 and 0 < min_visibility <= 1, got {size}, {min_visibility}")
+        self.size, self.min_visibility = int(size), float(min_visibility)
+
+    @staticmethod
+    def _start(lo: float, hi: float, window: int, length: int) -> int:
+        """A random window start in [0, length - window] keeping [lo, hi] inside when it fits."""
+        first, last = max(0, math.ceil(hi) - window), min(math.floor(lo), length - window)
+        if first > last:  # the object is larger than the window: any start that overlaps it
+            first, last = max(0, min(first, last)), min(length - window, max(first, last))
+        last = max(first, last)
+        return first + int(torch.randint(last - first + 1, ()).item())
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        height, width = image.shape[-2:]
+        ch, cw = min(self.size, height), min(self.size, width)
+        boxes = target["boxes"]
+        objects = torch.arange(len(boxes))
+        if "iscrowd" in target:
+            objects = objects[~target["iscrowd"]]
+        if len(objects):
+            x1, y1, x2, y2 = boxes[int(objects[torch.randint(len(objects), ())])].tolist()
+            x0, y0 = self._start(x1, x2, cw, width), self._start(y1, y2, ch, height)
+        else:
+            x0 = int(torch.randint(width - cw + 1, ()).item())
+            y0 = int(torch.randint(height - ch + 1, ()).item())
+        out = crop_target(target, x0, y0, x0 + cw, y0 + ch, self.min_visibility, ignore_partial=True)
+        out["resize_as"] = target.get("resize_as", (height, width))
+        return image[:, y0:y0 + ch, x0:x0 + cw], out
+
+    def __repr__(self) -> str:
+        return f"RandomObjectCrop(size={self.size}, min_visibility={self.min_visibility})"
 
 
 def tile_image(image: torch.Tensor, target: Target | None, tile_size: int, overlap: int,

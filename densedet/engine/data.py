@@ -15,7 +15,7 @@ import random
 import torch
 
 from ..config import Config, ConfigError, DataConfig
-from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip,
+from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop,
                     TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
 
 __all__ = ["load_split", "build_train_dataset", "BatchStream"]
@@ -99,6 +99,8 @@ def build_train_dataset(cfg: Config, data: DetectionData):
         # per batch (see the trainer): resizing here would be undone by the model's own resize.
         if d.hflip_prob > 0:
             transforms.append(RandomHorizontalFlip(d.hflip_prob))
+        if d.crop_size > 0:
+            transforms.append(RandomObjectCrop(d.crop_size, d.crop_min_visibility))
     transform = Compose(transforms) if transforms else None
     if d.tile_size > 0:
         return TiledDataset(data, d.tile_size, d.tile_overlap, transforms=transform,

@@ -83,14 +83,18 @@ class ImagePreprocessor(nn.Module):
         return int(math.floor(h * scale[0])), int(math.floor(w * scale[1]))
 
     def resize(self, image: Tensor, target: dict | None, size: int | None = None) -> tuple[Tensor, dict | None]:
+        """Resize one image (and its target's boxes). A target holding ``resize_as: (H, W)`` (a
+        training crop, see ``data.transforms.RandomObjectCrop``) is scaled by the factors an
+        ``H x W`` image would get, so that its objects keep their test-time size."""
         h, w = image.shape[-2:]
-        scale = self._scale_for(h, w, size)
+        as_crop = target is not None and "resize_as" in target
+        scale = self._scale_for(*target["resize_as"], size) if as_crop else self._scale_for(h, w, size)
         if scale is None:
             return image, target
-        if self.fixed_size is not None:
+        if self.fixed_size is not None and not as_crop:
             image = F.interpolate(image[None], size=self.fixed_size, mode="bilinear", align_corners=False)[0]
         else:
-            image = F.interpolate(image[None], scale_factor=scale[0], mode="bilinear",
+            image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
                                   recompute_scale_factor=True, align_corners=False)[0]
         if target is not None and "boxes" in target:
             nh, nw = image.shape[-2:]
