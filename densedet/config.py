@@ -139,6 +139,9 @@ class TrainConfig:
     deterministic: bool = False
     output_dir: str = "runs/exp"
     max_bad_steps: int = 5                  # consecutive non-finite steps before the run stops
+    pretrain_minutes: float = 0.0           # >0: first teach the backbone to classify box crops this long (within max_minutes)
+    pretrain_iters: int = 0                 # >0: that warm-up for a fixed number of steps instead
+    pretrain_batch_size: int = 64           # crops per warm-up step
 
 
 @dataclass
@@ -282,6 +285,16 @@ def validate(cfg: Config) -> None:
                        "data.train_min_sizes", f"must be a non-empty list of positive sizes, got {cfg.data.train_min_sizes}"))
         checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.train_min_sizes",
                        "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
+    checks.append((cfg.train.pretrain_minutes >= 0 and cfg.train.pretrain_iters >= 0, "train.pretrain_minutes",
+                   "pretrain_minutes and pretrain_iters must be >= 0"))
+    checks.append((cfg.train.pretrain_batch_size > 0, "train.pretrain_batch_size",
+                   f"must be > 0, got {cfg.train.pretrain_batch_size}"))
+    if cfg.train.pretrain_minutes > 0 or cfg.train.pretrain_iters > 0:
+        checks.append((m.arch == "retinanet", "train.pretrain_minutes",
+                       "the box-crop warm-up is implemented for RetinaNet's ResNet trunk only"))
+        checks.append((cfg.train.max_minutes <= 0 or cfg.train.pretrain_minutes < cfg.train.max_minutes,
+                       "train.pretrain_minutes", f"({cfg.train.pretrain_minutes}) must leave part of "
+                       f"train.max_minutes ({cfg.train.max_minutes}) for detection"))
     checks.append((cfg.data.crop_size >= 0, "data.crop_size", f"must be >= 0, got {cfg.data.crop_size}"))
     checks.append((0 < cfg.data.crop_min_visibility <= 1, "data.crop_min_visibility",
                    f"must be in (0, 1], got {cfg.data.crop_min_visibility}"))

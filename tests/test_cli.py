@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from densedet.cli import build_parser, main
+from densedet.cli import build_parser, main, parse_args
 from densedet.config import save_config, to_dict
 from densedet.data import load_coco
 from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, model_from_checkpoint
@@ -57,6 +57,18 @@ def test_every_verb_has_a_help_that_describes_it(verb, capsys):
 
 def test_the_core_verbs_are_registered():
     assert {"demo", "train", "eval"} <= set(verbs())
+
+
+def test_overrides_may_follow_options():
+    args = parse_args(["train", "c.yaml", "solver.lr=0.1", "--weights", "w.pt", "train.batch_size=8"])
+    assert args.config == "c.yaml" and args.weights == "w.pt"
+    assert args.overrides == ["solver.lr=0.1", "train.batch_size=8"]
+    args = parse_args(["eval", "--weights", "w.pt", "model.min_size=384"])
+    assert args.overrides == ["model.min_size=384"]
+    with pytest.raises(SystemExit):
+        parse_args(["train", "c.yaml", "--weights", "w.pt", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        parse_args(["train", "c.yaml", "--weights", "w.pt", "stray"])
 
 
 # -- bad configs: exit 2 with the key named ---------------------------------------------------------

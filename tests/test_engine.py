@@ -132,6 +132,29 @@ def test_batch_stream_flips_are_seeded_per_sample(tiny_config):
     assert 0 < flipped < 16
 
 
+def test_batch_stream_crops_are_seeded_per_sample_windows_of_the_image(tiny_config):
+    """data.crop_size: sample k is the same window whatever stream draws it, cut from the image."""
+    cfg = tiny_config()
+    cfg.data.crop_size, cfg.data.hflip_prob = 64, 0.0
+    data = load_split(cfg.data, "train")
+    first = BatchStream(build_train_dataset(cfg, data), 2, seed=0)
+    second = BatchStream(build_train_dataset(cfg, data), 2, seed=0)
+    plain = build_train_dataset(cfg, data)
+    plain.transforms = None
+    origins = set()
+    for k in range(12):
+        (image, target), (again, target2) = first.sample(k), second.sample(k)
+        assert torch.equal(image, again) and torch.equal(target["boxes"], target2["boxes"])
+        original, whole = plain[first._index(k)]
+        x0, y0 = target["tile_origin"]
+        assert image.shape[-2:] == (64, 64) and target["resize_as"] == tuple(original.shape[-2:])
+        assert torch.equal(image, original[:, y0:y0 + 64, x0:x0 + 64])
+        kept = ~target["iscrowd"]
+        assert kept.any() == (len(whole["boxes"]) > 0)       # an image with objects holds one whole
+        origins.add((x0, y0))
+    assert len(origins) > 6
+
+
 def test_batch_stream_rejects_a_batch_that_does_not_split(tiny_config):
     cfg = tiny_config()
     dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))

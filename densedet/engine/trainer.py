@@ -232,6 +232,17 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     elif is_main:
         (out / "metrics.jsonl").write_text("")
 
+    pretrain_stats: dict = {}
+    if not resume and (cfg.train.pretrain_minutes > 0 or cfg.train.pretrain_iters > 0):
+        pretrain_stats = _pretrain(model, dataset, train_data, cfg, device, dtype, rank, world, say)
+        elapsed_before = pretrain_stats["seconds"]        # the warm-up is part of the time budget
+        if is_main:    # a run killed from here on resumes into detection, not into a second warm-up
+            atomic_save(_checkpoint(model, optimizer, cfg, 0, max_iters, train_data,
+                                    {"best_ap": best_ap, "elapsed": elapsed_before, "skipped_steps": 0,
+                                     "pretrain": pretrain_stats}), last_path)
+        last_saved = 0
+    elif resume:
+        pretrain_stats = ckpt.get("pretrain", {})
     budget = cfg.train.max_minutes * 60.0
     calibrated = resume or budget <= 0
     recent_steps: collections.deque = collections.deque(maxlen=20)
@@ -346,12 +357,14 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
             if is_main:
                 atomic_save(_checkpoint(model, optimizer, cfg, iteration, max_iters, train_data,
                                         {"best_ap": best_ap, "elapsed": elapsed_before + t_train,
-                                         "skipped_steps": skipped}), last_path)
+                                         "skipped_steps": skipped, "pretrain": pretrain_stats}), last_path)
             last_saved = iteration
 
     train_seconds = elapsed_before + t_train
-    say(f"training done: {iteration} iterations, {train_seconds / 60:.1f} min of training, "
-        f"{iteration * cfg.train.batch_size / max(train_seconds, 1e-9):.1f} images/s, {skipped} skipped steps")
+    detect_seconds = train_seconds - pretrain_stats.get("seconds", 0.0)
+    say(f"training done: {iteration} iterations, {train_seconds / 60:.1f} min of training"
+        f"{f' ({detect_seconds / 60:.1f} detecting)' if pretrain_stats else ''}, "
+        f"{iteration * cfg.train.batch_size / max(detect_seconds, 1e-9):.1f} images/s, {skipped} skipped steps")
     metrics = evaluate_model(model, val_data, cfg.test.batch_size, device, dtype, cfg.test.max_dets)
     if not is_main:
         return {}
@@ -362,8 +375,10 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     if metrics["AP"] > best_ap:
         atomic_save(final, out / "model_best.pt")
     summary = {**_scalars(metrics), "per_class": metrics.get("per_class", {}), "iterations": iteration,
-               "train_minutes": train_seconds / 60, "images_per_s": iteration * cfg.train.batch_size / train_seconds,
+               "train_minutes": train_seconds / 60, "images_per_s": iteration * cfg.train.batch_size / detect_seconds,
                "skipped_steps": skipped, "precision": str(dtype or "fp32")}
+    if pretrain_stats:
+        summary["pretrain"] = pretrain_stats
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     from ..evaluation import format_table
     say(format_table(metrics))
@@ -375,6 +390,36 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         say(f"(could not draw plots: {err})")
     say(f"run folder: {out} (model_final.pt, model_best.pt, metrics.json, metrics.jsonl, curves.png, predictions/)")
     return summary
+
+
+def _pretrain(model, dataset, train_data, cfg: Config, device, dtype, rank: int, world: int, say) -> dict:
+    """The box-crop warm-up of the trunk (``engine.pretrain``), on rank 0; with several processes the
+    others wait and receive the trunk's weights and statistics from it."""
+    from .pretrain import pretrain_backbone
+    from ..data import DetectionDataset
+    trunk = model.backbone.body
+    stats = {}
+    if rank == 0:
+        images = dataset if isinstance(dataset, DetectionDataset) else DetectionDataset(
+            train_data, cache_images=cfg.data.cache_images)
+        t = cfg.train
+        stats = pretrain_backbone(trunk, images.load_uint8, train_data, model.transform.mean, model.transform.std,
+                                  cfg.solver.lr, cfg.solver.weight_decay, t.pretrain_batch_size,
+                                  minutes=t.pretrain_minutes, iterations=t.pretrain_iters, seed=t.seed,
+                                  channels_last=t.channels_last, device=device,
+                                  autocast=lambda: autocast(device, dtype), log=say)
+        say(f"backbone warm-up done: {stats['iterations']} iterations, {stats['seconds'] / 60:.1f} min, "
+            f"{stats['crops_per_s']:.0f} crops/s, crop accuracy {stats['accuracy']:.3f}")
+    if world > 1:
+        with torch.no_grad():
+            for tensor in trunk.state_dict().values():
+                flat = tensor.contiguous()        # channels_last weights: broadcast a packed copy
+                dist.broadcast(flat, 0)
+                tensor.copy_(flat)
+        seconds = torch.tensor([stats.get("seconds", 0.0)], dtype=torch.float64, device=device)
+        dist.broadcast(seconds, 0)
+        stats = {**stats, "seconds": float(seconds.item())}
+    return stats
 
 
 def _all_finite(finite: bool, device: torch.device) -> bool:

@@ -1,0 +1,99 @@
+"""The box-crop warm-up of the backbone (``train.pretrain_minutes`` / ``pretrain_iters``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from densedet.backbones.resnet import ResNet
+from densedet.data import DetectionDataset
+from densedet.data.records import DetectionData, ImageRecord
+from densedet.engine.checkpoint import load_checkpoint
+from densedet.engine.data import load_split
+from densedet.engine.pretrain import box_items, crop_boxes, pretrain_backbone
+from densedet.engine.trainer import train
+
+pytestmark = pytest.mark.usefixtures("no_plots")
+
+
+def test_crop_boxes_cuts_the_window_around_the_box():
+    image = torch.zeros(3, 100, 120)
+    image[:, 30:50, 40:60] = 1.0                         # a white 20 x 20 square, box (40, 30, 60, 50)
+    boxes = torch.tensor([[40.0, 30.0, 60.0, 50.0]] * 3)
+    context = torch.tensor([1.0, 2.0, 2.0])
+    shift = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.5, 0.0]])
+    crops = crop_boxes(image, boxes, 16, context, shift)
+    assert crops.shape == (3, 3, 16, 16)
+    assert torch.allclose(crops[0], torch.ones(3, 16, 16))            # window = the box
+    inner = torch.zeros(16, 16)
+    inner[4:12, 4:12] = 1.0                                           # window twice the box: box in the middle half
+    assert torch.allclose(crops[1, 0], inner, atol=1e-6)
+    shifted = torch.zeros(16, 16)
+    shifted[4:12, 0:8] = 1.0                                          # centre moved right by half a box side
+    assert torch.allclose(crops[2, 0], shifted, atol=1e-6)
+
+
+def test_box_items_skip_crowd_boxes():
+    record = ImageRecord(file_name="a.png", image_id=1, height=10, width=10,
+                         boxes=np.array([[0, 0, 5, 5], [1, 1, 9, 9]], np.float32),
+                         labels=np.array([3, 1]), iscrowd=np.array([False, True]),
+                         difficult=np.array([False, False]))
+    data = DetectionData(records=[record], class_names=[str(i) for i in range(5)],
+                         category_ids=list(range(1, 6)), source="test")
+    assert box_items(data) == [(0, (0.0, 0.0, 5.0, 5.0), 3)]
+
+
+def _trunk():
+    torch.manual_seed(0)
+    return ResNet(18, norm="bn", frozen_stages=0, out_features=("res3", "res4", "res5"))
+
+
+def test_warm_up_learns_the_classes_of_real_digits_and_is_repeatable(make_tiny_config, tmp_path):
+    cfg = make_tiny_config(tmp_path)
+    data = load_split(cfg.data, "train")
+    images = DetectionDataset(data, cache_images=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+    def run(iterations):
+        trunk = _trunk()
+        stats = pretrain_backbone(trunk, images.load_uint8, data, mean, std, lr=2e-3, weight_decay=1e-4,
+                                  batch_size=16, iterations=iterations, seed=3)
+        return trunk.state_dict(), stats
+
+    before = _trunk().state_dict()
+    (first, _), (second, _) = run(4), run(4)
+    assert all(torch.equal(first[k], second[k]) for k in first)            # same seed, same weights
+    assert not torch.equal(first["conv1.weight"], before["conv1.weight"])  # the trunk was trained
+    assert not torch.equal(first["bn1.running_mean"], before["bn1.running_mean"])
+    _, stats = run(60)
+    assert stats["iterations"] == 60 and stats["boxes"] == len(box_items(data))
+    # 10 classes: chance is 0.1; the last 10 steps classify the (training) crops far better.
+    assert stats["accuracy"] > 0.5, stats
+
+
+def test_trainer_warms_up_counts_it_in_the_budget_and_resumes_past_it(make_tiny_config, tmp_path,
+                                                                      restore_torch_globals, monkeypatch):
+    cfg = make_tiny_config(tmp_path / "run")
+    cfg.train.pretrain_iters, cfg.train.pretrain_batch_size, cfg.train.max_iters = 3, 8, 2
+    summary = train(cfg, log=lambda _: None)
+    assert summary["pretrain"]["iterations"] == 3 and summary["pretrain"]["seconds"] > 0
+    assert summary["train_minutes"] * 60 > summary["pretrain"]["seconds"]    # the warm-up is inside
+    saved = json.loads((Path(cfg.train.output_dir) / "metrics.json").read_text())
+    assert saved["pretrain"]["iterations"] == 3
+    last = load_checkpoint(Path(cfg.train.output_dir) / "last.pt")
+    assert last["pretrain"]["iterations"] == 3 and last["iteration"] == 2
+
+    # Resuming never warms up again (the checkpoint already holds the warmed-up trunk).
+    import densedet.engine.pretrain as pretrain_module
+    monkeypatch.setattr(pretrain_module, "pretrain_backbone",
+                        lambda *a, **k: pytest.fail("resume must not repeat the warm-up"))
+    cfg.train.max_iters = 3
+    ckpt = load_checkpoint(Path(cfg.train.output_dir) / "last.pt")
+    ckpt["max_iters"] = 3
+    torch.save(ckpt, Path(cfg.train.output_dir) / "last.pt")
+    summary = train(cfg, resume=True, log=lambda _: None)
+    assert summary["iterations"] == 3 and summary["pretrain"]["iterations"] == 3
