@@ -18,6 +18,7 @@ comes from a generator seeded by (seed, iteration), so a fixed ``iterations`` ru
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import random
@@ -36,7 +37,7 @@ CROP_SIZES = (32, 48, 64, 96)
 CONTEXT = (1.1, 1.6)
 SHIFT = 0.1
 WARMUP_ITERS = 20
-CALIBRATION_ITERS = 10
+ACCURACY_WINDOW = 10
 
 
 def box_items(data: DetectionData) -> list[tuple[int, tuple[float, float, float, float], int]]:
@@ -87,8 +88,8 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
     """Train ``trunk`` (a module returning a list of feature maps with ``out_channels``) to classify
     the crops of ``data``'s boxes, for ``iterations`` steps or, when 0, for ``minutes``.
     ``load_image(i)`` gives image i as uint8 [3, H, W]; ``autocast()`` is the precision context.
-    Returns statistics of the run: iterations, seconds, crops_per_s, loss and accuracy (of the last
-    up-to-50 steps), boxes."""
+    Returns statistics of the run: iterations, seconds, crops_per_s, loss (last step), accuracy (C5
+    classifier, last ``ACCURACY_WINDOW`` steps, on the training crops), boxes."""
     items = box_items(data)
     if not items:
         raise ValueError("train.pretrain_minutes: the training set has no (non-crowd) boxes to classify")
@@ -100,13 +101,15 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     mean, std = mean.reshape(3, 1, 1).cpu(), std.reshape(3, 1, 1).cpu()
     planned = iterations if iterations > 0 else None
-    step_times: list[float] = []
+    budget = minutes * 60.0
     start = time.perf_counter()
-    correct = seen = 0
+    recent: collections.deque = collections.deque(maxlen=ACCURACY_WINDOW)   # (hits, crops) of the last steps
     iteration = 0
-    loss_value = float("nan")
-    while planned is None or iteration < planned:
-        t0 = time.perf_counter()
+    loss_value = accuracy = float("nan")
+    while (iteration < planned) if planned is not None else (time.perf_counter() - start < budget):
+        # Cosine over the planned steps, or over the time budget (crop sizes, and so step times,
+        # differ from step to step: a step count fitted from the first steps would miss the budget).
+        progress = iteration / planned if planned is not None else (time.perf_counter() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
         rng = random.Random(seed * 1_000_039 + iteration)
         size = rng.choice(CROP_SIZES)
@@ -130,8 +133,7 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
             batch = batch.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device)
 
-        total = planned if planned is not None else max(iteration + 1, WARMUP_ITERS)
-        factor = 0.5 * (1 + math.cos(math.pi * min(1.0, iteration / total)))
+        factor = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if iteration < WARMUP_ITERS:
             factor *= 0.01 + 0.99 * iteration / WARMUP_ITERS
         for group in optimizer.param_groups:
@@ -143,22 +145,14 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         loss.backward()
         optimizer.step()
         loss_value = float(loss.detach()) / len(logits)
-        hits = int((logits[-1].detach().argmax(1) == labels).sum())
-        correct, seen = correct + hits, seen + len(labels)
+        recent.append((int((logits[-1].detach().argmax(1) == labels).sum()), len(labels)))
+        accuracy = sum(h for h, _ in recent) / sum(n for _, n in recent)
         iteration += 1
-        step_times.append(time.perf_counter() - t0)
-        if planned is None and iteration == CALIBRATION_ITERS:
-            # From the measured step time, fix the iteration count (and so the cosine) for the budget.
-            per_iter = sum(step_times[2:]) / len(step_times[2:])
-            left = minutes * 60.0 - (time.perf_counter() - start)
-            planned = max(iteration + 1, iteration + int(left / per_iter * 0.98))
-            log(f"backbone warm-up on box crops: {len(items)} boxes, {per_iter:.2f} s/iteration of "
-                f"{batch_size} crops -> {planned} iterations in {minutes:g} min")
-        if iteration % 50 == 0 or iteration == planned:
-            log(f"  warm-up {iteration}/{planned}: loss {loss_value:.3f}, accuracy (last 50) "
-                f"{correct / max(1, seen):.3f}")
-            if iteration != planned:
-                correct = seen = 0
+        if iteration % 50 == 0:
+            log(f"  warm-up {iteration}{f'/{planned}' if planned else ''}: loss {loss_value:.3f}, "
+                f"accuracy {accuracy:.3f}")
     seconds = time.perf_counter() - start
+    log(f"backbone warm-up on box crops done: {len(items)} boxes, {iteration} steps of {batch_size} crops in "
+        f"{seconds / 60:.1f} min ({iteration * batch_size / seconds:.0f} crops/s), accuracy {accuracy:.3f}")
     return {"iterations": iteration, "seconds": seconds, "crops_per_s": iteration * batch_size / seconds,
-            "loss": loss_value, "accuracy": correct / max(1, seen), "boxes": len(items)}
+            "loss": loss_value, "accuracy": accuracy, "boxes": len(items)}

@@ -408,8 +408,6 @@ def _pretrain(model, dataset, train_data, cfg: Config, device, dtype, rank: int,
                                   minutes=t.pretrain_minutes, iterations=t.pretrain_iters, seed=t.seed,
                                   channels_last=t.channels_last, device=device,
                                   autocast=lambda: autocast(device, dtype), log=say)
-        say(f"backbone warm-up done: {stats['iterations']} iterations, {stats['seconds'] / 60:.1f} min, "
-            f"{stats['crops_per_s']:.0f} crops/s, crop accuracy {stats['accuracy']:.3f}")
     if world > 1:
         with torch.no_grad():
             for tensor in trunk.state_dict().values():
