@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
-import random
 import time
 from typing import Callable
 
@@ -95,6 +94,9 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         raise ValueError("train.pretrain_minutes: the training set has no (non-crowd) boxes to classify")
     if iterations <= 0 and minutes <= 0:
         raise ValueError("pretrain_backbone needs iterations > 0 or minutes > 0")
+    image_of = torch.tensor([index for index, _, _ in items])
+    box_of = torch.tensor([box for _, box, _ in items], dtype=torch.float32)
+    label_of = torch.tensor([label for _, _, label in items])
     device = device or torch.device("cpu")
     model = _CropClassifier(trunk, list(trunk.out_channels), data.num_classes).to(device)
     model.train()
@@ -111,23 +113,17 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         # differ from step to step: a step count fitted from the first steps would miss the budget).
         progress = iteration / planned if planned is not None else (time.perf_counter() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
-        rng = random.Random(seed * 1_000_039 + iteration)
-        size = rng.choice(CROP_SIZES)
-        picks = torch.randint(len(items), (batch_size,), generator=g).tolist()
+        picks = torch.randint(len(items), (batch_size,), generator=g)
+        size = CROP_SIZES[int(torch.randint(len(CROP_SIZES), (), generator=g))]
         context = torch.empty(batch_size).uniform_(*CONTEXT, generator=g)
         shift = torch.empty(batch_size, 2).uniform_(-SHIFT, SHIFT, generator=g)
-        crops = []
-        by_image: dict[int, list[int]] = {}
-        for j, k in enumerate(picks):
-            by_image.setdefault(items[k][0], []).append(j)
-        order = []
-        for index, js in by_image.items():
-            image = load_image(index).float().div_(255.0)
-            boxes = torch.tensor([items[picks[j]][1] for j in js], dtype=torch.float32)
-            crops.append(crop_boxes(image, boxes, size, context[js], shift[js]))
-            order += js
+        picks = picks[torch.argsort(image_of[picks], stable=True)]      # the crops of one image together
+        ids, counts = torch.unique_consecutive(image_of[picks], return_counts=True)
+        counts = counts.tolist()
+        crops = [crop_boxes(load_image(i).float().div_(255.0), box_of[p], size, c, d)
+                 for i, p, c, d in zip(ids.tolist(), picks.split(counts), context.split(counts), shift.split(counts))]
         batch = (torch.cat(crops) - mean) / std
-        labels = torch.tensor([items[picks[j]][2] for j in order])
+        labels = label_of[picks]
         batch = batch.to(device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
