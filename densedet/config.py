@@ -64,6 +64,7 @@ class ModelConfig:
     cls_loss: str = "focal"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    class_ce_weight: float = 0.0            # > 0 adds softmax cross-entropy over the K logits at foreground anchors
     box_loss: str = "l1"                    # l1 | smooth_l1 | giou
     smooth_l1_beta: float = 0.0
     bbox_reg_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
@@ -285,6 +286,7 @@ def validate(cfg: Config) -> None:
                        "data.train_min_sizes", f"must be a non-empty list of positive sizes, got {cfg.data.train_min_sizes}"))
         checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.train_min_sizes",
                        "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
+    checks.append((m.class_ce_weight >= 0, "model.class_ce_weight", f"must be >= 0, got {m.class_ce_weight}"))
     checks.append((cfg.train.pretrain_minutes >= 0 and cfg.train.pretrain_iters >= 0, "train.pretrain_minutes",
                    "pretrain_minutes and pretrain_iters must be >= 0"))
     checks.append((cfg.train.pretrain_batch_size > 0, "train.pretrain_batch_size",

@@ -190,6 +190,28 @@ def test_classification_loss_sums_focal_loss_over_non_ignored_anchors():
     assert loss.item() == pytest.approx(total.item() / fg, rel=1e-5)
 
 
+def test_class_cross_entropy_term_is_softmax_ce_over_foreground_anchors():
+    # Brute force, anchor by anchor: -log softmax(logits)[true class] summed over the foreground
+    # anchors, over the same normaliser as the focal loss; absent when the weight is 0.
+    from densedet.matching import pad_targets
+    model, logits, deltas, anchors, _ = _dense_case(bsz=1, seed=5)
+    targets = [_target([[10, 10, 50, 60], [60, 30, 120, 90]], [2, 0])]
+    plain = model.compute_loss(logits, deltas, anchors, targets)
+    assert set(plain) == {"cls", "box"}
+    matched = model.matcher(anchors, pad_targets(targets)).matched_idxs[0]
+    total, fg = 0.0, 0
+    for j in range(anchors.shape[0]):
+        m = int(matched[j])
+        if m >= 0:
+            label = int(targets[0]["labels"][m])
+            total += -(logits[0, j, label] - torch.logsumexp(logits[0, j], 0)).item()
+            fg += 1
+    assert fg > 0
+    model.class_ce_weight = 0.5
+    losses = model.compute_loss(logits, deltas, anchors, targets)
+    assert losses["cls_ce"].item() == pytest.approx(0.5 * total / fg, rel=1e-5)
+    assert losses["cls"].item() == plain["cls"].item() and losses["box"].item() == plain["box"].item()
+
 # --- inference batching --------------------------------------------------------------------------------
 
 def test_batched_postprocess_equals_each_image_alone():

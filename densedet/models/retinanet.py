@@ -14,6 +14,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..anchors import AnchorGenerator, retinanet_anchor_sizes
@@ -135,7 +136,7 @@ class RetinaNet(nn.Module):
                  head: RetinaNetHead | None = None, preprocessor: ImagePreprocessor | None = None,
                  matcher: Matcher | None = None, box_coder: BoxCoder | None = None, *,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_loss: str = "l1",
-                 smooth_l1_beta: float = 0.0, cls_loss: str = "focal",
+                 smooth_l1_beta: float = 0.0, cls_loss: str = "focal", class_ce_weight: float = 0.0,
                  score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
                  detections_per_img: int = 100) -> None:
         super().__init__()
@@ -149,6 +150,7 @@ class RetinaNet(nn.Module):
         self.num_classes = num_classes
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.cls_loss, self.box_loss, self.smooth_l1_beta = cls_loss, box_loss, smooth_l1_beta
+        self.class_ce_weight = class_ce_weight
         self.score_thresh, self.topk_candidates = score_thresh, topk_candidates
         self.nms_thresh, self.detections_per_img = nms_thresh, detections_per_img
         head_a = self.head.classification_head.cls_logits.out_channels // num_classes
@@ -201,7 +203,14 @@ class RetinaNet(nn.Module):
         anchors_fg = anchors.unsqueeze(0).expand_as(deltas)[foreground]
         loss_box = box_regression_loss(self.box_loss, deltas[foreground], gt_boxes[foreground], anchors_fg,
                                        self.box_coder, self.smooth_l1_beta) / normalizer
-        return {"cls": loss_cls, "box": loss_box}
+        losses = {"cls": loss_cls, "box": loss_box}
+        if self.class_ce_weight > 0:
+            # Not in the paper: the sigmoid focal loss scores each class on its own, so early in training
+            # a digit lights up several classes at once. Cross-entropy over the K logits of the
+            # foreground anchors ranks the true class above the others directly.
+            ce = F.cross_entropy(logits[foreground].float(), gt_labels[foreground], reduction="sum")
+            losses["cls_ce"] = self.class_ce_weight * ce / normalizer
+        return losses
 
     def classification_loss(self, logits: Tensor, targets: Tensor, num_images: int) -> Tensor:
         """Summed ablation loss (``model.cls_loss`` other than focal, which ``compute_loss`` fuses)
@@ -313,6 +322,7 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
                      Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches),
                      BoxCoder(tuple(cfg.bbox_reg_weights)),
                      focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, box_loss=cfg.box_loss,
-                     smooth_l1_beta=cfg.smooth_l1_beta, cls_loss=cfg.cls_loss, score_thresh=cfg.score_thresh,
+                     smooth_l1_beta=cfg.smooth_l1_beta, cls_loss=cfg.cls_loss,
+                     class_ce_weight=cfg.class_ce_weight, score_thresh=cfg.score_thresh,
                      topk_candidates=cfg.topk_candidates, nms_thresh=cfg.nms_thresh,
                      detections_per_img=cfg.detections_per_img)
