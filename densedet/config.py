@@ -287,6 +287,8 @@ def validate(cfg: Config) -> None:
         checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.train_min_sizes",
                        "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
     checks.append((m.class_ce_weight >= 0, "model.class_ce_weight", f"must be >= 0, got {m.class_ce_weight}"))
+    checks.append((m.class_ce_weight == 0 or m.arch == "retinanet", "model.class_ce_weight",
+                   "is a RetinaNet option (RefineDet's ODM already uses a softmax)"))
     checks.append((cfg.train.pretrain_minutes >= 0 and cfg.train.pretrain_iters >= 0, "train.pretrain_minutes",
                    "pretrain_minutes and pretrain_iters must be >= 0"))
     checks.append((cfg.train.pretrain_batch_size > 0, "train.pretrain_batch_size",

@@ -108,6 +108,8 @@ def test_override_without_equals_sign_is_rejected():
     ("data.crop_size=-1", "data.crop_size"),
     ("data.crop_min_visibility=1.5", "data.crop_min_visibility"),
     ("model.arch=refinedet data.crop_size=160", "data.crop_size"),
+    ("model.class_ce_weight=-0.5", "model.class_ce_weight"),
+    ("model.arch=refinedet model.class_ce_weight=0.5", "model.class_ce_weight"),
 ])
 def test_impossible_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
