@@ -340,6 +340,7 @@ def test_two_processes_compute_the_gradient_of_the_whole_batch(tiny_config, tmp_
     from densedet.models import build_from_config
     cfg = with_p7(tiny_config(norm="gn"))
     cfg.train.batch_size = 4
+    cfg.model.class_ce_weight = 0.5     # its cross-entropy term shares the all-reduced normaliser
     mp.spawn(_ddp_gradients, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     shards = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -355,6 +356,7 @@ def test_two_processes_compute_the_gradient_of_the_whole_batch(tiny_config, tmp_
         torch.testing.assert_close(mean, value.detach(), rtol=1e-5, atol=1e-5)
     # the shards really differ, so the check above is not trivially true
     assert not torch.equal(shards[0]["losses"]["cls"], shards[1]["losses"]["cls"])
+    assert set(losses) == {"cls", "box", "cls_ce"}
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == shards[0]["grads"].keys() == shards[1]["grads"].keys()
     for name, grad in grads.items():
