@@ -41,15 +41,15 @@ def image_breakdown(gt_boxes, gt_labels, det_boxes, det_scores, det_labels, scor
     same = gt_labels[:, None] == det_labels[None, :]
     hit = iou >= 0.5
     sizes = ((gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])).sqrt()
-    right = torch.where(hit & same, det_scores[None, :], 0.0).amax(1) if len(det_scores) else torch.zeros(len(gt_boxes))
-    objects = []
-    for g in range(len(gt_boxes)):
-        rank = None
-        if hit[g].any():
-            per_class = torch.zeros(int(max(det_labels.max(), gt_labels.max())) + 1)
-            per_class.scatter_reduce_(0, det_labels[hit[g]], det_scores[hit[g]], "amax")
-            rank = int((per_class > per_class[gt_labels[g]]).sum())
-        objects.append((float(sizes[g]), float(right[g]), rank))
+    # best score of each class among the detections overlapping each object: [G, K]
+    num_classes = int(torch.cat([gt_labels, det_labels]).max()) + 1 if len(gt_labels) else 1
+    per_class = torch.zeros(len(gt_boxes), num_classes).scatter_reduce_(
+        1, det_labels.expand(len(gt_boxes), -1), torch.where(hit, det_scores, 0.0), "amax")
+    right = per_class.gather(1, gt_labels[:, None]).squeeze(1)
+    rank = (per_class > right[:, None]).sum(1)
+    detected = hit.any(1)
+    objects = [(s, r, k if d else None) for s, r, k, d in
+               zip(sizes.tolist(), right.tolist(), rank.tolist(), detected.tolist())]
     kinds, taken = [], torch.zeros(len(gt_boxes), dtype=torch.bool)
     for d in torch.argsort(det_scores, descending=True).tolist():
         if det_scores[d] < score_min:

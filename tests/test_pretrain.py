@@ -37,14 +37,19 @@ def test_crop_boxes_cuts_the_window_around_the_box():
     assert torch.allclose(crops[2, 0], shifted, atol=1e-6)
 
 
-def test_box_items_skip_crowd_boxes():
-    record = ImageRecord(file_name="a.png", image_id=1, height=10, width=10,
-                         boxes=np.array([[0, 0, 5, 5], [1, 1, 9, 9]], np.float32),
-                         labels=np.array([3, 1]), iscrowd=np.array([False, True]),
-                         difficult=np.array([False, False]))
-    data = DetectionData(records=[record], class_names=[str(i) for i in range(5)],
+def test_box_items_skip_crowd_boxes_and_keep_each_boxs_image():
+    def record(i, boxes, labels, crowd):
+        return ImageRecord(file_name=f"{i}.png", image_id=i, height=10, width=10,
+                           boxes=np.array(boxes, np.float32).reshape(-1, 4), labels=np.array(labels, np.int64),
+                           iscrowd=np.array(crowd, bool), difficult=np.zeros(len(labels), bool))
+    records = [record(1, [[0, 0, 5, 5], [1, 1, 9, 9]], [3, 1], [False, True]),
+               record(2, [], [], []),                                          # a negative image
+               record(3, [[2, 2, 4, 6]], [4], [False])]
+    data = DetectionData(records=records, class_names=[str(i) for i in range(5)],
                          category_ids=list(range(1, 6)), source="test")
-    assert box_items(data) == [(0, (0.0, 0.0, 5.0, 5.0), 3)]
+    image_of, boxes, labels = box_items(data)
+    assert image_of.tolist() == [0, 2]
+    assert boxes.tolist() == [[0.0, 0.0, 5.0, 5.0], [2.0, 2.0, 4.0, 6.0]] and labels.tolist() == [3, 4]
 
 
 def _trunk():
@@ -70,7 +75,7 @@ def test_warm_up_learns_the_classes_of_real_digits_and_is_repeatable(make_tiny_c
     assert not torch.equal(first["conv1.weight"], before["conv1.weight"])  # the trunk was trained
     assert not torch.equal(first["bn1.running_mean"], before["bn1.running_mean"])
     _, stats = run(60)
-    assert stats["iterations"] == 60 and stats["boxes"] == len(box_items(data))
+    assert stats["iterations"] == 60 and stats["boxes"] == len(box_items(data)[0])
     # 10 classes: chance is 0.1; the last 10 steps classify the (training) crops far better.
     assert stats["accuracy"] > 0.5, stats
 

@@ -24,6 +24,7 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,14 +40,16 @@ WARMUP_ITERS = 20
 ACCURACY_WINDOW = 10
 
 
-def box_items(data: DetectionData) -> list[tuple[int, tuple[float, float, float, float], int]]:
-    """(image index, box, label) of every non-crowd box of ``data``."""
-    items = []
-    for index, record in enumerate(data.records):
-        for box, label, crowd in zip(record.boxes.tolist(), record.labels.tolist(), record.iscrowd.tolist()):
-            if not crowd:
-                items.append((index, tuple(box), int(label)))
-    return items
+def box_items(data: DetectionData) -> tuple[Tensor, Tensor, Tensor]:
+    """Every non-crowd box of ``data``: image indices [N], boxes [N, 4] float32, labels [N]."""
+    counts = [len(r.boxes) for r in data.records]
+    if not sum(counts):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    image_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    boxes = torch.from_numpy(np.concatenate([r.boxes for r in data.records])).float()
+    labels = torch.from_numpy(np.concatenate([r.labels for r in data.records])).long()
+    keep = ~torch.from_numpy(np.concatenate([r.iscrowd for r in data.records]).astype(bool))
+    return image_of[keep], boxes[keep], labels[keep]
 
 
 def crop_boxes(image: Tensor, boxes: Tensor, size: int, context: Tensor, shift: Tensor) -> Tensor:
@@ -89,14 +92,11 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
     ``load_image(i)`` gives image i as uint8 [3, H, W]; ``autocast()`` is the precision context.
     Returns statistics of the run: iterations, seconds, crops_per_s, loss (last step), accuracy (C5
     classifier, last ``ACCURACY_WINDOW`` steps, on the training crops), boxes."""
-    items = box_items(data)
-    if not items:
+    image_of, box_of, label_of = box_items(data)
+    if not len(image_of):
         raise ValueError("train.pretrain_minutes: the training set has no (non-crowd) boxes to classify")
     if iterations <= 0 and minutes <= 0:
         raise ValueError("pretrain_backbone needs iterations > 0 or minutes > 0")
-    image_of = torch.tensor([index for index, _, _ in items])
-    box_of = torch.tensor([box for _, box, _ in items], dtype=torch.float32)
-    label_of = torch.tensor([label for _, _, label in items])
     device = device or torch.device("cpu")
     model = _CropClassifier(trunk, list(trunk.out_channels), data.num_classes).to(device)
     model.train()
@@ -113,7 +113,7 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         # differ from step to step: a step count fitted from the first steps would miss the budget).
         progress = iteration / planned if planned is not None else (time.perf_counter() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
-        picks = torch.randint(len(items), (batch_size,), generator=g)
+        picks = torch.randint(len(image_of), (batch_size,), generator=g)
         size = CROP_SIZES[int(torch.randint(len(CROP_SIZES), (), generator=g))]
         context = torch.empty(batch_size).uniform_(*CONTEXT, generator=g)
         shift = torch.empty(batch_size, 2).uniform_(-SHIFT, SHIFT, generator=g)
@@ -148,7 +148,7 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
             log(f"  warm-up {iteration}{f'/{planned}' if planned else ''}: loss {loss_value:.3f}, "
                 f"accuracy {accuracy:.3f}")
     seconds = time.perf_counter() - start
-    log(f"backbone warm-up on box crops done: {len(items)} boxes, {iteration} steps of {batch_size} crops in "
+    log(f"backbone warm-up on box crops done: {len(image_of)} boxes, {iteration} steps of {batch_size} crops in "
         f"{seconds / 60:.1f} min ({iteration * batch_size / seconds:.0f} crops/s), accuracy {accuracy:.3f}")
     return {"iterations": iteration, "seconds": seconds, "crops_per_s": iteration * batch_size / seconds,
-            "loss": loss_value, "accuracy": accuracy, "boxes": len(items)}
+            "loss": loss_value, "accuracy": accuracy, "boxes": len(image_of)}
