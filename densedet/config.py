@@ -143,6 +143,8 @@ class TrainConfig:
     pretrain_minutes: float = 0.0           # >0: first teach the backbone to classify box crops this long (within max_minutes)
     pretrain_iters: int = 0                 # >0: that warm-up for a fixed number of steps instead
     pretrain_batch_size: int = 64           # crops per warm-up step
+    pretrain_lr: float = 0.0                # AdamW learning rate of the warm-up; 0: solver.lr
+    pretrain_freeze_stages: int = 0         # >0: after the warm-up, freeze these stages as model.frozen_stages does
 
 
 @dataclass
@@ -293,6 +295,9 @@ def validate(cfg: Config) -> None:
                    "pretrain_minutes and pretrain_iters must be >= 0"))
     checks.append((cfg.train.pretrain_batch_size > 0, "train.pretrain_batch_size",
                    f"must be > 0, got {cfg.train.pretrain_batch_size}"))
+    checks.append((0 <= cfg.train.pretrain_freeze_stages <= 5, "train.pretrain_freeze_stages",
+                   f"must be in 0..5, got {cfg.train.pretrain_freeze_stages}"))
+    checks.append((cfg.train.pretrain_lr >= 0, "train.pretrain_lr", f"must be >= 0, got {cfg.train.pretrain_lr}"))
     if cfg.train.pretrain_minutes > 0 or cfg.train.pretrain_iters > 0:
         checks.append((m.arch == "retinanet", "train.pretrain_minutes",
                        "the box-crop warm-up is implemented for RetinaNet's ResNet trunk only"))

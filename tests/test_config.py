@@ -110,6 +110,8 @@ def test_override_without_equals_sign_is_rejected():
     ("model.arch=refinedet data.crop_size=160", "data.crop_size"),
     ("model.class_ce_weight=-0.5", "model.class_ce_weight"),
     ("model.arch=refinedet model.class_ce_weight=0.5", "model.class_ce_weight"),
+    ("train.pretrain_lr=-0.001", "train.pretrain_lr"),
+    ("train.pretrain_freeze_stages=6", "train.pretrain_freeze_stages"),
 ])
 def test_impossible_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

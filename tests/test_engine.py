@@ -368,16 +368,18 @@ def test_two_processes_compute_the_gradient_of_the_whole_batch(tiny_config, tmp_
 def test_torchrun_two_processes_train_like_one(tiny_config, tmp_path, restore_torch_globals):
     """``torchrun --nproc_per_node 2 -m densedet train`` (gloo) ends with the weights one process
     reaches on the same global batches (GroupNorm backbone; see the test above for why), including
-    the box-crop warm-up, which rank 0 runs and broadcasts."""
+    the box-crop warm-up, which rank 0 runs and broadcasts, and the stages frozen after it."""
     single = with_p7(tiny_config("single", norm="gn"))
     # 4 images: 2 a process, since GN at P7 (1x1 at 128 px) needs more than one value per group
     single.train.max_iters, single.train.checkpoint_period, single.train.batch_size = 3, 3, 4
     single.train.pretrain_iters, single.train.pretrain_batch_size = 2, 8
+    single.train.pretrain_freeze_stages = 2     # DDP must be built after the freeze, or it waits for their grads
     train(single, log=lambda msg: None)
 
     double = with_p7(tiny_config("double", norm="gn"))
     double.train.max_iters, double.train.checkpoint_period, double.train.batch_size = 3, 3, 4
     double.train.pretrain_iters, double.train.pretrain_batch_size = 2, 8
+    double.train.pretrain_freeze_stages = 2
     config_path = tmp_path / "ddp.yaml"
     save_config(double, config_path)
     env = subprocess_env()

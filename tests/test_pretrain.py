@@ -102,3 +102,41 @@ def test_trainer_warms_up_counts_it_in_the_budget_and_resumes_past_it(make_tiny_
     torch.save(ckpt, Path(cfg.train.output_dir) / "last.pt")
     summary = train(cfg, resume=True, log=lambda _: None)
     assert summary["iterations"] == 3 and summary["pretrain"]["iterations"] == 3
+
+
+def test_warm_up_at_its_own_rate_then_frozen_stages_keep_its_weights_and_statistics_also_on_resume(
+        make_tiny_config, tmp_path, restore_torch_globals, monkeypatch):
+    import densedet.engine.pretrain as pretrain_module
+    cfg = make_tiny_config(tmp_path / "run")
+    cfg.train.pretrain_iters, cfg.train.pretrain_batch_size, cfg.train.max_iters = 3, 8, 2
+    cfg.train.pretrain_freeze_stages = 2                  # the stem and layer1
+    cfg.train.pretrain_lr = 0.005                         # solver.lr is 0.01
+    real, warmed, rates = pretrain_module.pretrain_backbone, {}, []
+
+    def spy(trunk, load_image, data, mean, std, lr, *args, **kwargs):
+        rates.append(lr)
+        stats = real(trunk, load_image, data, mean, std, lr, *args, **kwargs)
+        warmed.update({k: v.clone() for k, v in trunk.state_dict().items()})
+        return stats
+
+    monkeypatch.setattr(pretrain_module, "pretrain_backbone", spy)
+    out = Path(cfg.train.output_dir)
+
+    def body_after_training():
+        state = load_checkpoint(out / "model_final.pt")["model"]
+        return {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
+
+    train(cfg, log=lambda _: None)
+    assert rates == [0.005]
+    body = body_after_training()
+    early = [k for k in body if k.startswith(("conv1.", "bn1.", "layer1."))]
+    assert len(early) > 20 and all(torch.equal(body[k], warmed[k]) for k in early)   # weights and BN statistics
+    assert not torch.equal(body["layer2.0.conv1.weight"], warmed["layer2.0.conv1.weight"])    # the rest trains
+
+    ckpt = load_checkpoint(out / "last.pt")          # a third step, resumed: frozen again
+    ckpt["max_iters"] = 3
+    torch.save(ckpt, out / "last.pt")
+    cfg.train.max_iters = 3
+    assert train(cfg, resume=True, log=lambda _: None)["iterations"] == 3
+    body = body_after_training()
+    assert all(torch.equal(body[k], warmed[k]) for k in early)

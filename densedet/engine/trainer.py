@@ -200,10 +200,6 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {cfg.model.arch} {cfg.model.backbone}, {n_params / 1e6:.1f}M parameters, norm {cfg.model.norm}")
     optimizer = build_optimizer(model, cfg)
-    ddp_model = model
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
 
     start_iter, max_iters, best_ap = 0, cfg.train.max_iters, -1.0
     elapsed_before, skipped_before = 0.0, 0
@@ -243,6 +239,14 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         last_saved = 0
     elif resume:
         pretrain_stats = ckpt.get("pretrain", {})
+    if pretrain_stats and cfg.train.pretrain_freeze_stages > 0:
+        # The warm-up taught the early stages their filters; detection then skips their backward.
+        model.backbone.body.freeze(cfg.train.pretrain_freeze_stages)
+        model.train()
+    ddp_model = model
+    if world > 1:       # after any freezing: DDP reduces the gradients of the parameters that need them
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
     budget = cfg.train.max_minutes * 60.0
     calibrated = resume or budget <= 0
     recent_steps: collections.deque = collections.deque(maxlen=20)
@@ -404,7 +408,7 @@ def _pretrain(model, dataset, train_data, cfg: Config, device, dtype, rank: int,
             train_data, cache_images=cfg.data.cache_images)
         t = cfg.train
         stats = pretrain_backbone(trunk, images.load_uint8, train_data, model.transform.mean, model.transform.std,
-                                  cfg.solver.lr, cfg.solver.weight_decay, t.pretrain_batch_size,
+                                  t.pretrain_lr or cfg.solver.lr, cfg.solver.weight_decay, t.pretrain_batch_size,
                                   minutes=t.pretrain_minutes, iterations=t.pretrain_iters, seed=t.seed,
                                   channels_last=t.channels_last, device=device,
                                   autocast=lambda: autocast(device, dtype), log=say)
