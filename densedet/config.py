@@ -144,7 +144,7 @@ class TrainConfig:
     pretrain_iters: int = 0                 # >0: that warm-up for a fixed number of steps instead
     pretrain_batch_size: int = 64           # crops per warm-up step
     pretrain_lr: float = 0.0                # AdamW learning rate of the warm-up; 0: solver.lr
-    pretrain_freeze_stages: int = 0         # >0: after the warm-up, freeze these stages as model.frozen_stages does
+    pretrain_freeze_stages: int = 0         # >0: after the warm-up (none: no effect), freeze these stages as model.frozen_stages does
 
 
 @dataclass

@@ -5,15 +5,18 @@ from a handful of positive anchors per image. A crop of each annotated box, resi
 pixels, teaches the same thing far more cheaply: a 64 px crop costs ~1/25 of a 320 px image and
 is a whole labelled example. ``train.pretrain_minutes`` (or ``train.pretrain_iters``) spends that
 part of the training budget on it before the detection loop starts, then hands the trunk to the
-detector; the classifier layers are thrown away.
+detector; the classifier layers are thrown away. ``train.pretrain_freeze_stages`` then keeps the
+trunk's first stages as the warm-up left them (the trainer freezes them; detection skips their
+backward pass).
 
 A batch: ``batch_size`` boxes drawn at random (non-crowd), each cut out as a square window
 ``context`` times the box's longer side (drawn from [1.1, 1.6]), its centre shifted by up to 10%
 of that side, resampled to one side length per batch drawn from ``CROP_SIZES`` and normalised as
 the model's preprocessor does. Loss: cross-entropy of a linear classifier on the global average of
 every trunk output (deep supervision: C3 and C4 learn the classes too, not only C5). AdamW at
-``solver.lr``, 20 warm-up steps, cosine to zero over the planned iterations. Every random draw
-comes from a generator seeded by (seed, iteration), so a fixed ``iterations`` run is repeatable.
+``train.pretrain_lr`` (or ``solver.lr``), 20 warm-up steps, cosine to zero over the planned
+iterations. Every random draw comes from a generator seeded by (seed, iteration), so a fixed
+``iterations`` run is repeatable.
 """
 
 from __future__ import annotations
