@@ -80,6 +80,15 @@ def test_warm_up_learns_the_classes_of_real_digits_and_is_repeatable(make_tiny_c
     assert stats["accuracy"] > 0.5, stats
 
 
+def _resume_to(cfg, max_iters: int) -> dict:
+    """Resume ``cfg``'s finished run with its schedule extended to ``max_iters``."""
+    last = Path(cfg.train.output_dir) / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["max_iters"] = cfg.train.max_iters = max_iters
+    torch.save(ckpt, last)
+    return train(cfg, resume=True, log=lambda _: None)
+
+
 def test_trainer_warms_up_counts_it_in_the_budget_and_resumes_past_it(make_tiny_config, tmp_path,
                                                                       restore_torch_globals, monkeypatch):
     cfg = make_tiny_config(tmp_path / "run")
@@ -96,11 +105,7 @@ def test_trainer_warms_up_counts_it_in_the_budget_and_resumes_past_it(make_tiny_
     import densedet.engine.pretrain as pretrain_module
     monkeypatch.setattr(pretrain_module, "pretrain_backbone",
                         lambda *a, **k: pytest.fail("resume must not repeat the warm-up"))
-    cfg.train.max_iters = 3
-    ckpt = load_checkpoint(Path(cfg.train.output_dir) / "last.pt")
-    ckpt["max_iters"] = 3
-    torch.save(ckpt, Path(cfg.train.output_dir) / "last.pt")
-    summary = train(cfg, resume=True, log=lambda _: None)
+    summary = _resume_to(cfg, 3)
     assert summary["iterations"] == 3 and summary["pretrain"]["iterations"] == 3
 
 
@@ -133,10 +138,6 @@ def test_warm_up_at_its_own_rate_then_frozen_stages_keep_its_weights_and_statist
     assert len(early) > 20 and all(torch.equal(body[k], warmed[k]) for k in early)   # weights and BN statistics
     assert not torch.equal(body["layer2.0.conv1.weight"], warmed["layer2.0.conv1.weight"])    # the rest trains
 
-    ckpt = load_checkpoint(out / "last.pt")          # a third step, resumed: frozen again
-    ckpt["max_iters"] = 3
-    torch.save(ckpt, out / "last.pt")
-    cfg.train.max_iters = 3
-    assert train(cfg, resume=True, log=lambda _: None)["iterations"] == 3
+    assert _resume_to(cfg, 3)["iterations"] == 3      # a third step, resumed: frozen again
     body = body_after_training()
     assert all(torch.equal(body[k], warmed[k]) for k in early)
