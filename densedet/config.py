@@ -139,10 +139,12 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     output_dir: str = "runs/exp"
+    ema_decay: float = 0.0                  # >0: keep an exponential moving average of the weights (e.g. 0.99); evaluated and saved
     max_bad_steps: int = 5                  # consecutive non-finite steps before the run stops
     pretrain_minutes: float = 0.0           # >0: first teach the backbone to classify box crops this long (within max_minutes)
     pretrain_iters: int = 0                 # >0: that warm-up for a fixed number of steps instead
     pretrain_batch_size: int = 64           # crops per warm-up step
+    pretrain_crop_sizes: list[int] = field(default_factory=lambda: [32, 48, 64, 96])  # one per warm-up step, drawn at random
     pretrain_lr: float = 0.0                # AdamW learning rate of the warm-up; 0: solver.lr
     pretrain_freeze_stages: int = 0         # >0: after the warm-up (none: no effect), freeze these stages as model.frozen_stages does
 
@@ -291,10 +293,13 @@ def validate(cfg: Config) -> None:
     checks.append((m.class_ce_weight >= 0, "model.class_ce_weight", f"must be >= 0, got {m.class_ce_weight}"))
     checks.append((m.class_ce_weight == 0 or m.arch == "retinanet", "model.class_ce_weight",
                    "is a RetinaNet option (RefineDet's ODM already uses a softmax)"))
+    checks.append((0 <= cfg.train.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {cfg.train.ema_decay}"))
     checks.append((cfg.train.pretrain_minutes >= 0 and cfg.train.pretrain_iters >= 0, "train.pretrain_minutes",
                    "pretrain_minutes and pretrain_iters must be >= 0"))
     checks.append((cfg.train.pretrain_batch_size > 0, "train.pretrain_batch_size",
                    f"must be > 0, got {cfg.train.pretrain_batch_size}"))
+    checks.append((len(cfg.train.pretrain_crop_sizes) > 0 and all(s >= 16 for s in cfg.train.pretrain_crop_sizes),
+                   "train.pretrain_crop_sizes", f"must be a non-empty list of sizes >= 16, got {cfg.train.pretrain_crop_sizes}"))
     checks.append((0 <= cfg.train.pretrain_freeze_stages <= 5, "train.pretrain_freeze_stages",
                    f"must be in 0..5, got {cfg.train.pretrain_freeze_stages}"))
     checks.append((cfg.train.pretrain_lr >= 0, "train.pretrain_lr", f"must be >= 0, got {cfg.train.pretrain_lr}"))

@@ -112,6 +112,10 @@ def test_override_without_equals_sign_is_rejected():
     ("model.arch=refinedet model.class_ce_weight=0.5", "model.class_ce_weight"),
     ("train.pretrain_lr=-0.001", "train.pretrain_lr"),
     ("train.pretrain_freeze_stages=6", "train.pretrain_freeze_stages"),
+    ("train.pretrain_crop_sizes=[]", "train.pretrain_crop_sizes"),
+    ("train.pretrain_crop_sizes=[8,64]", "train.pretrain_crop_sizes"),
+    ("train.ema_decay=1.0", "train.ema_decay"),
+    ("train.ema_decay=-0.5", "train.ema_decay"),
 ])
 def test_impossible_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

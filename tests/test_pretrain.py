@@ -80,6 +80,23 @@ def test_warm_up_learns_the_classes_of_real_digits_and_is_repeatable(make_tiny_c
     assert stats["accuracy"] > 0.5, stats
 
 
+def test_warm_up_draws_one_of_the_given_crop_sizes_per_step(make_tiny_config, tmp_path, monkeypatch):
+    import densedet.engine.pretrain as pretrain_module
+    cfg = make_tiny_config(tmp_path)
+    data = load_split(cfg.data, "train")
+    images = DetectionDataset(data, cache_images=True)
+    real, sizes = pretrain_module.crop_boxes, []
+
+    def spy(image, boxes, size, context, shift):
+        sizes.append(size)
+        return real(image, boxes, size, context, shift)
+
+    monkeypatch.setattr(pretrain_module, "crop_boxes", spy)
+    pretrain_backbone(_trunk(), images.load_uint8, data, torch.zeros(3), torch.ones(3), lr=1e-3,
+                      weight_decay=0.0, batch_size=4, crop_sizes=(24, 40), iterations=12, seed=0)
+    assert set(sizes) == {24, 40}
+
+
 def _resume_to(cfg, max_iters: int) -> dict:
     """Resume ``cfg``'s finished run with its schedule extended to ``max_iters``."""
     last = Path(cfg.train.output_dir) / "last.pt"
@@ -116,10 +133,11 @@ def test_warm_up_at_its_own_rate_then_frozen_stages_keep_its_weights_and_statist
     cfg.train.pretrain_iters, cfg.train.pretrain_batch_size, cfg.train.max_iters = 3, 8, 2
     cfg.train.pretrain_freeze_stages = 2                  # the stem and layer1
     cfg.train.pretrain_lr = 0.005                         # solver.lr is 0.01
+    cfg.train.pretrain_crop_sizes = [48, 64]
     real, warmed, rates = pretrain_module.pretrain_backbone, {}, []
 
     def spy(trunk, load_image, data, mean, std, lr, *args, **kwargs):
-        rates.append(lr)
+        rates.append((lr, kwargs["crop_sizes"]))
         stats = real(trunk, load_image, data, mean, std, lr, *args, **kwargs)
         warmed.update({k: v.clone() for k, v in trunk.state_dict().items()})
         return stats
@@ -132,7 +150,7 @@ def test_warm_up_at_its_own_rate_then_frozen_stages_keep_its_weights_and_statist
         return {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
 
     train(cfg, log=lambda _: None)
-    assert rates == [0.005]
+    assert rates == [(0.005, (48, 64))]
     body = body_after_training()
     early = [k for k in body if k.startswith(("conv1.", "bn1.", "layer1."))]
     assert len(early) > 20 and all(torch.equal(body[k], warmed[k]) for k in early)   # weights and BN statistics

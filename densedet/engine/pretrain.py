@@ -11,7 +11,7 @@ backward pass).
 
 A batch: ``batch_size`` boxes drawn at random (non-crowd), each cut out as a square window
 ``context`` times the box's longer side (drawn from [1.1, 1.6]), its centre shifted by up to 10%
-of that side, resampled to one side length per batch drawn from ``CROP_SIZES`` and normalised as
+of that side, resampled to one side length per batch drawn from ``crop_sizes`` (default ``CROP_SIZES``) and normalised as
 the model's preprocessor does. Loss: cross-entropy of a linear classifier on the global average of
 every trunk output (deep supervision: C3 and C4 learn the classes too, not only C5). AdamW at
 ``train.pretrain_lr`` (or ``solver.lr``), 20 warm-up steps, cosine to zero over the planned
@@ -87,7 +87,7 @@ class _CropClassifier(nn.Module):
 
 def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], data: DetectionData,
                       mean: Tensor, std: Tensor, lr: float, weight_decay: float, batch_size: int = 64,
-                      minutes: float = 0.0, iterations: int = 0, seed: int = 0, channels_last: bool = True,
+                      crop_sizes: tuple[int, ...] = CROP_SIZES, minutes: float = 0.0, iterations: int = 0, seed: int = 0, channels_last: bool = True,
                       device: torch.device | None = None, autocast: Callable = contextlib.nullcontext,
                       log: Callable[[str], None] = lambda _: None) -> dict:
     """Train ``trunk`` (a module returning a list of feature maps with ``out_channels``) to classify
@@ -117,7 +117,7 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         progress = iteration / planned if planned is not None else (time.perf_counter() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
         picks = torch.randint(len(image_of), (batch_size,), generator=g)
-        size = CROP_SIZES[int(torch.randint(len(CROP_SIZES), (), generator=g))]
+        size = crop_sizes[int(torch.randint(len(crop_sizes), (), generator=g))]
         context = torch.empty(batch_size).uniform_(*CONTEXT, generator=g)
         shift = torch.empty(batch_size, 2).uniform_(-SHIFT, SHIFT, generator=g)
         picks = picks[torch.argsort(image_of[picks], stable=True)]      # the crops of one image together

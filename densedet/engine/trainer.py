@@ -18,6 +18,7 @@ Guarantees:
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from ..device import autocast, default_device, flush_denormals, resolve_precisio
 from ..models import build_from_config
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from .data import BatchStream, build_train_dataset, load_split
+from .ema import ModelEMA
 from .evaluate import evaluate_model
 
 __all__ = ["train", "TrainingError", "build_optimizer", "lr_factor", "init_distributed"]
@@ -243,6 +245,12 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         # The warm-up taught the early stages their filters; detection then skips their backward.
         model.backbone.body.freeze(cfg.train.pretrain_freeze_stages)
         model.train()
+    ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    if ema is not None and resume:
+        if "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+        elif start_iter > 0:
+            say(f"note: {last_path} holds no weight average (written without train.ema_decay); it starts here")
     ddp_model = model
     if world > 1:       # after any freezing: DDP reduces the gradients of the parameters that need them
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -289,6 +297,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
                 finite = _all_finite(finite, device)
         if finite:
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
             bad_in_a_row = 0
         else:
             skipped += 1
@@ -348,20 +358,22 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
             max_iters, done = iteration, True
         periodic_eval = cfg.train.eval_period and iteration % cfg.train.eval_period == 0 and not done
         if periodic_eval:
-            metrics = evaluate_model(model, val_data, cfg.test.batch_size, device, dtype, cfg.test.max_dets)
+            with ema.applied(model) if ema is not None else contextlib.nullcontext():
+                metrics = evaluate_model(model, val_data, cfg.test.batch_size, device, dtype, cfg.test.max_dets)
+                if is_main and metrics["AP"] > best_ap:     # saves the evaluated weights: the average if any
+                    best_ap = metrics["AP"]
+                    atomic_save(_checkpoint(model, optimizer, cfg, iteration, max_iters, train_data,
+                                            {"metrics": _scalars(metrics)}), out / "model_best.pt")
             if is_main:
                 say(f"iteration {iteration}: AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}")
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"iteration": iteration, "eval": _scalars(metrics)}) + "\n")
-                if metrics["AP"] > best_ap:
-                    best_ap = metrics["AP"]
-                    atomic_save(_checkpoint(model, optimizer, cfg, iteration, max_iters, train_data,
-                                            {"metrics": _scalars(metrics)}), out / "model_best.pt")
         if done or iteration % cfg.train.checkpoint_period == 0:
             if is_main:
                 atomic_save(_checkpoint(model, optimizer, cfg, iteration, max_iters, train_data,
                                         {"best_ap": best_ap, "elapsed": elapsed_before + t_train,
-                                         "skipped_steps": skipped, "pretrain": pretrain_stats}), last_path)
+                                         "skipped_steps": skipped, "pretrain": pretrain_stats,
+                                         **({"ema": ema.state_dict()} if ema is not None else {})}), last_path)
             last_saved = iteration
 
     train_seconds = elapsed_before + t_train
@@ -369,6 +381,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     say(f"training done: {iteration} iterations, {train_seconds / 60:.1f} min of training"
         f"{f' ({detect_seconds / 60:.1f} detecting)' if pretrain_stats else ''}, "
         f"{iteration * cfg.train.batch_size / max(detect_seconds, 1e-9):.1f} images/s, {skipped} skipped steps")
+    if ema is not None:     # from here on the model is the average: evaluated, saved, drawn
+        model.load_state_dict(ema.state)
     metrics = evaluate_model(model, val_data, cfg.test.batch_size, device, dtype, cfg.test.max_dets)
     if not is_main:
         return {}
@@ -409,7 +423,8 @@ def _pretrain(model, dataset, train_data, cfg: Config, device, dtype, rank: int,
         t = cfg.train
         stats = pretrain_backbone(trunk, images.load_uint8, train_data, model.transform.mean, model.transform.std,
                                   t.pretrain_lr or cfg.solver.lr, cfg.solver.weight_decay, t.pretrain_batch_size,
-                                  minutes=t.pretrain_minutes, iterations=t.pretrain_iters, seed=t.seed,
+                                  crop_sizes=tuple(t.pretrain_crop_sizes), minutes=t.pretrain_minutes,
+                                  iterations=t.pretrain_iters, seed=t.seed,
                                   channels_last=t.channels_last, device=device,
                                   autocast=lambda: autocast(device, dtype), log=say)
     if world > 1:
