@@ -84,6 +84,17 @@ def test_wrong_type_is_named(override, key):
         apply_overrides(Config(), [override])
 
 
+def test_exponent_without_a_dot_is_a_float_on_the_command_line_and_in_yaml(tmp_path):
+    """PyYAML follows YAML 1.1, where 1e-4 (no dot) is a string; a float field takes it as 1e-4."""
+    cfg = apply_overrides(Config(), ["solver.lr=2e-3", "solver.weight_decay=.5E-4", "train.ema_decay=1e-9"])
+    assert (cfg.solver.lr, cfg.solver.weight_decay, cfg.train.ema_decay) == (2e-3, 5e-5, 1e-9)
+    path = tmp_path / "c.yaml"
+    path.write_text("solver:\n  lr: 1e-2\n")
+    assert load_config(path).solver.lr == 0.01
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):       # not where an int is expected
+        apply_overrides(Config(), ["train.batch_size=1e3"])
+
+
 def test_wrong_type_in_yaml_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("solver:\n  steps: 100\n")
