@@ -106,6 +106,23 @@ def no_plots():
     report.plot_curves, report.draw_predictions = real
 
 
+@pytest.fixture
+def stop_training_at(monkeypatch):
+    """``stop_training_at(n)``: from now on a run asking the batch stream for iteration ``n`` is
+    interrupted there (KeyboardInterrupt, as a Ctrl-C); ``stop_training_at(None)`` lifts it."""
+    from densedet.engine.data import BatchStream
+    real = BatchStream.batch
+
+    def interrupted(self, iteration):
+        if iteration == stop["at"]:
+            raise KeyboardInterrupt
+        return real(self, iteration)
+
+    stop = {"at": None}
+    monkeypatch.setattr(BatchStream, "batch", interrupted)
+    return lambda iteration: stop.update(at=iteration)
+
+
 @pytest.fixture(autouse=True)
 def _reset_flush_denormal():
     """densedet's training/inference entry points turn on flush-to-zero for denormals (process-wide

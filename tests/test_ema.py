@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from densedet.engine.checkpoint import load_checkpoint
-from densedet.engine.data import BatchStream
 from densedet.engine.ema import ModelEMA
 from densedet.engine.trainer import train
 
@@ -81,7 +80,7 @@ def with_ema(cfg):
     return cfg
 
 
-def test_trainer_saves_the_average_and_resume_continues_it(tiny_config, monkeypatch, restore_torch_globals):
+def test_trainer_saves_the_average_and_resume_continues_it(tiny_config, stop_training_at, restore_torch_globals):
     """model_final.pt holds the average (last.pt keeps the trained weights beside it), and a run
     stopped during iteration 4 and resumed ends with the same average, bit for bit."""
     straight = with_ema(tiny_config("straight"))
@@ -94,18 +93,11 @@ def test_trainer_saves_the_average_and_resume_continues_it(tiny_config, monkeypa
     assert not torch.equal(final["model"][name], last["model"][name])
 
     resumed = with_ema(tiny_config("resumed"))
-    real_batch = BatchStream.batch
-
-    def interrupted(self, iteration):
-        if iteration == 3:
-            raise KeyboardInterrupt
-        return real_batch(self, iteration)
-
-    monkeypatch.setattr(BatchStream, "batch", interrupted)
+    stop_training_at(3)
     with pytest.raises(KeyboardInterrupt):
         train(resumed, log=lambda msg: None)
     assert load_checkpoint(Path(resumed.train.output_dir) / "last.pt")["ema"]["updates"] == 2
-    monkeypatch.setattr(BatchStream, "batch", real_batch)
+    stop_training_at(None)
     train(resumed, resume=True, log=lambda msg: None)
     again = load_checkpoint(Path(resumed.train.output_dir) / "model_final.pt")["model"]
     differ = [k for k in again if not torch.equal(again[k], final["model"][k])]

@@ -193,27 +193,20 @@ def test_training_twice_gives_identical_weights(straight_run, tiny_config, resto
     assert metrics["iterations"] == 6 and metrics["skipped_steps"] == 0
 
 
-def test_resume_after_an_interruption_equals_the_uninterrupted_run(straight_run, tiny_config, monkeypatch,
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(straight_run, tiny_config, stop_training_at,
                                                                    restore_torch_globals):
     """Stop during iteration 4 (last.pt holds iteration 2, iteration 3's step is lost), resume:
     the final weights and the logged losses equal the straight run's bit for bit, and
     metrics.jsonl lists every iteration once."""
     cfg_a, _ = straight_run
     cfg = tiny_config("resumed")
-    real_batch = BatchStream.batch
-
-    def interrupted(self, iteration):
-        if iteration == 3:
-            raise KeyboardInterrupt
-        return real_batch(self, iteration)
-
-    monkeypatch.setattr(BatchStream, "batch", interrupted)
+    stop_training_at(3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=lambda msg: None)
     assert load_checkpoint(Path(cfg.train.output_dir) / "last.pt")["iteration"] == 2
     assert not (Path(cfg.train.output_dir) / "model_final.pt").exists()
 
-    monkeypatch.setattr(BatchStream, "batch", real_batch)
+    stop_training_at(None)
     logs = []
     metrics = train(cfg, resume=True, log=logs.append)
     assert any("resumed from" in line and "iteration 2/6" in line for line in logs)
