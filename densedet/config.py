@@ -140,12 +140,12 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     output_dir: str = "runs/exp"
-    ema_decay: float = 0.0                  # >0: keep an exponential moving average of the weights (e.g. 0.99); evaluated and saved
+    ema_decay: float = 0.0                  # >0: keep a moving average of the weights (e.g. 0.999), evaluated and saved
     max_bad_steps: int = 5                  # consecutive non-finite steps before the run stops
     pretrain_minutes: float = 0.0           # >0: first teach the backbone to classify box crops this long (within max_minutes)
     pretrain_iters: int = 0                 # >0: that warm-up for a fixed number of steps instead
     pretrain_batch_size: int = 64           # crops per warm-up step
-    pretrain_crop_sizes: list[int] = field(default_factory=lambda: [32, 48, 64, 96])  # one per warm-up step, drawn at random
+    pretrain_crop_sizes: list[int] = field(default_factory=lambda: [32, 48, 64, 96])  # crop side, one drawn per step
     pretrain_lr: float = 0.0                # AdamW learning rate of the warm-up; 0: solver.lr
     pretrain_freeze_stages: int = 0         # >0: after the warm-up (none: no effect), freeze these stages as model.frozen_stages does
 

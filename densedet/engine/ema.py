@@ -2,7 +2,8 @@
 
 The average is taken over the whole floating-point state: parameters and BatchNorm statistics. Its
 decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the first steps,
-whose weights are far from anything useful, fade out quickly instead of dominating a short run.
+whose weights are far from anything useful, fade out quickly instead of dominating a short run
+(the ramp passes 0.99 only after ~900 steps: in shorter runs it, not ``decay``, sets the average).
 Evaluation during and at the end of training uses the averaged weights, and the final checkpoint
 holds them; ``last.pt`` holds both the trained weights and the average, so ``--resume`` continues
 both.
@@ -27,6 +28,7 @@ class ModelEMA:
         self.updates = 0
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._float_keys = [k for k, v in self.state.items() if v.is_floating_point()]
+        self._other_keys = [k for k in self.state if k not in self._float_keys]   # BatchNorm's step count
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -37,9 +39,8 @@ class ModelEMA:
         weight = 1.0 - self.current_decay()
         live = model.state_dict()
         torch._foreach_lerp_([self.state[k] for k in self._float_keys], [live[k] for k in self._float_keys], weight)
-        for k, v in live.items():            # integer buffers (BatchNorm's step count) are copied
-            if not v.is_floating_point():
-                self.state[k].copy_(v)
+        for k in self._other_keys:           # integer buffers are copied, not averaged
+            self.state[k].copy_(live[k])
         self.updates += 1
 
     @contextlib.contextmanager

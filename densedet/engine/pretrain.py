@@ -11,8 +11,8 @@ backward pass).
 
 A batch: ``batch_size`` boxes drawn at random (non-crowd), each cut out as a square window
 ``context`` times the box's longer side (drawn from [1.1, 1.6]), its centre shifted by up to 10%
-of that side, resampled to one side length per batch drawn from ``crop_sizes`` (default ``CROP_SIZES``) and normalised as
-the model's preprocessor does. Loss: cross-entropy of a linear classifier on the global average of
+of that side, resampled to one side length per batch drawn from ``crop_sizes``
+(``train.pretrain_crop_sizes``, default ``CROP_SIZES``) and normalised as the model's preprocessor does. Loss: cross-entropy of a linear classifier on the global average of
 every trunk output (deep supervision: C3 and C4 learn the classes too, not only C5). AdamW at
 ``train.pretrain_lr`` (or ``solver.lr``), 20 warm-up steps, cosine to zero over the planned
 iterations. Every random draw comes from a generator seeded by (seed, iteration), so a fixed
@@ -87,7 +87,8 @@ class _CropClassifier(nn.Module):
 
 def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], data: DetectionData,
                       mean: Tensor, std: Tensor, lr: float, weight_decay: float, batch_size: int = 64,
-                      crop_sizes: tuple[int, ...] = CROP_SIZES, minutes: float = 0.0, iterations: int = 0, seed: int = 0, channels_last: bool = True,
+                      crop_sizes: tuple[int, ...] = CROP_SIZES, minutes: float = 0.0, iterations: int = 0,
+                      seed: int = 0, channels_last: bool = True,
                       device: torch.device | None = None, autocast: Callable = contextlib.nullcontext,
                       log: Callable[[str], None] = lambda _: None) -> dict:
     """Train ``trunk`` (a module returning a list of feature maps with ``out_channels``) to classify
