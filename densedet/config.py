@@ -147,7 +147,7 @@ class TrainConfig:
     pretrain_batch_size: int = 64           # crops per warm-up step
     pretrain_crop_sizes: list[int] = field(default_factory=lambda: [32, 48, 64, 96])  # crop side, one drawn per step
     pretrain_lr: float = 0.0                # AdamW learning rate of the warm-up; 0: solver.lr
-    pretrain_freeze_stages: int = 0         # >0: after the warm-up (none: no effect), freeze these stages as model.frozen_stages does
+    pretrain_freeze_stages: int = 0         # >0: after the warm-up, freeze these stages as model.frozen_stages does
 
 
 @dataclass
@@ -181,7 +181,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; read it as the float it means."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -216,8 +225,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
-            return float(value)     # PyYAML reads 1e-4 (no dot) as a string: YAML 1.1 wants 1.0e-4
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -261,7 +268,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ConfigError(f"unknown key {key} in override {item!r}")
         try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            node[parts[-1]] = _load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
     out = from_dict(Config, tree)
@@ -304,8 +311,9 @@ def validate(cfg: Config) -> None:
                    "pretrain_minutes and pretrain_iters must be >= 0"))
     checks.append((cfg.train.pretrain_batch_size > 0, "train.pretrain_batch_size",
                    f"must be > 0, got {cfg.train.pretrain_batch_size}"))
-    checks.append((len(cfg.train.pretrain_crop_sizes) > 0 and all(s >= 16 for s in cfg.train.pretrain_crop_sizes),
-                   "train.pretrain_crop_sizes", f"must be a non-empty list of sizes >= 16, got {cfg.train.pretrain_crop_sizes}"))
+    crop_sizes = cfg.train.pretrain_crop_sizes
+    checks.append((len(crop_sizes) > 0 and all(s >= 16 for s in crop_sizes), "train.pretrain_crop_sizes",
+                   f"must be a non-empty list of sizes >= 16, got {crop_sizes}"))
     checks.append((0 <= cfg.train.pretrain_freeze_stages <= 5, "train.pretrain_freeze_stages",
                    f"must be in 0..5, got {cfg.train.pretrain_freeze_stages}"))
     checks.append((cfg.train.pretrain_lr >= 0, "train.pretrain_lr", f"must be >= 0, got {cfg.train.pretrain_lr}"))
@@ -333,7 +341,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (keys not given keep their defaults) and apply overrides."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as err:

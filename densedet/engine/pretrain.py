@@ -12,11 +12,12 @@ backward pass).
 A batch: ``batch_size`` boxes drawn at random (non-crowd), each cut out as a square window
 ``context`` times the box's longer side (drawn from [1.1, 1.6]), its centre shifted by up to 10%
 of that side, resampled to one side length per batch drawn from ``crop_sizes``
-(``train.pretrain_crop_sizes``, default ``CROP_SIZES``) and normalised as the model's preprocessor does. Loss: cross-entropy of a linear classifier on the global average of
-every trunk output (deep supervision: C3 and C4 learn the classes too, not only C5). AdamW at
-``train.pretrain_lr`` (or ``solver.lr``), 20 warm-up steps, cosine to zero over the planned
-iterations. Every random draw comes from a generator seeded by (seed, iteration), so a fixed
-``iterations`` run is repeatable.
+(``train.pretrain_crop_sizes``, default ``CROP_SIZES``) and normalised as the model's preprocessor
+does. Loss: cross-entropy of a linear classifier on the global average of every trunk output
+(deep supervision: C3 and C4 learn the classes too, not only C5). AdamW at ``train.pretrain_lr``
+(or ``solver.lr``), 20 warm-up steps, cosine to zero over the planned iterations. Every random
+draw comes from a generator seeded by (seed, iteration), so a fixed ``iterations`` run is
+repeatable.
 """
 
 from __future__ import annotations
