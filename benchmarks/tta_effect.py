@@ -1,10 +1,13 @@
 """COCO AP of a checkpoint single-scale vs each test-time augmentation mode (issue 4's measurement).
 
     python benchmarks/tta_effect.py --weights runs/demo/model_final.pt [--max-images 100]
+    python benchmarks/tta_effect.py --weights runs/demo/model_final.pt --scale-sets 320,384 320,352,384,416,448
 
 Runs every mode on the checkpoint's validation split and prints one markdown table: the
 single-scale baseline first, each TTA mode with its AP and the change against that baseline,
 and the seconds per image (measured in the same run, so the cost is comparable too).
+``--scale-sets`` replaces the preset modes with one multi-scale pass set per argument (input
+sizes, no flip, box voting: what ``test.tta_scales`` runs).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from densedet.data import DetectionDataset, to_coco_dict
 from densedet.engine.checkpoint import model_from_checkpoint
 from densedet.engine.data import load_split
 from densedet.evaluation import detections_to_coco, evaluate_coco
-from densedet.tta import FLIP_ONLY, apply_soft_nms, refinedet_tta, tta_inference, model_input_size
+from densedet.tta import FLIP_ONLY, TTAConfig, apply_soft_nms, refinedet_tta, tta_inference, model_input_size
 
 
 def evaluate(model, data, images, predict, batch_size: int = 8) -> tuple[dict, float]:
@@ -39,6 +42,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True)
     parser.add_argument("--max-images", type=int, default=0, help="0: the whole validation split")
+    parser.add_argument("--scale-sets", nargs="+", default=[], metavar="S1,S2,…",
+                        help="instead of the preset modes: these input-size sets, no flip, box voting")
     args = parser.parse_args()
     model, cfg, _ = model_from_checkpoint(args.weights)
     data = load_split(cfg.data, "val")
@@ -57,6 +62,11 @@ def main() -> int:
         ("multi-scale + flip, soft voting", lambda ims: tta_inference(model, ims, dataclasses.replace(multi, merge="soft_vote"))),
         ("multi-scale + flip, NMS", lambda ims: tta_inference(model, ims, dataclasses.replace(multi, merge="nms"))),
     ]
+    if args.scale_sets:
+        sets = [TTAConfig(scales=tuple(int(v) for v in spec.split(",")), flip=False, merge="vote")
+                for spec in args.scale_sets]
+        modes = modes[:1] + [(f"scales {', '.join(map(str, t.scales))}, box voting",
+                              lambda ims, t=t: tta_inference(model, ims, t)) for t in sets]
     rows = []
     for name, predict in modes:
         metrics, seconds = evaluate(model, data, images, predict)

@@ -57,10 +57,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"run folder {cfg.train.output_dir}", file=sys.stderr)
     metrics = train(cfg, resume=args.resume)
     keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]
-    print("\n| " + " | ".join(keys) + " | train min | img/s |")
-    print("|" + "---|" * (len(keys) + 2))
-    print("| " + " | ".join(f"{metrics[k]:.3f}" for k in keys) +
-          f" | {metrics['train_minutes']:.1f} | {metrics['images_per_s']:.1f} |")
+    rows = [("single scale", metrics["single_scale"])] if "single_scale" in metrics else []
+    tta = metrics.get("tta")
+    rows.append((f"TTA {'/'.join(map(str, tta['scales']))} {tta['merge']}" if tta else "single scale", metrics))
+    print("\n| evaluation | " + " | ".join(keys) + " | train min | img/s |")
+    print("|" + "---|" * (len(keys) + 3))
+    for name, numbers in rows:
+        print(f"| {name} | " + " | ".join(f"{numbers[k]:.3f}" for k in keys) +
+              f" | {metrics['train_minutes']:.1f} | {metrics['images_per_s']:.1f} |")
     return 0
 
 
@@ -80,6 +84,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .engine.checkpoint import model_from_checkpoint
     from .engine.data import load_split
     from .engine.evaluate import predict_dataset
+    from .tta import tta_from_config
     from .data import to_coco_dict
     from .evaluation import evaluate_coco, evaluate_voc_from_coco, format_table, format_voc_table, plot_pr_curves
     model, cfg, _ = model_from_checkpoint(args.weights)
@@ -96,7 +101,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .config import ConfigError
         raise ConfigError(f"model.num_classes of {args.weights} is {cfg.model.num_classes} but the {args.split} data "
                           f"has {data.num_classes} classes ({', '.join(data.class_names[:12])})")
-    results = predict_dataset(model, data, cfg.test.batch_size, device, dtype)
+    tta = tta_from_config(cfg.test)
+    if tta is not None:
+        print(f"test-time augmentation (test.tta_*): scales {list(tta.scales)}{', flip' if tta.flip else ''}, "
+              f"merged by {tta.merge}; test.tta_scales=[] evaluates single-scale", file=sys.stderr)
+    results = predict_dataset(model, data, cfg.test.batch_size, device, dtype, tta=tta)
     gt = to_coco_dict(data)
     if args.metric == "coco":
         metrics = evaluate_coco(results, gt, max_dets=max_dets, class_names=data.class_names)
@@ -144,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO / VOC metrics of a checkpoint or of a results file",
                        description="Evaluate a checkpoint on its config's validation split (--weights), or an "
                        "existing COCO results file against COCO annotations without a model (--results, "
-                       "--annotations). Prints the table; --out writes the numbers as JSON.")
+                       "--annotations). A checkpoint whose config sets test.tta_scales is evaluated with that "
+                       "test-time augmentation (override test.tta_scales=[] for single scale). Prints the table; "
+                       "--out writes the numbers as JSON.")
     p.add_argument("overrides", nargs="*", help="config overrides for --weights, e.g. data.val=other.json")
     p.add_argument("--weights", help="a densedet checkpoint")
     p.add_argument("--results", help="a COCO results JSON to evaluate without a model")

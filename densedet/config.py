@@ -104,6 +104,8 @@ class DataConfig:
     train_min_sizes: list[int] | None = None  # multi-scale training, one shorter side per batch; None: model.min_size
     augment: str = "basic"                  # basic (flip, multi-scale) | ssd (RefineDet)
     crop_size: int = 0                      # >0: train on object-centred crop_size windows at the image's scale
+    crop_sizes: list[int] = field(default_factory=list)  # instead of crop_size: one window size per batch, of
+                                            # batch_size x (largest / size)^2 windows (same pixels per batch)
     crop_min_visibility: float = 0.7        # a box cut by the window below this visible share is ignored
     tile_size: int = 0                      # >0: train on overlapping tiles of large images
     tile_overlap: int = 64
@@ -155,6 +157,10 @@ class TestConfig:
     max_dets: list[int] = field(default_factory=lambda: [1, 10, 100])
     batch_size: int = 8
     num_vis: int = 6
+    tta_scales: list[int] = field(default_factory=list)  # test-time augmentation of the final evaluation and of
+                                            # `densedet eval`: one pass per input size (shorter side); [] = none
+    tta_flip: bool = False                  # also each pass's horizontal mirror
+    tta_merge: str = "vote"                 # nms | vote | soft_vote | soft_nms_linear | soft_nms_gaussian
 
 
 @dataclass
@@ -324,9 +330,18 @@ def validate(cfg: Config) -> None:
                        "train.pretrain_minutes", f"({cfg.train.pretrain_minutes}) must leave part of "
                        f"train.max_minutes ({cfg.train.max_minutes}) for detection"))
     checks.append((cfg.data.crop_size >= 0, "data.crop_size", f"must be >= 0, got {cfg.data.crop_size}"))
+    checks.append((all(s >= 32 for s in cfg.test.tta_scales), "test.tta_scales",
+                   f"must be input sizes >= 32, got {cfg.test.tta_scales}"))
+    from .tta import MERGE_METHODS
+    checks.append((cfg.test.tta_merge in MERGE_METHODS, "test.tta_merge",
+                   f"must be one of {', '.join(MERGE_METHODS)}, got {cfg.test.tta_merge!r}"))
+    crops = cfg.data.crop_sizes
+    checks.append((all(s >= 16 for s in crops), "data.crop_sizes", f"must be sizes >= 16, got {crops}"))
+    checks.append((not (crops and cfg.data.crop_size), "data.crop_sizes",
+                   f"replaces data.crop_size; set one of them, got crop_size {cfg.data.crop_size} and {crops}"))
     checks.append((0 < cfg.data.crop_min_visibility <= 1, "data.crop_min_visibility",
                    f"must be in (0, 1], got {cfg.data.crop_min_visibility}"))
-    if cfg.data.crop_size:
+    if cfg.data.crop_size or crops:
         checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.crop_size",
                        "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
     if m.arch == "refinedet":

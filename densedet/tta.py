@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from .boxes import batched_nms, box_voting, soft_nms
 
-__all__ = ["TTAConfig", "REFINEDET320_SCALES", "FLIP_ONLY", "refinedet_tta", "tta_preset", "tta_inference",
+__all__ = ["TTAConfig", "REFINEDET320_SCALES", "FLIP_ONLY", "refinedet_tta", "tta_from_config", "tta_preset",
+           "tta_inference",
            "apply_soft_nms", "merge_detections", "size_range_mask", "detect_resized", "model_input_size",
            "pass_preprocessor", "MERGE_METHODS"]
 
@@ -131,6 +132,13 @@ def refinedet_tta(base_size: int, multiple: int = 64, merge: str = "vote") -> TT
     ranges = tuple((None if lo is None else lo * factor, None if hi is None else hi * factor)
                    for lo, hi in REFINEDET320_SCALES.ranges)
     return replace(REFINEDET320_SCALES, scales=scales, ranges=ranges, merge=merge)
+
+
+def tta_from_config(test) -> TTAConfig | None:
+    """The TTA a config's ``test`` section asks for (``tta_scales``, ``tta_flip``, ``tta_merge``), or None."""
+    if not test.tta_scales:
+        return None
+    return TTAConfig(scales=tuple(test.tta_scales), flip=test.tta_flip, merge=test.tta_merge)
 
 
 def tta_preset(name: str, model: nn.Module | None = None) -> TTAConfig | None:

@@ -170,6 +170,25 @@ def test_eval_of_a_checkpoint_prints_the_table_and_writes_json(untrained_checkpo
         assert metrics[key] == pytest.approx(reference[key], abs=1e-6)
 
 
+def test_eval_of_a_checkpoint_runs_the_configs_tta(untrained_checkpoint, digit_scenes, tmp_path, capsys):
+    """test.tta_scales (from the checkpoint's config or, here, an override) makes ``densedet eval``
+    predict with that test-time augmentation."""
+    from densedet.tta import TTAConfig
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--weights", str(untrained_checkpoint), "--out", str(out), "--precision", "fp32",
+                 "model.score_thresh=0.001", "test.tta_scales=[128,192]"]) == 0
+    assert "test-time augmentation (test.tta_*): scales [128, 192]" in capsys.readouterr().err
+    detections = json.loads((tmp_path / "metrics_detections.json").read_text())
+    model, _, _ = model_from_checkpoint(untrained_checkpoint, score_thresh=0.001)
+    data = load_coco(digit_scenes["val_json"], digit_scenes["val_images"])
+    expected = predict_dataset(model, data, batch_size=4, tta=TTAConfig(scales=(128, 192), flip=False))
+    assert len(detections) == len(expected) > 0
+    assert [d["bbox"] for d in expected] != [d["bbox"] for d in predict_dataset(model, data, batch_size=4)]
+    for got, want in zip(detections, expected):
+        assert got["image_id"] == want["image_id"] and got["category_id"] == want["category_id"]
+        assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-3)
+
+
 def test_eval_of_a_checkpoint_that_does_not_fit_its_overrides_exits_2(untrained_checkpoint, capsys):
     assert main(["eval", "--weights", str(untrained_checkpoint), "model.num_classes=5"]) == 2
     err = capsys.readouterr().err

@@ -201,6 +201,25 @@ def test_object_crop_centres_on_a_random_non_crowd_object():
     assert chosen == {1, 2}
 
 
+def test_object_crop_centres_only_on_objects_that_fit():
+    """A (30x30) fits a 34 px window, B (40x20) does not: every window holds A whole. A window
+    neither fits falls back to any object, as before."""
+    image, target = two_rectangles()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        _, out = RandomObjectCrop(34)(image, target)
+        whole = out["boxes"][~out["iscrowd"]]
+        assert out["labels"][~out["iscrowd"]].tolist() == [1] and (whole[0, 2:] - whole[0, :2]).tolist() == [30, 30]
+    chosen = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        _, out = RandomObjectCrop(24)(image, target)   # neither fits: each is cut, both get drawn
+        assert out["iscrowd"].all()
+        x0 = out["tile_origin"][0]
+        chosen.add(1 if x0 < 60 else 2)
+    assert chosen == {1, 2}
+
+
 def test_object_crop_of_empty_and_small_images():
     image = torch.rand(3, 50, 70)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),

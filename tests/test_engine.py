@@ -155,6 +155,38 @@ def test_batch_stream_crops_are_seeded_per_sample_windows_of_the_image(tiny_conf
     assert len(origins) > 6
 
 
+def test_batch_stream_crop_sizes_draw_one_window_size_per_batch_at_equal_pixels(tiny_config):
+    """data.crop_sizes [32, 64] at batch 2: a batch is 2 windows of 64 px or 8 of 32 px, drawn by
+    iteration; batches take consecutive samples of the run, a fresh stream (a resumed run) draws the
+    same, and rank r of 2 holds its half."""
+    cfg = tiny_config()
+    cfg.data.crop_sizes, cfg.data.hflip_prob = [32, 64], 0.0
+    data = load_split(cfg.data, "train")
+    stream = BatchStream(build_train_dataset(cfg, data), 2, seed=0, crop_sizes=cfg.data.crop_sizes)
+    drawn, batches = 0, []
+    for iteration in range(12):
+        size = stream.crop_size(iteration)
+        images, targets = stream.batch(iteration)
+        assert len(images) == {64: 2, 32: 8}[size] == stream.size_of(iteration)
+        assert all(image.shape[-2:] == (size, size) for image in images)
+        assert stream.first_sample(iteration) == drawn
+        assert [t["image_id"] for t in targets] == [data.records[stream._index(k)].image_id
+                                                   for k in range(drawn, drawn + len(images))]
+        drawn += len(images)
+        batches.append((images, targets))
+    assert {stream.crop_size(it) for it in range(12)} == {32, 64}
+    assert stream.epoch_of(12) == drawn / len(data.records)
+    resumed = BatchStream(build_train_dataset(cfg, data), 2, seed=0, crop_sizes=cfg.data.crop_sizes)
+    for iteration in (11, 4):
+        images, targets = resumed.batch(iteration)
+        assert all(torch.equal(a, b) for a, b in zip(images, batches[iteration][0]))
+        for rank in range(2):
+            shard, _ = BatchStream(build_train_dataset(cfg, data), 2, seed=0, rank=rank, world_size=2,
+                                   crop_sizes=cfg.data.crop_sizes).batch(iteration)
+            half = len(images) // 2
+            assert all(torch.equal(a, b) for a, b in zip(shard, images[rank * half:(rank + 1) * half], strict=True))
+
+
 def test_batch_stream_rejects_a_batch_that_does_not_split(tiny_config):
     cfg = tiny_config()
     dataset = build_train_dataset(cfg, load_split(cfg.data, "train"))
@@ -420,3 +452,79 @@ def test_trainer_feeds_the_model_the_drawn_size_per_iteration(tiny_config, resto
     expected = [stream.min_size(it, cfg.data.train_min_sizes) for it in range(cfg.train.max_iters)]
     assert [w for w, _ in seen] == expected
     assert all(sizes == {(w, w)} for w, sizes in seen)                   # one size for the whole batch
+
+
+def test_trainer_takes_each_iterations_crop_size_batch(tiny_config, restore_torch_globals, monkeypatch):
+    """data.crop_sizes: the model is fed iteration k's batch of stream.size_of(k) windows."""
+    from densedet.models.preprocess import ImagePreprocessor
+    seen = []
+    original = ImagePreprocessor.forward
+
+    def spy(self, images, targets=None):
+        if self.training:
+            seen.append((len(images), max(max(im.shape[-2:]) for im in images)))
+        return original(self, images, targets)
+
+    monkeypatch.setattr(ImagePreprocessor, "forward", spy)
+    cfg = tiny_config()
+    cfg.data.crop_sizes, cfg.data.hflip_prob = [32, 64], 0.0
+    summary = train(cfg, log=lambda msg: None)
+    stream = BatchStream(build_train_dataset(cfg, load_split(cfg.data, "train")), cfg.train.batch_size,
+                         cfg.train.seed, crop_sizes=cfg.data.crop_sizes)
+    its = range(cfg.train.max_iters)
+    assert seen == [(stream.size_of(it), stream.crop_size(it)) for it in its]
+    assert {n for n, _ in seen} == {2, 8}
+    assert summary["images_per_s"] * summary["train_minutes"] * 60 == pytest.approx(sum(n for n, _ in seen))
+
+
+def test_final_evaluation_with_tta_reports_it_beside_single_scale(tiny_config, restore_torch_globals, no_plots,
+                                                                   monkeypatch):
+    """test.tta_scales: the final weights are evaluated plain and with the configured TTA;
+    metrics.json's numbers are the TTA ones and "single_scale" holds the plain ones."""
+    from densedet.engine import trainer
+    from densedet.engine.evaluate import evaluate_model
+    from densedet.tta import TTAConfig
+    calls = []
+
+    def spy(*args, tta=None, **kwargs):
+        calls.append((tta, evaluate_model(*args, tta=tta, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(trainer, "evaluate_model", spy)
+    cfg = tiny_config()
+    cfg.test.tta_scales = [128, 192]
+    train(cfg, log=lambda msg: None)
+    saved = json.loads((Path(cfg.train.output_dir) / "metrics.json").read_text())
+    assert saved["tta"] == {"scales": [128, 192], "flip": False, "merge": "vote"}
+    assert [tta for tta, _ in calls] == [None, TTAConfig(scales=(128, 192), flip=False, merge="vote")]
+    (_, plain), (_, with_tta) = calls
+    keys = ["AP", "AP50", "AP75", "AR1", "AR10", "AR100"]
+    assert [saved[k] for k in keys] == pytest.approx([with_tta[k] for k in keys])
+    assert [saved["single_scale"][k] for k in keys] == pytest.approx([plain[k] for k in keys])
+
+
+def test_predict_dataset_with_tta_returns_the_tta_detections(tiny_config, restore_torch_globals):
+    from densedet.data import DetectionDataset
+    from densedet.engine.evaluate import predict_dataset
+    from densedet.evaluation import detections_to_coco
+    from densedet.models import build_from_config
+    from densedet.tta import TTAConfig, tta_inference
+    cfg = tiny_config()
+    cfg.model.score_thresh = 0.0                  # an untrained model: keep every box
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model).eval()
+    data = load_split(cfg.data, "val")
+    tta = TTAConfig(scales=(128, 192), flip=False)
+    results = predict_dataset(model, data, batch_size=3, tta=tta)
+    images = [DetectionDataset(data)[i][0] for i in range(len(data.records))]
+    with torch.inference_mode():
+        expected = detections_to_coco(tta_inference(model, images, tta), [r.image_id for r in data.records],
+                                      data.category_ids)
+        plain = detections_to_coco(model(images), [r.image_id for r in data.records], data.category_ids)
+    assert len(results) == len(expected) > 0
+    assert [(r["image_id"], r["category_id"]) for r in results] == [(r["image_id"], r["category_id"]) for r in expected]
+    def numbers(rs):
+        return torch.tensor([r["bbox"] + [r["score"]] for r in rs])
+
+    torch.testing.assert_close(numbers(results), numbers(expected), atol=1e-4, rtol=1e-5)
+    assert numbers(results).shape != numbers(plain).shape or not torch.allclose(numbers(results), numbers(plain))

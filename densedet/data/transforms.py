@@ -167,7 +167,8 @@ def crop_target(target: Target, x0: int, y0: int, x1: int, y1: int,
 class RandomObjectCrop:
     """Cut a ``size x size`` window out of the image at the image's own scale (object-centric
     random crop): the window holds one randomly chosen object whole, at a uniformly random
-    position among those that do (anywhere, in an image without objects).
+    position among those that do (anywhere, in an image without objects). The object is drawn
+    among those that fit in the window, or among all when none does.
 
     Training on windows instead of whole images buys more, cheaper steps from the same compute;
     centring on an object keeps the foreground share at least that of whole images. Boxes cut
@@ -200,6 +201,9 @@ class RandomObjectCrop:
         if "iscrowd" in target:
             objects = objects[~target["iscrowd"]]
         if len(objects):
+            extent = boxes[objects, 2:] - boxes[objects, :2]
+            fits = objects[(extent[:, 0] <= cw) & (extent[:, 1] <= ch)]
+            objects = fits if len(fits) else objects
             x1, y1, x2, y2 = boxes[int(objects[torch.randint(len(objects), ())])].tolist()
             x0, y0 = self._start(x1, x2, cw, width), self._start(y1, y2, ch, height)
         else:

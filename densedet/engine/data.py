@@ -99,8 +99,9 @@ def build_train_dataset(cfg: Config, data: DetectionData):
         # per batch (see the trainer): resizing here would be undone by the model's own resize.
         if d.hflip_prob > 0:
             transforms.append(RandomHorizontalFlip(d.hflip_prob))
-        if d.crop_size > 0:
-            transforms.append(RandomObjectCrop(d.crop_size, d.crop_min_visibility))
+        if d.crop_size > 0 or d.crop_sizes:
+            # With data.crop_sizes the stream sets the window size of each batch (BatchStream).
+            transforms.append(RandomObjectCrop(d.crop_size or max(d.crop_sizes), d.crop_min_visibility))
     transform = Compose(transforms) if transforms else None
     if d.tile_size > 0:
         return TiledDataset(data, d.tile_size, d.tile_overlap, transforms=transform,
@@ -116,9 +117,16 @@ class BatchStream:
 
     Augmentations draw from torch's global RNG, which is re-seeded from (seed, k) before sample k,
     so augmentation too is a function of the sample's position in the run alone.
+
+    ``crop_sizes`` (data.crop_sizes): each batch draws one window size for the dataset's
+    :class:`RandomObjectCrop`, a function of the iteration alone, and holds ``batch_size`` windows
+    of the largest size or proportionally more of a smaller one (``batch_size x (largest / size)^2``,
+    rounded to a multiple of the number of processes), so every batch carries about the same pixels.
+    Small windows then come many to a step, each centred on a small object that fits in it.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 crop_sizes=()) -> None:
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the number of processes "
                               f"({world_size})")
@@ -127,6 +135,13 @@ class BatchStream:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self._perm_epoch, self._perm = -1, None
+        self.crop_sizes = sorted({int(s) for s in crop_sizes})
+        self._window, self._count, self._starts = None, {}, [0]
+        if self.crop_sizes:
+            self._window = _object_crop(dataset)
+            largest = self.crop_sizes[-1]
+            self._count = {s: max(1, round(batch_size * (largest / s) ** 2 / world_size)) * world_size
+                           for s in self.crop_sizes}
 
     def _index(self, k: int) -> int:
         n = len(self.dataset)
@@ -143,9 +158,29 @@ class BatchStream:
         random.seed(self.seed * 1_000_033 + k)
         return self.dataset[self._index(k)]
 
+    def crop_size(self, iteration: int) -> int | None:
+        """The window size of iteration's batch (None without ``crop_sizes``)."""
+        if not self.crop_sizes:
+            return None
+        return random.Random(self.seed * 1_000_039 + iteration).choice(self.crop_sizes)
+
+    def size_of(self, iteration: int) -> int:
+        """How many samples iteration's batch holds, over all processes."""
+        return self._count[self.crop_size(iteration)] if self.crop_sizes else self.batch_size
+
+    def first_sample(self, iteration: int) -> int:
+        """The run-wide index of iteration's first sample (= samples drawn before it)."""
+        if not self.crop_sizes:
+            return iteration * self.batch_size
+        while len(self._starts) <= iteration:  # batch sizes vary: a running sum, extended on demand
+            self._starts.append(self._starts[-1] + self.size_of(len(self._starts) - 1))
+        return self._starts[iteration]
+
     def batch(self, iteration: int) -> tuple[list[torch.Tensor], list[dict]]:
-        per_rank = self.batch_size // self.world_size
-        start = iteration * self.batch_size + self.rank * per_rank
+        if self._window is not None:
+            self._window.size = self.crop_size(iteration)
+        per_rank = self.size_of(iteration) // self.world_size
+        start = self.first_sample(iteration) + self.rank * per_rank
         samples = [self.sample(k) for k in range(start, start + per_rank)]
         return [s[0] for s in samples], [s[1] for s in samples]
 
@@ -155,4 +190,13 @@ class BatchStream:
         return int(random.Random(self.seed * 1_000_037 + iteration).choice(list(sizes)))
 
     def epoch_of(self, iteration: int) -> float:
-        return iteration * self.batch_size / len(self.dataset)
+        return self.first_sample(iteration) / len(self.dataset)
+
+
+def _object_crop(dataset) -> RandomObjectCrop:
+    """The :class:`RandomObjectCrop` among a training dataset's transforms (data.crop_sizes sets its size)."""
+    transforms = dataset.transforms
+    found = [t for t in getattr(transforms, "transforms", [transforms]) if isinstance(t, RandomObjectCrop)]
+    if not found:
+        raise ConfigError("data.crop_sizes: the training transforms have no object crop to size")
+    return found[0]

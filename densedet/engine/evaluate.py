@@ -9,6 +9,7 @@ from torch import nn
 from ..data import DetectionData, DetectionDataset, to_coco_dict
 from ..device import autocast, flush_denormals
 from ..evaluation import detections_to_coco, evaluate_coco
+from ..tta import TTAConfig, tta_inference
 
 __all__ = ["predict_dataset", "evaluate_model"]
 
@@ -16,8 +17,9 @@ __all__ = ["predict_dataset", "evaluate_model"]
 @torch.inference_mode()
 def predict_dataset(model: nn.Module, data: DetectionData, batch_size: int = 8,
                     device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                    rank: int = 0, world_size: int = 1, progress=None) -> list[dict]:
-    """COCO-format results for this process's share of ``data`` (images rank, rank + W, …)."""
+                    rank: int = 0, world_size: int = 1, progress=None, tta: TTAConfig | None = None) -> list[dict]:
+    """COCO-format results for this process's share of ``data`` (images rank, rank + W, …), with
+    test-time augmentation when ``tta`` is given."""
     device = torch.device(device)
     dataset = DetectionDataset(data, cache_images=False)
     flush_denormals()
@@ -29,7 +31,7 @@ def predict_dataset(model: nn.Module, data: DetectionData, batch_size: int = 8,
         chunk = indices[start:start + batch_size]
         images = [dataset[i][0].to(device) for i in chunk]
         with autocast(device, dtype):
-            detections = model(images)
+            detections = model(images) if tta is None else tta_inference(model, images, tta)
         detections = [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()} for d in detections]
         image_ids = [int(data.records[i].image_id) for i in chunk]
         results += detections_to_coco(detections, image_ids, data.category_ids)
@@ -40,12 +42,13 @@ def predict_dataset(model: nn.Module, data: DetectionData, batch_size: int = 8,
 
 
 def evaluate_model(model: nn.Module, data: DetectionData, batch_size: int = 8, device="cpu",
-                   dtype: torch.dtype | None = None, max_dets=(1, 10, 100), progress=None) -> dict:
+                   dtype: torch.dtype | None = None, max_dets=(1, 10, 100), progress=None,
+                   tta: TTAConfig | None = None) -> dict:
     """COCO metrics of ``model`` on ``data`` (every process predicts a shard; rank 0 scores)."""
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    results = predict_dataset(model, data, batch_size, device, dtype, rank, world, progress)
+    results = predict_dataset(model, data, batch_size, device, dtype, rank, world, progress, tta)
     if distributed:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, results)

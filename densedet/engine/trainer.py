@@ -36,6 +36,7 @@ from torch import nn
 from ..config import Config, ConfigError, save_config, to_dict
 from ..device import autocast, default_device, flush_denormals, resolve_precision
 from ..models import build_from_config
+from ..tta import tta_from_config
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from .data import BatchStream, build_train_dataset, load_split
 from .ema import ModelEMA
@@ -186,7 +187,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
                           f"{train_data.num_classes} classes ({', '.join(train_data.class_names[:12])}"
                           f"{'…' if train_data.num_classes > 12 else ''})")
     dataset = build_train_dataset(cfg, train_data)
-    stream = BatchStream(dataset, cfg.train.batch_size, cfg.train.seed, rank, world)
+    stream = BatchStream(dataset, cfg.train.batch_size, cfg.train.seed, rank, world, cfg.data.crop_sizes)
 
     if cfg.model.norm == "auto":
         cfg.model.norm = "frozen_bn" if cfg.model.pretrained_backbone else "bn"
@@ -316,7 +317,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
         for k, v in losses.items():
             window[k] = window.get(k, 0.0) + float(v.detach())
         window_n += 1
-        window_imgs += cfg.train.batch_size
+        window_imgs += stream.size_of(iteration)
 
         if budget > 0 and iteration - start_iter >= 10 and iteration % 10 == 0 and iteration < max_iters:
             # Fit the schedule to the time budget: from the measured step time, set max_iters so the
@@ -378,23 +379,32 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
 
     train_seconds = elapsed_before + t_train
     detect_seconds = train_seconds - pretrain_stats.get("seconds", 0.0)
+    images_per_s = stream.first_sample(iteration) / max(detect_seconds, 1e-9)
     say(f"training done: {iteration} iterations, {train_seconds / 60:.1f} min of training"
         f"{f' ({detect_seconds / 60:.1f} detecting)' if pretrain_stats else ''}, "
-        f"{iteration * cfg.train.batch_size / max(detect_seconds, 1e-9):.1f} images/s, {skipped} skipped steps")
+        f"{images_per_s:.1f} images/s, {skipped} skipped steps")
     if ema is not None:     # from here on the model is the average: evaluated, saved, drawn
         model.load_state_dict(ema.state)
-    metrics = evaluate_model(model, val_data, cfg.test.batch_size, device, dtype, cfg.test.max_dets)
+    metrics = single = evaluate_model(model, val_data, cfg.test.batch_size, device, dtype, cfg.test.max_dets)
+    tta = tta_from_config(cfg.test)
+    if tta is not None:  # the reported numbers are then the TTA ones; the best checkpoint is chosen single-scale
+        say(f"single scale: AP {single['AP']:.3f}, AP50 {single['AP50']:.3f}; now with test-time augmentation "
+            f"(scales {list(tta.scales)}{', flip' if tta.flip else ''}, merged by {tta.merge})")
+        metrics = evaluate_model(model, val_data, cfg.test.batch_size, device, dtype, cfg.test.max_dets, tta=tta)
     if not is_main:
         return {}
     final = _checkpoint(model, optimizer, cfg, iteration, max_iters, train_data, {"metrics": _scalars(metrics)})
     final.pop("optimizer")
     final.pop("rng")
     atomic_save(final, out / "model_final.pt")
-    if metrics["AP"] > best_ap:
+    if single["AP"] > best_ap:
         atomic_save(final, out / "model_best.pt")
     summary = {**_scalars(metrics), "per_class": metrics.get("per_class", {}), "iterations": iteration,
-               "train_minutes": train_seconds / 60, "images_per_s": iteration * cfg.train.batch_size / detect_seconds,
+               "train_minutes": train_seconds / 60, "images_per_s": images_per_s,
                "skipped_steps": skipped, "precision": str(dtype or "fp32")}
+    if tta is not None:
+        summary["tta"] = {"scales": list(tta.scales), "flip": tta.flip, "merge": tta.merge}
+        summary["single_scale"] = _scalars(single)
     if pretrain_stats:
         summary["pretrain"] = pretrain_stats
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
