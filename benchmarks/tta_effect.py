@@ -74,11 +74,11 @@ def main() -> int:
         print(f"{name}: AP {metrics['AP']:.4f}", file=sys.stderr, flush=True)
     base_ap = rows[0][1]["AP"]
     print(f"\n{args.weights} on {len(images)} validation images\n")
-    print("| mode | AP | AP50 | AP75 | APs | ΔAP | s / image |")
-    print("|---|---|---|---|---|---|---|")
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+    print("| mode | " + " | ".join(keys) + " | ΔAP | s / image |")
+    print("|---" * (len(keys) + 3) + "|")
     for name, m, seconds in rows:
-        print(f"| {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP75']:.3f} | {m['APs']:.3f} | "
-              f"{m['AP'] - base_ap:+.3f} | {seconds:.2f} |")
+        print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + f" | {m['AP'] - base_ap:+.3f} | {seconds:.2f} |")
     return 0
 
 
