@@ -78,7 +78,8 @@ def main() -> int:
     print("| mode | " + " | ".join(keys) + " | ΔAP | s / image |")
     print("|---" * (len(keys) + 3) + "|")
     for name, m, seconds in rows:
-        print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + f" | {m['AP'] - base_ap:+.3f} | {seconds:.2f} |")
+        numbers = " | ".join(f"{m[k]:.3f}" for k in keys)
+        print(f"| {name} | {numbers} | {m['AP'] - base_ap:+.3f} | {seconds:.2f} |")
     return 0
 
 
