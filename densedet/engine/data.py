@@ -162,7 +162,7 @@ class BatchStream:
         """The window size of iteration's batch (None without ``crop_sizes``)."""
         if not self.crop_sizes:
             return None
-        return random.Random(self.seed * 1_000_039 + iteration).choice(self.crop_sizes)
+        return self._per_batch_choice(iteration, self.crop_sizes, salt=1_000_039)
 
     def size_of(self, iteration: int) -> int:
         """How many samples iteration's batch holds, over all processes."""
@@ -187,7 +187,12 @@ class BatchStream:
     def min_size(self, iteration: int, sizes) -> int:
         """The shorter side of iteration's batch under multi-scale training: the same on every
         process and however the run was interrupted."""
-        return int(random.Random(self.seed * 1_000_037 + iteration).choice(list(sizes)))
+        return int(self._per_batch_choice(iteration, list(sizes), salt=1_000_037))
+
+    def _per_batch_choice(self, iteration: int, options: list, salt: int):
+        """One of ``options`` for iteration's batch, seeded from (seed, salt, iteration) alone, so every
+        process and every resumed run draws the same; each per-batch draw has its own salt."""
+        return random.Random(self.seed * salt + iteration).choice(options)
 
     def epoch_of(self, iteration: int) -> float:
         return self.first_sample(iteration) / len(self.dataset)
