@@ -2,12 +2,14 @@
 
     python benchmarks/tta_effect.py --weights runs/demo/model_final.pt [--max-images 100]
     python benchmarks/tta_effect.py --weights runs/demo/model_final.pt --scale-sets 320,384 320,352,384,416,448
+    python benchmarks/tta_effect.py --weights runs/demo/model_final.pt --split tune --scale-sets 384 320,384
 
-Runs every mode on the checkpoint's validation split and prints one markdown table: the
+Runs every mode on the checkpoint's validation split (``--split tune``: the digit scenes held out
+for choosing test-time settings, so that val is looked at once, with the choice made) and prints one markdown table: the
 single-scale baseline first, each TTA mode with its AP and the change against that baseline,
 and the seconds per image (measured in the same run, so the cost is comparable too).
 ``--scale-sets`` replaces the preset modes with one multi-scale pass set per argument (input
-sizes, no flip, box voting: what ``test.tta_scales`` runs).
+sizes, no flip, ``--merge`` (box voting by default): what ``test.tta_scales`` runs).
 """
 
 from __future__ import annotations
@@ -43,10 +45,13 @@ def main() -> int:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--max-images", type=int, default=0, help="0: the whole validation split")
     parser.add_argument("--scale-sets", nargs="+", default=[], metavar="S1,S2,…",
-                        help="instead of the preset modes: these input-size sets, no flip, box voting")
+                        help="instead of the preset modes: these input-size sets, no flip, merged by --merge")
+    parser.add_argument("--merge", default="vote", choices=["vote", "soft_vote", "nms"],
+                        help="how --scale-sets passes are merged (default vote)")
+    parser.add_argument("--split", default="val", choices=["val", "tune"])
     args = parser.parse_args()
     model, cfg, _ = model_from_checkpoint(args.weights)
-    data = load_split(cfg.data, "val")
+    data = load_split(cfg.data, args.split)
     if args.max_images:
         data = dataclasses.replace(data, records=data.records[: args.max_images])
     dataset = DetectionDataset(data)
@@ -63,9 +68,9 @@ def main() -> int:
         ("multi-scale + flip, NMS", lambda ims: tta_inference(model, ims, dataclasses.replace(multi, merge="nms"))),
     ]
     if args.scale_sets:
-        sets = [TTAConfig(scales=tuple(int(v) for v in spec.split(",")), flip=False, merge="vote")
+        sets = [TTAConfig(scales=tuple(int(v) for v in spec.split(",")), flip=False, merge=args.merge)
                 for spec in args.scale_sets]
-        modes = modes[:1] + [(f"scales {', '.join(map(str, t.scales))}, box voting",
+        modes = modes[:1] + [(f"scales {', '.join(map(str, t.scales))}, {args.merge}",
                               lambda ims, t=t: tta_inference(model, ims, t)) for t in sets]
     rows = []
     for name, predict in modes:
@@ -73,7 +78,7 @@ def main() -> int:
         rows.append((name, metrics, seconds))
         print(f"{name}: AP {metrics['AP']:.4f}", file=sys.stderr, flush=True)
     base_ap = rows[0][1]["AP"]
-    print(f"\n{args.weights} on {len(images)} validation images\n")
+    print(f"\n{args.weights} on {len(images)} {args.split} images\n")
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
     print("| mode | " + " | ".join(keys) + " | ΔAP | s / image |")
     print("|---" * (len(keys) + 3) + "|")

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["coco", "voc07", "voc10"], default="coco")
     p.add_argument("--max-dets", type=int, nargs=3, default=[1, 10, 100], metavar=("D1", "D2", "D3"),
                    help="COCO maxDets (default 1 10 100; the last one caps AP too)")
-    p.add_argument("--split", choices=["train", "val"], default="val")
+    p.add_argument("--split", choices=["train", "val", "tune"], default="val",
+                   help="tune: the digit scenes held out for choosing test-time settings (data.num_tune)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--out", help="write metrics JSON here")
     p.add_argument("--plot-dir", help="write precision-recall curves (PNG) here")

@@ -98,6 +98,8 @@ class DataConfig:
     root: str = "data_cache/digits"         # digits: where scenes are generated
     num_train: int = 500
     num_val: int = 100
+    num_tune: int = 100                     # digits: held-out scenes (val's digit pool, other scenes) for choosing
+                                            # test-time settings without touching val (--split tune)
     seed: int = 0
     strict: bool = False                    # turn every skipped/repaired record into an error
     hflip_prob: float = 0.5

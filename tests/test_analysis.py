@@ -200,7 +200,8 @@ def test_load_split_reads_each_format(tmp_path):
 
 
 def test_load_split_digits_generates_the_scenes(tmp_path):
-    data = A.load_split(DataConfig(format="digits", root=str(tmp_path / "digits"), num_train=2, num_val=1), "val")
+    data = A.load_split(DataConfig(format="digits", root=str(tmp_path / "digits"), num_train=2, num_val=1,
+                                    num_tune=0), "val")
     assert len(data) == 1 and data.class_names == [str(d) for d in range(10)]
     assert data.records[0].height == 320 and len(data.records[0]) >= 2
 

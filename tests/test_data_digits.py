@@ -11,7 +11,7 @@ from PIL import Image
 from densedet.data import load_coco, make_digit_scenes
 from densedet.data.digits import (INK_THRESHOLD, load_mnist_5k, render_scene, split_indices)
 
-ARGS = dict(num_train=12, num_val=6, seed=3)
+ARGS = dict(num_train=12, num_val=6, seed=3, num_tune=4)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_written_scenes_come_from_their_split_pool(scenes, mnist):
     redrawing it from the pool reproduces the PNG pixels and the json boxes exactly."""
     images, labels = mnist
     train, val = split_indices(labels)
-    for split_code, split, rows in ((0, "train", train), (1, "val", val)):
+    for split_code, split, rows in ((0, "train", train), (1, "val", val), (2, "tune", val)):
         rng = np.random.default_rng([ARGS["seed"], split_code, 0])
         pixels, boxes, box_labels, masks = render_scene(rng, images[rows], labels[rows],
                                                         return_masks=True)
@@ -77,7 +77,8 @@ def test_same_arguments_same_bytes_and_seed_matters(scenes, tmp_path):
 
 
 def test_counts_layout_and_coco_format(scenes):
-    for split, count in (("train", ARGS["num_train"]), ("val", ARGS["num_val"])):
+    for split, count in (("train", ARGS["num_train"]), ("val", ARGS["num_val"]),
+                         ("tune", ARGS["num_tune"])):
         pngs = sorted(os.listdir(scenes[f"{split}_images"]))
         assert pngs == [f"{i:06d}.png" for i in range(count)]
         doc = json.load(open(scenes[f"{split}_json"]))
@@ -92,6 +93,20 @@ def test_counts_layout_and_coco_format(scenes):
             assert image.mode == "RGB" and image.size == (320, 320)
     meta = json.load(open(scenes["meta"]))
     assert meta["num_train"] == 12 and meta["seed"] == 3 and meta["max_px"] == 150
+    assert meta["num_tune"] == 4
+
+
+def test_tune_scenes_are_not_val_scenes_and_leave_older_caches_valid(scenes, tmp_path):
+    """The tune split draws from val's digit pool (checked above) but other scenes; without it the
+    meta is the one written before the split existed, so such caches are not redrawn."""
+    for i in range(ARGS["num_tune"]):
+        name = f"{i:06d}.png"
+        tune = np.asarray(Image.open(os.path.join(scenes["tune_images"], name)))
+        val = np.asarray(Image.open(os.path.join(scenes["val_images"], name)))
+        assert not np.array_equal(tune, val)
+    plain = make_digit_scenes(str(tmp_path / "plain"), num_train=2, num_val=1)
+    assert "num_tune" not in json.load(open(plain["meta"]))
+    assert not os.path.exists(plain["tune_json"])
 
 
 def test_matching_meta_does_nothing_and_new_arguments_redraw(tmp_path):

@@ -528,3 +528,18 @@ def test_predict_dataset_with_tta_returns_the_tta_detections(tiny_config, restor
 
     torch.testing.assert_close(numbers(results), numbers(expected), atol=1e-4, rtol=1e-5)
     assert numbers(results).shape != numbers(plain).shape or not torch.allclose(numbers(results), numbers(plain))
+
+
+def test_load_split_reads_the_digit_tune_split_and_refuses_it_elsewhere(tmp_path, tiny_config):
+    """``tune`` is the digit scenes held out for choosing test-time settings: its own scenes, of
+    data.num_tune; other formats have no such split and say so, as does num_tune 0."""
+    from densedet.config import DataConfig
+    data = DataConfig(format="digits", root=str(tmp_path / "digits"), num_train=1, num_val=1, num_tune=2)
+    tune, val = load_split(data, "tune"), load_split(data, "val")
+    assert len(tune.records) == 2 and len(val.records) == 1
+    assert tune.source != val.source and tune.source.endswith("tune.json")
+    data.num_tune = 0
+    with pytest.raises(ConfigError, match="data.num_tune"):
+        load_split(data, "tune")
+    with pytest.raises(ConfigError, match="digits only"):
+        load_split(tiny_config().data, "tune")

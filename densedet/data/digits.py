@@ -12,6 +12,9 @@ INK_THRESHOLD) after scaling, not the 28x28 cell. A placement is rejected (and r
 box overlaps an existing box with IoU > 0.3 or covers more than half of the smaller box.
 Train and val scenes use disjoint MNIST images: the first 400 of each class for train, the last
 100 for val (the file is sorted by class, so splitting by row number would drop classes).
+An optional third split, tune (`num_tune` scenes), draws other scenes from the val digit pool:
+held out from training like val, but not val itself, so that test-time settings (TTA scales,
+thresholds) can be chosen on it and then reported once on val.
 Every scene is drawn from its own generator seeded by (seed, split, index): same arguments,
 same bytes.
 """
@@ -249,13 +252,15 @@ def _write_split(folder: str, json_path: str, count: int, split_code: int, seed:
 
 def make_digit_scenes(root: str, num_train: int = 500, num_val: int = 100, size: int = 320,
                       seed: int = 0, min_digits: int = 2, max_digits: int = 10,
-                      min_px: float = 12, max_px: float = 150) -> dict[str, str]:
+                      min_px: float = 12, max_px: float = 150, num_tune: int = 0
+                      ) -> dict[str, str]:
     """Write the digit-scene dataset under `root` (see the module docstring) and return paths.
 
     Layout: root/train/*.png, root/val/*.png, root/train.json, root/val.json (COCO, category
-    ids 1..10 named "0".."9"), root/meta.json (the arguments). When meta.json matches the
-    arguments and the json files exist, nothing is redrawn. Returns {"root", "train_json",
-    "train_images", "val_json", "val_images", "meta"}; load a split with
+    ids 1..10 named "0".."9"), root/meta.json (the arguments); with num_tune > 0 also
+    root/tune/*.png and root/tune.json. When meta.json matches the arguments and the json files
+    exist, nothing is redrawn. Returns {"root", "train_json", "train_images", "val_json",
+    "val_images", "tune_json", "tune_images", "meta"}; load a split with
     `load_coco(paths["train_json"], paths["train_images"])`.
     """
     root = str(root)
@@ -264,12 +269,16 @@ def make_digit_scenes(root: str, num_train: int = 500, num_val: int = 100, size:
              "train_images": os.path.join(root, "train"),
              "val_json": os.path.join(root, "val.json"),
              "val_images": os.path.join(root, "val"),
+             "tune_json": os.path.join(root, "tune.json"),
+             "tune_images": os.path.join(root, "tune"),
              "meta": os.path.join(root, "meta.json")}
     meta = {"format": FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "size": size,
             "seed": seed, "min_digits": min_digits, "max_digits": max_digits,
             "min_px": min_px, "max_px": max_px}
-    if os.path.isfile(paths["meta"]) and os.path.isfile(paths["train_json"]) \
-            and os.path.isfile(paths["val_json"]):
+    if num_tune:  # only then, so that caches written before the tune split stay valid
+        meta["num_tune"] = num_tune
+    splits = ("train", "val", "tune") if num_tune else ("train", "val")
+    if os.path.isfile(paths["meta"]) and all(os.path.isfile(paths[f"{s}_json"]) for s in splits):
         try:
             with open(paths["meta"], encoding="utf-8") as f:
                 if json.load(f) == meta:
@@ -286,7 +295,10 @@ def make_digit_scenes(root: str, num_train: int = 500, num_val: int = 100, size:
     scene_args = {"size": size, "min_digits": min_digits, "max_digits": max_digits,
                   "min_px": min_px, "max_px": max_px}
     for split_code, (split, count, rows) in enumerate((("train", num_train, train_rows),
-                                                      ("val", num_val, val_rows))):
+                                                      ("val", num_val, val_rows),
+                                                      ("tune", num_tune, val_rows))):
+        if split == "tune" and not num_tune:
+            continue
         _write_split(paths[f"{split}_images"], paths[f"{split}_json"], count, split_code, seed,
                      digits[rows], labels[rows], scene_args)
     with open(paths["meta"], "w", encoding="utf-8") as f:

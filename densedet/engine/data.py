@@ -46,7 +46,7 @@ def resolve_paths(spec: str, key: str) -> list[str]:
 
 
 def load_split(data: DataConfig, split: str = "train") -> DetectionData:
-    """Read the ``train`` or ``val`` split a :class:`DataConfig` describes; an empty split is an error
+    """Read the ``train``, ``val`` or ``tune`` split a :class:`DataConfig` describes; an empty split is an error
     naming its source (training on nothing would otherwise fail far later)."""
     loaded = _load_split(data, split)
     if not loaded.records:
@@ -55,17 +55,23 @@ def load_split(data: DataConfig, split: str = "train") -> DetectionData:
 
 
 def _load_split(data: DataConfig, split: str = "train") -> DetectionData:
-    """Read the ``train`` or ``val`` split a :class:`DataConfig` describes.
+    """Read the ``train``, ``val`` or (digits only) ``tune`` split a :class:`DataConfig` describes.
 
     ``coco``/``csv``/``voc`` read ``data.<split>`` (annotation file, or folder of VOC XML) with
     images under ``data.<split>_images`` (default: next to the annotations); ``digits`` generates
     (or reuses) the digit scenes under ``data.root`` and reads their COCO json.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split not in ("train", "val", "tune"):
+        raise ValueError(f"split must be 'train', 'val' or 'tune', got {split!r}")
     if data.format == "digits":
-        paths = make_digit_scenes(data.root, num_train=data.num_train, num_val=data.num_val, seed=data.seed)
+        if split == "tune" and data.num_tune <= 0:
+            raise ConfigError("data.num_tune: the tune split needs num_tune > 0")
+        paths = make_digit_scenes(data.root, num_train=data.num_train, num_val=data.num_val, seed=data.seed,
+                                  num_tune=data.num_tune)
         return load_coco(paths[f"{split}_json"], paths[f"{split}_images"], strict=data.strict)
+    if split == "tune":
+        raise ConfigError(f"the tune split exists for data.format digits only (data.format is {data.format!r}); "
+                          "evaluate another annotation file with data.val=FILE")
     path = getattr(data, split)
     images = resolve_path(getattr(data, f"{split}_images")) or None
     if not path:
