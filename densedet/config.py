@@ -138,6 +138,8 @@ class TrainConfig:
     max_minutes: float = 0.0                # >0: stop after this much training time (the schedule is stretched to it)
     precision: str = "auto"                 # auto | fp32 | bf16
     channels_last: bool = True
+    gemm_weight_grad: bool = True           # CPU fp32: the weight gradient of wide convolutions (in x out >= 128 x 256:
+                                            # ResNet's layer3-4) as one GEMM, not oneDNN's (densedet/conv_grad.py)
     eval_period: int = 0                    # iterations; 0: only at the end
     checkpoint_period: int = 1000
     log_period: int = 20

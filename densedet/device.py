@@ -13,7 +13,8 @@ import functools
 
 import torch
 
-__all__ = ["cpu_has_fast_bf16", "resolve_precision", "autocast", "fast_autocast", "default_device", "flush_denormals"]
+__all__ = ["cpu_has_fast_bf16", "resolve_precision", "autocast", "fast_autocast", "default_device", "flush_denormals",
+           "fused_adam_ok"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,3 +75,14 @@ def flush_denormals() -> None:
     values involved (< 1.2e-38) are far below anything a detector's output depends on.
     """
     torch.set_flush_denormal(True)
+
+
+def fused_adam_ok(params) -> bool:
+    """Whether AdamW can take its fused kernel for these parameters (floating point, all on the CPU
+    or all on CUDA): one pass per tensor instead of a dozen elementwise ops. For the demo model's
+    12.9M trainable parameters on this CPU it is ~2.4x faster (``python benchmarks/train_kernels.py``);
+    the values agree to float rounding (tests)."""
+    params = list(params)
+    devices = {p.device.type for p in params}
+    return bool(params) and all(p.is_floating_point() for p in params) and len(devices) == 1 \
+        and devices <= {"cpu", "cuda"}

@@ -543,3 +543,53 @@ def test_load_split_reads_the_digit_tune_split_and_refuses_it_elsewhere(tmp_path
         load_split(data, "tune")
     with pytest.raises(ConfigError, match="digits only"):
         load_split(tiny_config().data, "tune")
+
+
+def test_trainer_takes_the_gemm_weight_grad_and_trains_as_with_onednn(straight_run, tiny_config, keep_torch_globals,
+                                                                       no_plots, monkeypatch):
+    """train.gemm_weight_grad (on by default) switches the wide convolutions of the model it trains
+    (ResNet-18's layer3 and layer4: 8 3x3 convs, 2 1x1 downsamples; the tiny FPN is too narrow);
+    off, the same 6 steps give the same weights up to float-sum order."""
+    import densedet.conv_grad as conv_grad
+    switched = []
+    real = conv_grad.use_gemm_weight_grad
+    monkeypatch.setattr(conv_grad, "use_gemm_weight_grad", lambda model: switched.append(real(model)) or switched[-1])
+    cfg = tiny_config("gemm")
+    with keep_torch_globals():
+        train(cfg, log=lambda msg: None)
+    assert switched == [10]
+    native = tiny_config("native")
+    native.train.gemm_weight_grad = False
+    with keep_torch_globals():
+        train(native, log=lambda msg: None)
+    assert switched == [10]
+    weights = {name: load_checkpoint(Path(c.train.output_dir) / "model_final.pt")["model"]
+               for name, c in (("straight", straight_run[0]), ("gemm", cfg), ("native", native))}
+    for key, value in weights["straight"].items():
+        assert torch.equal(weights["gemm"][key], value), key         # the same path twice: bit-identical
+        if value.is_floating_point():
+            torch.testing.assert_close(weights["native"][key], value, rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_adamw_takes_the_fused_kernel_on_cpu_with_the_same_values(tiny_config):
+    """build_optimizer's AdamW is the fused one on CPU parameters; 30 steps of it and of the
+    per-op AdamW from the same start and gradients agree to float rounding."""
+    from densedet.device import fused_adam_ok
+    from densedet.engine.trainer import build_optimizer
+    cfg = tiny_config()
+    cfg.solver.optimizer, cfg.solver.weight_decay, cfg.solver.weight_decay_norm = "adamw", 0.01, 0.01
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 4, 1))
+    fused = build_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    assert not fused_adam_ok([]) and not fused_adam_ok([torch.zeros(2, dtype=torch.int64)])
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    per_op = torch.optim.AdamW(twin, lr=cfg.solver.lr, weight_decay=0.01, fused=False)
+    for _ in range(30):
+        for p, q in zip(model.parameters(), twin):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        per_op.step()
+    for p, q in zip(model.parameters(), twin):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.records import DetectionData
+from ..device import fused_adam_ok
 
 __all__ = ["box_items", "crop_boxes", "pretrain_backbone", "CROP_SIZES"]
 
@@ -105,7 +106,8 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
     device = device or torch.device("cpu")
     model = _CropClassifier(trunk, list(trunk.out_channels), data.num_classes).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused_adam_ok(params))
     mean, std = mean.reshape(3, 1, 1).cpu(), std.reshape(3, 1, 1).cpu()
     planned = iterations if iterations > 0 else None
     budget = minutes * 60.0

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, ConfigError, save_config, to_dict
-from ..device import autocast, default_device, flush_denormals, resolve_precision
+from ..device import autocast, default_device, flush_denormals, fused_adam_ok, resolve_precision
 from ..models import build_from_config
 from ..tta import tta_from_config
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
@@ -80,7 +80,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
               {"params": no_decay, "weight_decay": s.weight_decay_norm}]
     if s.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
-    return torch.optim.AdamW(groups, lr=s.lr)
+    return torch.optim.AdamW(groups, lr=s.lr, fused=fused_adam_ok(decay + no_decay))
+
 
 
 def lr_factor(iteration: int, max_iters: int, cfg: Config) -> float:
@@ -199,6 +200,9 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.train.gemm_weight_grad and device.type == "cpu":
+        from ..conv_grad import use_gemm_weight_grad
+        use_gemm_weight_grad(model)        # class swap only: parameters, state dict and checkpoints unchanged
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {cfg.model.arch} {cfg.model.backbone}, {n_params / 1e6:.1f}M parameters, norm {cfg.model.norm}")
