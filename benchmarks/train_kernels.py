@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from densedet.bench import timed_train_step  # noqa: E402
 from densedet.conv_grad import MIN_CHANNEL_PRODUCT, conv2d_weight_grad, use_gemm_weight_grad  # noqa: E402
 from densedet.device import flush_denormals  # noqa: E402
 
@@ -120,12 +121,7 @@ def step_table(config: str, steps: int, products: list[int], repeat: int) -> Non
         size = images[0].shape[-1]
         windows[size] = len(images)
         for name, (model, opt) in models.items():
-            start = time.perf_counter()
-            loss = sum(model(images, targets).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times[name].setdefault(size, []).append(time.perf_counter() - start)
+            times[name].setdefault(size, []).append(timed_train_step(model, opt, images, targets))
     sizes = sorted(windows)
     print(f"\n{config}: training step, median ms per window size ({steps} interleaved steps, the first of each "
           "size dropped)\n")

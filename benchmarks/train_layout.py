@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from densedet.bench import timed_train_step  # noqa: E402
 from densedet.config import load_config  # noqa: E402
 from densedet.device import flush_denormals  # noqa: E402
 from densedet.engine.data import BatchStream, build_train_dataset, load_split  # noqa: E402
@@ -43,12 +43,7 @@ def main() -> int:
     for it in range(args.steps):
         images, targets = stream.batch(it)
         for name, (model, opt) in models.items():
-            start = time.perf_counter()
-            loss = sum(model(images, targets).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_train_step(model, opt, images, targets))
     print("| layout | median step ms | img/s |\n|---|---|---|")
     for name, t in times.items():
         ms = 1000 * statistics.median(t[2:])

@@ -31,7 +31,6 @@ cores); the full run takes much longer. ``--out results.md`` / ``results.json`` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -53,6 +52,7 @@ from torch import Tensor, nn
 from .export import optimize_for_inference
 
 __all__ = ["BenchSettings", "QUICK", "FULL", "Table", "run_suites", "count_flops", "time_call", "time_interleaved",
+           "timed_train_step",
            "measure_peak_memory", "write_results", "add_parser", "main", "SUITES"]
 
 SUITES = ("infer", "peak", "train", "post", "match", "loss", "memory", "fast")
@@ -178,6 +178,16 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int
             _sync(device)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def timed_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images, targets) -> float:
+    """Seconds of one training step on CPU: the model's loss dict summed, zero_grad, backward, step."""
+    start = time.perf_counter()
+    loss = sum(model(images, targets).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
 
 
 def _median_ms(times: Sequence[float]) -> float:
@@ -427,7 +437,7 @@ def _dense_postprocess_inputs(settings: BenchSettings, batch: int, seed: int = 0
     level_sizes, anchors = [], []
     for level in range(settings.post_levels):
         n = settings.post_candidates
-        stride, side = 8 * 2 ** level, 32 * 2 ** level
+        side = 32 * 2 ** level
         centres = torch.rand(n, 2, generator=g) * 800
         half = side * (0.5 + torch.rand(n, 2, generator=g)) / 2
         anchors.append(torch.cat([centres - half, centres + half], 1))
