@@ -80,8 +80,8 @@ def flush_denormals() -> None:
 def fused_adam_ok(params) -> bool:
     """Whether AdamW can take its fused kernel for these parameters (floating point, all on the CPU
     or all on CUDA): one pass per tensor instead of a dozen elementwise ops. For the demo model's
-    12.9M trainable parameters on this CPU it is ~2.4x faster (``python benchmarks/train_kernels.py``);
-    the values agree to float rounding (tests)."""
+    12.9M trainable parameters on the 2-core CPU it is 1.66x faster (``python benchmarks/train_kernels.py
+    --config configs/demo_digits.yaml``); the values agree to float rounding (tests)."""
     params = list(params)
     devices = {p.device.type for p in params}
     return bool(params) and all(p.is_floating_point() for p in params) and len(devices) == 1 \
