@@ -343,6 +343,7 @@ def validate(cfg: Config) -> None:
     checks.append((all(s >= 16 for s in crops), "data.crop_sizes", f"must be sizes >= 16, got {crops}"))
     checks.append((not (crops and cfg.data.crop_size), "data.crop_sizes",
                    f"replaces data.crop_size; set one of them, got crop_size {cfg.data.crop_size} and {crops}"))
+    checks.append((cfg.data.num_tune >= 0, "data.num_tune", f"must be >= 0, got {cfg.data.num_tune}"))
     checks.append((0 < cfg.data.crop_min_visibility <= 1, "data.crop_min_visibility",
                    f"must be in (0, 1], got {cfg.data.crop_min_visibility}"))
     if cfg.data.crop_size or crops:

@@ -27,7 +27,7 @@ __all__ = ["GemmGradConv2d", "use_gemm_weight_grad", "conv2d_weight_grad", "MIN_
 # channels on (ResNet's layer3 and layer4, FPN's laterals); at 128 x 128 (FPN outputs, head towers)
 # it is about even, so those keep oneDNN's.
 MIN_CHANNEL_PRODUCT = 128 * 256
-_CHUNK_BYTES = 64 << 20  # the patch matrix is built for this many bytes of input rows at a time
+_CHUNK_BYTES = 64 << 20  # the patch matrix is built for at most this many bytes' worth of images at a time
 
 
 def conv2d_weight_grad(x: Tensor, grad_out: Tensor, weight_shape: torch.Size, stride: tuple[int, int],
@@ -35,15 +35,15 @@ def conv2d_weight_grad(x: Tensor, grad_out: Tensor, weight_shape: torch.Size, st
     """dL/dW of ``F.conv2d(x, W, stride=stride, padding=padding)`` (groups 1, dilation 1), given dL/dY.
 
     Returned in channels_last layout (``[C_out, C_in, kh, kw]`` with strides of (C_out, kh, kw, C_in)).
-    The patch matrix is built per chunk of images, so memory stays within ~64 MB whatever the batch.
+    The patch matrix is built per chunk of images, so it stays within ~64 MB (or one image's) whatever the batch.
     """
     c_out, c_in, kh, kw = weight_shape
     n, _, h_out, w_out = grad_out.shape
     sy, sx = stride
     xh = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))  # NHWC view, padded
     g = grad_out.permute(0, 2, 3, 1)                                                           # N, Ho, Wo, C_out
-    row_bytes = h_out * w_out * kh * kw * c_in * x.element_size()
-    step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    patch_bytes_per_image = h_out * w_out * kh * kw * c_in * x.element_size()
+    step = max(1, _CHUNK_BYTES // max(patch_bytes_per_image, 1))
     out = None
     for start in range(0, n, step):
         stop = min(n, start + step)

@@ -118,6 +118,7 @@ def test_override_without_equals_sign_is_rejected():
     ("solver.optimizer=adam", "solver.optimizer"),
     ("data.crop_size=-1", "data.crop_size"),
     ("data.crop_min_visibility=1.5", "data.crop_min_visibility"),
+    ("data.num_tune=-1", "data.num_tune"),
     ("model.arch=refinedet data.crop_size=160", "data.crop_size"),
     ("data.crop_size=160 data.crop_sizes=[64,160]", "data.crop_sizes"),
     ("data.crop_sizes=[8,64]", "data.crop_sizes"),

@@ -297,10 +297,9 @@ def make_digit_scenes(root: str, num_train: int = 500, num_val: int = 100, size:
     for split_code, (split, count, rows) in enumerate((("train", num_train, train_rows),
                                                       ("val", num_val, val_rows),
                                                       ("tune", num_tune, val_rows))):
-        if split == "tune" and not num_tune:
-            continue
-        _write_split(paths[f"{split}_images"], paths[f"{split}_json"], count, split_code, seed,
-                     digits[rows], labels[rows], scene_args)
+        if split in splits:
+            _write_split(paths[f"{split}_images"], paths[f"{split}_json"], count, split_code, seed,
+                         digits[rows], labels[rows], scene_args)
     with open(paths["meta"], "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     return paths
