@@ -103,8 +103,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                           f"has {data.num_classes} classes ({', '.join(data.class_names[:12])})")
     tta = tta_from_config(cfg.test)
     if tta is not None:
-        print(f"test-time augmentation (test.tta_*): scales {list(tta.scales)}{', flip' if tta.flip else ''}, "
-              f"merged by {tta.merge}; test.tta_scales=[] evaluates single-scale", file=sys.stderr)
+        print(f"test-time augmentation (test.tta_*): {tta.describe()}; test.tta_scales=[] evaluates single-scale",
+              file=sys.stderr)
     results = predict_dataset(model, data, cfg.test.batch_size, device, dtype, tta=tta)
     gt = to_coco_dict(data)
     if args.metric == "coco":

@@ -40,7 +40,9 @@ def conv2d_weight_grad(x: Tensor, grad_out: Tensor, weight_shape: torch.Size, st
     c_out, c_in, kh, kw = weight_shape
     n, _, h_out, w_out = grad_out.shape
     sy, sx = stride
-    xh = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))  # NHWC view, padded
+    xh = x.permute(0, 2, 3, 1)                                                                 # NHWC view
+    if any(padding):                                                                           # (1x1: no copy)
+        xh = F.pad(xh, (0, 0, padding[1], padding[1], padding[0], padding[0]))
     g = grad_out.permute(0, 2, 3, 1)                                                           # N, Ho, Wo, C_out
     patch_bytes_per_image = h_out * w_out * kh * kw * c_in * x.element_size()
     step = max(1, _CHUNK_BYTES // max(patch_bytes_per_image, 1))

@@ -101,6 +101,10 @@ class TTAConfig:
         if self.detections_per_img < 1:
             raise ValueError(f"TTAConfig.detections_per_img: must be >= 1, got {self.detections_per_img}")
 
+    def describe(self) -> str:
+        """One line for logs: ``scales [320, 384], flip, merged by vote``."""
+        return f"scales {list(self.scales)}{', flip' if self.flip else ''}, merged by {self.merge}"
+
     def range_of(self, i: int) -> SizeRange:
         return (None, None) if self.ranges is None else self.ranges[i]
 

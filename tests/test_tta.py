@@ -321,3 +321,8 @@ def test_apply_soft_nms_on_single_scale_output():
     assert single["scores"][-1].item() == pytest.approx(0.6 * math.exp(-IOU_AB ** 2 / 0.5), abs=1e-6)
     with pytest.raises(ValueError, match="linear"):
         apply_soft_nms(det, "cubic")
+
+
+def test_describe_names_the_passes_and_the_merge():
+    assert TTAConfig(scales=(320, 384), flip=True, merge="nms").describe() == "scales [320, 384], flip, merged by nms"
+    assert TTAConfig(scales=[448], flip=False).describe() == "scales [448], merged by vote"

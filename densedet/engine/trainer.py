@@ -393,7 +393,7 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     tta = tta_from_config(cfg.test)
     if tta is not None:  # the reported numbers are then the TTA ones; the best checkpoint is chosen single-scale
         say(f"single scale: AP {single['AP']:.3f}, AP50 {single['AP50']:.3f}; now with test-time augmentation "
-            f"(scales {list(tta.scales)}{', flip' if tta.flip else ''}, merged by {tta.merge})")
+            f"({tta.describe()})")
         metrics = evaluate_model(model, val_data, cfg.test.batch_size, device, dtype, cfg.test.max_dets, tta=tta)
     if not is_main:
         return {}
