@@ -22,15 +22,22 @@ _VERB_MODULES = ["densedet.predict", "densedet.export", "densedet.bench", "dense
 
 
 def find_config(name: str) -> Path:
-    """A config path as given, or a name from the repository's ``configs/`` folder."""
+    """A config path as given, else a config shipped in the package (``densedet/configs``) by name,
+    with or without ``.yaml`` (``configs/NAME.yaml`` too, so the checkout's paths work anywhere).
+    The error lists the shipped names."""
     path = Path(name)
     if path.is_file():
         return path
-    repo_configs = Path(__file__).resolve().parent.parent / "configs"
-    for candidate in (repo_configs / name, repo_configs / f"{name}.yaml"):
+    from importlib.resources import files
+    shipped = files("densedet") / "configs"
+    stem = path.name if path.parts[:-1] == ("configs",) else name
+    for candidate in (shipped / stem, shipped / f"{stem}.yaml"):
         if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"config {name!r} not found (neither a file nor a name in {repo_configs})")
+            return Path(str(candidate))
+    names = sorted(p.name[:-len(".yaml")] for p in shipped.iterdir() if p.name.endswith(".yaml")) \
+        if shipped.is_dir() else []
+    raise FileNotFoundError(f"config {name!r} not found: neither a file nor a config shipped with densedet "
+                            f"(available: {', '.join(names) or 'none'})")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

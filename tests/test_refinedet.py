@@ -198,7 +198,7 @@ def test_configs_build_the_caffe_model():
     from densedet.config import load_config
     from densedet.models.refinedet import build_refinedet
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[1] / "densedet" / "configs"
     cfg = load_config(root / "refinedet512_vgg16_voc.yaml")
     model = build_refinedet(cfg.model)
     assert isinstance(model.backbone, VGG16) and model.image_size == (512, 512)
