@@ -1,4 +1,5 @@
-# densedet — the two commands: `make demo` (the main job) and `make test`.
+# densedet — the two commands: `make demo` (the main job) and `make test`; `make check-wheel` (CI) installs
+# the built wheel into a fresh venv outside the repository and trains the shipped tiny config by name.
 # Both create .venv on first use and install the CPU build of torch pinned below:
 # an unpinned torch would pull several GB of CUDA packages onto a CPU machine.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.densedet-installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all check-wheel bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
+
+check-wheel: $(STAMP)
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" tools/check_wheel.sh
 
 bench: $(STAMP)
 	$(PY) -m densedet bench
