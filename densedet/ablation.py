@@ -183,8 +183,6 @@ def run_ablation(cfg: Config, out_dir: str | os.PathLike, runs: Sequence[Ablatio
     goes on. Returns one dict per run: ``name, method, cls_loss, gamma, alpha, groups, metrics,
     error, config``.
     """
-    from .ablation_losses import reset_ghmc_state
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = [run_config(cfg, r, out, budget_iters, budget_minutes) for r in runs]
@@ -197,7 +195,6 @@ def run_ablation(cfg: Config, out_dir: str | os.PathLike, runs: Sequence[Ablatio
             results.append(saved)
             continue
         log(f"[{i}/{len(runs)}] {r.name}: training with {r.overrides()}")
-        reset_ghmc_state()   # GHM-C's running density must not leak from one run into the next
         metrics, error = None, None
         try:
             metrics = (train_fn or _default_train())(run_cfg, resume=False, log=log)

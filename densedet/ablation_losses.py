@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["balanced_ce_loss", "ohem_loss", "ohem_topk_loss", "ghmc_loss", "GHMC", "reset_ghmc_state",
+__all__ = ["balanced_ce_loss", "ohem_loss", "ohem_topk_loss", "ghmc_loss", "GHMC", "ABLATION_LOSSES",
            "OHEM_BATCH_SIZE_PER_IMAGE", "OHEM_FG_FRACTION", "GHM_BINS", "GHM_MOMENTUM"]
 
 # Table 1d of Lin et al. 2017 sweeps 128 / 256 / 512 examples per image; 128 was best for both variants.
@@ -153,8 +153,8 @@ class GHMC:
     ``Σ β·BCE / N``, the weights carrying no gradient.
 
     State: ``acc_sum [bins]`` (the S_j), filled from the first batch's counts (rather than from
-    zero, which would inflate the first iterations' weights by 1 / (1 - m)). One instance should
-    serve one training run; :func:`reset_ghmc_state` resets the default instance.
+    zero, which would inflate the first iterations' weights by 1 / (1 - m)). One instance serves
+    one training run: a RetinaNet with ``cls_loss="ghmc"`` owns one.
     """
 
     def __init__(self, bins: int = GHM_BINS, momentum: float = GHM_MOMENTUM) -> None:
@@ -200,14 +200,6 @@ class GHMC:
         return (beta * ce).sum() / logits.numel()
 
 
-_DEFAULT_GHMC = GHMC()
-
-
-def reset_ghmc_state() -> None:
-    """Forget the running gradient density of :func:`ghmc_loss` (call at the start of a training run)."""
-    _DEFAULT_GHMC.reset()
-
-
 def ghmc_loss(logits: Tensor, targets: Tensor, alpha: float | None = None, gamma: float | None = None,
               num_images: int | None = None, ghmc: GHMC | None = None) -> Tensor:
     """GHM-C for the model's ``[V, K]`` logits/targets, scaled to survive the model's normaliser.
@@ -218,10 +210,15 @@ def ghmc_loss(logits: Tensor, targets: Tensor, alpha: float | None = None, gamma
     leaves exactly the paper's loss (with several processes, approximately: the model divides by
     the mean foreground count over processes).
 
-    The running density lives in a module-level :class:`GHMC` (bins 30, momentum 0.75) unless
-    ``ghmc`` is given; it is shared by every model in the process, so a new training run should
-    call :func:`reset_ghmc_state` first. ``alpha``, ``gamma`` and ``num_images`` are ignored.
+    The running density lives in ``ghmc`` (the model's own :class:`GHMC`, bins 30, momentum 0.75);
+    without one, a fresh :class:`GHMC` weighs this batch by its own density alone. ``alpha``,
+    ``gamma`` and ``num_images`` are ignored.
     """
-    loss = (ghmc or _DEFAULT_GHMC)(logits, targets)
+    loss = (ghmc or GHMC())(logits, targets)
     num_fg = int((targets.amax(dim=1) > 0).sum()) if targets.numel() else 0
     return loss * max(num_fg, 1)
+
+
+# ``model.cls_loss`` name → loss (the focal loss itself is fused into RetinaNet.losses).
+ABLATION_LOSSES = {"balanced_ce": balanced_ce_loss, "ohem": ohem_loss, "ohem_topk": ohem_topk_loss,
+                   "ghmc": ghmc_loss}

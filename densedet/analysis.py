@@ -39,6 +39,7 @@ from .boxes import box_iou
 from .config import Config, ConfigError, ModelConfig, load_config
 from .data import DatasetError, DetectionData, image_size
 from .matching import BACKGROUND, IGNORE, PaddedTargets, pad_targets
+from .models.base import DenseDetector
 
 __all__ = ["load_split", "dataset_statistics", "resized_image_size", "AnchorSetup", "anchor_setup",
            "prepare_images", "PreparedImage", "anchor_statistics", "coverage", "default_candidates",
@@ -133,39 +134,22 @@ class AnchorSetup:
     aspect_ratios: list[float]
 
 
-def anchor_setup(model: torch.nn.Module, model_cfg: ModelConfig | None = None) -> AnchorSetup:
-    """Adapt a built model: RetinaNet (``anchor_generator``, ``matcher``, ``transform``) or
-    RefineDet (``anchors(size)``, its per-prediction matching at ``iou_threshold``, no ignore band).
+def anchor_setup(model: DenseDetector, model_cfg: ModelConfig | None = None) -> AnchorSetup:
+    """Adapt a built model through its :class:`~densedet.models.base.DenseDetector` interface:
+    ``preprocessor``, ``anchors``, ``match`` and ``anchor_spec``.
 
     Feature map sizes follow from the padded size: every stride-2 conv of the ResNet/FPN
     pyramid (3x3 or 7x7 with "same" padding, and the 3x3/s2 max-pool) gives ``ceil(side / 2)``,
-    so level l has ``ceil(side / stride_l)`` cells — checked against ``forward_dense`` in the tests.
+    so level l has ``ceil(side / stride_l)`` cells — checked against ``dense_forward`` in the tests.
     """
-    if hasattr(model, "anchor_generator") and hasattr(model, "matcher"):
-        gen = model.anchor_generator
+    spec = model.anchor_spec()
 
-        def anchors(padded: tuple[int, int]) -> Tensor:
-            feature_sizes = [(math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in gen.strides]
-            return gen(tuple(padded), feature_sizes)
+    def anchors(padded: tuple[int, int]) -> Tensor:
+        feature_sizes = [(math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in spec.strides]
+        return torch.cat(model.anchors(tuple(padded), feature_sizes))
 
-        def match(anchors_: Tensor, targets: PaddedTargets) -> Tensor:
-            return model.matcher(anchors_, targets).matched_idxs
-
-        return AnchorSetup(model.transform, anchors, match, model.matcher.fg_iou_thresh,
-                           model.matcher.bg_iou_thresh, gen.sizes, gen.aspect_ratios[0])
-    if hasattr(model, "anchors") and hasattr(model, "preprocessor"):
-        from .models.refinedet import match_anchors
-
-        thresh = float(getattr(model, "iou_threshold", 0.5))
-
-        def match_refinedet(anchors_: Tensor, targets: PaddedTargets) -> Tensor:
-            return match_anchors(anchors_, targets.boxes, targets.valid, thresh)
-
-        sizes = [[float(s)] for s in getattr(model, "anchor_sizes", [])]
-        return AnchorSetup(model.preprocessor, lambda padded: model.anchors(tuple(padded)), match_refinedet,
-                           thresh, thresh, sizes, list(getattr(model, "aspect_ratios", [])))
-    raise TypeError(f"cannot analyse anchors of {type(model).__name__}: it has neither anchor_generator/matcher "
-                    f"(RetinaNet) nor anchors()/preprocessor (RefineDet)")
+    return AnchorSetup(model.preprocessor, anchors, model.match, spec.fg_iou_thresh, spec.bg_iou_thresh,
+                       spec.sizes, spec.aspect_ratios)
 
 
 @dataclass

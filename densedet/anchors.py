@@ -49,8 +49,10 @@ class AnchorGenerator(nn.Module):
         round_cell_anchors: round the cell half-extents to integers (torchvision's behaviour).
         stride_mode: ``"fixed"`` (use ``strides``) or ``"inferred"`` (torchvision: padded // feature).
 
-    ``forward(image_size (Hp, Wp), feature_sizes [(H_l, W_l)]) -> [sum_l H_l·W_l·A, 4]`` (x1, y1, x2, y2),
-    cached per shape.
+    ``forward(image_size (Hp, Wp), feature_sizes [(H_l, W_l)]) -> list of [H_l·W_l·A, 4]`` (x1, y1,
+    x2, y2) per level, cached per shape. Each anchor is computed in float64 and rounded to float32
+    once (RefineDet's Caffe ``PriorBox`` values for sqrt(2)-sized anchors; integer and rounded cell
+    anchors are exact either way).
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[float] | Sequence[Sequence[float]],
@@ -76,10 +78,9 @@ class AnchorGenerator(nn.Module):
         self.stride_mode = stride_mode
         self.num_anchors_per_location = counts.pop()
         self.cell_anchors = [self._cell_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios)]
-        self._cache: dict[tuple, Tensor] = {}
+        self._cache: dict[tuple, list[Tensor]] = {}
 
     def _cell_anchors(self, sizes: list[float], ratios: list[float]) -> Tensor:
-        # float64 so the float and the rounded variants both come out exact to fp32.
         s = torch.tensor(sizes, dtype=torch.float64)
         r = torch.tensor(ratios, dtype=torch.float64)
         h_ratio = r.sqrt()
@@ -88,8 +89,8 @@ class AnchorGenerator(nn.Module):
         hs = (h_ratio[:, None] * s[None, :]).reshape(-1)
         cell = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
         if self.round_cell_anchors:
-            cell = cell.to(torch.float32).round()
-        return cell.to(torch.float32)
+            cell = cell.to(torch.float32).round().to(torch.float64)
+        return cell
 
     def strides_for(self, image_size: Sequence[int], feature_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """(stride_y, stride_x) per level."""
@@ -106,19 +107,19 @@ class AnchorGenerator(nn.Module):
         out = []
         for (h, w), (sy, sx), cell in zip(feature_sizes, self.strides_for(image_size, feature_sizes),
                                           self.cell_anchors):
-            ys = (torch.arange(h, dtype=torch.float32) + self.offset) * sy
-            xs = (torch.arange(w, dtype=torch.float32) + self.offset) * sx
+            ys = (torch.arange(h, dtype=torch.float64) + self.offset) * sy
+            xs = (torch.arange(w, dtype=torch.float64) + self.offset) * sx
             cy, cx = torch.meshgrid(ys, xs, indexing="ij")
             centres = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)
-            out.append((centres + cell.view(1, -1, 4)).reshape(-1, 4).to(device))
+            out.append((centres + cell.view(1, -1, 4)).reshape(-1, 4).to(device=device, dtype=torch.float32))
         return out
 
     def forward(self, image_size: Sequence[int], feature_sizes: Sequence[Sequence[int]],
-                device: torch.device | str = "cpu") -> Tensor:
+                device: torch.device | str = "cpu") -> list[Tensor]:
         key = (tuple(image_size), tuple(map(tuple, feature_sizes)), str(device))
         anchors = self._cache.get(key)
         if anchors is None:
-            anchors = torch.cat(self.grid_anchors(image_size, feature_sizes, device))
+            anchors = self.grid_anchors(image_size, feature_sizes, device)
             if len(self._cache) > 32:
                 self._cache.clear()
             self._cache[key] = anchors

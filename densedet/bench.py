@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .export import optimize_for_inference
+from .models import PRESETS
 
 __all__ = ["BenchSettings", "QUICK", "FULL", "Table", "run_suites", "count_flops", "time_call", "time_interleaved",
            "timed_train_step",
@@ -247,7 +248,7 @@ def _build(name: str, settings: BenchSettings, size: int | None = None, device: 
     from .models import build_model
     overrides = dict(settings.model_overrides)
     overrides.update(extra)
-    if size is not None and not name.startswith("refinedet"):   # RefineDet presets carry their size
+    if size is not None and PRESETS[name].fixed_size is None:   # a fixed-size preset (RefineDet) keeps its size
         overrides.update(fixed_size=[size, size], min_size=size, max_size=size)
     model = build_model(name, **overrides)
     return model.to(device or torch.device("cpu"))
@@ -256,14 +257,6 @@ def _build(name: str, settings: BenchSettings, size: int | None = None, device: 
 def _images(batch: int, size: int, device: torch.device, seed: int = 0) -> list[Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, size, size, generator=g).to(device) for _ in range(batch)]
-
-
-def _refinedet_available() -> bool:
-    try:
-        from .models import refinedet  # noqa: F401
-        return True
-    except Exception:  # noqa: BLE001 - written by another helper; absent or broken means skip
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,16 +303,14 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> Table:
                     "GFLOP/s = counted conv/linear FLOPs / fast latency"]
     tv_note = False
     for name in settings.infer_models:
-        if name.startswith("refinedet") and not _refinedet_available():
-            table.notes.append(f"{name}: skipped (densedet.models.refinedet not importable)")
-            continue
+        preset = PRESETS[name]
         for size in settings.infer_sizes:
-            if name.startswith("refinedet") and str(size) not in name:
+            if preset.fixed_size is not None and size != preset.fixed_size[0]:
                 continue           # RefineDet320 runs at 320, RefineDet512 at 512
             # random weights: RetinaNet's prior (0.01) stays under its 0.05 threshold, but a random
             # RefineDet's softmax (~1/21 per class) passes 0.01 everywhere and would time 20 full
             # NMS runs; raise its threshold so both time the network (see the post suite for NMS)
-            extra = {"score_thresh": 0.3} if name.startswith("refinedet") else {}
+            extra = {"score_thresh": 0.3} if preset.arch == "refinedet" else {}
             try:
                 base = _build(name, settings, size, device, **extra).eval()
             except Exception as err:  # noqa: BLE001 - a preset under construction must not stop the suite
@@ -376,10 +367,10 @@ def _train_step_times(model: nn.Module, batch: Tensor, targets: list[dict], devi
     """One RetinaNet step timed in parts (seconds)."""
     t = [time.perf_counter()]
     with _autocast(device, dtype):
-        logits, deltas, anchors, _ = model.forward_dense(batch)
+        outputs, anchors = model.dense_forward(batch)
         _sync(device)
         t.append(time.perf_counter())
-        losses = model.compute_loss(logits, deltas, anchors, targets)
+        losses = model.losses(outputs, anchors, targets)
         loss = sum(losses.values())
     _sync(device)
     t.append(time.perf_counter())
@@ -412,7 +403,7 @@ def bench_train(settings: BenchSettings, device: torch.device) -> Table:
                 model = model.to(memory_format=torch.channels_last)
             targets = [{k: v.to(device) for k, v in t.items()}
                        for t in _random_targets(batch_size, size, model.num_classes)]
-            batch, _, targets = model.transform(images, targets)
+            batch, _, targets = model.preprocessor(images, targets)
             if mode == "fast":
                 batch = batch.contiguous(memory_format=torch.channels_last)
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -491,7 +482,8 @@ def bench_post(settings: BenchSettings, device: torch.device) -> Table:
         logits, deltas, anchors, level_sizes = _dense_postprocess_inputs(settings, batch)
         logits, deltas, anchors = logits.to(device), deltas.to(device), anchors.to(device)
         sizes = [(800, 800)] * batch
-        fast = lambda: RetinaNet.postprocess(model, logits, deltas, anchors, sizes, level_sizes)  # noqa: E731
+        outputs, per_level = {"cls_logits": logits, "bbox_deltas": deltas}, list(anchors.split(level_sizes))
+        fast = lambda: RetinaNet.postprocess(model, outputs, per_level, sizes)  # noqa: E731
         slow = lambda: _postprocess_per_image(model, logits, deltas, anchors, sizes, level_sizes)  # noqa: E731
         a, b = fast(), slow()
         for x, y in zip(a, b):   # same detections (ties aside), so the comparison is fair
@@ -607,7 +599,7 @@ def _memory_child(spec: dict) -> dict:
         model.train()
         targets = _random_targets(batch, size, model.num_classes)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-        batch_t, _, targets = model.transform(images, targets)
+        batch_t, _, targets = model.preprocessor(images, targets)
         before = _start_peak()
         for _ in range(2):
             _train_step_times(model, batch_t, targets, device, dtype, opt)
@@ -675,14 +667,14 @@ def bench_memory(settings: BenchSettings, device: torch.device) -> Table:
 # -- inference fast paths ------------------------------------------------------------------------
 
 class _Network(nn.Module):
-    """backbone + head of a RetinaNet: ``batch -> (logits, deltas)`` (what jit/compile can take)."""
+    """features + heads of a detector: ``batch -> tuple of head outputs`` (what jit/compile can take)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.backbone, self.head = model.backbone, model.head
+        self.model = model
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.head(self.backbone(x))
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.model.head_outputs(self.model.features(x)).values())
 
 
 def bench_fast_paths(settings: BenchSettings, device: torch.device) -> Table:
@@ -785,7 +777,7 @@ def bench_loss(settings: BenchSettings, device: torch.device) -> Table:
         base, fast = _median_ms(times["unfused"]), _median_ms(times["fused"])
         table.add([batch, base, fast, base / fast, float((grads["unfused"] - grads["fused"]).abs().max())])
     table.notes.append("both include the clone of the logits that stands in for the head's output; "
-                       "the ratio is what RetinaNet.compute_loss gained by the fusion")
+                       "the ratio is what RetinaNet.losses gained by the fusion")
     return table
 
 

@@ -22,6 +22,10 @@ __all__ = ["ConfigError", "ModelConfig", "DataConfig", "SolverConfig", "TrainCon
            "Config", "load_config", "save_config", "apply_overrides", "from_dict", "to_dict"]
 
 
+# How test-time augmentation merges its passes (densedet.tta.merge_detections implements each).
+TTA_MERGE_METHODS = ("nms", "vote", "soft_vote", "soft_nms_linear", "soft_nms_gaussian")
+
+
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or impossible; the message names the key."""
 
@@ -336,9 +340,8 @@ def validate(cfg: Config) -> None:
     checks.append((cfg.data.crop_size >= 0, "data.crop_size", f"must be >= 0, got {cfg.data.crop_size}"))
     checks.append((all(s >= 32 for s in cfg.test.tta_scales), "test.tta_scales",
                    f"must be input sizes >= 32, got {cfg.test.tta_scales}"))
-    from .tta import MERGE_METHODS
-    checks.append((cfg.test.tta_merge in MERGE_METHODS, "test.tta_merge",
-                   f"must be one of {', '.join(MERGE_METHODS)}, got {cfg.test.tta_merge!r}"))
+    checks.append((cfg.test.tta_merge in TTA_MERGE_METHODS, "test.tta_merge",
+                   f"must be one of {', '.join(TTA_MERGE_METHODS)}, got {cfg.test.tta_merge!r}"))
     crops = cfg.data.crop_sizes
     checks.append((all(s >= 16 for s in crops), "data.crop_sizes", f"must be sizes >= 16, got {crops}"))
     checks.append((not (crops and cfg.data.crop_size), "data.crop_sizes",

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .boxes import batched_nms
+from .models.base import DenseDetector, best_per_image
 
 __all__ = ["export_onnx", "OnnxDetector", "onnx_nms", "default_export_size", "optimize_for_inference",
            "fuse_conv_bn", "add_parser", "SIDECAR_FORMAT"]
@@ -100,109 +101,54 @@ def onnx_nms(boxes: Tensor, scores: Tensor, max_per_class: int, iou_thresh: floa
 # The exportable detector
 # ----------------------------------------------------------------------------------------------
 
-def default_export_size(model: nn.Module) -> tuple[int, int]:
+def default_export_size(model: DenseDetector) -> tuple[int, int]:
     """The model's fixed input size if it has one, else a square of its ``min_size`` padded up to
     ``size_divisible`` (RetinaNet's 800 → 896 with the default divisor 128)."""
-    if hasattr(model, "image_size"):                     # RefineDet
-        return tuple(int(s) for s in model.image_size)
-    transform = model.transform
-    if transform.fixed_size is not None:
-        return tuple(int(s) for s in transform.fixed_size)
-    d = transform.size_divisible
-    side = int(math.ceil(max(transform.min_size) / d) * d)
+    pre = model.preprocessor
+    if pre.fixed_size is not None:
+        return tuple(int(s) for s in pre.fixed_size)
+    d = pre.size_divisible
+    side = int(math.ceil(max(pre.min_size) / d) * d)
     return side, side
-
-
-def _preprocessor(model: nn.Module):
-    return model.preprocessor if hasattr(model, "preprocessor") else model.transform
-
-
-def _is_refinedet(model: nn.Module) -> bool:
-    return hasattr(model, "odm_head") and hasattr(model, "decode_predictions")
 
 
 class OnnxDetector(nn.Module):
     """Network + post-processing on a fixed input size, with dense, padded outputs.
 
     ``forward(images [B, 3, H, W], image_sizes [B, 2]) -> (boxes [B, D, 4], scores [B, D],
-    labels [B, D], num_detections [B])`` — see the module docstring. Works for
-    :class:`~densedet.models.retinanet.RetinaNet` (sigmoid, per-level top-k over anchors×classes,
-    decode, clip, NMS) and :class:`~densedet.models.refinedet.RefineDet` (softmax, ARM filtering,
-    two-step decode, per-class top-k, NMS on unclipped boxes, clip).
+    labels [B, D], num_detections [B])`` — see the module docstring. The model's own
+    :meth:`~densedet.models.base.DenseDetector.decode` runs inside the graph; the selection is
+    :func:`~densedet.models.base.select_detections` in fixed shapes (ONNX ``NonMaxSuppression``
+    per class, then the same :func:`~densedet.models.base.best_per_image`).
     """
 
-    def __init__(self, model: nn.Module, image_size: Sequence[int]) -> None:
+    def __init__(self, model: DenseDetector, image_size: Sequence[int]) -> None:
         super().__init__()
         self.model = model.eval()
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.refinedet = _is_refinedet(model)
+        d = model.preprocessor.size_divisible
+        if self.image_size[0] % d or self.image_size[1] % d:
+            raise ValueError(f"export size {self.image_size} must be a multiple of the model's "
+                             f"size_divisible={d} (the pyramid levels must tile the input exactly)")
         device = next(model.parameters()).device
-        if self.refinedet:
-            anchors = model.anchors(self.image_size, device=device)
-            self.level_sizes: list[int] = []
-        else:
-            d = model.transform.size_divisible
-            if self.image_size[0] % d or self.image_size[1] % d:
-                raise ValueError(f"export size {self.image_size} must be a multiple of the model's "
-                                 f"size_divisible={d} (the pyramid levels must tile the input exactly)")
-            with torch.no_grad():
-                _, _, anchors, self.level_sizes = model.forward_dense(torch.zeros(1, 3, *self.image_size,
-                                                                                  device=device))
-        self.register_buffer("anchors", anchors.float(), persistent=False)
+        with torch.no_grad():
+            _, anchors = model.dense_forward(torch.zeros(1, 3, *self.image_size, device=device))
+        self.level_sizes = [len(a) for a in anchors]
+        self.register_buffer("anchors", torch.cat(anchors).float(), persistent=False)
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self.refinedet:
-            outputs = self.model.head_outputs(images)
-            boxes, scores = self.model.decode_predictions(outputs, self.anchors)
-            return self._select_per_class(boxes, scores, image_sizes)
-        features = self.model.backbone(images)
-        logits, deltas = self.model.head(features)
-        return self._select_per_level(logits, deltas, image_sizes)
-
-    # RetinaNet: RetinaNet.postprocess with fixed shapes --------------------------------------
-    def _select_per_level(self, logits: Tensor, deltas: Tensor, image_sizes: Tensor):
         m = self.model
-        num_classes = logits.shape[-1]
-        thresh = m.score_thresh
-        all_boxes, all_scores, all_labels = [], [], []
-        start = 0
-        for n in self.level_sizes:
-            lg, dl, an = logits[:, start:start + n], deltas[:, start:start + n], self.anchors[start:start + n]
-            start += n
-            scores = torch.sigmoid(lg.float()).flatten(1)                                 # [B, n·K]
-            scores = torch.where(scores > thresh, scores, torch.full_like(scores, -1.0))
-            top_scores, top_idxs = scores.topk(min(m.topk_candidates, n * num_classes), dim=1)
-            anchor_idxs = torch.div(top_idxs, num_classes, rounding_mode="floor")
-            boxes = m.box_coder.decode(torch.gather(dl, 1, anchor_idxs.unsqueeze(-1).expand(-1, -1, 4)),
-                                       an[anchor_idxs])
-            all_boxes.append(_clip(boxes, image_sizes))
-            all_scores.append(top_scores)
-            all_labels.append(top_idxs - anchor_idxs * num_classes)
-        boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
-        # per-class score planes [B, K, N]: a candidate only scores in its own class's plane
-        classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1)
-        planes = torch.where(labels.unsqueeze(1) == classes, scores.unsqueeze(1), torch.full_like(scores, -1.0)
-                             .unsqueeze(1))
-        selected = onnx_nms(boxes, planes, m.detections_per_img, m.nms_thresh, thresh)
-        scores, idxs, valid = _best_per_image(selected[:, 0], selected[:, 2], scores, m.detections_per_img)
-        boxes = torch.gather(boxes, 1, idxs.unsqueeze(-1).expand(-1, -1, 4))
-        return _padded(boxes, scores, torch.gather(labels, 1, idxs), valid)
-
-    # RefineDet: RefineDet.select_detections with fixed shapes ---------------------------------
-    def _select_per_class(self, boxes: Tensor, scores: Tensor, image_sizes: Tensor):
-        m = self.model
-        bsz, num_anchors, num_classes = scores.shape
-        per_class = scores.transpose(1, 2)                                                # [B, K, A]
-        top_scores, top_anchor = per_class.topk(min(m.topk_candidates, num_anchors), dim=2)
-        # keep only each class's top-k anchors: everything else drops below the NMS score threshold
-        planes = torch.full_like(per_class, -1.0).scatter(2, top_anchor, top_scores)
+        outputs = m.head_outputs(m.features(images))
+        candidates = m.decode(outputs, list(self.anchors.split(self.level_sizes)), image_sizes)
+        boxes, scores, labels, keep = candidates
+        # per-class score planes [B, K, N]: a candidate scores only in its own class's plane
+        classes = torch.arange(m.num_classes, device=labels.device).view(1, -1, 1)
+        in_plane = (labels.unsqueeze(1) == classes) & keep.unsqueeze(1)
+        planes = torch.where(in_plane, scores.unsqueeze(1), torch.full_like(scores, -1.0).unsqueeze(1))
         selected = onnx_nms(boxes, planes, m.detections_per_img, m.nms_thresh, m.score_thresh)
-        # rank the survivors of all classes together: flat index class·A + anchor (class-major)
-        flat = selected[:, 1] * num_anchors + selected[:, 2]
-        scores, idxs, valid = _best_per_image(selected[:, 0], flat, planes.flatten(1), m.detections_per_img)
-        anchor_idxs = idxs % num_anchors
-        boxes = _clip(torch.gather(boxes, 1, anchor_idxs.unsqueeze(-1).expand(-1, -1, 4)), image_sizes)
-        return _padded(boxes, scores, torch.div(idxs, num_anchors, rounding_mode="floor"), valid)
+        top_scores, top_idx, valid = best_per_image(selected[:, 0], selected[:, 2], scores, m.detections_per_img)
+        top_boxes = _clip(torch.gather(boxes, 1, top_idx.unsqueeze(-1).expand(-1, -1, 4)), image_sizes)
+        return _padded(top_boxes, top_scores, torch.gather(labels, 1, top_idx), valid)
 
 
 def _clip(boxes: Tensor, image_sizes: Tensor) -> Tensor:
@@ -210,16 +156,6 @@ def _clip(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     h, w = image_sizes[:, 0:1].to(boxes.dtype), image_sizes[:, 1:2].to(boxes.dtype)
     return torch.stack((boxes[..., 0].clamp(min=0).minimum(w), boxes[..., 1].clamp(min=0).minimum(h),
                         boxes[..., 2].clamp(min=0).minimum(w), boxes[..., 3].clamp(min=0).minimum(h)), dim=-1)
-
-
-def _best_per_image(img: Tensor, idx: Tensor, scores: Tensor, limit: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Scatter the NMS survivors ``(img, idx)`` into a dense ``[B, N]`` score map and take the
-    ``limit`` best per image → (scores, indices into N, valid), each ``[B, D]``. ONNX TopK breaks
-    ties by lower index, as the stable sorts of the PyTorch post-processing do."""
-    kept = torch.full_like(scores, -1.0)
-    kept[img, idx] = scores[img, idx]
-    top_scores, top_idxs = kept.topk(min(limit, scores.shape[1]), dim=1)
-    return top_scores, top_idxs, top_scores >= 0
 
 
 def _padded(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -239,17 +175,16 @@ def sidecar_path(onnx_path: str | Path) -> Path:
     return Path(str(onnx_path) + ".json")
 
 
-def _sidecar(model: nn.Module, image_size: tuple[int, int], opset: int, class_names: list[str] | None) -> dict:
-    pre = _preprocessor(model)
-    refinedet = _is_refinedet(model)
-    fixed = refinedet or pre.fixed_size is not None
+def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, class_names: list[str] | None) -> dict:
+    pre = model.preprocessor
+    fixed = pre.fixed_size is not None
     num_classes = int(model.num_classes)
     names = class_names or getattr(model, "class_names", None) or [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a model with {num_classes} classes")
     return {
         "format": SIDECAR_FORMAT,
-        "arch": "refinedet" if refinedet else "retinanet",
+        "arch": model.arch,
         "input_size": list(image_size),
         # warp: stretch to exactly (H, W), as fixed_size models do; fit: keep the aspect ratio,
         # scale to fit inside (H, W) and pad bottom/right with zeros after normalising.
@@ -289,9 +224,6 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | 
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     size = tuple(int(s) for s in image_size) if image_size is not None else default_export_size(model)
-    if _is_refinedet(model):
-        from .models.refinedet import check_input_size
-        check_input_size(*size)
     sidecar = _sidecar(model, size, opset, class_names)
     wrapper = OnnxDetector(model.eval(), size)
     images = torch.zeros(batch_size, 3, *size, device=wrapper.anchors.device)
@@ -380,8 +312,8 @@ def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module
     model = model.to(memory_format=torch.channels_last)
     # channels_last weights with an NCHW input make oneDNN reorder at every layer, which costs
     # more than it saves: have the preprocessor hand the network a channels_last batch too
-    pre = getattr(model, "transform", None) or getattr(model, "preprocessor", None)
-    if pre is not None and not getattr(pre, "_densedet_channels_last", False):
+    pre = model.preprocessor
+    if not getattr(pre, "_densedet_channels_last", False):
         pre.register_forward_hook(_batch_to_channels_last)
         pre._densedet_channels_last = True
     return model

@@ -146,10 +146,3 @@ def box_regression_loss(kind: str, pred_deltas: Tensor, gt_boxes: Tensor, anchor
     if kind == "smooth_l1":
         return smooth_l1(pred_deltas.float(), target, beta).sum()
     raise ValueError(f"unknown box loss {kind!r}; expected l1, smooth_l1 or giou")
-
-
-# The ablation losses (alpha-balanced CE, OHEM, GHM-C) are selectable as ``model.cls_loss``.
-from .ablation_losses import *  # noqa: E402,F401,F403
-from .ablation_losses import __all__ as _ablation_all  # noqa: E402
-
-__all__ += list(_ablation_all)

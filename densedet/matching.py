@@ -1,4 +1,5 @@
-"""IoU-threshold anchor matching (RetinaNet), batched over the images of a batch.
+"""Anchor matching, batched over the images of a batch: RetinaNet's IoU-threshold
+:class:`Matcher` and RefineDet's Caffe ``MatchBBox`` (:func:`match_anchors`).
 
 Targets of a batch are padded to the largest box count (:func:`pad_targets`), so a single
 ``[B, G, A]`` IoU tensor serves every image and no Python loop runs over images or anchors.
@@ -14,7 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .boxes import box_iou
 
-__all__ = ["Matcher", "MatchResult", "pad_targets", "BACKGROUND", "IGNORE"]
+__all__ = ["Matcher", "MatchResult", "match_anchors", "pad_targets", "PaddedTargets", "BACKGROUND", "IGNORE"]
 
 BACKGROUND = -1
 IGNORE = -2
@@ -135,3 +136,99 @@ def _intersection_over_second(boxes: Tensor, anchors: Tensor) -> Tensor:
     inter = (rb - lt).clamp(min=0).prod(-1)
     area = (anchors[:, 2:] - anchors[:, :2]).clamp(min=0).prod(-1)
     return inter / area.clamp(min=1e-6)
+
+
+# -- RefineDet (Caffe MatchBBox, PER_PREDICTION) ----------------------------------------------
+
+def _sortable_key(iou: Tensor) -> Tensor:
+    """int64 keys ordering ``iou [..., A]`` by value, ties by *lower* anchor index first.
+
+    Non-negative float32 bit patterns read as int32 sort like the values (masked rows hold -1,
+    whose keys are negative and never usable); the low
+    32 bits hold ``A - 1 - index``. So ``topk``/``argmax`` on the keys reproduce Caffe's scan order
+    (first anchor wins a tie) exactly, which a float tie-break epsilon could not guarantee.
+    """
+    num_anchors = iou.shape[-1]
+    bits = iou.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    index = torch.arange(num_anchors, device=iou.device, dtype=torch.int64)
+    return (bits << 32) | (num_anchors - 1 - index)
+
+
+def _top_candidates(iou: Tensor, k: int) -> Tensor:
+    """The ``k`` best anchors of every GT as :func:`_sortable_key` keys, ``[B, G, k]``, descending.
+
+    A float ``topk`` breaks ties arbitrarily; that matters only for a GT whose usable IoU
+    (> 1e-6) ties across the k-th place (e.g. a large box containing many equal anchors). Those
+    rows alone are redone with keys over all anchors.
+    """
+    num_anchors = iou.shape[-1]
+    values, index = iou.topk(min(k + 1, num_anchors), dim=-1)
+    bits = values[..., :k].to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    keys = (bits << 32) | (num_anchors - 1 - index[..., :k])
+    if k < num_anchors:
+        tied = (values[..., k] == values[..., k - 1]) & (values[..., k] > 1e-6)  # [B, G]
+        if bool(tied.any()):
+            keys[tied] = _sortable_key(iou[tied]).topk(k, dim=-1).values
+    # within the k, equal IoUs must still be ordered by anchor index
+    return keys.sort(dim=-1, descending=True).values
+
+
+def match_anchors(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, iou_threshold: float = 0.5) -> Tensor:
+    """Caffe ``MatchBBox`` (``match_type: PER_PREDICTION``), batched over images.
+
+    1. Bipartite step: repeatedly take the globally largest IoU among (free anchor, unmatched GT)
+       pairs with IoU > 1e-6 and match them, until every GT has an anchor. So two GTs wanting the
+       same anchor are resolved in favour of the larger IoU and the other takes its best *free*
+       anchor; ties go to the lower anchor index, then the lower GT index (Caffe's scan order).
+    2. Per-prediction step: every other anchor takes the GT of largest IoU if that IoU is
+       ``>= iou_threshold`` (ties: lower GT index).
+
+    Vectorised over the batch: a GT can only be pushed off its first ``G - 1`` choices, so its best
+    free anchor is always among its top ``G`` anchors; the greedy loop then runs ``<= G`` steps on
+    a ``[B, G, G]`` candidate tensor, each step matching one pair in every image.
+
+    Args:
+        anchors: ``[A, 4]`` shared, or ``[B, A, 4]`` per image (the ODM's refined anchors).
+        gt_boxes: ``[B, G, 4]`` padded ground truth.
+        gt_valid: ``[B, G]`` bool, False for padding (and crowd boxes).
+
+    Returns:
+        ``[B, A]`` long: the matched GT index, or -1 for a negative anchor.
+    """
+    bsz, num_gt = gt_valid.shape
+    if anchors.dim() == 2:
+        anchors = anchors.unsqueeze(0).expand(bsz, -1, -1)
+    num_anchors = anchors.shape[1]
+    device = anchors.device
+    matched = torch.full((bsz, num_anchors), -1, dtype=torch.int64, device=device)
+    if num_gt == 0 or num_anchors == 0:
+        return matched
+    iou = box_iou(gt_boxes, anchors)  # [B, G, A] fp32
+    iou[~gt_valid] = -1.0  # padding and crowd rows: never usable (the keys of negatives sort last)
+
+    k = min(num_gt, num_anchors)
+    cand_key = _top_candidates(iou, k)                           # [B, G, k], distinct keys
+    cand_anchor = num_anchors - 1 - (cand_key & 0xFFFFFFFF)      # [B, G, k]
+    cand_iou = (cand_key >> 32).to(torch.int32).view(torch.float32)
+    taken = torch.zeros((bsz, num_anchors), dtype=torch.bool, device=device)
+    gt_free = gt_valid.clone()
+    batch_index = torch.arange(bsz, device=device)
+    for _ in range(num_gt):
+        anchor_free = ~taken.gather(1, cand_anchor.flatten(1)).view_as(cand_anchor)
+        usable = gt_free.unsqueeze(-1) & anchor_free & (cand_iou > 1e-6)
+        key = torch.where(usable, cand_key, torch.full_like(cand_key, -1)).flatten(1)  # [B, G*k]
+        best = key.argmax(dim=1)  # equal keys only for the same anchor: first = lower GT index
+        found = key.gather(1, best[:, None])[:, 0] >= 0
+        if not bool(found.any()):
+            break
+        b = batch_index[found]
+        gt = best[found] // k
+        anchor = cand_anchor.flatten(1)[b, best[found]]
+        matched[b, anchor] = gt
+        taken[b, anchor] = True
+        gt_free[b, gt] = False
+
+    best_gt = iou.argmax(dim=1)  # [B, A], first maximum = lower GT index
+    best_iou = iou.gather(1, best_gt[:, None, :])[:, 0]
+    per_prediction = ~taken & (best_iou >= iou_threshold)
+    return torch.where(per_prediction, best_gt, matched)

@@ -6,22 +6,19 @@ kept, and the boxes of all passes are merged (class-wise NMS, box voting, or Sof
 the authors' Caffe script (``test/lib/fast_rcnn/test_functions.py``, ``multi_scale_test_net_320``)
 and SPEC "Test-time augmentation".
 
-What a *scale* means depends on how the model sizes its input (its ``transform``):
+What a *scale* means depends on how the model sizes its input (its ``preprocessor``):
 
-* warp models (``transform.fixed_size`` set, e.g. RefineDet 320): the image is warped to
+* warp models (``preprocessor.fixed_size`` set, e.g. RefineDet 320): the image is warped to
   ``scale x scale`` (for a non-square ``fixed_size`` the shorter side becomes ``scale`` and the
   aspect of ``fixed_size`` is kept);
 * resize models (RetinaNet): the image's shorter side is resized to ``scale`` and the longer side
   capped at ``max_size * scale / min_size`` (the model's own cap, scaled alike).
 
-Anchors follow the model's own rule for every input size (RetinaNet's generator and RefineDet's
-``anchors()`` are computed from the batch size), so nothing is reused from the native size.
+Anchors follow the model's own rule for every input size (``model.anchors`` is computed from the
+batch size), so nothing is reused from the native size.
 
-The model API used is the one shared by densedet models: ``model.transform`` (an
-:class:`~densedet.models.preprocess.ImagePreprocessor`), ``model.forward_dense(batch)`` and
-``model.postprocess(logits, deltas, anchors, image_sizes, level_sizes)``. RefineDet names these
-``preprocessor``, ``head_outputs``/``anchors`` and ``postprocess_detections``; they are accepted
-too (see :func:`detect_resized`).
+The model API used is :class:`~densedet.models.base.DenseDetector`'s: ``model.preprocessor``,
+``model.dense_forward(batch)`` and ``model.postprocess(outputs, anchors, image_sizes)``.
 """
 
 from __future__ import annotations
@@ -35,13 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from .boxes import batched_nms, box_voting, soft_nms
+from .config import TTA_MERGE_METHODS
+from .engine.checkpoint import model_from_checkpoint
 
 __all__ = ["TTAConfig", "REFINEDET320_SCALES", "FLIP_ONLY", "refinedet_tta", "tta_from_config", "tta_preset",
            "tta_inference",
            "apply_soft_nms", "merge_detections", "size_range_mask", "detect_resized", "model_input_size",
            "pass_preprocessor", "MERGE_METHODS"]
 
-MERGE_METHODS = ("nms", "vote", "soft_vote", "soft_nms_linear", "soft_nms_gaussian")
+MERGE_METHODS = TTA_MERGE_METHODS
 SizeRange = tuple[float | None, float | None]
 
 
@@ -163,16 +162,9 @@ def tta_preset(name: str, model: nn.Module | None = None) -> TTAConfig | None:
 
 # -- one pass -------------------------------------------------------------------------------------
 
-def _transform_of(model: nn.Module):
-    transform = getattr(model, "transform", None) or getattr(model, "preprocessor", None)
-    if transform is None:
-        raise TypeError(f"{type(model).__name__} has no 'transform' (ImagePreprocessor); TTA needs one")
-    return transform
-
-
 def model_input_size(model: nn.Module) -> int:
     """The model's own scale: the shorter side of ``fixed_size`` for warp models, else ``min_size``."""
-    t = _transform_of(model)
+    t = model.preprocessor
     return int(min(t.fixed_size)) if t.fixed_size is not None else int(t.min_size[-1])
 
 
@@ -192,20 +184,9 @@ def pass_preprocessor(transform: nn.Module, scale: int) -> nn.Module:
 
 
 def detect_resized(model: nn.Module, batch: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-    """Run the dense model on a preprocessed ``batch [B, 3, Hp, Wp]``; boxes in resized-image pixels.
-
-    Uses ``forward_dense`` + ``postprocess`` (RetinaNet); for a model without them, RefineDet's
-    ``head_outputs`` + ``anchors`` + ``postprocess_detections``.
-    """
-    if hasattr(model, "forward_dense") and hasattr(model, "postprocess"):
-        logits, deltas, anchors, level_sizes = model.forward_dense(batch)
-        return model.postprocess(logits, deltas, anchors, image_sizes, level_sizes)
-    if hasattr(model, "head_outputs") and hasattr(model, "postprocess_detections"):
-        outputs = model.head_outputs(batch)
-        anchors = model.anchors(tuple(batch.shape[-2:]), device=batch.device)
-        return model.postprocess_detections(outputs, anchors, image_sizes)
-    raise TypeError(f"{type(model).__name__} exposes neither forward_dense/postprocess nor "
-                    "head_outputs/postprocess_detections")
+    """Run the dense model on a preprocessed ``batch [B, 3, Hp, Wp]``; boxes in resized-image pixels."""
+    outputs, anchors = model.dense_forward(batch)
+    return model.postprocess(outputs, anchors, image_sizes)
 
 
 def _map_back(boxes: Tensor, resized: tuple[int, int], original: tuple[int, int], flipped: bool) -> Tensor:
@@ -315,7 +296,6 @@ def tta_inference(model: nn.Module | str | Path, images: Sequence[Tensor], cfg: 
     RefineDet's script merges the outputs of its ``DetectionOutput`` layer.
     """
     if isinstance(model, (str, Path)):
-        from .engine.checkpoint import model_from_checkpoint
         model = model_from_checkpoint(model)[0]
     if model.training:
         raise ValueError("tta_inference needs the model in eval mode (call model.eval())")
@@ -324,7 +304,7 @@ def tta_inference(model: nn.Module | str | Path, images: Sequence[Tensor], cfg: 
         return []
     n = len(images)
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    transform = _transform_of(model)
+    transform = model.preprocessor
     pooled: list[list[dict[str, Tensor]]] = [[] for _ in range(n)]
     with torch.inference_mode():
         for i, scale in enumerate(cfg.scales):

@@ -30,6 +30,21 @@ def _target(boxes, labels):
 
 # --- head ----------------------------------------------------------------------------------------------
 
+
+def _dense(model, batch):
+    """(logits, deltas, anchors [A, 4], anchors per level) of ``model.dense_forward``."""
+    outputs, anchors = model.dense_forward(batch)
+    return outputs["cls_logits"], outputs["bbox_deltas"], torch.cat(anchors), [len(a) for a in anchors]
+
+
+def _losses(model, logits, deltas, anchors, targets):
+    return model.losses({"cls_logits": logits, "bbox_deltas": deltas}, [anchors], targets)
+
+
+def _postprocess(model, logits, deltas, anchors, sizes, per_level):
+    return model.postprocess({"cls_logits": logits, "bbox_deltas": deltas}, list(anchors.split(per_level)), sizes)
+
+
 def test_head_init_prior_bias_and_small_gaussian_weights():
     model = build_model("retinanet_r18_fpn", num_classes=20)
     head = model.head
@@ -54,7 +69,7 @@ def test_head_init_prior_bias_and_small_gaussian_weights():
 def test_output_shapes_of_the_dense_forward():
     model = _tiny()
     with torch.no_grad():
-        logits, deltas, anchors, per_level = model.forward_dense(torch.zeros(2, 3, 128, 192))
+        logits, deltas, anchors, per_level = _dense(model, torch.zeros(2, 3, 128, 192))
     grids = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
     n = sum(h * w for h, w in grids) * 9
     assert n == 4608
@@ -90,7 +105,7 @@ def test_boxes_come_back_in_each_images_original_pixels():
     image = torch.rand(3, 96, 128)
     big = image.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
     other = torch.rand(3, 80, 200)
-    batch, sizes, _ = model.transform([image, big, other])
+    batch, sizes, _ = model.preprocessor([image, big, other])
     assert sizes == [(96, 128), (96, 128), (96, 240)]
     assert torch.equal(batch[0], batch[1])
     with torch.no_grad():
@@ -145,7 +160,7 @@ def _dense_case(bsz: int = 3, seed: int = 0):
     model = _tiny()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        _, _, anchors, per_level = model.forward_dense(torch.zeros(1, 3, 128, 128))
+        _, _, anchors, per_level = _dense(model, torch.zeros(1, 3, 128, 128))
     n = anchors.shape[0]
     logits = torch.randn(bsz, n, 3, generator=gen) * 2 - 3
     deltas = torch.randn(bsz, n, 4, generator=gen) * 0.2
@@ -160,9 +175,9 @@ def test_loss_is_normalised_by_the_foreground_count_of_the_whole_batch():
     from densedet.matching import pad_targets
     fg = (model.matcher(anchors, pad_targets(targets)).matched_idxs >= 0).sum(1).tolist()
     assert fg[0] > fg[2] > 0 and fg[1] == 0
-    batch = model.compute_loss(logits, deltas, anchors, targets)
+    batch = _losses(model, logits, deltas, anchors, targets)
     for key in ("cls", "box"):
-        summed = sum(model.compute_loss(logits[i:i + 1], deltas[i:i + 1], anchors, [targets[i]])[key] * max(1, fg[i])
+        summed = sum(_losses(model, logits[i:i + 1], deltas[i:i + 1], anchors, [targets[i]])[key] * max(1, fg[i])
                      for i in range(3))
         assert batch[key].item() == pytest.approx(summed.item() / sum(fg), rel=1e-5)
 
@@ -186,7 +201,7 @@ def test_classification_loss_sums_focal_loss_over_non_ignored_anchors():
             onehot[int(targets[0]["labels"][m])] = 1.0
             fg += 1
         total = total + sigmoid_focal_loss(logits[0, j], onehot).sum()
-    loss = model.compute_loss(logits, deltas, anchors, targets)["cls"]
+    loss = _losses(model, logits, deltas, anchors, targets)["cls"]
     assert loss.item() == pytest.approx(total.item() / fg, rel=1e-5)
 
 
@@ -196,7 +211,7 @@ def test_class_cross_entropy_term_is_softmax_ce_over_foreground_anchors():
     from densedet.matching import pad_targets
     model, logits, deltas, anchors, _ = _dense_case(bsz=1, seed=5)
     targets = [_target([[10, 10, 50, 60], [60, 30, 120, 90]], [2, 0])]
-    plain = model.compute_loss(logits, deltas, anchors, targets)
+    plain = _losses(model, logits, deltas, anchors, targets)
     assert set(plain) == {"cls", "box"}
     matched = model.matcher(anchors, pad_targets(targets)).matched_idxs[0]
     total, fg = 0.0, 0
@@ -208,7 +223,7 @@ def test_class_cross_entropy_term_is_softmax_ce_over_foreground_anchors():
             fg += 1
     assert fg > 0
     model.class_ce_weight = 0.5
-    losses = model.compute_loss(logits, deltas, anchors, targets)
+    losses = _losses(model, logits, deltas, anchors, targets)
     assert losses["cls_ce"].item() == pytest.approx(0.5 * total / fg, rel=1e-5)
     assert losses["cls"].item() == plain["cls"].item() and losses["box"].item() == plain["box"].item()
 
@@ -219,10 +234,10 @@ def test_batched_postprocess_equals_each_image_alone():
     model.detections_per_img = 7         # the per-image cap must bite
     model.score_thresh = 0.03
     sizes = [(128, 128), (100, 90), (64, 128)]
-    batched = model.postprocess(logits, deltas, anchors, sizes, per_level)
+    batched = _postprocess(model, logits, deltas, anchors, sizes, per_level)
     assert len(batched) == 3
     for i in range(3):
-        (alone,) = model.postprocess(logits[i:i + 1], deltas[i:i + 1], anchors, [sizes[i]], per_level)
+        (alone,) = _postprocess(model, logits[i:i + 1], deltas[i:i + 1], anchors, [sizes[i]], per_level)
         assert len(alone["boxes"]) == 7
         for key in ("boxes", "scores", "labels"):
             assert torch.equal(batched[i][key], alone[key]), (i, key)
@@ -254,7 +269,7 @@ def test_postprocess_matches_a_per_image_loop_reference():
     model, logits, deltas, anchors, per_level = _dense_case(bsz=2, seed=4)
     model.score_thresh, model.topk_candidates, model.detections_per_img = 0.2, 40, 25
     sizes = [(128, 128), (96, 112)]
-    out = model.postprocess(logits, deltas, anchors, sizes, per_level)
+    out = _postprocess(model, logits, deltas, anchors, sizes, per_level)
     for i in range(2):
         ref = _reference_postprocess(model, logits[i], deltas[i], anchors, sizes[i], per_level)
         assert len(ref) == len(out[i]["scores"]) > 5
@@ -266,7 +281,7 @@ def test_postprocess_matches_a_per_image_loop_reference():
 def test_postprocess_threshold_leaves_images_without_detections():
     model, logits, deltas, anchors, per_level = _dense_case(bsz=2, seed=2)
     logits[0] = -20.0                     # nothing above the threshold in image 0
-    out = model.postprocess(logits, deltas, anchors, [(128, 128)] * 2, per_level)
+    out = _postprocess(model, logits, deltas, anchors, [(128, 128)] * 2, per_level)
     assert out[0]["boxes"].shape == (0, 4) and len(out[1]["boxes"]) > 0
 
 
@@ -329,16 +344,16 @@ def test_torchvision_preset_state_dict_keys_match_torchvision():
     assert shapes["backbone.fpn.inner_blocks.0.0.weight"] == (256, 512, 1, 1)
     assert shapes["backbone.fpn.inner_blocks.2.0.weight"] == (256, 2048, 1, 1)
     assert shapes["backbone.fpn.extra_blocks.p6.weight"] == (256, 256, 3, 3)     # P6 from P5
-    assert model.detections_per_img == 300 and model.transform.size_divisible == 32
+    assert model.detections_per_img == 300 and model.preprocessor.size_divisible == 32
 
 
 def test_build_model_overrides_take_effect():
     model = _tiny(min_size=512, max_size=700, score_thresh=0.2, nms_thresh=0.6, detections_per_img=3,
                   topk_candidates=50)
-    assert model.transform.min_size == (512,) and model.transform.max_size == 700
+    assert model.preprocessor.min_size == (512,) and model.preprocessor.max_size == 700
     assert (model.score_thresh, model.nms_thresh, model.detections_per_img, model.topk_candidates) == (0.2, 0.6, 3, 50)
     assert model.config.min_size == 512
-    batch, sizes, _ = model.transform([torch.rand(3, 100, 200)])
+    batch, sizes, _ = model.preprocessor([torch.rand(3, 100, 200)])
     assert sizes == [(350, 700)]                        # 512/100 would make the long side 1024 > 700
     model.score_thresh = 0.0
     with torch.no_grad():
@@ -437,39 +452,33 @@ def test_small_retinanet_overfits_two_real_aerial_photos():
     assert ap50 > 0.9
 
 
-def test_preprocessor_multi_scale_draws_one_size_per_batch_and_evaluates_at_min_size():
-    import random
+def test_preprocessor_multi_scale_takes_one_size_per_batch_and_evaluates_at_min_size():
     from densedet.models.preprocess import ImagePreprocessor
-    prep = ImagePreprocessor(min_size=128, max_size=1000, size_divisible=32, train_min_sizes=(64, 96))
+    prep = ImagePreprocessor(min_size=128, max_size=1000, size_divisible=32)
     images = [torch.rand(3, 100, 150), torch.rand(3, 120, 100)]
     boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0]])
-    random.seed(0)
-    drawn = set()
-    for _ in range(20):
-        batch, sizes, targets = prep.train()(images, [{"boxes": boxes}, {"boxes": boxes}])
-        short = {min(s) for s in sizes}
-        assert len(short) == 1                                   # one shorter side for the batch
-        drawn |= short
+    for size in (64, 96):
+        batch, sizes, targets = prep.train()(images, [{"boxes": boxes}, {"boxes": boxes}], min_size=size)
+        assert [min(s) for s in sizes] == [size, size]           # one shorter side for the batch
         scale = sizes[0][0] / 100                                # image 0: 100 px high
         assert torch.allclose(targets[0]["boxes"], boxes * scale, atol=1e-4)
-    assert drawn == {64, 96}
-    _, sizes, _ = prep.eval()(images)
+    _, sizes, _ = prep.eval()(images, min_size=64)               # evaluation keeps min_size
     assert [min(s) for s in sizes] == [128, 128]
 
 
 def test_preprocessor_scales_a_crop_as_its_source_image():
     from densedet.models.preprocess import ImagePreprocessor
-    prep = ImagePreprocessor(min_size=320, max_size=320, size_divisible=32, train_min_sizes=(256,)).train()
+    prep = ImagePreprocessor(min_size=320, max_size=320, size_divisible=32).train()
     crop = torch.rand(3, 160, 160)
     boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0]])
     # A 160 px crop of a 320 x 320 scene, trained at 256: scaled by 256 / 320 = 0.8 like the scene.
-    batch, sizes, targets = prep([crop], [{"boxes": boxes, "resize_as": (320, 320)}])
+    batch, sizes, targets = prep([crop], [{"boxes": boxes, "resize_as": (320, 320)}], min_size=256)
     assert sizes == [(128, 128)] and batch.shape[-2:] == (128, 128)
     assert torch.allclose(targets[0]["boxes"], boxes * 0.8)
     # Without resize_as the crop itself would be brought to a 256 px shorter side.
-    _, sizes, _ = prep([crop], [{"boxes": boxes}])
+    _, sizes, _ = prep([crop], [{"boxes": boxes}], min_size=256)
     assert sizes == [(256, 256)]
     # A crop of a 400 x 500 image: the scale 256 / 400 = 0.64 of the image, not of the crop.
-    _, sizes, targets = prep([torch.rand(3, 100, 200)], [{"boxes": boxes, "resize_as": (400, 500)}])
+    _, sizes, targets = prep([torch.rand(3, 100, 200)], [{"boxes": boxes, "resize_as": (400, 500)}], min_size=256)
     assert sizes == [(64, 128)]
     assert torch.allclose(targets[0]["boxes"], boxes * 0.64)

@@ -1,27 +1,41 @@
 """Model presets and :func:`build_model`.
 
-A preset is a named :class:`~densedet.config.ModelConfig`; ``build_model(name, **overrides)``
-replaces fields of that config (checked by type) and builds the model.
+A preset is a named :class:`~densedet.config.ModelConfig` (plain data, one registry for both
+families); ``build_model(name, **overrides)`` replaces fields of that config (checked by type)
+and builds the model. Every model is a :class:`~densedet.models.base.DenseDetector`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, _coerce, validate
+from ..config import Config, ConfigError, ModelConfig, _coerce, validate
+from .base import DenseDetector
+from .refinedet import RefineDet, build_refinedet
 from .retinanet import RetinaNet, build_retinanet
 
 __all__ = ["PRESETS", "build_model", "build_from_config", "list_models", "load_weights", "load_state_dict_checked",
-           "RetinaNet"]
+           "DenseDetector", "RetinaNet", "RefineDet"]
 
 
 def _retinanet(depth: int, **kw: Any) -> ModelConfig:
     return ModelConfig(arch="retinanet", backbone=f"resnet{depth}", **kw)
+
+
+def _refinedet(size: int, backbone: str) -> ModelConfig:
+    """The Caffe models (reference code): VOC's 20 classes, a square input warped to ``size``,
+    ratios 1, 2, 1/2, variances 0.1/0.2, and Caffe's DetectionOutput settings."""
+    return ModelConfig(
+        arch="refinedet", backbone=backbone, num_classes=20, refinedet_size=size, fixed_size=[size, size],
+        min_size=size, max_size=size, size_divisible=64, score_thresh=0.01, nms_thresh=0.45,
+        topk_candidates=1000, detections_per_img=500, aspect_ratios=[1.0, 2.0, 0.5],
+        bbox_reg_weights=[10.0, 10.0, 5.0, 5.0], min_level=3, max_level=6)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -46,45 +60,47 @@ PRESETS: dict[str, ModelConfig] = {
         50, num_classes=91, p6_from="p5", anchor_integer_sizes=True, round_cell_anchors=True,
         stride_mode="inferred", detections_per_img=300, size_divisible=32, norm="frozen_bn", frozen_stages=2,
         frozen_bn_eps=0.0),
+    # RefineDet (Zhang et al. 2018): VOC07 mAP 80.0 / 81.8 (VGG16, 320 / 512), COCO AP 32.0 / 36.4 (ResNet-101).
+    "refinedet320_vgg16": _refinedet(320, "vgg16"),
+    "refinedet512_vgg16": _refinedet(512, "vgg16"),
+    "refinedet320_r101": _refinedet(320, "resnet101"),
+    "refinedet512_r101": _refinedet(512, "resnet101"),
 }
+
+BUILDERS = {"retinanet": build_retinanet, "refinedet": build_refinedet}
 
 
 def list_models() -> list[str]:
-    from . import refinedet_presets  # noqa: F401  (registers RefineDet presets when available)
     return sorted(PRESETS)
 
 
-def build_from_config(cfg: ModelConfig) -> nn.Module:
+def build_from_config(cfg: ModelConfig) -> DenseDetector:
     """Build the model a :class:`ModelConfig` describes."""
-    if cfg.arch == "retinanet":
-        return build_retinanet(cfg)
-    if cfg.arch == "refinedet":
-        from .refinedet_presets import build_refinedet_from_config
-        return build_refinedet_from_config(cfg)
-    raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r} (retinanet, refinedet)")
+    if cfg.arch not in BUILDERS:
+        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r} ({', '.join(BUILDERS)})")
+    return BUILDERS[cfg.arch](cfg)
 
 
-def build_model(name: str, num_classes: int | None = None, weights: str | None = None, **overrides: Any) -> nn.Module:
+def build_model(name: str, num_classes: int | None = None, weights: str | None = None,
+                **overrides: Any) -> DenseDetector:
     """Build a preset by name, e.g. ``build_model("retinanet_r50_fpn", num_classes=20, min_size=512)``.
 
     Overrides are :class:`ModelConfig` fields (torchvision's names where one exists). ``weights``
     is a path to a state-dict file — torchvision's (plain state dict) or a densedet checkpoint —
     loaded with ``strict=True`` and ``weights_only=True`` (no code from the file runs).
     """
-    names = list_models()
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(names)}")
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     cfg = PRESETS[name]
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    hints = __import__("typing").get_type_hints(ModelConfig)
+    hints = typing.get_type_hints(ModelConfig)
     for key, value in overrides.items():
         if key not in fields:
             raise ConfigError(f"unknown model option {key!r}; valid options: {', '.join(sorted(fields))}")
         overrides[key] = _coerce(list(value) if isinstance(value, tuple) else value, hints[key], key)
     cfg = dataclasses.replace(cfg, **overrides)
-    from ..config import Config
     validate(Config(model=cfg))
     model = build_from_config(cfg)
     model.config = cfg

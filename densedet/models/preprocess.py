@@ -33,26 +33,23 @@ class ImagePreprocessor(nn.Module):
         size_divisible: pad height and width up to a multiple of this.
         fixed_size: ``(h, w)`` warps every image to exactly that size (RefineDet, square demo input);
             ``min_size``/``max_size`` are then unused.
-        train_min_sizes: multi-scale training with one shorter side per *batch*, drawn from this
-            list (Python's ``random``); evaluation keeps ``min_size``. One size per batch rather
-            than per image means no padding to the largest image of the batch, so a smaller draw
-            really costs fewer FLOPs. Set by the trainer from ``data.train_min_sizes``.
 
-    ``forward(images: list[[3, H_i, W_i]], targets=None) -> (batch [B, 3, Hp, Wp], image_sizes, targets)``
-    where ``image_sizes[i] = (h_i, w_i)`` is the resized size (the valid region of the padded batch)
-    and targets' boxes are scaled by the same factors.
+    ``forward(images: list[[3, H_i, W_i]], targets=None, min_size=None) -> (batch [B, 3, Hp, Wp],
+    image_sizes, targets)`` where ``image_sizes[i] = (h_i, w_i)`` is the resized size (the valid
+    region of the padded batch) and targets' boxes are scaled by the same factors. ``min_size``, in
+    training, is this batch's shorter side (multi-scale training with one size per *batch*, chosen
+    by the trainer from ``data.train_min_sizes``): no padding to the largest image of the batch, so
+    a smaller draw really costs fewer FLOPs.
     """
 
     def __init__(self, min_size: int | Sequence[int] = 800, max_size: int = 1333,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 size_divisible: int = 128, fixed_size: Sequence[int] | None = None,
-                 train_min_sizes: Sequence[int] | None = None) -> None:
+                 size_divisible: int = 128, fixed_size: Sequence[int] | None = None) -> None:
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
         self.max_size = int(max_size)
         self.size_divisible = int(size_divisible)
         self.fixed_size = tuple(int(s) for s in fixed_size) if fixed_size else None
-        self.train_min_sizes = tuple(int(s) for s in train_min_sizes) if train_min_sizes else None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
 
@@ -102,14 +99,12 @@ class ImagePreprocessor(nn.Module):
             target = {**target, "boxes": target["boxes"] * ratio.to(target["boxes"].device)}
         return image, target
 
-    def forward(self, images: list[Tensor], targets: list[dict] | None = None
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None, min_size: int | None = None
                 ) -> tuple[Tensor, list[tuple[int, int]], list[dict] | None]:
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list of [3, H, W] tensors")
         out_images, out_targets = [], [] if targets is not None else None
-        size = None
-        if self.training and self.train_min_sizes and self.fixed_size is None:
-            size = random.choice(self.train_min_sizes)
+        size = int(min_size) if min_size is not None and self.training and self.fixed_size is None else None
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"image {i} has shape {tuple(image.shape)}; expected [3, H, W]")

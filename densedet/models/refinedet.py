@@ -37,25 +37,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.resnet import Bottleneck, ResNet, make_norm
+from ..anchors import AnchorGenerator
+from ..backbones.resnet import Bottleneck, ResNet, load_torchvision_resnet, make_norm
 from ..backbones.vgg import VGG16, load_torchvision_vgg16
-from ..boxes import BoxCoder, batched_nms, box_iou, clip_boxes
-from ..matching import pad_targets
+from ..boxes import BoxCoder
+from ..matching import PaddedTargets, match_anchors, pad_targets
+from .base import AnchorSpec, Candidates, DenseDetector
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor
+from .retinanet import resolve_norm
 
 __all__ = [
     "RefineDet",
     "RefineDetHead",
     "TransferConnectionBlock",
     "RefineDetResNet",
+    "refinedet_anchor_generator",
     "refinedet_anchors",
-    "match_anchors",
     "hard_negative_mining",
     "multibox_loss",
-    "refinedet320_vgg16",
-    "refinedet512_vgg16",
-    "refinedet320_r101",
-    "refinedet512_r101",
     "build_refinedet",
 ]
 
@@ -81,40 +80,32 @@ def check_input_size(height: int, width: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def refinedet_anchors(
-    image_size: tuple[int, int],
+def refinedet_anchor_generator(
     strides: Sequence[int] = (8, 16, 32, 64),
     sizes: Sequence[float] = (32, 64, 128, 256),
     aspect_ratios: Sequence[float] = (1.0, 2.0, 0.5),
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """RefineDet's anchors for an input of ``image_size = (H, W)`` pixels.
+) -> AnchorGenerator:
+    """RefineDet's anchors as an :class:`~densedet.anchors.AnchorGenerator`.
 
     At level l (stride s_l, size a_l) the anchor of cell (y, x) with ratio r = w / h is centred at
     ``((x + 0.5) s_l, (y + 0.5) s_l)`` with ``w = a_l sqrt(r)``, ``h = a_l / sqrt(r)`` (Caffe
     ``PriorBox``: ``min_size`` 4x the stride, ``aspect_ratio: 2, flip: true``, offset 0.5). Anchors
     are not clipped to the image (Caffe ``clip: false``; the PyTorch port's clipping changes the
-    256 px anchors at 320).
-
-    Returns:
-        ``[A, 4]`` float32 (x1, y1, x2, y2) in pixels, ``A = sum_l (H/s_l)(W/s_l) len(aspect_ratios)``
-        (6,375 at 320x320, 16,320 at 512x512), ordered (level, y, x, ratio).
+    256 px anchors at 320). The generator takes ratios as h / w, hence the inversion; the order of
+    a cell's anchors stays Caffe's (1, 2, 1/2 as w / h).
     """
+    return AnchorGenerator([[float(a)] for a in sizes], [1.0 / float(r) for r in aspect_ratios], strides,
+                           offset=0.5)
+
+
+def refinedet_anchors(image_size: tuple[int, int], strides: Sequence[int] = (8, 16, 32, 64),
+                      sizes: Sequence[float] = (32, 64, 128, 256),
+                      aspect_ratios: Sequence[float] = (1.0, 2.0, 0.5)) -> Tensor:
+    """``[A, 4]`` anchors for an ``image_size = (H, W)`` input, ordered (level, y, x, ratio):
+    6,375 at 320x320, 16,320 at 512x512 (see :func:`refinedet_anchor_generator`)."""
     height, width = int(image_size[0]), int(image_size[1])
-    per_level = []
-    for stride, size in zip(strides, sizes):
-        # float64 so sqrt(2)-sized anchors round once, at the final cast
-        ratios = torch.tensor(aspect_ratios, dtype=torch.float64, device=device)
-        half_w = 0.5 * size * ratios.sqrt()
-        half_h = 0.5 * size / ratios.sqrt()
-        cx = (torch.arange(width // stride, dtype=torch.float64, device=device) + 0.5) * stride
-        cy = (torch.arange(height // stride, dtype=torch.float64, device=device) + 0.5) * stride
-        cy, cx = torch.meshgrid(cy, cx, indexing="ij")  # [h, w]: row-major = (y, x) order
-        cx = cx[..., None]
-        cy = cy[..., None]
-        boxes = torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)  # [h, w, r, 4]
-        per_level.append(boxes.reshape(-1, 4))
-    return torch.cat(per_level).to(torch.float32)
+    return torch.cat(refinedet_anchor_generator(strides, sizes, aspect_ratios)(
+        (height, width), [(height // s, width // s) for s in strides]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,8 +194,8 @@ class RefineDetHead(nn.Module):
     output channels) precedes both convs of a level: the Caffe ResNet-101 model's
     ``inter_layer_depth`` (256 → 1024 channels), not used for VGG16.
 
-    ``forward(features) -> (deltas [B, sum_l H_l W_l A, 4], logits [B, sum_l H_l W_l A, num_outputs])``
-    in (level, y, x, anchor) order.
+    ``forward(features) -> (logits [B, sum_l H_l W_l A, num_outputs], deltas [B, sum_l H_l W_l A, 4])``
+    in (level, y, x, anchor) order (RetinaNet's head returns the same pair).
     """
 
     def __init__(self, in_channels: Sequence[int], num_anchors: int, num_outputs: int,
@@ -234,7 +225,7 @@ class RefineDetHead(nn.Module):
             x = block(x)
             deltas.append(self._flatten(box_conv(x), 4))
             logits.append(self._flatten(cls_conv(x), self.num_outputs))
-        return torch.cat(deltas, dim=1), torch.cat(logits, dim=1)
+        return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
 
 
 class RefineDetResNet(nn.Module):
@@ -263,105 +254,6 @@ class RefineDetResNet(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         features = self.body(x)
         return [*features, self.res6(features[-1])]
-
-
-# ----------------------------------------------------------------------------------------------
-# Matching
-# ----------------------------------------------------------------------------------------------
-
-
-def _sortable_key(iou: Tensor) -> Tensor:
-    """int64 keys ordering ``iou [..., A]`` by value, ties by *lower* anchor index first.
-
-    Non-negative float32 bit patterns read as int32 sort like the values (masked rows hold -1,
-    whose keys are negative and never usable); the low
-    32 bits hold ``A - 1 - index``. So ``topk``/``argmax`` on the keys reproduce Caffe's scan order
-    (first anchor wins a tie) exactly, which a float tie-break epsilon could not guarantee.
-    """
-    num_anchors = iou.shape[-1]
-    bits = iou.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    index = torch.arange(num_anchors, device=iou.device, dtype=torch.int64)
-    return (bits << 32) | (num_anchors - 1 - index)
-
-
-def _top_candidates(iou: Tensor, k: int) -> Tensor:
-    """The ``k`` best anchors of every GT as :func:`_sortable_key` keys, ``[B, G, k]``, descending.
-
-    A float ``topk`` breaks ties arbitrarily; that matters only for a GT whose usable IoU
-    (> 1e-6) ties across the k-th place (e.g. a large box containing many equal anchors). Those
-    rows alone are redone with keys over all anchors.
-    """
-    num_anchors = iou.shape[-1]
-    values, index = iou.topk(min(k + 1, num_anchors), dim=-1)
-    bits = values[..., :k].to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    keys = (bits << 32) | (num_anchors - 1 - index[..., :k])
-    if k < num_anchors:
-        tied = (values[..., k] == values[..., k - 1]) & (values[..., k] > 1e-6)  # [B, G]
-        if bool(tied.any()):
-            keys[tied] = _sortable_key(iou[tied]).topk(k, dim=-1).values
-    # within the k, equal IoUs must still be ordered by anchor index
-    return keys.sort(dim=-1, descending=True).values
-
-
-def match_anchors(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, iou_threshold: float = 0.5) -> Tensor:
-    """Caffe ``MatchBBox`` (``match_type: PER_PREDICTION``), batched over images.
-
-    1. Bipartite step: repeatedly take the globally largest IoU among (free anchor, unmatched GT)
-       pairs with IoU > 1e-6 and match them, until every GT has an anchor. So two GTs wanting the
-       same anchor are resolved in favour of the larger IoU and the other takes its best *free*
-       anchor; ties go to the lower anchor index, then the lower GT index (Caffe's scan order).
-    2. Per-prediction step: every other anchor takes the GT of largest IoU if that IoU is
-       ``>= iou_threshold`` (ties: lower GT index).
-
-    Vectorised over the batch: a GT can only be pushed off its first ``G - 1`` choices, so its best
-    free anchor is always among its top ``G`` anchors; the greedy loop then runs ``<= G`` steps on
-    a ``[B, G, G]`` candidate tensor, each step matching one pair in every image.
-
-    Args:
-        anchors: ``[A, 4]`` shared, or ``[B, A, 4]`` per image (the ODM's refined anchors).
-        gt_boxes: ``[B, G, 4]`` padded ground truth.
-        gt_valid: ``[B, G]`` bool, False for padding (and crowd boxes).
-
-    Returns:
-        ``[B, A]`` long: the matched GT index, or -1 for a negative anchor.
-    """
-    bsz, num_gt = gt_valid.shape
-    if anchors.dim() == 2:
-        anchors = anchors.unsqueeze(0).expand(bsz, -1, -1)
-    num_anchors = anchors.shape[1]
-    device = anchors.device
-    matched = torch.full((bsz, num_anchors), -1, dtype=torch.int64, device=device)
-    if num_gt == 0 or num_anchors == 0:
-        return matched
-    iou = box_iou(gt_boxes, anchors)  # [B, G, A] fp32
-    iou[~gt_valid] = -1.0  # padding and crowd rows: never usable (the keys of negatives sort last)
-
-    k = min(num_gt, num_anchors)
-    cand_key = _top_candidates(iou, k)                           # [B, G, k], distinct keys
-    cand_anchor = num_anchors - 1 - (cand_key & 0xFFFFFFFF)      # [B, G, k]
-    cand_iou = (cand_key >> 32).to(torch.int32).view(torch.float32)
-    taken = torch.zeros((bsz, num_anchors), dtype=torch.bool, device=device)
-    gt_free = gt_valid.clone()
-    batch_index = torch.arange(bsz, device=device)
-    for _ in range(num_gt):
-        anchor_free = ~taken.gather(1, cand_anchor.flatten(1)).view_as(cand_anchor)
-        usable = gt_free.unsqueeze(-1) & anchor_free & (cand_iou > 1e-6)
-        key = torch.where(usable, cand_key, torch.full_like(cand_key, -1)).flatten(1)  # [B, G*k]
-        best = key.argmax(dim=1)  # equal keys only for the same anchor: first = lower GT index
-        found = key.gather(1, best[:, None])[:, 0] >= 0
-        if not bool(found.any()):
-            break
-        b = batch_index[found]
-        gt = best[found] // k
-        anchor = cand_anchor.flatten(1)[b, best[found]]
-        matched[b, anchor] = gt
-        taken[b, anchor] = True
-        gt_free[b, gt] = False
-
-    best_gt = iou.argmax(dim=1)  # [B, A], first maximum = lower GT index
-    best_iou = iou.gather(1, best_gt[:, None, :])[:, 0]
-    per_prediction = ~taken & (best_iou >= iou_threshold)
-    return torch.where(per_prediction, best_gt, matched)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,14 +321,9 @@ def multibox_loss(pred_deltas: Tensor, pred_logits: Tensor, target_labels: Tenso
 # ----------------------------------------------------------------------------------------------
 
 
-class RefineDet(nn.Module):
-    """RefineDet detector (torchvision detection API).
-
-    ``model(images)`` in eval mode, images a list of ``[3, H_i, W_i]`` float tensors in [0, 1],
-    returns per image ``{"boxes": [N, 4] (x1, y1, x2, y2, original pixels), "scores": [N],
-    "labels": [N] in 0..num_classes-1}``. ``model(images, targets)`` in train mode, targets
-    ``{"boxes": [N, 4], "labels": [N]}`` in the same pixels, returns the scalar losses
-    ``arm_cls``, ``arm_box``, ``odm_cls``, ``odm_box`` (the total is their sum, weight 1 each).
+class RefineDet(DenseDetector):
+    """RefineDet detector. The flow is :class:`~densedet.models.base.DenseDetector`'s; the losses
+    are ``arm_cls``, ``arm_box``, ``odm_cls``, ``odm_box`` (the total is their sum, weight 1 each).
 
     Args:
         num_classes: foreground classes K. The ODM predicts K + 1 logits, **index 0 = background**;
@@ -447,7 +334,7 @@ class RefineDet(nn.Module):
             :class:`RefineDetHead` s (3 anchors; 2 and K + 1 outputs).
         preprocessor: default warps to ``image_size`` with ImageNet mean/std.
         image_size: input side (int, or (H, W)); multiples of 64.
-        anchor_sizes, anchor_strides, aspect_ratios: see :func:`refinedet_anchors`.
+        anchor_sizes, anchor_strides, aspect_ratios: see :func:`refinedet_anchor_generator`.
         box_coder: default centre-size with variances (0.1, 0.1, 0.2, 0.2).
         iou_threshold: per-prediction matching threshold (0.5).
         neg_pos_ratio: hard negative mining ratio (3).
@@ -457,6 +344,8 @@ class RefineDet(nn.Module):
         score_thresh, topk_candidates, nms_thresh, detections_per_img: inference (Caffe
             ``DetectionOutput``: 0.01, 1000 per class, 0.45, 500; the paper's text: 400 / 200).
     """
+
+    arch = "refinedet"
 
     def __init__(
         self,
@@ -480,16 +369,15 @@ class RefineDet(nn.Module):
         nms_thresh: float = 0.45,
         detections_per_img: int = 500,
     ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes counts foreground classes and must be >= 1, got {num_classes}")
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         check_input_size(*size)
         if len(anchor_sizes) != len(anchor_strides):
             raise ValueError(f"anchor_sizes {tuple(anchor_sizes)} and anchor_strides {tuple(anchor_strides)} "
                              "must have one entry per level")
-        self.num_classes = num_classes
-        self.image_size = size
+        super().__init__(num_classes, preprocessor if preprocessor is not None else ImagePreprocessor(
+                             mean=IMAGENET_MEAN, std=IMAGENET_STD, size_divisible=SIZE_MULTIPLE, fixed_size=size),
+                         score_thresh=score_thresh, topk_candidates=topk_candidates, nms_thresh=nms_thresh,
+                         detections_per_img=detections_per_img)
         self.backbone = backbone if backbone is not None else VGG16()
         in_channels = list(self.backbone.out_channels)
         num_anchors = len(aspect_ratios)
@@ -497,73 +385,64 @@ class RefineDet(nn.Module):
         self.tcb = tcb if tcb is not None else TransferConnectionBlock(in_channels, tcb_channels)
         self.odm_head = odm_head if odm_head is not None else RefineDetHead(
             [tcb_channels] * len(in_channels), num_anchors, num_classes + 1)
-        self.preprocessor = preprocessor if preprocessor is not None else ImagePreprocessor(
-            mean=IMAGENET_MEAN, std=IMAGENET_STD, size_divisible=SIZE_MULTIPLE, fixed_size=size)
-        self.anchor_sizes = tuple(float(s) for s in anchor_sizes)
-        self.anchor_strides = tuple(int(s) for s in anchor_strides)
-        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        self.anchor_generator = refinedet_anchor_generator(anchor_strides, anchor_sizes, aspect_ratios)
         self.box_coder = box_coder if box_coder is not None else BoxCoder.from_variances((0.1, 0.1, 0.2, 0.2))
         self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
         self.objectness_threshold = objectness_threshold
-        self.score_thresh = score_thresh
-        self.topk_candidates = topk_candidates
-        self.nms_thresh = nms_thresh
-        self.detections_per_img = detections_per_img
 
-    # -- anchors and heads ------------------------------------------------------------------------
+    # -- the parts --------------------------------------------------------------------------------
 
-    def anchors(self, image_size: tuple[int, int], device: torch.device | str | None = None) -> Tensor:
-        """``[A, 4]`` anchors (pixels, (level, y, x, ratio) order) for a batch of size ``(H, W)``."""
-        check_input_size(int(image_size[0]), int(image_size[1]))
-        return refinedet_anchors(image_size, self.anchor_strides, self.anchor_sizes, self.aspect_ratios, device)
-
-    def head_outputs(self, batch: Tensor) -> dict[str, Tensor]:
-        """Run backbone, ARM, TCB and ODM on a normalised batch ``[B, 3, H, W]``.
-
-        Returns ``arm_deltas [B, A, 4]``, ``arm_logits [B, A, 2]`` (index 1 = object),
-        ``odm_deltas [B, A, 4]``, ``odm_logits [B, A, K + 1]`` (index 0 = background).
-        """
+    def features(self, batch: Tensor) -> list[Tensor]:
+        """The backbone's four source levels (strides 8, 16, 32, 64)."""
         check_input_size(int(batch.shape[-2]), int(batch.shape[-1]))
-        sources = self.backbone(batch)
-        arm_deltas, arm_logits = self.arm_head(sources)
-        odm_deltas, odm_logits = self.odm_head(self.tcb(sources))
-        return {"arm_deltas": arm_deltas, "arm_logits": arm_logits,
-                "odm_deltas": odm_deltas, "odm_logits": odm_logits}
+        return self.backbone(batch)
 
-    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
-        """Losses (train mode, with targets) or detections (eval mode); see the class docstring."""
-        if self.training and targets is None:
-            raise ValueError("RefineDet in training mode needs targets; call model.eval() for detection")
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        if targets is not None:
-            _check_targets(targets, len(images), self.num_classes)
-        batch, image_sizes, targets = self.preprocessor(images, targets)
-        outputs = self.head_outputs(batch)
-        anchors = self.anchors(tuple(batch.shape[-2:]), device=batch.device)
-        if self.training:
-            return self.compute_loss(outputs, anchors, targets)
-        detections = self.postprocess_detections(outputs, anchors, image_sizes)
-        return self.preprocessor.postprocess(detections, image_sizes, original_sizes)
+    def head_outputs(self, features: list[Tensor]) -> dict[str, Tensor]:
+        """ARM on the sources, TCB, ODM on the pyramid.
+
+        Returns ``arm_logits [B, A, 2]`` (index 1 = object), ``arm_deltas [B, A, 4]``,
+        ``odm_logits [B, A, K + 1]`` (index 0 = background), ``odm_deltas [B, A, 4]``.
+        """
+        arm_logits, arm_deltas = self.arm_head(features)
+        odm_logits, odm_deltas = self.odm_head(self.tcb(features))
+        return {"arm_logits": arm_logits, "arm_deltas": arm_deltas,
+                "odm_logits": odm_logits, "odm_deltas": odm_deltas}
+
+    def anchors(self, image_size: tuple[int, int], feature_sizes, device: torch.device | str = "cpu") -> list[Tensor]:
+        """Per level ``[H_l W_l 3, 4]`` (pixels, (y, x, ratio) order) for a batch of size ``(H, W)``."""
+        check_input_size(int(image_size[0]), int(image_size[1]))
+        return self.anchor_generator(image_size, feature_sizes, device)
+
+    def match(self, anchors: Tensor, targets: PaddedTargets) -> Tensor:
+        return match_anchors(anchors, targets.boxes, targets.valid, self.iou_threshold)
+
+    def anchor_spec(self) -> AnchorSpec:
+        gen = self.anchor_generator
+        return AnchorSpec(gen.sizes, gen.aspect_ratios[0], gen.strides, self.iou_threshold, self.iou_threshold)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return getattr(self.backbone, "body", self.backbone)
 
     # -- training ---------------------------------------------------------------------------------
 
-    def compute_loss(self, outputs: dict[str, Tensor], anchors: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+    def losses(self, outputs: dict[str, Tensor], anchors: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         """The four RefineDet losses for a batch.
 
         Args:
             outputs: :meth:`head_outputs` of the batch.
-            anchors: ``[A, 4]``.
+            anchors: per level ``[A_l, 4]``.
             targets: per image ``{"boxes": [N_i, 4], "labels": [N_i]}`` in batch pixels; crowd
                 boxes (``iscrowd``) are never matched.
         """
-        device = anchors.device
-        gt = pad_targets(targets, device)
+        anchors = torch.cat(anchors)
+        gt = pad_targets(targets, anchors.device)
         arm_deltas, arm_logits = outputs["arm_deltas"], outputs["arm_logits"]
         bsz = arm_deltas.shape[0]
 
         # ARM: class-agnostic, raw anchors.
-        arm_matched = match_anchors(anchors, gt.boxes, gt.valid, self.iou_threshold)
+        arm_matched = self.match(anchors, gt)
         arm_positive = arm_matched >= 0
         arm_labels = arm_positive.long()
         batch_anchors = anchors.unsqueeze(0).expand(bsz, -1, -1)
@@ -574,7 +453,7 @@ class RefineDet(nn.Module):
 
         # ODM: matched against and regressed from the ARM-refined anchors; no gradient into the ARM.
         refined = self.box_coder.decode(arm_deltas.detach(), anchors)  # [B, A, 4]
-        odm_matched = match_anchors(refined, gt.boxes, gt.valid, self.iou_threshold)
+        odm_matched = self.match(refined, gt)
         odm_positive = odm_matched >= 0
         odm_labels = torch.where(odm_positive, gt.labels.gather(1, odm_matched.clamp(min=0)) + 1,
                                  torch.zeros_like(odm_matched))
@@ -590,8 +469,8 @@ class RefineDet(nn.Module):
 
     # -- inference --------------------------------------------------------------------------------
 
-    def decode_predictions(self, outputs: dict[str, Tensor], anchors: Tensor) -> tuple[Tensor, Tensor]:
-        """Two-step cascaded decoding and ARM filtering, on batched tensors (export friendly).
+    def decode_scores(self, outputs: dict[str, Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Two-step cascaded decoding and ARM filtering.
 
         The ARM offsets refine the anchors, the ODM offsets are applied to the refined anchors
         (Caffe ``CasRegDecodeBBoxesAll``, no clipping); class probabilities are the ODM softmax
@@ -601,52 +480,26 @@ class RefineDet(nn.Module):
         Returns:
             ``boxes [B, A, 4]`` (fp32, batch pixels) and ``scores [B, A, K]``.
         """
-        refined = self.box_coder.decode(outputs["arm_deltas"], anchors)
+        refined = self.box_coder.decode(outputs["arm_deltas"], torch.cat(anchors))
         boxes = self.box_coder.decode(outputs["odm_deltas"], refined)
         arm_object = F.softmax(outputs["arm_logits"].float(), dim=-1)[..., 1:2]
         scores = F.softmax(outputs["odm_logits"].float(), dim=-1)[..., 1:]
         scores = torch.where(arm_object >= self.objectness_threshold, scores, torch.zeros_like(scores))
         return boxes, scores
 
-    def select_detections(self, boxes: Tensor, scores: Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[dict]:
-        """Per class: score > ``score_thresh``, best ``topk_candidates``, NMS at ``nms_thresh``; then the
-        best ``detections_per_img`` per image, clipped to the image.
+    def decode(self, outputs: dict[str, Tensor], anchors: list[Tensor], image_sizes: Tensor) -> Candidates:
+        """Per class (Caffe ``DetectionOutput``): the best ``topk_candidates`` anchors, those above
+        ``score_thresh``. Boxes stay unclipped until after NMS, as in Caffe.
 
-        Vectorised over the batch: one class-wise NMS over all (image, class) groups at once.
-
-        Args:
-            boxes: ``[B, A, 4]``; scores: ``[B, A, K]``; image_sizes: ``(h, w)`` per image.
-
-        Returns:
-            per image ``{"boxes": [N, 4], "scores": [N], "labels": [N]}`` by decreasing score.
-        """
+        Candidates are ordered (class, rank): ``[B, K·k]``."""
+        boxes, scores = self.decode_scores(outputs, anchors)
         bsz, num_anchors, num_classes = scores.shape
-        k = min(self.topk_candidates, num_anchors)
-        top_scores, top_anchor = scores.transpose(1, 2).topk(k, dim=2)  # [B, K, k]
-        img, cls, slot = torch.nonzero(top_scores > self.score_thresh, as_tuple=True)
-        cand_scores = top_scores[img, cls, slot]
-        cand_boxes = boxes[img, top_anchor[img, cls, slot]]
-        keep = batched_nms(cand_boxes, cand_scores, img * num_classes + cls, self.nms_thresh)
-        # keep is by decreasing score; a stable sort by image keeps that order inside each image
-        keep = keep[torch.sort(img[keep], stable=True).indices]
-        counts = torch.bincount(img[keep], minlength=bsz)
-        starts = counts.cumsum(0) - counts
-        rank = torch.arange(keep.numel(), device=keep.device) - starts[img[keep]]
-        keep = keep[rank < self.detections_per_img]
-        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=boxes.device).view(-1, 2)
-        out_boxes = clip_boxes(cand_boxes[keep], sizes[img[keep]])
-        per_image = torch.bincount(img[keep], minlength=bsz).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": c}
-            for b, s, c in zip(out_boxes.split(per_image), cand_scores[keep].split(per_image),
-                               cls[keep].split(per_image))
-        ]
-
-    def postprocess_detections(self, outputs: dict[str, Tensor], anchors: Tensor,
-                               image_sizes: Sequence[tuple[int, int]]) -> list[dict]:
-        """:meth:`decode_predictions` then :meth:`select_detections` (boxes in batch pixels)."""
-        boxes, scores = self.decode_predictions(outputs, anchors)
-        return self.select_detections(boxes, scores, image_sizes)
+        top_scores, top_anchor = scores.transpose(1, 2).topk(min(self.topk_candidates, num_anchors), dim=2)
+        top_anchor = top_anchor.flatten(1)                                               # [B, K·k]
+        labels = torch.arange(num_classes, device=scores.device).repeat_interleave(top_scores.shape[2])
+        top_scores = top_scores.flatten(1)
+        return Candidates(boxes.gather(1, top_anchor.unsqueeze(-1).expand(-1, -1, 4)), top_scores,
+                          labels.expand(bsz, -1), top_scores > self.score_thresh)
 
 
 def _gather_boxes(gt_boxes: Tensor, matched: Tensor) -> Tensor:
@@ -655,92 +508,27 @@ def _gather_boxes(gt_boxes: Tensor, matched: Tensor) -> Tensor:
     return gt_boxes.gather(1, index)
 
 
-def _check_targets(targets: list[dict], num_images: int, num_classes: int) -> None:
-    """Reject targets that would silently corrupt the loss (wrong shapes, labels, empty boxes)."""
-    if len(targets) != num_images:
-        raise ValueError(f"got {num_images} images but {len(targets)} targets")
-    for i, t in enumerate(targets):
-        boxes, labels = t.get("boxes"), t.get("labels")
-        if boxes is None or labels is None:
-            raise ValueError(f"target {i}: needs 'boxes' and 'labels'")
-        if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"target {i}: boxes must be [N, 4] and labels [N], got "
-                             f"{tuple(boxes.shape)} and {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"target {i}: labels must lie in [0, {num_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-        if boxes.numel() and not bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()):
-            raise ValueError(f"target {i}: boxes need x2 > x1 and y2 > y1 (a degenerate box cannot be encoded)")
-
-
 # ----------------------------------------------------------------------------------------------
-# Builders
+# Building from a config
 # ----------------------------------------------------------------------------------------------
 
-
-def _refinedet_vgg16(num_classes: int, default_size: int, backbone_weights: str | None, **overrides) -> RefineDet:
-    backbone = overrides.pop("backbone", None)
-    if backbone is None:
-        backbone = VGG16()
-        if backbone_weights is not None:
-            load_torchvision_vgg16(backbone, backbone_weights)
-    return RefineDet(num_classes, backbone=backbone, image_size=overrides.pop("image_size", default_size), **overrides)
+CAFFE_ASPECT_RATIOS = [1.0, 2.0, 0.5]
+CAFFE_BBOX_REG_WEIGHTS = [10.0, 10.0, 5.0, 5.0]      # the variances 0.1, 0.1, 0.2, 0.2 as weights
 
 
-def refinedet320_vgg16(num_classes: int, backbone_weights: str | None = None, **overrides) -> RefineDet:
-    """RefineDet320 with the fc-reduced VGG16 (VOC07 mAP 80.0, COCO AP 29.4 in the paper).
-
-    ``backbone_weights``: a torchvision ImageNet VGG16 state-dict file, converted by
-    :func:`~densedet.backbones.vgg.convert_torchvision_vgg16`. ``overrides`` go to :class:`RefineDet`.
-    """
-    return _refinedet_vgg16(num_classes, 320, backbone_weights, **overrides)
-
-
-def refinedet512_vgg16(num_classes: int, backbone_weights: str | None = None, **overrides) -> RefineDet:
-    """RefineDet512 with VGG16 (same pixel anchor sizes as 320; VOC07 81.8, COCO 33.0)."""
-    return _refinedet_vgg16(num_classes, 512, backbone_weights, **overrides)
-
-
-def _refinedet_r101(num_classes: int, default_size: int, backbone_weights: str | None, backbone_norm: str,
-                    frozen_stages: int, **overrides) -> RefineDet:
-    backbone = overrides.pop("backbone", None)
-    if backbone is None:
-        backbone = RefineDetResNet(101, norm=backbone_norm, frozen_stages=frozen_stages)
-        if backbone_weights is not None:
-            from ..backbones.resnet import load_torchvision_resnet
-
-            load_torchvision_resnet(backbone.body, backbone_weights)
+def _resnet_parts(cfg, num_anchors: int) -> dict[str, nn.Module]:
+    """ResNet + res6 with the Caffe ResNet-101 model's extras (reference §1.2): BatchNorm in the TCB,
+    and a bottleneck block (→ 1024 channels) before every ARM and ODM prediction conv."""
+    norm, frozen = resolve_norm(cfg)
+    backbone = RefineDetResNet(int(cfg.backbone[len("resnet"):]), norm=norm, frozen_stages=frozen)
+    if cfg.pretrained_backbone:
+        load_torchvision_resnet(backbone.body, cfg.pretrained_backbone)
     in_channels = list(backbone.out_channels)
-    channels = overrides.pop("tcb_channels", 256)
-    # The Caffe ResNet-101 model (reference §1.2): BatchNorm in the TCB, and a bottleneck block
-    # (-> 1024 channels) before every ARM and ODM prediction conv.
-    num_anchors = len(overrides.get("aspect_ratios", (1.0, 2.0, 0.5)))
-    if "tcb" not in overrides:
-        overrides["tcb"] = TransferConnectionBlock(in_channels, channels, norm="bn")
-    if "arm_head" not in overrides:
-        overrides["arm_head"] = RefineDetHead(in_channels, num_anchors, 2, block_planes=256, norm="bn")
-    if "odm_head" not in overrides:
-        overrides["odm_head"] = RefineDetHead([channels] * len(in_channels), num_anchors, num_classes + 1,
-                                              block_planes=256, norm="bn")
-    return RefineDet(num_classes, backbone=backbone, tcb_channels=channels,
-                     image_size=overrides.pop("image_size", default_size), **overrides)
-
-
-def refinedet320_r101(num_classes: int, backbone_weights: str | None = None, backbone_norm: str = "frozen_bn",
-                      frozen_stages: int = 2, **overrides) -> RefineDet:
-    """RefineDet320 with ResNet-101 + res6 (COCO AP 32.0).
-
-    ``backbone_weights``: a torchvision ImageNet ResNet-101 state-dict file. ``backbone_norm``:
-    ``frozen_bn`` for pretrained weights, ``bn``/``gn`` from scratch (SPEC). The TCB and the
-    head blocks use trainable BatchNorm as in Caffe.
-    """
-    return _refinedet_r101(num_classes, 320, backbone_weights, backbone_norm, frozen_stages, **overrides)
-
-
-def refinedet512_r101(num_classes: int, backbone_weights: str | None = None, backbone_norm: str = "frozen_bn",
-                      frozen_stages: int = 2, **overrides) -> RefineDet:
-    """RefineDet512 with ResNet-101 + res6 (COCO AP 36.4)."""
-    return _refinedet_r101(num_classes, 512, backbone_weights, backbone_norm, frozen_stages, **overrides)
+    return {"backbone": backbone,
+            "tcb": TransferConnectionBlock(in_channels, cfg.fpn_channels, norm="bn"),
+            "arm_head": RefineDetHead(in_channels, num_anchors, 2, block_planes=256, norm="bn"),
+            "odm_head": RefineDetHead([cfg.fpn_channels] * len(in_channels), num_anchors, cfg.num_classes + 1,
+                                      block_planes=256, norm="bn")}
 
 
 def build_refinedet(cfg) -> RefineDet:
@@ -756,30 +544,26 @@ def build_refinedet(cfg) -> RefineDet:
     """
     size = int(cfg.refinedet_size)
     fixed = tuple(cfg.fixed_size) if cfg.fixed_size else (size, size)
-    for field, value, caffe in (("aspect_ratios", cfg.aspect_ratios, [1.0, 2.0, 0.5]),
-                                ("bbox_reg_weights", cfg.bbox_reg_weights, [10.0, 10.0, 5.0, 5.0])):
+    for field, value, caffe in (("aspect_ratios", cfg.aspect_ratios, CAFFE_ASPECT_RATIOS),
+                                ("bbox_reg_weights", cfg.bbox_reg_weights, CAFFE_BBOX_REG_WEIGHTS)):
         if [float(v) for v in value] != caffe:
             # the ModelConfig defaults are RetinaNet's; a RefineDet config should set these
             logger.warning("RefineDet model.%s = %s differs from the Caffe model's %s", field, list(value), caffe)
+    if cfg.backbone == "vgg16":
+        backbone = VGG16()
+        if cfg.pretrained_backbone:
+            load_torchvision_vgg16(backbone, cfg.pretrained_backbone)
+        parts = {"backbone": backbone}
+    elif cfg.backbone.startswith("resnet") and cfg.backbone[len("resnet"):].isdigit():
+        parts = _resnet_parts(cfg, len(cfg.aspect_ratios))
+    else:
+        raise ValueError(f"model.backbone: RefineDet supports vgg16 and resnet18/34/50/101, got {cfg.backbone!r}")
     preprocessor = ImagePreprocessor(fixed[0], max(fixed), cfg.image_mean, cfg.image_std,
                                      max(SIZE_MULTIPLE, int(cfg.size_divisible)), fixed)
-    options = dict(
-        image_size=fixed, tcb_channels=cfg.fpn_channels, preprocessor=preprocessor,
+    return RefineDet(
+        cfg.num_classes, **parts, preprocessor=preprocessor, image_size=fixed, tcb_channels=cfg.fpn_channels,
         anchor_sizes=tuple(cfg.anchor_sizes) if cfg.anchor_sizes else (32.0, 64.0, 128.0, 256.0),
         aspect_ratios=tuple(cfg.aspect_ratios), box_coder=BoxCoder(tuple(cfg.bbox_reg_weights)),
         iou_threshold=cfg.fg_iou_thresh, neg_pos_ratio=float(cfg.negpos_ratio),
         objectness_threshold=cfg.arm_filter_thresh, score_thresh=cfg.score_thresh,
         topk_candidates=cfg.topk_candidates, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img)
-    if cfg.backbone == "vgg16":
-        return _refinedet_vgg16(cfg.num_classes, size, cfg.pretrained_backbone, **options)
-    if cfg.backbone.startswith("resnet") and cfg.backbone[len("resnet"):].isdigit():
-        from .retinanet import resolve_norm
-
-        norm, frozen = resolve_norm(cfg)
-        backbone = RefineDetResNet(int(cfg.backbone[len("resnet"):]), norm=norm, frozen_stages=frozen)
-        if cfg.pretrained_backbone:
-            from ..backbones.resnet import load_torchvision_resnet
-
-            load_torchvision_resnet(backbone.body, cfg.pretrained_backbone)
-        return _refinedet_r101(cfg.num_classes, size, None, norm, frozen, backbone=backbone, **options)
-    raise ValueError(f"model.backbone: RefineDet supports vgg16 and resnet18/34/50/101, got {cfg.backbone!r}")

@@ -1,9 +1,9 @@
 """RetinaNet (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017).
 
-One training step, top to bottom in :meth:`RetinaNet.forward`:
+One training step, top to bottom (the flow is :meth:`DenseDetector.forward`, the parts are here):
 images → :class:`ImagePreprocessor` (normalise, resize, pad) → backbone + FPN (P3–P7) →
 :class:`RetinaNetHead` (class logits ``[B, ΣHWA, K]``, box deltas ``[B, ΣHWA, 4]``) →
-:class:`AnchorGenerator` (``[ΣHWA, 4]``, same order) → :class:`Matcher` (``[B, ΣHWA]``) →
+:class:`AnchorGenerator` (per level ``[HWA, 4]``, same order) → :class:`Matcher` (``[B, ΣHWA]``) →
 focal loss + box loss, both divided by the batch's foreground count.
 Every step is batched over images; the only Python loops run over the pyramid levels.
 """
@@ -17,16 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ablation_losses import ABLATION_LOSSES, GHMC
 from ..anchors import AnchorGenerator, retinanet_anchor_sizes
 from ..backbones.resnet import ResNet, load_torchvision_resnet, make_norm
-from ..boxes import BoxCoder, batched_nms, clip_boxes
+from ..boxes import BoxCoder, clip_boxes
 from ..config import ModelConfig
 from ..losses import box_regression_loss, focal_loss_sum, foreground_normalizer
-from ..matching import Matcher, pad_targets
+from ..matching import Matcher, PaddedTargets, pad_targets
 from ..necks.fpn import FPN, BackboneWithFPN
+from .base import AnchorSpec, Candidates, DenseDetector
 from .preprocess import ImagePreprocessor
 
-__all__ = ["RetinaNet", "RetinaNetHead", "build_retinanet", "check_targets"]
+__all__ = ["RetinaNet", "RetinaNetHead", "build_retinanet", "resolve_norm"]
 
 logger = logging.getLogger("densedet")
 
@@ -106,31 +108,16 @@ class RetinaNetHead(nn.Module):
         return self.classification_head(features), self.regression_head(features)
 
 
-def check_targets(targets: list[dict]) -> None:
-    """Reject boxes the loss cannot use, naming the image; readers repair or drop them earlier."""
-    for i, t in enumerate(targets):
-        boxes = t["boxes"]
-        if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"target {i}: boxes must have shape [N, 4], got {tuple(boxes.shape)}")
-        if boxes.numel() == 0:
-            continue
-        if not torch.isfinite(boxes).all():
-            raise ValueError(f"target {i} (image_id {t.get('image_id')}): boxes contain NaN or inf")
-        bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-        if bad.any():
-            j = int(bad.nonzero()[0])
-            raise ValueError(f"target {i} (image_id {t.get('image_id')}): box {j} {boxes[j].tolist()} has zero or "
-                             f"negative width/height")
-
-
-class RetinaNet(nn.Module):
+class RetinaNet(DenseDetector):
     """A RetinaNet assembled from its parts (any part left out is built from the defaults).
 
-    ``model(images)`` in eval mode: ``images`` a list of ``[3, H, W]`` float tensors in [0, 1];
-    returns per image ``{"boxes": [D, 4] (x1, y1, x2, y2, original pixels), "scores": [D],
-    "labels": [D]}``. In train mode ``model(images, targets)`` with ``{"boxes", "labels"}`` targets
-    returns ``{"cls": loss, "box": loss}``.
+    The flow (preprocess → features → heads → anchors → losses | decode → select) is
+    :class:`~densedet.models.base.DenseDetector`'s; this class fills in the FPN features, the two
+    subnets, the anchor grid, the IoU matcher, the focal and box losses and the per-level decoding.
+    Losses: ``{"cls", "box"}`` (and ``"cls_ce"`` with ``class_ce_weight > 0``).
     """
+
+    arch = "retinanet"
 
     def __init__(self, backbone: nn.Module, num_classes: int, anchor_generator: AnchorGenerator,
                  head: RetinaNetHead | None = None, preprocessor: ImagePreprocessor | None = None,
@@ -139,53 +126,61 @@ class RetinaNet(nn.Module):
                  smooth_l1_beta: float = 0.0, cls_loss: str = "focal", class_ce_weight: float = 0.0,
                  score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
                  detections_per_img: int = 100) -> None:
-        super().__init__()
+        super().__init__(num_classes, preprocessor or ImagePreprocessor(), score_thresh=score_thresh,
+                         topk_candidates=topk_candidates, nms_thresh=nms_thresh,
+                         detections_per_img=detections_per_img)
         self.backbone = backbone
         self.anchor_generator = anchor_generator
         self.head = head or RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location,
                                           num_classes)
-        self.transform = preprocessor or ImagePreprocessor()
         self.matcher = matcher or Matcher()
         self.box_coder = box_coder or BoxCoder()
-        self.num_classes = num_classes
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.cls_loss, self.box_loss, self.smooth_l1_beta = cls_loss, box_loss, smooth_l1_beta
         self.class_ce_weight = class_ce_weight
-        self.score_thresh, self.topk_candidates = score_thresh, topk_candidates
-        self.nms_thresh, self.detections_per_img = nms_thresh, detections_per_img
+        if cls_loss != "focal" and cls_loss not in ABLATION_LOSSES:
+            raise ValueError(f"unknown classification loss {cls_loss!r}; expected focal or "
+                             f"{', '.join(ABLATION_LOSSES)}")
+        # GHM-C keeps a running gradient density: one per model, so one per training run.
+        self.ghmc = GHMC() if cls_loss == "ghmc" else None
         head_a = self.head.classification_head.cls_logits.out_channels // num_classes
         if head_a != anchor_generator.num_anchors_per_location:
             raise ValueError(f"the head predicts {head_a} anchors per position but the anchor generator makes "
                              f"{anchor_generator.num_anchors_per_location} (sizes x aspect_ratios)")
 
-    # -- the flow -------------------------------------------------------------------------
-    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
-        if self.training:
-            if targets is None:
-                raise ValueError("in training mode the model needs targets")
-            check_targets(targets)
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        batch, image_sizes, targets = self.transform(images, targets)
-        logits, deltas, anchors, level_sizes = self.forward_dense(batch)
-        if self.training:
-            return self.compute_loss(logits, deltas, anchors, targets)
-        detections = self.postprocess(logits, deltas, anchors, image_sizes, level_sizes)
-        return self.transform.postprocess(detections, image_sizes, original_sizes)
+    # -- the parts -------------------------------------------------------------------------
+    def features(self, batch: Tensor) -> list[Tensor]:
+        """P3–P7 (or the configured levels) of the backbone + FPN."""
+        return self.backbone(batch)
 
-    def forward_dense(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """Normalised, padded batch ``[B, 3, Hp, Wp]`` → logits, deltas, anchors, anchors per level."""
-        features = self.backbone(batch)
+    def head_outputs(self, features: list[Tensor]) -> dict[str, Tensor]:
+        """``{"cls_logits": [B, ΣHWA, K], "bbox_deltas": [B, ΣHWA, 4]}``."""
         logits, deltas = self.head(features)
-        feature_sizes = [tuple(f.shape[-2:]) for f in features]
-        anchors = self.anchor_generator(tuple(batch.shape[-2:]), feature_sizes, batch.device)
-        a = self.anchor_generator.num_anchors_per_location
-        return logits, deltas, anchors, [h * w * a for h, w in feature_sizes]
+        return {"cls_logits": logits, "bbox_deltas": deltas}
+
+    def anchors(self, image_size: tuple[int, int], feature_sizes, device: torch.device | str = "cpu") -> list[Tensor]:
+        return self.anchor_generator(image_size, feature_sizes, device)
+
+    def match(self, anchors: Tensor, targets: PaddedTargets) -> Tensor:
+        return self.matcher(anchors, targets).matched_idxs
+
+    def anchor_spec(self) -> AnchorSpec:
+        gen = self.anchor_generator
+        return AnchorSpec(gen.sizes, gen.aspect_ratios[0], gen.strides, self.matcher.fg_iou_thresh,
+                          self.matcher.bg_iou_thresh)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.backbone.body
 
     # -- training -------------------------------------------------------------------------
-    def compute_loss(self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: list[dict]) -> dict[str, Tensor]:
-        """logits ``[B, A, K]``, deltas ``[B, A, 4]``, anchors ``[A, 4]`` → ``{"cls", "box"}`` scalars."""
+    def losses(self, outputs: dict[str, Tensor], anchors: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        """Focal loss over non-ignored anchors and box loss over foreground anchors, both divided by
+        the batch's foreground count (the paper's normaliser)."""
+        logits, deltas = outputs["cls_logits"], outputs["bbox_deltas"]
+        anchors = torch.cat(anchors)                                            # [A, 4]
         gt = pad_targets(targets, logits.device)
-        matched_idxs = self.matcher(anchors, gt).matched_idxs                  # [B, A]
+        matched_idxs = self.match(anchors, gt)                                  # [B, A]
         foreground = matched_idxs >= 0
         valid = matched_idxs != -2
         normalizer = foreground_normalizer(foreground.sum())
@@ -213,62 +208,32 @@ class RetinaNet(nn.Module):
         return losses
 
     def classification_loss(self, logits: Tensor, targets: Tensor, num_images: int) -> Tensor:
-        """Summed ablation loss (``model.cls_loss`` other than focal, which ``compute_loss`` fuses)
+        """Summed ablation loss (``model.cls_loss`` other than focal, which :meth:`losses` fuses)
         over non-ignored anchors, ``[V, K]`` each."""
-        from .. import losses as L  # the ablation losses (OHEM, GHM-C) live beside the focal loss
-        fn = getattr(L, f"{self.cls_loss}_loss", None)
-        if fn is None:
-            raise ValueError(f"unknown classification loss {self.cls_loss!r}")
-        return fn(logits, targets, alpha=self.focal_alpha, gamma=self.focal_gamma, num_images=num_images)
+        extra = {"ghmc": self.ghmc} if self.ghmc is not None else {}
+        return ABLATION_LOSSES[self.cls_loss](logits, targets, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                              num_images=num_images, **extra)
 
     # -- inference ------------------------------------------------------------------------
-    @torch.no_grad()
-    def postprocess(self, logits: Tensor, deltas: Tensor, anchors: Tensor, image_sizes: list[tuple[int, int]],
-                    level_sizes: list[int]) -> list[dict[str, Tensor]]:
-        """Per level: scores > ``score_thresh``, best ``topk_candidates``, decode, clip; then class-wise
-        NMS at ``nms_thresh`` and the ``detections_per_img`` best per image. Boxes in resized-image pixels."""
-        bsz, _, k = logits.shape
-        device = logits.device
-        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)          # [B, 2] (h, w)
-        all_boxes, all_scores, all_labels, all_keep = [], [], [], []
-        for lg, dl, an in zip(logits.split(level_sizes, 1), deltas.split(level_sizes, 1), anchors.split(level_sizes)):
+    def decode(self, outputs: dict[str, Tensor], anchors: list[Tensor], image_sizes: Tensor) -> Candidates:
+        """Per level: sigmoid scores, those > ``score_thresh``, the best ``topk_candidates`` over
+        anchors x classes, decoded and clipped to the image (torchvision's order: clip before NMS)."""
+        logits, deltas = outputs["cls_logits"], outputs["bbox_deltas"]
+        k = logits.shape[-1]
+        level_sizes = [len(a) for a in anchors]
+        all_boxes, all_scores, all_labels = [], [], []
+        for lg, dl, an in zip(logits.split(level_sizes, 1), deltas.split(level_sizes, 1), anchors):
             scores = torch.sigmoid(lg.float()).flatten(1)                                # [B, n·K]
-            top = min(self.topk_candidates, scores.shape[1])
-            top_scores, top_idxs = scores.masked_fill(scores <= self.score_thresh, -1.0).topk(top, dim=1)
-            anchor_idxs = top_idxs // k
+            scores = torch.where(scores > self.score_thresh, scores, torch.full_like(scores, -1.0))
+            top_scores, top_idxs = scores.topk(min(self.topk_candidates, scores.shape[1]), dim=1)
+            anchor_idxs = torch.div(top_idxs, k, rounding_mode="floor")
             boxes = self.box_coder.decode(torch.gather(dl, 1, anchor_idxs.unsqueeze(-1).expand(-1, -1, 4)),
                                           an[anchor_idxs])
-            boxes = clip_boxes(boxes, sizes.unsqueeze(1))
-            all_boxes.append(boxes)
+            all_boxes.append(clip_boxes(boxes, image_sizes.unsqueeze(1)))
             all_scores.append(top_scores)
-            all_labels.append(top_idxs % k)
-            all_keep.append(top_scores > self.score_thresh)
-        return select_detections(torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1),
-                                 torch.cat(all_keep, 1), self.nms_thresh, self.detections_per_img)
-
-
-def select_detections(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, nms_thresh: float,
-                      detections_per_img: int) -> list[dict[str, Tensor]]:
-    """Class-wise NMS within each image and a per-image cap, over the whole batch at once.
-
-    boxes ``[B, N, 4]``, scores/labels/keep ``[B, N]`` → per image dicts sorted by score.
-    One NMS call covers every image: the group id (image, label) keeps images apart.
-    """
-    bsz = boxes.shape[0]
-    image_idx = torch.arange(bsz, device=boxes.device).unsqueeze(1).expand_as(scores)[keep]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    group = image_idx * (int(labels.max()) + 1 if labels.numel() else 1) + labels
-    kept = batched_nms(boxes, scores, group, nms_thresh)                  # sorted by score, descending
-    # stable sort by image keeps the score order inside each image; rank < cap selects the best.
-    kept = kept[torch.sort(image_idx[kept], stable=True).indices]
-    img = image_idx[kept]
-    counts = torch.bincount(img, minlength=bsz)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(kept.numel(), device=boxes.device) - starts[img]
-    kept = kept[rank < detections_per_img]
-    counts = counts.clamp(max=detections_per_img).tolist()
-    return [{"boxes": b, "scores": s, "labels": l} for b, s, l in
-            zip(boxes[kept].split(counts), scores[kept].split(counts), labels[kept].split(counts))]
+            all_labels.append(top_idxs - anchor_idxs * k)
+        scores = torch.cat(all_scores, 1)
+        return Candidates(torch.cat(all_boxes, 1), scores, torch.cat(all_labels, 1), scores > self.score_thresh)
 
 
 # -- building from a config -------------------------------------------------------------------
