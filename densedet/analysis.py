@@ -138,18 +138,12 @@ def anchor_setup(model: DenseDetector, model_cfg: ModelConfig | None = None) -> 
     """Adapt a built model through its :class:`~densedet.models.base.DenseDetector` interface:
     ``preprocessor``, ``anchors``, ``match`` and ``anchor_spec``.
 
-    Feature map sizes follow from the padded size: every stride-2 conv of the ResNet/FPN
-    pyramid (3x3 or 7x7 with "same" padding, and the 3x3/s2 max-pool) gives ``ceil(side / 2)``,
-    so level l has ``ceil(side / stride_l)`` cells — checked against ``dense_forward`` in the tests.
+    Feature map sizes follow from the padded size (:meth:`DenseDetector.grid_sizes`), checked
+    against ``dense_forward`` in the tests.
     """
     spec = model.anchor_spec()
-
-    def anchors(padded: tuple[int, int]) -> Tensor:
-        feature_sizes = [(math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in spec.strides]
-        return torch.cat(model.anchors(tuple(padded), feature_sizes))
-
-    return AnchorSetup(model.preprocessor, anchors, model.match, spec.fg_iou_thresh, spec.bg_iou_thresh,
-                       spec.sizes, spec.aspect_ratios)
+    return AnchorSetup(model.preprocessor, model.anchors_for_size, model.match, spec.fg_iou_thresh,
+                       spec.bg_iou_thresh, spec.sizes, spec.aspect_ratios)
 
 
 @dataclass

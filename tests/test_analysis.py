@@ -121,16 +121,16 @@ def test_resized_size_and_anchors_agree_with_the_model(hw):
     model = build_from_config(cfg.model).eval()
     setup = A.anchor_setup(model)
     h, w = hw
-    batch, sizes, _ = model.transform([torch.zeros(3, h, w)])
-    assert A.resized_image_size(model.transform, h, w) == sizes[0]
+    batch, sizes, _ = model.preprocessor([torch.zeros(3, h, w)])
+    assert A.resized_image_size(model.preprocessor, h, w) == sizes[0]
     data = DetectionData([ImageRecord("x.png", 1, h, w, [[1, 2, 10, 20]], [0])], ["a", "b"], None, "x")
     (im,) = A.prepare_images(data, setup.preprocessor)
     assert im.padded == tuple(batch.shape[-2:])
     assert im.boxes[0].tolist() == pytest.approx([1 * sizes[0][1] / w, 2 * sizes[0][0] / h,
                                                   10 * sizes[0][1] / w, 20 * sizes[0][0] / h])
     with torch.no_grad():
-        _, _, anchors, _ = model.forward_dense(batch)
-    assert torch.equal(setup.anchors(im.padded), anchors)
+        _, anchors = model.dense_forward(batch)
+    assert torch.equal(setup.anchors(im.padded), torch.cat(anchors))
 
 
 def test_dataset_statistics_by_hand():

@@ -40,7 +40,7 @@ def test_retinanet_anchor_sizes_are_three_octave_scales_per_level():
 
 
 def test_canonical_p3_cell_anchors_are_float_ratio_major_and_centred_on_zero():
-    cell = _canonical_generator().cell_anchors[0]
+    cell = _canonical_generator().cell_anchors[0].float()
     assert cell.shape == (9, 4)
     half = []
     for r in (0.5, 1.0, 2.0):                     # ratio (h/w) major ...
@@ -88,10 +88,10 @@ def test_anchor_count_follows_the_real_feature_map_sizes(hw, grids):
     assert gen.num_anchors(grids) == expected
     model = _small("retinanet_r18_fpn")
     with torch.no_grad():
-        logits, deltas, anchors, per_level = model.forward_dense(torch.zeros(1, 3, *hw))
-    assert anchors.shape == (expected, 4)
-    assert per_level == [h * w * 9 for h, w in grids]
-    assert logits.shape == (1, expected, 2) and deltas.shape == (1, expected, 4)
+        outputs, anchors = model.dense_forward(torch.zeros(1, 3, *hw))
+    assert [len(a) for a in anchors] == [h * w * 9 for h, w in grids]
+    assert model.grid_sizes(hw) == grids               # what the analysis assumes, without running the net
+    assert outputs["cls_logits"].shape == (1, expected, 2) and outputs["bbox_deltas"].shape == (1, expected, 4)
 
 
 def test_hand_counted_totals():
@@ -114,7 +114,7 @@ def test_torchvision_preset_infers_strides_from_the_padded_800x1216_batch():
     gen = _torchvision_generator()
     grids = [(100, 152), (50, 76), (25, 38), (13, 19), (7, 10)]
     assert gen.strides_for((800, 1216), grids) == [(8, 8), (16, 16), (32, 32), (61, 64), (114, 121)]
-    anchors = gen((800, 1216), grids)
+    anchors = torch.cat(gen((800, 1216), grids))
     assert anchors.shape == (182403, 4)
     levels = gen.grid_anchors((800, 1216), grids)
     # P6 anchor at row 1, column 1, cell anchor 3 (ratio 1, size 256): centre (x, y) = (64, 61)
@@ -125,7 +125,7 @@ def test_torchvision_preset_infers_strides_from_the_padded_800x1216_batch():
 def test_torchvision_preset_pads_to_32_and_builds_the_inferred_grid_end_to_end():
     model = _small("retinanet_r18_fpn", anchor_integer_sizes=True, round_cell_anchors=True,
                    stride_mode="inferred", size_divisible=32, p6_from="p5", min_size=800, max_size=1333)
-    batch, sizes, _ = model.transform([torch.rand(3, 800, 1200)])
+    batch, sizes, _ = model.preprocessor([torch.rand(3, 800, 1200)])
     assert tuple(batch.shape[-2:]) == (800, 1216) and sizes == [(800, 1200)]
 
 
@@ -135,7 +135,7 @@ def test_flattened_order_is_level_then_y_then_x_then_cell_anchor():
     sizes = [[16.0, 24.0], [32.0, 48.0], [64.0, 96.0]]
     gen = AnchorGenerator(sizes, [0.5, 1.0, 2.0], strides=[8, 16, 32])
     grids = [(4, 6), (2, 3), (1, 2)]
-    anchors = gen((32, 48), grids)
+    anchors = torch.cat(gen((32, 48), grids))
     a_per = 6
     assert anchors.shape == (sum(h * w for h, w in grids) * a_per, 4)
     start = 0
@@ -156,7 +156,7 @@ def test_flattened_order_is_level_then_y_then_x_then_cell_anchor():
 def test_centre_offset_half_shifts_by_half_a_stride():
     gen0 = AnchorGenerator([[32.0]], [1.0], strides=[8])
     gen5 = AnchorGenerator([[32.0]], [1.0], strides=[8], offset=0.5)
-    a0, a5 = gen0((16, 16), [(2, 2)]), gen5((16, 16), [(2, 2)])
+    a0, a5 = gen0((16, 16), [(2, 2)])[0], gen5((16, 16), [(2, 2)])[0]
     assert torch.equal(a5 - a0, torch.full_like(a0, 4.0))
     assert a0[0].tolist() == [-16, -16, 16, 16]
 

@@ -27,6 +27,7 @@ from torch import nn
 import densedet
 from densedet.data import load_image
 from densedet.export import OnnxDetector, add_parser, export_onnx, onnx_nms, sidecar_path
+from densedet.models import RefineDet
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -72,8 +73,8 @@ def _spread_scores(model: nn.Module, images: list[torch.Tensor], logits_of, per_
 
 def _calibrate_retinanet(model, images, per_image):
     model.head.regression_head.bbox_reg.weight.mul_(0.1)           # deltas ~0.05: boxes near anchors
-    batch, _, _ = model.transform(images)
-    logits = model.forward_dense(batch)[0]
+    batch, _, _ = model.preprocessor(images)
+    logits = model.dense_forward(batch)[0]["cls_logits"]
     q = torch.quantile(logits.flatten()[::7], 1 - per_image / logits[0].numel())
     thresh_logit = float(np.log(model.score_thresh / (1 - model.score_thresh)))
     model.head.classification_head.cls_logits.bias.fill_(thresh_logit - float(q))
@@ -130,9 +131,8 @@ def retinanet_export(tmp_path_factory):
 
 def _torch_reference(model, images):
     with torch.no_grad():
-        batch, sizes, _ = model.transform(images)
-        logits, deltas, anchors, level_sizes = model.forward_dense(batch)
-        return batch, sizes, model.postprocess(logits, deltas, anchors, sizes, level_sizes)
+        batch, sizes, _ = model.preprocessor(images)
+        return batch, sizes, model.postprocess(*model.dense_forward(batch), sizes)
 
 
 def test_retinanet_onnx_matches_pytorch_on_aerial_images(retinanet_export):
@@ -278,10 +278,9 @@ class _TinyBackbone(nn.Module):
 
 
 def test_refinedet_onnx_matches_pytorch(tmp_path):
-    refinedet = pytest.importorskip("densedet.models.refinedet")
     torch.manual_seed(0)
     paths = _deepforest_images()
-    model = refinedet.RefineDet(3, backbone=_TinyBackbone(), image_size=320, tcb_channels=32,
+    model = RefineDet(3, backbone=_TinyBackbone(), image_size=320, tcb_channels=32,
                                 detections_per_img=200).eval()
     with torch.no_grad():
         for m in model.modules():
@@ -290,8 +289,7 @@ def test_refinedet_onnx_matches_pytorch(tmp_path):
     images = [load_image(str(p)).float() / 255 for p in paths]
     with torch.no_grad():
         batch, sizes, _ = model.preprocessor(images)
-        outputs = model.head_outputs(batch)
-        refs = model.postprocess_detections(outputs, model.anchors((320, 320)), sizes)
+        refs = model.postprocess(*model.dense_forward(batch), sizes)
         eager = OnnxDetector(model, (320, 320))(batch, torch.tensor(sizes, dtype=torch.float32))
     assert all(len(r["scores"]) >= 20 for r in refs)
     _assert_same_detections(refs, *(t.numpy() for t in eager))
@@ -356,7 +354,7 @@ def test_optimize_for_inference_folds_norms_and_keeps_outputs():
     assert norms(fast) == [] and len(norms(model)) == n_before        # the original is untouched
     x = torch.randn(2, 3, 128, 128)
     with torch.inference_mode():
-        ref = model.forward_dense(x)[:2]
-        out = fast.forward_dense(x.contiguous(memory_format=torch.channels_last))[:2]
-    for a, b in zip(ref, out):
+        ref = model.dense_forward(x)[0]
+        out = fast.dense_forward(x.contiguous(memory_format=torch.channels_last))[0]
+    for a, b in zip(ref.values(), out.values()):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

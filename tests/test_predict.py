@@ -95,7 +95,8 @@ def test_predictor_gives_the_same_detections_for_every_input_kind(tmp_path):
     Image.fromarray(array).save(path)
     # batch_size 1: every input goes through an identical forward pass (batch composition can
     # change the last bits of a convolution)
-    predictor = Predictor.from_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt"), batch_size=1)
+    # fp32: precision "auto" runs bf16 on CPUs with AMX or AVX512-BF16, and the direct call below is fp32
+    predictor = Predictor.from_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt"), batch_size=1, precision="fp32")
     tensor = torch.from_numpy(array).permute(2, 0, 1)
     outs = predictor([str(path), Image.fromarray(array), array, tensor, tensor.float() / 255])
     assert outs[0]["boxes"].shape[0] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -19,12 +20,13 @@ from densedet.models.refinedet import (
     RefineDetResNet,
     TransferConnectionBlock,
     hard_negative_mining,
-    match_anchors,
-    refinedet320_r101,
     refinedet_anchors,
 )
+from densedet.matching import match_anchors
+from densedet.models import build_model
+from densedet.models.base import select_detections
 
-DATA = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/deepforest/data"
+DATA = Path(importlib.util.find_spec("deepforest").origin).parent / "data"
 
 
 def tiny_vgg(width: int = 8) -> VGG16:
@@ -71,9 +73,9 @@ def test_non_multiple_of_64_is_a_clear_error():
         tiny_refinedet(image_size=300)
     model = tiny_refinedet(image_size=320).eval()
     with pytest.raises(ValueError, match="320x352"):
-        model.head_outputs(torch.zeros(1, 3, 320, 352))
+        model.features(torch.zeros(1, 3, 320, 352))
     with pytest.raises(ValueError, match="not a multiple of 64"):
-        model.anchors((100, 128))
+        model.anchors_for_size((100, 128))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,9 +188,9 @@ def test_resnet_backbone_with_res6_and_r101_builder():
     with torch.no_grad():
         feats = backbone(torch.randn(1, 3, 128, 128))
     assert [tuple(f.shape[1:]) for f in feats] == [(128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
-    model = refinedet320_r101(3).eval()
+    model = build_model("refinedet320_r101", num_classes=3).eval()
     with torch.no_grad():
-        out = model.head_outputs(torch.randn(1, 3, 64, 64))
+        out = model.head_outputs(model.features(torch.randn(1, 3, 64, 64)))
     anchors = 3 * (64 + 16 + 4 + 1)
     assert out["arm_logits"].shape == (1, anchors, 2) and out["odm_logits"].shape == (1, anchors, 4)
     assert model.odm_head.box_convs[0].in_channels == 1024  # Caffe's residual block before each head
@@ -205,7 +207,7 @@ def test_configs_build_the_caffe_model():
     assert model.aspect_ratios == (1.0, 2.0, 0.5) and model.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
     assert (model.nms_thresh, model.topk_candidates, model.detections_per_img) == (0.45, 1000, 500)
     assert model.odm_head.cls_convs[0].out_channels == 3 * 21
-    assert model.anchors(model.image_size).shape == (16320, 4)
+    assert model.anchors_for_size(model.image_size).shape == (16320, 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def test_hard_negative_mining_is_three_to_one_per_image():
 def _loss_setup(objectness_threshold: float):
     """A model whose head outputs we write by hand (64 px input, 255 anchors, one GT)."""
     model = tiny_refinedet(num_classes=2, image_size=64, objectness_threshold=objectness_threshold)
-    anchors = model.anchors((64, 64))
+    anchors = model.anchors_for_size((64, 64))
     num = anchors.shape[0]
     targets = [{"boxes": torch.tensor([[-12.0, -12.0, 20.0, 20.0]]), "labels": torch.tensor([1])}]
     arm_logits = torch.zeros(1, num, 2)
@@ -327,7 +329,7 @@ def _loss_setup(objectness_threshold: float):
 def test_odm_filter_drops_easy_negatives_never_positives():
     model, outputs, anchors, targets, positives = _loss_setup(0.01)
     assert 2 <= len(positives) and max(positives) < 100
-    losses = model.compute_loss(outputs, anchors, targets)
+    losses = model.losses(outputs, [anchors], targets)
     losses["odm_cls"].backward()
     used = (outputs["odm_logits"].grad.abs().sum(-1)[0] > 0).nonzero().flatten().tolist()
     # every positive counts although the ARM calls it background; 3 * P negatives are wanted, but
@@ -345,7 +347,7 @@ def test_odm_filter_drops_easy_negatives_never_positives():
 
     # without the filter the hardest ODM negatives (anchors 100..109) are mined first
     model, outputs, anchors, targets, positives = _loss_setup(0.0)
-    model.compute_loss(outputs, anchors, targets)["odm_cls"].backward()
+    model.losses(outputs, [anchors], targets)["odm_cls"].backward()
     used = (outputs["odm_logits"].grad.abs().sum(-1)[0] > 0).nonzero().flatten().tolist()
     assert set(range(100, 110)) <= set(used) and len(used) == 4 * len(positives)
 
@@ -367,7 +369,7 @@ def test_targets_are_validated():
     with pytest.raises(ValueError, match="target 0: labels"):
         model([torch.rand(3, 64, 64)], bad_label)
     empty_box = [{"boxes": torch.tensor([[5.0, 0, 5, 10]]), "labels": torch.tensor([0])}]
-    with pytest.raises(ValueError, match="x2 > x1"):
+    with pytest.raises(ValueError, match="zero or negative width"):
         model([torch.rand(3, 64, 64)], empty_box)
 
 
@@ -386,7 +388,7 @@ def test_two_step_decode_by_hand():
         "odm_deltas": torch.tensor([[[0.0, 0, 5 * math.log(2), 0], [0, 0, 0, 0]]]),
         "odm_logits": torch.tensor([[[0.0, math.log(2), math.log(3)], [0, 1, 2]]]),
     }
-    boxes, scores = model.decode_predictions(outputs, anchors)
+    boxes, scores = model.decode_scores(outputs, [anchors])
     # refined anchor (3.2, 0, 35.2, 32), centre x 19.2; final width 64
     torch.testing.assert_close(boxes[0, 0], torch.tensor([19.2 - 32, 0, 19.2 + 32, 32]))
     torch.testing.assert_close(boxes[0, 1], anchors[1])
@@ -400,7 +402,13 @@ def test_select_detections_thresholds_nms_and_cap():
     boxes = boxes.repeat(2, 1, 1)
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.6, 0.0], [0.5, 0.005], [0.4, 0.3]]).repeat(2, 1, 1)
     scores[1] = scores[1] * 0.5
-    dets = model.select_detections(boxes, scores, [(64, 64), (32, 64)])
+    sizes = torch.tensor([(64.0, 64.0), (32.0, 64.0)])
+
+    def select():
+        return select_detections(model.candidates_per_class(boxes, scores), sizes, model.nms_thresh,
+                                 model.detections_per_img)
+
+    dets = select()
     # class 0: box 1 is suppressed by box 0 (IoU 10/11); class 1: 0.7, 0.3, 0.1 kept (0.005 below threshold)
     assert dets[0]["scores"].tolist() == pytest.approx([0.9, 0.7, 0.6])
     assert dets[0]["labels"].tolist() == [0, 1, 0]
@@ -408,7 +416,7 @@ def test_select_detections_thresholds_nms_and_cap():
     assert dets[1]["scores"].tolist() == pytest.approx([0.45, 0.35, 0.3])
     assert dets[1]["labels"].tolist() == [0, 1, 0]
     model.detections_per_img = 10
-    dets = model.select_detections(boxes, scores, [(64, 64), (32, 64)])
+    dets = select()
     torch.testing.assert_close(dets[1]["boxes"][3], torch.tensor([40.0, 32, 64, 32]))
 
 

@@ -24,14 +24,14 @@ class BrightBoxModel(nn.Module):
 
     def __init__(self, min_size: int = 64, max_size: int = 1000, fixed_size=None) -> None:
         super().__init__()
-        self.transform = ImagePreprocessor(min_size, max_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        self.preprocessor = ImagePreprocessor(min_size, max_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
                                            size_divisible=1, fixed_size=fixed_size)
         self.num_classes = 3
         self.score_thresh = 0.0
         self.nms_thresh = 0.5
         self.calls: list[tuple[int, ...]] = []
 
-    def forward_dense(self, batch: Tensor):
+    def dense_forward(self, batch: Tensor):
         self.calls.append(tuple(batch.shape))
         mask = batch > 0.5                                                   # [B, 3, H, W]
         rows, cols = mask.any(-1), mask.any(-2)                              # [B, 3, H], [B, 3, W]
@@ -46,21 +46,20 @@ class BrightBoxModel(nn.Module):
         present = rows.any(-1)
         scores = torch.where(present, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(()))
         boxes = torch.stack([x1, y1, x2, y2], -1)
-        return scores, boxes, None, [3]
+        return {"scores": scores, "boxes": boxes}, []
 
-    def postprocess(self, logits, deltas, anchors, image_sizes, level_sizes):
+    def postprocess(self, outputs, anchors, image_sizes):
         out = []
-        for scores, boxes in zip(logits, deltas):
+        for scores, boxes in zip(outputs["scores"], outputs["boxes"]):
             keep = scores > 0
             out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": torch.arange(3)[keep]})
         return out
 
     def forward(self, images):
         original = [tuple(im.shape[-2:]) for im in images]
-        batch, sizes, _ = self.transform(images)
-        logits, deltas, anchors, level_sizes = self.forward_dense(batch)
-        dets = self.postprocess(logits, deltas, anchors, sizes, level_sizes)
-        return self.transform.postprocess(dets, sizes, original)
+        batch, sizes, _ = self.preprocessor(images)
+        dets = self.postprocess(*self.dense_forward(batch), sizes)
+        return self.preprocessor.postprocess(dets, sizes, original)
 
 
 def scene(h: int, w: int, rects: dict[int, tuple[int, int, int, int]]) -> Tensor:
@@ -161,8 +160,8 @@ def test_tta_runs_retinanet_multiscale_with_flip():
 
 
 def test_tta_on_refinedet_uses_its_own_api():
-    refinedet = pytest.importorskip("densedet.models.refinedet")
-    vgg = pytest.importorskip("densedet.backbones.vgg")
+    from densedet.backbones import vgg
+    from densedet.models import refinedet
     torch.manual_seed(0)
     w = 4
     backbone = vgg.VGG16(stage_channels=(w, 2 * w, 4 * w, 8 * w, 8 * w), fc_channels=16 * w,

@@ -15,6 +15,7 @@ analysis, benchmarks and the predictor use nothing else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -62,7 +63,7 @@ def check_targets(targets: list[dict], num_images: int, num_classes: int) -> Non
         raise ValueError(f"got {num_images} images but {len(targets)} targets")
     for i, t in enumerate(targets):
         boxes, labels = t.get("boxes"), t.get("labels")
-        name = f"target {i} (image_id {t.get('image_id')})"
+        name = f"target {i}" + (f" (image_id {t['image_id']})" if t.get("image_id") is not None else "")
         if boxes is None or labels is None:
             raise ValueError(f"{name}: needs 'boxes' and 'labels'")
         if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
@@ -209,6 +210,15 @@ class DenseDetector(nn.Module):
         features = self.features(batch)
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         return self.head_outputs(features), self.anchors(tuple(batch.shape[-2:]), sizes, batch.device)
+
+    def grid_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Feature map sizes for a padded input, without running the network: every stride-2
+        step ("same" padding) gives ``ceil(side / 2)``, so level l has ``ceil(side / stride_l)`` cells."""
+        return [(math.ceil(image_size[0] / s), math.ceil(image_size[1] / s)) for s in self.anchor_spec().strides]
+
+    def anchors_for_size(self, image_size: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+        """``[A, 4]``: every anchor of a padded input of ``image_size``, levels concatenated."""
+        return torch.cat(self.anchors(tuple(image_size), self.grid_sizes(image_size), device))
 
     @torch.no_grad()
     def postprocess(self, outputs: dict[str, Tensor], anchors: list[Tensor],

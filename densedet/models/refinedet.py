@@ -385,6 +385,8 @@ class RefineDet(DenseDetector):
         self.tcb = tcb if tcb is not None else TransferConnectionBlock(in_channels, tcb_channels)
         self.odm_head = odm_head if odm_head is not None else RefineDetHead(
             [tcb_channels] * len(in_channels), num_anchors, num_classes + 1)
+        self.image_size = size
+        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)     # w / h, Caffe's convention
         self.anchor_generator = refinedet_anchor_generator(anchor_strides, anchor_sizes, aspect_ratios)
         self.box_coder = box_coder if box_coder is not None else BoxCoder.from_variances((0.1, 0.1, 0.2, 0.2))
         self.iou_threshold = iou_threshold
@@ -488,11 +490,15 @@ class RefineDet(DenseDetector):
         return boxes, scores
 
     def decode(self, outputs: dict[str, Tensor], anchors: list[Tensor], image_sizes: Tensor) -> Candidates:
+        """:meth:`decode_scores`, then :meth:`candidates_per_class`."""
+        return self.candidates_per_class(*self.decode_scores(outputs, anchors))
+
+    def candidates_per_class(self, boxes: Tensor, scores: Tensor) -> Candidates:
         """Per class (Caffe ``DetectionOutput``): the best ``topk_candidates`` anchors, those above
         ``score_thresh``. Boxes stay unclipped until after NMS, as in Caffe.
 
-        Candidates are ordered (class, rank): ``[B, K·k]``."""
-        boxes, scores = self.decode_scores(outputs, anchors)
+        ``boxes [B, A, 4]``, ``scores [B, A, K]`` → candidates ordered (class, rank), ``[B, K·k]``.
+        """
         bsz, num_anchors, num_classes = scores.shape
         top_scores, top_anchor = scores.transpose(1, 2).topk(min(self.topk_candidates, num_anchors), dim=2)
         top_anchor = top_anchor.flatten(1)                                               # [B, K·k]
