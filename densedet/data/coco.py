@@ -63,53 +63,11 @@ def load_coco(json_path: str, image_root: str, strict: bool = False) -> Detectio
                        ("annotations", annotations)):
         if not isinstance(value, list):
             raise DatasetError(f"{json_path}: '{key}' must be a list, got {type(value).__name__}")
-
-    # Categories sorted by id -> contiguous labels.
-    categories = {}
-    for i, cat in enumerate(doc["categories"]):
-        _require(cat, ("id", "name"), f"{json_path}: categories[{i}]")
-        if not isinstance(cat["id"], int) or isinstance(cat["id"], bool):
-            raise DatasetError(f"{json_path}: categories[{i}]: category ids must be integers, got {cat['id']!r}")
-        if cat["id"] in categories:
-            raise DatasetError(f"{json_path}: duplicate category id {cat['id']}")
-        categories[cat["id"]] = str(cat["name"])
-    category_ids = sorted(categories)
+    categories = _read_categories(doc["categories"], json_path)
+    category_ids = sorted(categories)                         # sorted by id -> contiguous labels
     label_of = {cid: label for label, cid in enumerate(category_ids)}
-
-    images = {}
-    for i, img in enumerate(doc["images"]):
-        _require(img, ("id", "file_name"), f"{json_path}: images[{i}]")
-        where = f"{json_path}: image id {img['id']!r}"
-        if not isinstance(img["id"], int) or isinstance(img["id"], bool):
-            raise DatasetError(f"{where}: image ids must be integers (images[{i}])")
-        if img["id"] in images:
-            raise DatasetError(f"{where}: duplicate image id (images[{i}])")
-        if not isinstance(img["file_name"], str) or not img["file_name"]:
-            raise DatasetError(f"{where}: 'file_name' must be a non-empty string, got {img['file_name']!r}")
-        images[img["id"]] = (img, _optional_size(img.get("height"), where, "height"),
-                             _optional_size(img.get("width"), where, "width"))
-
-    per_image: dict[Any, list] = {image_id: [] for image_id in images}
-    for i, ann in enumerate(annotations):
-        name = f"annotation id {ann['id']}" if isinstance(ann, dict) and "id" in ann \
-            else f"annotations[{i}]"
-        where = f"{json_path}: {name}"
-        _require(ann, ("image_id", "category_id", "bbox"), where)
-        for key in ("image_id", "category_id"):
-            if not isinstance(ann[key], int) or isinstance(ann[key], bool):
-                raise DatasetError(f"{where}: '{key}' must be an integer, got {ann[key]!r}")
-        if ann["image_id"] not in images:
-            raise DatasetError(f"{where}: refers to image id {ann['image_id']!r}, which is not "
-                               f"in 'images'")
-        if ann["category_id"] not in label_of:
-            raise DatasetError(f"{where}: unknown category id {ann['category_id']!r} "
-                               f"(known: {category_ids})")
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            raise DatasetError(f"{where}: 'bbox' must be a list of 4 numbers [x, y, w, h], "
-                               f"got {bbox!r}")
-        per_image[ann["image_id"]].append((ann, where))
+    images = _read_images(doc["images"], json_path)
+    per_image = _annotations_per_image(annotations, images, label_of, json_path)
 
     report = DataReport(source=f"coco {json_path}")
     records = []
@@ -127,6 +85,65 @@ def load_coco(json_path: str, image_root: str, strict: bool = False) -> Detectio
             report=report, strict=strict))
     return DetectionData(records=records, class_names=[categories[c] for c in category_ids],
                          category_ids=category_ids, source=json_path, report=report)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_categories(categories: list, json_path: str) -> dict[int, str]:
+    """``{category id: name}``; ids must be distinct integers."""
+    out = {}
+    for i, cat in enumerate(categories):
+        _require(cat, ("id", "name"), f"{json_path}: categories[{i}]")
+        if not _is_int(cat["id"]):
+            raise DatasetError(f"{json_path}: categories[{i}]: category ids must be integers, got {cat['id']!r}")
+        if cat["id"] in out:
+            raise DatasetError(f"{json_path}: duplicate category id {cat['id']}")
+        out[cat["id"]] = str(cat["name"])
+    return out
+
+
+def _read_images(images: list, json_path: str) -> dict[int, tuple[dict, int | None, int | None]]:
+    """``{image id: (entry, height, width)}``; ids must be distinct integers, file names non-empty."""
+    out = {}
+    for i, img in enumerate(images):
+        _require(img, ("id", "file_name"), f"{json_path}: images[{i}]")
+        where = f"{json_path}: image id {img['id']!r}"
+        if not _is_int(img["id"]):
+            raise DatasetError(f"{where}: image ids must be integers (images[{i}])")
+        if img["id"] in out:
+            raise DatasetError(f"{where}: duplicate image id (images[{i}])")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DatasetError(f"{where}: 'file_name' must be a non-empty string, got {img['file_name']!r}")
+        out[img["id"]] = (img, _optional_size(img.get("height"), where, "height"),
+                          _optional_size(img.get("width"), where, "width"))
+    return out
+
+
+def _annotations_per_image(annotations: list, images: dict, label_of: dict, json_path: str
+                           ) -> dict[Any, list[tuple[dict, str]]]:
+    """Each image's ``(annotation, where)`` pairs, every annotation checked: integer ids that exist,
+    and a ``bbox`` of 4 numbers (its values are repaired or refused later, by ``make_record``)."""
+    per_image: dict[Any, list] = {image_id: [] for image_id in images}
+    for i, ann in enumerate(annotations):
+        name = f"annotation id {ann['id']}" if isinstance(ann, dict) and "id" in ann else f"annotations[{i}]"
+        where = f"{json_path}: {name}"
+        _require(ann, ("image_id", "category_id", "bbox"), where)
+        for key in ("image_id", "category_id"):
+            if not _is_int(ann[key]):
+                raise DatasetError(f"{where}: '{key}' must be an integer, got {ann[key]!r}")
+        if ann["image_id"] not in images:
+            raise DatasetError(f"{where}: refers to image id {ann['image_id']!r}, which is not in 'images'")
+        if ann["category_id"] not in label_of:
+            raise DatasetError(f"{where}: unknown category id {ann['category_id']!r} "
+                               f"(known: {sorted(label_of)})")
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            raise DatasetError(f"{where}: 'bbox' must be a list of 4 numbers [x, y, w, h], got {bbox!r}")
+        per_image[ann["image_id"]].append((ann, where))
+    return per_image
 
 
 def to_coco_dict(data: DetectionData, image_root: str | None = None) -> dict:

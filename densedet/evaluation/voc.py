@@ -196,30 +196,13 @@ def evaluate_voc(
         (recall, precision)}}}``; precision/recall are per detection of that class in descending
         score order, ignored (difficult) detections removed.
     """
-    if class_names is None:
-        if num_classes is None:
-            raise ValueError("evaluate_voc needs num_classes or class_names")
-        class_names = [str(c) for c in range(num_classes)]
-    elif num_classes is not None and num_classes != len(class_names):
-        raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names")
-    names = [str(n) for n in class_names]
-    if len(set(names)) != len(names):
-        raise ValueError(f"class_names must be distinct, got {names}")
-    num_classes = len(names)
+    names = _class_names(num_classes, class_names)
     if len(detections) != len(ground_truths):
         raise ValueError(f"{len(detections)} detection dicts but {len(ground_truths)} ground-truth dicts")
-
-    # Flatten every image's detections and GTs into dataset-wide arrays tagged with the image index.
-    dets = [_read_detections(det, i, num_classes) for i, det in enumerate(detections)]
-    gts = [_read_ground_truth(gt, i, num_classes) for i, gt in enumerate(ground_truths)]
-    det_img_all = np.concatenate([np.full(len(d[0]), i) for i, d in enumerate(dets)] + [np.zeros(0, np.int64)])
-    det_boxes_all = np.concatenate([d[0] for d in dets] + [np.zeros((0, 4))])
-    det_scores_all = np.concatenate([d[1] for d in dets] + [np.zeros(0)])
-    det_labels_all = np.concatenate([d[2] for d in dets] + [np.zeros(0, np.int64)])
-    gt_img_all = np.concatenate([np.full(len(g[0]), i) for i, g in enumerate(gts)] + [np.zeros(0, np.int64)])
-    gt_boxes_all = np.concatenate([g[0] for g in gts] + [np.zeros((0, 4))])
-    gt_labels_all = np.concatenate([g[1] for g in gts] + [np.zeros(0, np.int64)])
-    gt_difficult_all = np.concatenate([g[2] for g in gts] + [np.zeros(0, bool)])
+    dets = _flatten([_read_detections(det, i, len(names)) for i, det in enumerate(detections)])
+    gts = _flatten([_read_ground_truth(gt, i, len(names)) for i, gt in enumerate(ground_truths)])
+    det_img, det_boxes, det_scores, det_labels = dets
+    gt_img, gt_boxes, gt_labels, gt_difficult = gts
 
     per_class: dict[str, float] = {}
     precisions: dict[str, np.ndarray] = {}
@@ -227,15 +210,12 @@ def evaluate_voc(
     positives: dict[str, int] = {}
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for c, name in enumerate(names):
-        gt_sel = gt_labels_all == c
-        c_gt_img, c_gt_boxes, c_gt_diff = gt_img_all[gt_sel], gt_boxes_all[gt_sel], gt_difficult_all[gt_sel]
-        npos = int(np.count_nonzero(~c_gt_diff))
-
-        det_sel = np.flatnonzero(det_labels_all == c)
-        order = det_sel[np.argsort(-det_scores_all[det_sel], kind="stable")]
-        tp, ignored = _match_class(
-            det_img_all[order], det_boxes_all[order], c_gt_img, c_gt_boxes, c_gt_diff, iou_threshold
-        )
+        gt_sel = gt_labels == c
+        npos = int(np.count_nonzero(~gt_difficult[gt_sel]))
+        det_sel = np.flatnonzero(det_labels == c)
+        order = det_sel[np.argsort(-det_scores[det_sel], kind="stable")]
+        tp, ignored = _match_class(det_img[order], det_boxes[order], gt_img[gt_sel], gt_boxes[gt_sel],
+                                   gt_difficult[gt_sel], iou_threshold)
         kept_tp = tp[~ignored]
         tp_cum = np.cumsum(kept_tp).astype(np.float64)
         fp_cum = np.cumsum(~kept_tp).astype(np.float64)
@@ -257,6 +237,30 @@ def evaluate_voc(
         "num_positives": positives,
         "curves": curves,
     }
+
+
+def _class_names(num_classes: int | None, class_names: Sequence[str] | None) -> list[str]:
+    """The K class names: given (distinct, agreeing with ``num_classes``), or "0".."K-1"."""
+    if class_names is None:
+        if num_classes is None:
+            raise ValueError("evaluate_voc needs num_classes or class_names")
+        return [str(c) for c in range(num_classes)]
+    if num_classes is not None and num_classes != len(class_names):
+        raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names")
+    names = [str(n) for n in class_names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names must be distinct, got {names}")
+    return names
+
+
+def _flatten(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Every image's (boxes [N, 4], a [N], b [N]) as dataset-wide arrays, led by the image index
+    of each row: ``(image [ΣN], boxes [ΣN, 4], a [ΣN], b [ΣN])``."""
+    if not per_image:
+        return np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), np.zeros(0)
+    image = np.concatenate([np.full(len(p[0]), i, np.int64) for i, p in enumerate(per_image)])
+    columns = [np.concatenate([p[k] for p in per_image]) for k in range(3)]
+    return (image, *columns)
 
 
 def evaluate_voc_from_coco(
