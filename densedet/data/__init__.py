@@ -5,6 +5,8 @@ boxes in continuous (x1, y1, x2, y2) pixel coordinates; `DetectionDataset` / `Ti
 it into (image [3, H, W] float in [0, 1], target dict) items, torchvision style.
 """
 
+import os
+
 from .coco import load_coco, save_coco, to_coco_dict
 from .csv import load_csv
 from .dataset import DetectionDataset, TiledDataset, collate, record_target
@@ -30,8 +32,6 @@ def load_detection_data(path: str, image_root: str | None = None, class_names=No
                         strict: bool = False) -> DetectionData:
     """Read annotations by their kind: a .json file (COCO), a .csv file, or .xml file(s) / a
     directory of them (Pascal VOC). `image_root` defaults to the annotation file's folder."""
-    import os
-
     path = str(path)
     if os.path.isdir(path) or path.lower().endswith(".xml"):
         return load_voc(path, image_dir=image_root, class_names=class_names, strict=strict)

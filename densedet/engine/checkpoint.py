@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import Config, from_dict
+from ..models import build_from_config, load_state_dict_checked
 
 __all__ = ["CHECKPOINT_FORMAT", "atomic_save", "load_checkpoint", "model_from_checkpoint", "CheckpointError"]
 
@@ -80,7 +81,6 @@ def model_from_checkpoint(path: str | Path, **model_overrides: Any) -> tuple[nn.
     Returns ``(model in eval mode, Config, checkpoint dict)``. ``model_overrides`` change
     inference-time fields (``score_thresh``, ``detections_per_img``, ``min_size`` …).
     """
-    from ..models import build_from_config, load_state_dict_checked
     ckpt = load_checkpoint(path)
     cfg = from_dict(Config, ckpt["config"])
     for key, value in model_overrides.items():

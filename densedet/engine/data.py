@@ -15,6 +15,7 @@ import random
 import torch
 
 from ..config import Config, ConfigError, DataConfig
+from ..data.ssd_augment import SSDAugmentation
 from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop,
                     TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
 
@@ -98,7 +99,6 @@ def build_train_dataset(cfg: Config, data: DetectionData):
     d = cfg.data
     transforms = []
     if d.augment == "ssd":
-        from ..data.ssd_augment import SSDAugmentation
         transforms.append(SSDAugmentation(cfg.model.refinedet_size))
     else:
         # Multi-scale training (data.train_min_sizes) happens in the model's preprocessor, one size

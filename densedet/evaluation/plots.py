@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .coco import coco_pr_curves
+
 __all__ = ["plot_pr_curves"]
 
 Curves = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
@@ -22,8 +24,6 @@ def _curves_from(metrics_or_eval_state: Any) -> Curves:
             raise ValueError("plot_pr_curves needs the 'curves' entry that evaluate_coco / evaluate_voc return")
         return metrics_or_eval_state["curves"]
     if hasattr(metrics_or_eval_state, "eval") and "precision" in getattr(metrics_or_eval_state, "eval", {}):
-        from densedet.evaluation.coco import coco_pr_curves  # an accumulated pycocotools COCOeval
-
         return coco_pr_curves(metrics_or_eval_state)
     raise TypeError(
         f"plot_pr_curves takes a metrics dict or an accumulated COCOeval, got {type(metrics_or_eval_state).__name__}"
