@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from densedet.bench import timed_train_step  # noqa: E402
+from densedet.commands.bench import timed_train_step  # noqa: E402
 from densedet.conv_grad import MIN_CHANNEL_PRODUCT, conv2d_weight_grad, use_gemm_weight_grad  # noqa: E402
 from densedet.device import flush_denormals  # noqa: E402
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 
 import torch  # noqa: E402
 
-from densedet.bench import timed_train_step  # noqa: E402
+from densedet.commands.bench import timed_train_step  # noqa: E402
 from densedet.config import load_config  # noqa: E402
 from densedet.device import flush_denormals  # noqa: E402
 from densedet.engine.data import BatchStream, build_train_dataset, load_split  # noqa: E402

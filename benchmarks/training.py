@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
 
-from densedet.bench import main  # noqa: E402
+from densedet.commands.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["--suite", *"train".split(), *sys.argv[1:]]))

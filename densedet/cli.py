@@ -18,7 +18,8 @@ from pathlib import Path
 __all__ = ["main", "find_config"]
 
 # Modules that register further verbs through ``add_parser(subparsers)``.
-_VERB_MODULES = ["densedet.predict", "densedet.export", "densedet.bench", "densedet.analysis", "densedet.ablation"]
+_VERB_MODULES = ["densedet.predict", "densedet.export", "densedet.commands.bench", "densedet.analysis",
+                 "densedet.commands.ablate"]
 
 
 def find_config(name: str) -> Path:
@@ -80,7 +81,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.results:
         if not args.annotations:
             raise SystemExit("densedet eval --results needs --annotations")
-        from .evaluation import eval_results_main
+        from .commands.eval import eval_results_main
         eval_results_main(args.results, args.annotations, metric=args.metric, out=args.out, max_dets=max_dets,
                           plot_dir=args.plot_dir)
         return 0

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from densedet import ablation as AB
+from densedet.commands import ablate as AB
 from densedet.config import Config, to_dict
 
 

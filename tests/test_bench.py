@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from densedet.bench import (QUICK, BenchSettings, Table, add_parser, count_flops, measure_peak_memory, run_suites,
-                            time_call, write_results)
+from densedet.commands.bench import (QUICK, BenchSettings, Table, add_parser, count_flops, measure_peak_memory,
+                                     run_suites, time_call, write_results)
 
 TINY = BenchSettings(
     infer_models=["retinanet_r18_fpn"], infer_sizes=[128], infer_batches=[1, 2],
@@ -82,7 +82,7 @@ def test_post_and_match_baselines_agree_with_densedet(tiny_results):
 
 
 def test_matcher_baseline_is_the_same_rule():
-    from densedet.bench import _match_per_image
+    from densedet.commands.bench import _match_per_image
     from densedet.matching import Matcher, pad_targets
     g = torch.Generator().manual_seed(3)
     xy = torch.rand(500, 2, generator=g) * 200

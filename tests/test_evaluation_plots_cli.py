@@ -12,8 +12,8 @@ from PIL import Image
 from test_evaluation_coco import STAT_NAMES, make_synthetic
 from test_evaluation_voc import HAND_AP07, HAND_AP10, coco_case
 
+from densedet.commands.eval import eval_results_main
 from densedet.evaluation import (
-    eval_results_main,
     evaluate_coco,
     evaluate_voc_from_coco,
     plot_pr_curves,

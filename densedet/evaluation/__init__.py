@@ -1,6 +1,8 @@
-"""Evaluation: COCO (official pycocotools), Pascal VOC AP, precision-recall plots, results-file CLI."""
+"""Evaluation: COCO (official pycocotools), Pascal VOC AP, precision-recall plots.
 
-from densedet.evaluation.cli import eval_results_main
+(``densedet eval`` on a results file is :func:`densedet.commands.eval.eval_results_main`.)
+"""
+
 from densedet.evaluation.coco import (
     coco_pr_curves,
     detections_to_coco,
@@ -16,7 +18,6 @@ from densedet.evaluation.voc import evaluate_voc, evaluate_voc_from_coco, format
 __all__ = [
     "coco_pr_curves",
     "detections_to_coco",
-    "eval_results_main",
     "evaluate_coco",
     "evaluate_voc",
     "evaluate_voc_from_coco",

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import Config, ConfigError, apply_overrides, load_config, to_dict
+from ..config import Config, ConfigError, apply_overrides, load_config, to_dict
 
 __all__ = ["PAPER_TABLE_1B", "PAPER_TABLE_1D", "DEFAULT_GAMMAS", "LOSS_METHODS", "AblationRun", "paper_alpha",
            "plan_runs", "run_config", "run_ablation", "write_tables", "plot_ap_vs_gamma", "add_parser", "run"]
@@ -159,7 +159,7 @@ def run_config(cfg: Config, run: AblationRun, out_dir: str | os.PathLike, budget
 
 
 def _default_train() -> Callable[..., dict]:
-    from .engine.trainer import train  # imported late: the trainer pulls in the whole data pipeline
+    from ..engine.trainer import train  # imported late: the trainer pulls in the whole data pipeline
     return train
 
 

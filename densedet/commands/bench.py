@@ -49,8 +49,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .export import optimize_for_inference
-from .models import PRESETS
+from ..export import optimize_for_inference
+from ..models import PRESETS
 
 __all__ = ["BenchSettings", "QUICK", "FULL", "Table", "run_suites", "count_flops", "time_call", "time_interleaved",
            "timed_train_step",
@@ -226,12 +226,12 @@ def count_flops(model: nn.Module, run: Callable[[], Any]) -> int:
 
 
 def _precision(device: torch.device) -> torch.dtype | None:
-    from .device import resolve_precision
+    from ..device import resolve_precision
     return resolve_precision("auto", device)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    from .device import autocast
+    from ..device import autocast
     return autocast(device, dtype)
 
 
@@ -245,7 +245,7 @@ def _load_average() -> str:
 def _build(name: str, settings: BenchSettings, size: int | None = None, device: torch.device | None = None,
            **extra: Any) -> nn.Module:
     """A preset with random weights at a fixed square input size (no resize inside the timing)."""
-    from .models import build_model
+    from ..models import build_model
     overrides = dict(settings.model_overrides)
     overrides.update(extra)
     if size is not None and PRESETS[name].fixed_size is None:   # a fixed-size preset (RefineDet) keeps its size
@@ -422,7 +422,7 @@ def bench_train(settings: BenchSettings, device: torch.device) -> Table:
 def _dense_postprocess_inputs(settings: BenchSettings, batch: int, seed: int = 0):
     """logits/deltas/anchors for five levels of ``post_candidates`` anchors each, where every
     anchor has several classes above the threshold (so each level's top-k is full)."""
-    from .models.retinanet import RetinaNet  # noqa: F401 (post-processing lives there)
+    from ..models.retinanet import RetinaNet  # noqa: F401 (post-processing lives there)
     g = torch.Generator().manual_seed(seed)
     k = settings.post_classes
     level_sizes, anchors = [], []
@@ -443,7 +443,7 @@ def _dense_postprocess_inputs(settings: BenchSettings, batch: int, seed: int = 0
 def _postprocess_per_image(model: nn.Module, logits: Tensor, deltas: Tensor, anchors: Tensor,
                            image_sizes: list[tuple[int, int]], level_sizes: list[int]) -> list[dict]:
     """The baseline: torchvision's RetinaNet post-processing shape — loop over images, then levels."""
-    from .boxes import batched_nms, clip_boxes
+    from ..boxes import batched_nms, clip_boxes
     results = []
     k = logits.shape[-1]
     for i, size in enumerate(image_sizes):
@@ -468,14 +468,14 @@ def _postprocess_per_image(model: nn.Module, logits: Tensor, deltas: Tensor, anc
 
 def bench_post(settings: BenchSettings, device: torch.device) -> Table:
     """Dense post-processing: batched (densedet) vs per-image loop."""
-    from .models.retinanet import RetinaNet
+    from ..models.retinanet import RetinaNet
     table = Table(f"Post-processing, {settings.post_levels} levels x {settings.post_candidates} candidates, "
                   f"{settings.post_classes} classes",
                   ["batch", "candidates/img", "kept/img", "per-image loop ms", "densedet batched ms", "speedup"])
     # only score_thresh, topk, nms, detections_per_img and the coder matter: a bare object will do
     model = RetinaNet.__new__(RetinaNet)
     nn.Module.__init__(model)
-    from .boxes import BoxCoder
+    from ..boxes import BoxCoder
     model.box_coder, model.score_thresh, model.topk_candidates = BoxCoder(), 0.05, 1000
     model.nms_thresh, model.detections_per_img = 0.5, 100
     for batch in settings.post_batches:
@@ -503,7 +503,7 @@ def bench_post(settings: BenchSettings, device: torch.device) -> Table:
 def _match_per_image(anchors: Tensor, gt_boxes: list[Tensor], fg: float = 0.5, bg: float = 0.4) -> list[Tensor]:
     """Baseline matcher, torchvision's algorithm image by image (IoU ≥ fg foreground, < bg
     background, low-quality matches kept)."""
-    from .boxes import box_iou
+    from ..boxes import box_iou
     out = []
     for gt in gt_boxes:
         iou = box_iou(gt, anchors)                          # [G, A]
@@ -519,7 +519,7 @@ def _match_per_image(anchors: Tensor, gt_boxes: list[Tensor], fg: float = 0.5, b
 
 
 def bench_match(settings: BenchSettings, device: torch.device) -> Table:
-    from .matching import Matcher, pad_targets
+    from ..matching import Matcher, pad_targets
     table = Table(f"Matching, {settings.match_anchors} anchors x {settings.match_boxes} boxes",
                   ["batch", "per-image loop ms", "all images at once ms", "densedet ms", "speedup vs loop"])
     g = torch.Generator().manual_seed(0)
@@ -633,10 +633,10 @@ def measure_peak_memory(kind: str, model: str, size: int, batch: int, mode: str,
     """
     spec = {"kind": kind, "model": model, "size": size, "batch": batch, "mode": mode,
             "overrides": overrides or {}, "threads": threads}
-    code = ("import json, sys; from densedet.bench import _memory_child; "
+    code = ("import json, sys; from densedet.commands.bench import _memory_child; "
             "print('RESULT' + json.dumps(_memory_child(json.loads(sys.argv[1]))))")
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -679,7 +679,7 @@ class _Network(nn.Module):
 
 def bench_fast_paths(settings: BenchSettings, device: torch.device) -> Table:
     """fp32 inference of the network alone under candidate optimisations."""
-    from .export import fuse_conv_bn
+    from ..export import fuse_conv_bn
     size = settings.fast_size
     table = Table(f"fp32 inference fast paths, network only, {size}x{size} batch 1 (ms, median)",
                   ["model", "variant", "ms", "speedup vs first", "max |diff|", "prepare s"])
@@ -745,7 +745,7 @@ def bench_loss(settings: BenchSettings, device: torch.device) -> Table:
     """The classification loss of a training step (forward + backward) over RetinaNet's anchors at
     ``loss_size`` with 80 classes: the fused :func:`~densedet.losses.focal_loss_sum` against the
     unfused path (one-hot targets, copy of the valid anchors, element-wise focal loss, autograd)."""
-    from .losses import focal_loss_sum, sigmoid_focal_loss
+    from ..losses import focal_loss_sum, sigmoid_focal_loss
     k = 80
     cells = sum(math.ceil(settings.loss_size / 2 ** level) ** 2 for level in range(3, 8))
     anchors = 9 * cells
@@ -789,7 +789,7 @@ def run_suites(suites: Sequence[str], settings: BenchSettings, device: torch.dev
                log: Callable[[str], None] = print) -> dict:
     """Run the named suites; returns ``{"machine": {...}, "tables": [Table.as_dict(), ...]}`` and
     logs each table as markdown as soon as it is measured."""
-    from .device import flush_denormals
+    from ..device import flush_denormals
     flush_denormals()           # what densedet's training and inference run with
     device = device or torch.device("cpu")
     unknown = [s for s in suites if s not in _SUITE_FUNCS]
