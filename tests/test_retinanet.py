@@ -482,3 +482,19 @@ def test_preprocessor_scales_a_crop_as_its_source_image():
     _, sizes, targets = prep([torch.rand(3, 100, 200)], [{"boxes": boxes, "resize_as": (400, 500)}], min_size=256)
     assert sizes == [(64, 128)]
     assert torch.allclose(targets[0]["boxes"], boxes * 0.64)
+
+
+@pytest.mark.parametrize("k", [3, 40, 1000])
+def test_best_above_equals_a_top_k_over_the_thresholded_scores(k):
+    from densedet.models.retinanet import best_above
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.rand(4, 500, generator=gen) ** 4               # ~22% above 0.3
+    scores[1] = 0.0                                               # a row with nothing above
+    got_scores, got_idx = best_above(scores, 0.3, k)
+    masked = torch.where(scores > 0.3, scores, torch.full_like(scores, -1.0))
+    want_scores, want_idx = masked.topk(min(k, 500), dim=1)
+    for row in range(4):
+        got = {(i, s) for i, s in zip(got_idx[row].tolist(), got_scores[row].tolist()) if s > 0.3}
+        want = {(i, s) for i, s in zip(want_idx[row].tolist(), want_scores[row].tolist()) if s > 0.3}
+        assert got == want and len(want) == min(k, int((scores[row] > 0.3).sum()))
+    assert (got_scores[1] == -1).all()

@@ -28,7 +28,7 @@ from ..necks.fpn import FPN, BackboneWithFPN
 from .base import AnchorSpec, Candidates, DenseDetector
 from .preprocess import ImagePreprocessor
 
-__all__ = ["RetinaNet", "RetinaNetHead", "build_retinanet", "resolve_norm"]
+__all__ = ["RetinaNet", "RetinaNetHead", "build_retinanet", "resolve_norm", "best_above"]
 
 logger = logging.getLogger("densedet")
 
@@ -216,16 +216,15 @@ class RetinaNet(DenseDetector):
 
     # -- inference ------------------------------------------------------------------------
     def decode(self, outputs: dict[str, Tensor], anchors: list[Tensor], image_sizes: Tensor) -> Candidates:
-        """Per level: sigmoid scores, those > ``score_thresh``, the best ``topk_candidates`` over
-        anchors x classes, decoded and clipped to the image (torchvision's order: clip before NMS)."""
+        """Per level: sigmoid scores, those > ``score_thresh``, the best ``topk_candidates`` of them
+        over anchors x classes, decoded and clipped to the image (torchvision's order: clip before NMS)."""
         logits, deltas = outputs["cls_logits"], outputs["bbox_deltas"]
         k = logits.shape[-1]
         level_sizes = [len(a) for a in anchors]
         all_boxes, all_scores, all_labels = [], [], []
         for lg, dl, an in zip(logits.split(level_sizes, 1), deltas.split(level_sizes, 1), anchors):
             scores = torch.sigmoid(lg.float()).flatten(1)                                # [B, n·K]
-            scores = torch.where(scores > self.score_thresh, scores, torch.full_like(scores, -1.0))
-            top_scores, top_idxs = scores.topk(min(self.topk_candidates, scores.shape[1]), dim=1)
+            top_scores, top_idxs = best_above(scores, self.score_thresh, self.topk_candidates)
             anchor_idxs = torch.div(top_idxs, k, rounding_mode="floor")
             boxes = self.box_coder.decode(torch.gather(dl, 1, anchor_idxs.unsqueeze(-1).expand(-1, -1, 4)),
                                           an[anchor_idxs])
@@ -234,6 +233,33 @@ class RetinaNet(DenseDetector):
             all_labels.append(top_idxs - anchor_idxs * k)
         scores = torch.cat(all_scores, 1)
         return Candidates(torch.cat(all_boxes, 1), scores, torch.cat(all_labels, 1), scores > self.score_thresh)
+
+
+def best_above(scores: Tensor, thresh: float, k: int) -> tuple[Tensor, Tensor]:
+    """The best ``k`` entries above ``thresh`` of each row of ``scores [B, M]``: ``(scores, column
+    indices)``, each ``[B, k']``, slots past a row's count holding score -1.
+
+    Thresholds before it sorts, as torchvision does per image: a level's scores above 0.05 are
+    usually a few hundred of millions, and a top-k over all of them costs ~10x the rest of the
+    post-processing. Only when some row keeps more than ``k`` does a top-k run. The columns come in
+    score order after a top-k, in column order otherwise; the selection that follows sorts by score
+    either way. An exported graph (tracing) takes the fixed-shape top-k over the thresholded scores.
+    """
+    masked = torch.where(scores > thresh, scores, torch.full_like(scores, -1.0))
+    if torch.jit.is_tracing():
+        return masked.topk(min(k, scores.shape[1]), dim=1)
+    above = scores > thresh
+    counts = above.sum(1)
+    most = int(counts.max()) if counts.numel() else 0
+    if most > k:
+        return masked.topk(k, dim=1)
+    rows, cols = above.nonzero(as_tuple=True)                     # row-major: columns ascend per row
+    slots = torch.arange(rows.numel(), device=scores.device) - (counts.cumsum(0) - counts)[rows]
+    top_scores = scores.new_full((scores.shape[0], most), -1.0)
+    top_idxs = torch.zeros((scores.shape[0], most), dtype=torch.int64, device=scores.device)
+    top_scores[rows, slots] = scores[rows, cols]
+    top_idxs[rows, slots] = cols
+    return top_scores, top_idxs
 
 
 # -- building from a config -------------------------------------------------------------------
