@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import yaml
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "SolverConfig", "TrainConfig", "TestConfig",
+__all__ = ["ConfigError", "ModelConfig", "RetinaNetConfig", "RefineDetConfig", "with_model_options", "upgrade_config_dict", "DataConfig", "SolverConfig", "TrainConfig", "TestConfig",
            "Config", "load_config", "save_config", "apply_overrides", "from_dict", "to_dict"]
 
 
@@ -30,29 +30,19 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or impossible; the message names the key."""
 
 
-@dataclass
-class ModelConfig:
-    """Everything needed to build a model. Names follow torchvision's RetinaNet arguments where
-    one exists (``min_size``, ``max_size``, ``score_thresh``, ``nms_thresh``, ``detections_per_img``,
-    ``topk_candidates``, ``fg_iou_thresh``, ``bg_iou_thresh``)."""
+@dataclass(slots=True)
+class RetinaNetConfig:
+    """RetinaNet's own settings (``model.retinanet``). Names follow torchvision's RetinaNet arguments
+    where one exists (``fg_iou_thresh``, ``bg_iou_thresh``), else RetinaNet's constructor's."""
 
-    arch: str = "retinanet"                 # retinanet | refinedet
-    backbone: str = "resnet50"              # resnet18/34/50/101 | vgg16
-    num_classes: int = 80
-    pretrained_backbone: str | None = None  # path to a torchvision ImageNet state-dict file
-    norm: str = "auto"                      # auto | frozen_bn | bn | gn ; auto: frozen_bn iff pretrained
-    frozen_stages: int = -1                 # -1 auto: 2 (stem + res2) iff pretrained, else 0
-    frozen_bn_eps: float = 1e-5             # torchvision's COCO RetinaNet runs with 0.0 (overwrite_eps)
     # FPN and levels
     fpn_channels: int = 256
     fpn_norm: str = "none"
     p6_from: str = "c5"                     # c5 (paper) | p5 (torchvision v1)
     min_level: int = 3
     max_level: int = 7
-    # anchors
-    anchor_sizes: list[float] | None = None  # base size per level; None: 4 * stride (32 .. 512)
+    # anchors (sizes and ratios are model.anchor_sizes / model.aspect_ratios)
     scales_per_octave: int = 3
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     anchor_integer_sizes: bool = False      # torchvision truncates 40.32 -> 40
     round_cell_anchors: bool = False        # torchvision rounds half-extents
     stride_mode: str = "fixed"              # fixed | inferred (torchvision)
@@ -66,29 +56,115 @@ class ModelConfig:
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.4
     allow_low_quality_matches: bool = True
-    cls_loss: str = "focal"
+    cls_loss: str = "focal"                 # focal | balanced_ce | ohem | ohem_topk | ghmc
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     class_ce_weight: float = 0.0            # > 0 adds softmax cross-entropy over the K logits at foreground anchors
     box_loss: str = "l1"                    # l1 | smooth_l1 | giou
     smooth_l1_beta: float = 0.0
+
+
+@dataclass(slots=True)
+class RefineDetConfig:
+    """RefineDet's own settings (``model.refinedet``), named as RefineDet's constructor arguments."""
+
+    image_size: int = 320                   # every image is warped to image_size x image_size (a multiple of 64)
+    tcb_channels: int = 256
+    iou_threshold: float = 0.5              # per-prediction matching threshold
+    neg_pos_ratio: float = 3.0              # hard negative mining
+    objectness_threshold: float = 0.01      # ARM object probability below which an anchor is an easy negative
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Everything needed to build a model: the settings every densedet detector shares, and each
+    family's own under ``retinanet`` / ``refinedet`` (only the one ``arch`` names is used). Names
+    follow torchvision's RetinaNet arguments where one exists (``min_size``, ``max_size``,
+    ``score_thresh``, ``nms_thresh``, ``detections_per_img``, ``topk_candidates``)."""
+
+    arch: str = "retinanet"                 # retinanet | refinedet
+    backbone: str = "resnet50"              # resnet18/34/50/101 | vgg16
+    num_classes: int = 80
+    pretrained_backbone: str | None = None  # path to a torchvision ImageNet state-dict file
+    norm: str = "auto"                      # auto | frozen_bn | bn | gn ; auto: frozen_bn iff pretrained
+    frozen_stages: int = -1                 # -1 auto: 2 (stem + res2) iff pretrained, else 0
+    frozen_bn_eps: float = 1e-5             # torchvision's COCO RetinaNet runs with 0.0 (overwrite_eps)
+    # anchors and box coding
+    anchor_sizes: list[float] | None = None  # base size per level; None: 4 * stride
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     bbox_reg_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     # inference
     score_thresh: float = 0.05
     topk_candidates: int = 1000
     nms_thresh: float = 0.5
     detections_per_img: int = 100
-    # input
+    # input (RefineDet warps to refinedet.image_size and uses only the mean and std)
     min_size: int | list[int] = 800
     max_size: int = 1333
     size_divisible: int = 128
     fixed_size: list[int] | None = None
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    # RefineDet
-    refinedet_size: int = 320
-    arm_filter_thresh: float = 0.01
-    negpos_ratio: int = 3
+    # each family's own
+    retinanet: RetinaNetConfig = field(default_factory=RetinaNetConfig)
+    refinedet: RefineDetConfig = field(default_factory=RefineDetConfig)
+
+
+# Keys of the flat model config before the split by family: where each one lives now.
+MOVED_MODEL_KEYS = {
+    **{name: f"retinanet.{name}" for name in (f.name for f in dataclasses.fields(RetinaNetConfig))},
+    "refinedet_size": "refinedet.image_size",
+    "negpos_ratio": "refinedet.neg_pos_ratio",
+    "arm_filter_thresh": "refinedet.objectness_threshold",
+}
+
+
+def upgrade_config_dict(tree: dict) -> dict:
+    """A config dict written before the model config was split by family (a checkpoint of an older
+    densedet), with each moved model key in its new place; a current one comes back unchanged."""
+    model = dict(tree.get("model") or {})
+    moved = {key: model.pop(key) for key in list(model) if key in MOVED_MODEL_KEYS}
+    if not moved:
+        return tree
+    refinedet = model.get("arch") == "refinedet"
+    if refinedet:       # RefineDet read these flat keys under other names; the resize settings did not apply
+        moved = {("tcb_channels" if k == "fpn_channels" else "iou_threshold" if k == "fg_iou_thresh" else k): v
+                 for k, v in moved.items() if k in ("fpn_channels", "fg_iou_thresh", "refinedet_size",
+                                                    "negpos_ratio", "arm_filter_thresh")}
+        for key in ("min_size", "max_size", "fixed_size"):
+            model.pop(key, None)
+    for key, value in moved.items():
+        family, name = MOVED_MODEL_KEYS.get(key, f"refinedet.{key}").split(".")
+        if family == ("refinedet" if refinedet else "retinanet"):
+            model.setdefault(family, {})[name] = value
+    return {**tree, "model": model}
+
+
+def with_model_options(cfg: ModelConfig, **options: Any) -> ModelConfig:
+    """A copy of ``cfg`` with model options replaced, each checked by type. A family's option may be
+    given by its own name (``focal_gamma=1.0``, ``neg_pos_ratio=2``) as to the model's constructor:
+    the names of the shared settings and of the two families' are distinct."""
+    families = {"retinanet": RetinaNetConfig, "refinedet": RefineDetConfig}
+    shared = {f.name for f in dataclasses.fields(ModelConfig)} - set(families)
+    own = {name: family for family, cls in families.items() for name in (f.name for f in dataclasses.fields(cls))}
+    updates: dict[str, dict[str, Any]] = {family: {} for family in families}
+    top: dict[str, Any] = {}
+    for key, value in options.items():
+        value = list(value) if isinstance(value, tuple) else value
+        if key in shared:
+            top[key] = _coerce(value, typing.get_type_hints(ModelConfig)[key], f"model.{key}")
+        elif key in own:
+            family = own[key]
+            hint = typing.get_type_hints(families[family])[key]
+            updates[family][key] = _coerce(value, hint, f"model.{family}.{key}")
+        else:
+            moved = f" (now {MOVED_MODEL_KEYS[key]})" if key in MOVED_MODEL_KEYS else ""
+            raise ConfigError(f"unknown model option {key!r}{moved}; valid options: "
+                              f"{', '.join(sorted(shared | set(own)))}")
+    for family, changes in updates.items():
+        if changes:
+            top[family] = dataclasses.replace(getattr(cfg, family), **changes)
+    return dataclasses.replace(cfg, **top)
 
 
 @dataclass
@@ -259,6 +335,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    if cls is ModelConfig:
+        for key in unknown:
+            if key in MOVED_MODEL_KEYS:
+                raise ConfigError(f"{prefix}{key} is now {prefix}{MOVED_MODEL_KEYS[key]} (the model config "
+                                  f"is split by family)")
     if unknown:
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(prefix + k for k in unknown)} (valid: {', '.join(sorted(names))})")
@@ -280,6 +361,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])} in override {item!r}")
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
+            if len(parts) == 2 and parts[0] == "model" and parts[1] in MOVED_MODEL_KEYS:
+                raise ConfigError(f"{key} is now model.{MOVED_MODEL_KEYS[parts[1]]} (the model config is split "
+                                  f"by family) in override {item!r}")
             raise ConfigError(f"unknown key {key} in override {item!r}")
         try:
             node[parts[-1]] = _load_yaml(raw) if raw.strip() else ""
@@ -290,74 +374,103 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return out
 
 
+Check = tuple[bool, str, str]           # (holds, key, what must hold)
+
+
 def validate(cfg: Config) -> None:
     """Impossible values, caught before any work starts."""
     checks = [
         (cfg.solver.lr > 0, "solver.lr", f"must be > 0, got {cfg.solver.lr}"),
-        (cfg.train.batch_size > 0, "train.batch_size", f"must be > 0, got {cfg.train.batch_size}"),
-        (cfg.train.max_iters > 0, "train.max_iters", f"must be > 0, got {cfg.train.max_iters}"),
-        (cfg.model.num_classes > 0, "model.num_classes", f"must be > 0, got {cfg.model.num_classes}"),
-        (0 <= cfg.model.bg_iou_thresh <= cfg.model.fg_iou_thresh <= 1, "model.bg_iou_thresh",
-         f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {cfg.model.bg_iou_thresh}, {cfg.model.fg_iou_thresh}"),
-        (cfg.train.precision in ("auto", "fp32", "bf16"), "train.precision",
-         f"must be auto, fp32 or bf16, got {cfg.train.precision!r}"),
         (cfg.solver.optimizer in ("sgd", "adamw"), "solver.optimizer", f"must be sgd or adamw, got {cfg.solver.optimizer!r}"),
         (cfg.solver.schedule in ("multistep", "cosine"), "solver.schedule",
          f"must be multistep or cosine, got {cfg.solver.schedule!r}"),
-        (cfg.data.format in ("coco", "voc", "csv", "digits"), "data.format",
-         f"must be coco, voc, csv or digits, got {cfg.data.format!r}"),
+        (all(s >= 32 for s in cfg.test.tta_scales), "test.tta_scales",
+         f"must be input sizes >= 32, got {cfg.test.tta_scales}"),
+        (cfg.test.tta_merge in TTA_MERGE_METHODS, "test.tta_merge",
+         f"must be one of {', '.join(TTA_MERGE_METHODS)}, got {cfg.test.tta_merge!r}"),
+        *_model_checks(cfg.model), *_train_checks(cfg), *_data_checks(cfg),
     ]
-    m = cfg.model
-    if m.anchor_sizes is not None and m.arch == "retinanet":
-        checks.append((len(m.anchor_sizes) == m.max_level - m.min_level + 1, "model.anchor_sizes",
-                       f"has {len(m.anchor_sizes)} entries but levels P{m.min_level}-P{m.max_level} need "
-                       f"{m.max_level - m.min_level + 1}"))
-    if cfg.data.train_min_sizes is not None:
-        checks.append((len(cfg.data.train_min_sizes) > 0 and all(s > 0 for s in cfg.data.train_min_sizes),
-                       "data.train_min_sizes", f"must be a non-empty list of positive sizes, got {cfg.data.train_min_sizes}"))
-        checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.train_min_sizes",
-                       "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
-    checks.append((m.class_ce_weight >= 0, "model.class_ce_weight", f"must be >= 0, got {m.class_ce_weight}"))
-    checks.append((m.class_ce_weight == 0 or m.arch == "retinanet", "model.class_ce_weight",
-                   "is a RetinaNet option (RefineDet's ODM already uses a softmax)"))
-    checks.append((0 <= cfg.train.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {cfg.train.ema_decay}"))
-    checks.append((cfg.train.pretrain_minutes >= 0 and cfg.train.pretrain_iters >= 0, "train.pretrain_minutes",
-                   "pretrain_minutes and pretrain_iters must be >= 0"))
-    checks.append((cfg.train.pretrain_batch_size > 0, "train.pretrain_batch_size",
-                   f"must be > 0, got {cfg.train.pretrain_batch_size}"))
-    crop_sizes = cfg.train.pretrain_crop_sizes
-    checks.append((len(crop_sizes) > 0 and all(s >= 16 for s in crop_sizes), "train.pretrain_crop_sizes",
-                   f"must be a non-empty list of sizes >= 16, got {crop_sizes}"))
-    checks.append((0 <= cfg.train.pretrain_freeze_stages <= 5, "train.pretrain_freeze_stages",
-                   f"must be in 0..5, got {cfg.train.pretrain_freeze_stages}"))
-    checks.append((cfg.train.pretrain_lr >= 0, "train.pretrain_lr", f"must be >= 0, got {cfg.train.pretrain_lr}"))
-    if cfg.train.pretrain_minutes > 0 or cfg.train.pretrain_iters > 0:
-        checks.append((m.arch == "retinanet", "train.pretrain_minutes",
-                       "the box-crop warm-up is implemented for RetinaNet's ResNet trunk only"))
-        checks.append((cfg.train.max_minutes <= 0 or cfg.train.pretrain_minutes < cfg.train.max_minutes,
-                       "train.pretrain_minutes", f"({cfg.train.pretrain_minutes}) must leave part of "
-                       f"train.max_minutes ({cfg.train.max_minutes}) for detection"))
-    checks.append((cfg.data.crop_size >= 0, "data.crop_size", f"must be >= 0, got {cfg.data.crop_size}"))
-    checks.append((all(s >= 32 for s in cfg.test.tta_scales), "test.tta_scales",
-                   f"must be input sizes >= 32, got {cfg.test.tta_scales}"))
-    checks.append((cfg.test.tta_merge in TTA_MERGE_METHODS, "test.tta_merge",
-                   f"must be one of {', '.join(TTA_MERGE_METHODS)}, got {cfg.test.tta_merge!r}"))
-    crops = cfg.data.crop_sizes
-    checks.append((all(s >= 16 for s in crops), "data.crop_sizes", f"must be sizes >= 16, got {crops}"))
-    checks.append((not (crops and cfg.data.crop_size), "data.crop_sizes",
-                   f"replaces data.crop_size; set one of them, got crop_size {cfg.data.crop_size} and {crops}"))
-    checks.append((cfg.data.num_tune >= 0, "data.num_tune", f"must be >= 0, got {cfg.data.num_tune}"))
-    checks.append((0 < cfg.data.crop_min_visibility <= 1, "data.crop_min_visibility",
-                   f"must be in (0, 1], got {cfg.data.crop_min_visibility}"))
-    if cfg.data.crop_size or crops:
-        checks.append((m.arch != "refinedet" and cfg.data.augment != "ssd", "data.crop_size",
-                       "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
-    if m.arch == "refinedet":
-        checks.append((m.refinedet_size % 64 == 0, "model.refinedet_size",
-                       f"must be a multiple of 64 (RefineDet's TCB upsamples by 2 three times), got {m.refinedet_size}"))
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
+
+
+def _model_checks(m: ModelConfig) -> list[Check]:
+    checks: list[Check] = [
+        (m.arch in ("retinanet", "refinedet"), "model.arch", f"must be retinanet or refinedet, got {m.arch!r}"),
+        (m.num_classes > 0, "model.num_classes", f"must be > 0, got {m.num_classes}"),
+    ]
+    other = {"retinanet": "refinedet", "refinedet": "retinanet"}.get(m.arch)
+    if other is not None:
+        checks.append((getattr(m, other) == type(getattr(m, other))(), f"model.{other}",
+                       f"is set, but model.arch is {m.arch}: a {m.arch} model would ignore it"))
+    if m.arch == "retinanet":
+        r = m.retinanet
+        checks.append((0 <= r.bg_iou_thresh <= r.fg_iou_thresh <= 1, "model.retinanet.bg_iou_thresh",
+                       f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {r.bg_iou_thresh}, {r.fg_iou_thresh}"))
+        checks.append((r.class_ce_weight >= 0, "model.retinanet.class_ce_weight", f"must be >= 0, got {r.class_ce_weight}"))
+        if m.anchor_sizes is not None:
+            checks.append((len(m.anchor_sizes) == r.max_level - r.min_level + 1, "model.anchor_sizes",
+                           f"has {len(m.anchor_sizes)} entries but levels P{r.min_level}-P{r.max_level} need "
+                           f"{r.max_level - r.min_level + 1}"))
+        return checks
+    size = m.refinedet.image_size
+    checks.append((size > 0 and size % 64 == 0, "model.refinedet.image_size",
+                   f"must be a multiple of 64 (RefineDet's TCB upsamples by 2 three times), got {size}"))
+    # RefineDet warps every image to image_size: the resize settings of RetinaNet cannot apply
+    default = ModelConfig()
+    for key, allowed in (("min_size", (default.min_size, size)), ("max_size", (default.max_size, size)),
+                         ("fixed_size", (default.fixed_size, [size, size]))):
+        checks.append((getattr(m, key) in allowed, f"model.{key}",
+                       f"RefineDet warps every image to model.refinedet.image_size ({size}); set that instead "
+                       f"of {key} (got {getattr(m, key)})"))
+    return checks
+
+
+def _train_checks(cfg: Config) -> list[Check]:
+    t, m = cfg.train, cfg.model
+    checks: list[Check] = [
+        (t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}"),
+        (t.max_iters > 0, "train.max_iters", f"must be > 0, got {t.max_iters}"),
+        (t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16, got {t.precision!r}"),
+        (0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}"),
+        (t.pretrain_minutes >= 0 and t.pretrain_iters >= 0, "train.pretrain_minutes",
+         "pretrain_minutes and pretrain_iters must be >= 0"),
+        (t.pretrain_batch_size > 0, "train.pretrain_batch_size", f"must be > 0, got {t.pretrain_batch_size}"),
+        (len(t.pretrain_crop_sizes) > 0 and all(s >= 16 for s in t.pretrain_crop_sizes), "train.pretrain_crop_sizes",
+         f"must be a non-empty list of sizes >= 16, got {t.pretrain_crop_sizes}"),
+        (0 <= t.pretrain_freeze_stages <= 5, "train.pretrain_freeze_stages",
+         f"must be in 0..5, got {t.pretrain_freeze_stages}"),
+        (t.pretrain_lr >= 0, "train.pretrain_lr", f"must be >= 0, got {t.pretrain_lr}"),
+    ]
+    if t.pretrain_minutes > 0 or t.pretrain_iters > 0:
+        checks.append((m.arch == "retinanet", "train.pretrain_minutes",
+                       "the box-crop warm-up is implemented for RetinaNet's ResNet trunk only"))
+        checks.append((t.max_minutes <= 0 or t.pretrain_minutes < t.max_minutes, "train.pretrain_minutes",
+                       f"({t.pretrain_minutes}) must leave part of train.max_minutes ({t.max_minutes}) for detection"))
+    return checks
+
+
+def _data_checks(cfg: Config) -> list[Check]:
+    d, ssd = cfg.data, cfg.model.arch == "refinedet" or cfg.data.augment == "ssd"
+    checks: list[Check] = [
+        (d.format in ("coco", "voc", "csv", "digits"), "data.format",
+         f"must be coco, voc, csv or digits, got {d.format!r}"),
+        (d.crop_size >= 0, "data.crop_size", f"must be >= 0, got {d.crop_size}"),
+        (all(s >= 16 for s in d.crop_sizes), "data.crop_sizes", f"must be sizes >= 16, got {d.crop_sizes}"),
+        (not (d.crop_sizes and d.crop_size), "data.crop_sizes",
+         f"replaces data.crop_size; set one of them, got crop_size {d.crop_size} and {d.crop_sizes}"),
+        (d.num_tune >= 0, "data.num_tune", f"must be >= 0, got {d.num_tune}"),
+        (0 < d.crop_min_visibility <= 1, "data.crop_min_visibility", f"must be in (0, 1], got {d.crop_min_visibility}"),
+    ]
+    if d.train_min_sizes is not None:
+        checks.append((len(d.train_min_sizes) > 0 and all(s > 0 for s in d.train_min_sizes), "data.train_min_sizes",
+                       f"must be a non-empty list of positive sizes, got {d.train_min_sizes}"))
+        checks.append((not ssd, "data.train_min_sizes",
+                       "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
+    if d.crop_size or d.crop_sizes:
+        checks.append((not ssd, "data.crop_size", "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
+    return checks
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

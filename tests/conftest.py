@@ -39,8 +39,8 @@ def make_tiny_config(digit_scenes):
         cfg = Config()
         m = cfg.model
         m.arch, m.backbone, m.num_classes, m.norm, m.frozen_stages = "retinanet", "resnet18", 10, norm, 0
-        m.fpn_channels, m.head_convs, m.head_norm = 32, 1, "gn"
-        m.max_level, m.anchor_sizes = 6, [16.0, 32.0, 64.0, 128.0]
+        m.retinanet.fpn_channels, m.retinanet.head_convs, m.retinanet.head_norm = 32, 1, "gn"
+        m.retinanet.max_level, m.anchor_sizes = 6, [16.0, 32.0, 64.0, 128.0]
         m.min_size, m.max_size, m.size_divisible = 128, 128, 64
         d = cfg.data
         d.format = "coco"

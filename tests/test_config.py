@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 
 import pytest
 import yaml
@@ -15,7 +18,7 @@ def test_yaml_round_trip_of_a_changed_config(tmp_path):
     cfg = Config()
     cfg.model.backbone = "resnet18"
     cfg.model.anchor_sizes = [16.0, 32.0, 64.0, 128.0]
-    cfg.model.max_level = 6
+    cfg.model.retinanet.max_level = 6
     cfg.model.fixed_size = [320, 320]
     cfg.model.min_size = [640, 672, 704]
     cfg.solver.lr = 0.005
@@ -114,7 +117,7 @@ def test_override_without_equals_sign_is_rejected():
     ("train.max_iters=-5", "train.max_iters"),
     ("model.num_classes=0", "model.num_classes"),
     ("model.anchor_sizes=[32,64]", "model.anchor_sizes"),
-    ("model.bg_iou_thresh=0.6", "model.bg_iou_thresh"),
+    ("model.retinanet.bg_iou_thresh=0.6", "model.retinanet.bg_iou_thresh"),
     ("solver.optimizer=adam", "solver.optimizer"),
     ("data.crop_size=-1", "data.crop_size"),
     ("data.crop_min_visibility=1.5", "data.crop_min_visibility"),
@@ -124,8 +127,11 @@ def test_override_without_equals_sign_is_rejected():
     ("data.crop_sizes=[8,64]", "data.crop_sizes"),
     ("test.tta_scales=[320,8]", "test.tta_scales"),
     ("test.tta_merge=mean", "test.tta_merge"),
-    ("model.class_ce_weight=-0.5", "model.class_ce_weight"),
-    ("model.arch=refinedet model.class_ce_weight=0.5", "model.class_ce_weight"),
+    ("model.retinanet.class_ce_weight=-0.5", "model.retinanet.class_ce_weight"),
+    ("model.arch=refinedet model.retinanet.class_ce_weight=0.5", "model.retinanet"),
+    ("model.refinedet.neg_pos_ratio=2", "model.refinedet"),
+    ("model.arch=refinedet model.min_size=300", "model.min_size"),
+    ("model.arch=yolo", "model.arch"),
     ("train.pretrain_lr=-0.001", "train.pretrain_lr"),
     ("train.pretrain_freeze_stages=6", "train.pretrain_freeze_stages"),
     ("train.pretrain_crop_sizes=[]", "train.pretrain_crop_sizes"),
@@ -140,7 +146,7 @@ def test_impossible_values_are_rejected_naming_the_key(override, key):
 
 def test_anchor_sizes_count_must_match_the_levels():
     cfg = Config()
-    cfg.model.max_level = 6
+    cfg.model.retinanet.max_level = 6
     cfg.model.anchor_sizes = [16.0, 32.0, 64.0, 128.0]
     validate(cfg)                                   # P3-P6: 4 levels
     cfg.model.anchor_sizes = [16.0, 32.0, 64.0, 128.0, 256.0]
@@ -148,14 +154,45 @@ def test_anchor_sizes_count_must_match_the_levels():
         validate(cfg)
 
 
-def test_refinedet_size_must_be_a_multiple_of_64():
+def test_refinedet_image_size_must_be_a_multiple_of_64():
     cfg = Config()
     cfg.model.arch = "refinedet"
-    cfg.model.refinedet_size = 512
+    cfg.model.refinedet.image_size = 512
     validate(cfg)
-    cfg.model.refinedet_size = 300
-    with pytest.raises(ConfigError, match=r"model\.refinedet_size.*multiple of 64.*300"):
+    cfg.model.refinedet.image_size = 300
+    with pytest.raises(ConfigError, match=r"model\.refinedet\.image_size.*multiple of 64.*300"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("old,new", [("focal_gamma", "model.retinanet.focal_gamma"),
+                                     ("negpos_ratio", "model.refinedet.neg_pos_ratio"),
+                                     ("arm_filter_thresh", "model.refinedet.objectness_threshold"),
+                                     ("refinedet_size", "model.refinedet.image_size")])
+def test_a_key_of_the_flat_model_config_names_its_new_place(tmp_path, old, new):
+    path = tmp_path / "old.yaml"
+    path.write_text(f"model:\n  {old}: 1\n")
+    message = re.escape(f"model.{old} is now {new}")
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + ": " + message):
+        load_config(path)
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Config(), [f"model.{old}=1"])
+
+
+def test_an_old_checkpoint_config_is_upgraded_to_the_split():
+    from densedet.config import upgrade_config_dict
+    tree = to_dict(Config())
+    flat = {**{k: v for k, v in tree["model"].items() if k not in ("retinanet", "refinedet")},
+            "focal_gamma": 1.0, "head_convs": 2, "max_level": 6, "negpos_ratio": 3}
+    cfg = from_dict(Config, upgrade_config_dict({**tree, "model": flat}))
+    assert (cfg.model.retinanet.focal_gamma, cfg.model.retinanet.head_convs, cfg.model.retinanet.max_level) == \
+        (1.0, 2, 6)
+    refine = {**flat, "arch": "refinedet", "fpn_channels": 128, "fg_iou_thresh": 0.6, "refinedet_size": 512,
+              "arm_filter_thresh": 0.02, "min_size": 512, "max_size": 512, "fixed_size": [512, 512]}
+    cfg = from_dict(Config, upgrade_config_dict({**tree, "model": refine}))
+    validate(cfg)
+    assert cfg.model.refinedet == dataclasses.replace(cfg.model.refinedet, image_size=512, tcb_channels=128,
+                                                      iou_threshold=0.6, objectness_threshold=0.02)
+    assert upgrade_config_dict(tree) is tree
 
 
 def test_from_dict_checks_nested_types_and_builds_dataclasses():
@@ -165,13 +202,39 @@ def test_from_dict_checks_nested_types_and_builds_dataclasses():
         from_dict(Config, {"model": [1, 2]})
 
 
-def test_every_model_field_survives_a_round_trip(tmp_path):
-    # A non-default value in every field of ModelConfig; nothing is lost or re-typed on the way.
-    cfg = Config(model=dataclasses.replace(
-        ModelConfig(), pretrained_backbone="r.pth", norm="gn", frozen_stages=1, head_channels=128,
-        min_size=512, fixed_size=[384, 384], anchor_offset=0.5, focal_alpha=0.5, bbox_reg_weights=[1.0, 1.0, 2.0, 2.0]))
-    save_config(cfg, tmp_path / "c.yaml")
-    assert load_config(tmp_path / "c.yaml") == cfg
+def _other_value(value, hint):
+    """A value of type ``hint`` other than ``value``."""
+    if dataclasses.is_dataclass(value):
+        return _changed(value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + (1 if isinstance(value, int) else 0.5)
+    if isinstance(value, str):
+        return value + "_x"
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    arms = [a for a in (typing.get_args(hint) if union else [hint]) if a is not type(None)]
+    lists = [a for a in arms if typing.get_origin(a) is list]
+    if lists:                                         # a list (or None where a list may stand)
+        return [{int: 7, float: 0.5, str: "a"}[typing.get_args(lists[0])[0]]] + list(value or [])
+    return {str: "x", int: 3, float: 0.5}[arms[0]]    # None where a scalar may stand
+
+
+def _changed(obj):
+    """``obj`` (a dataclass) with a value other than its default in every field, nested ones too."""
+    hints = typing.get_type_hints(type(obj))
+    return dataclasses.replace(obj, **{f.name: _other_value(getattr(obj, f.name), hints[f.name])
+                                       for f in dataclasses.fields(obj)})
+
+
+@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Config)])
+def test_every_field_survives_a_yaml_round_trip(section):
+    # Every field (the list comes from the dataclasses) with a non-default value: nothing is lost or re-typed.
+    cfg = dataclasses.replace(Config(), **{section: _changed(getattr(Config(), section))})
+    assert all(getattr(getattr(cfg, section), f.name) != getattr(getattr(Config(), section), f.name)
+               for f in dataclasses.fields(getattr(cfg, section)))
+    back = from_dict(Config, yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    assert back == cfg
 
 
 def test_missing_and_invalid_yaml_files_are_named(tmp_path):

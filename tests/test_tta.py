@@ -184,8 +184,9 @@ def test_tta_loads_a_checkpoint_path(tmp_path):
     from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
     from densedet.models import build_from_config
     cfg = Config()
-    cfg.model.backbone, cfg.model.num_classes, cfg.model.fpn_channels, cfg.model.head_convs = "resnet18", 2, 16, 1
-    cfg.model.min_size, cfg.model.max_size, cfg.model.prior_prob = 64, 96, 0.1
+    cfg.model.backbone, cfg.model.num_classes, cfg.model.retinanet.fpn_channels = "resnet18", 2, 16
+    cfg.model.min_size, cfg.model.max_size, cfg.model.retinanet.prior_prob = 64, 96, 0.1
+    cfg.model.retinanet.head_convs = 1
     torch.manual_seed(0)
     model = build_from_config(cfg.model)
     path = tmp_path / "tiny.pt"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, from_dict
+from ..config import Config, ConfigError, from_dict, upgrade_config_dict, with_model_options
 from ..models import build_from_config, load_state_dict_checked
 
 __all__ = ["CHECKPOINT_FORMAT", "atomic_save", "load_checkpoint", "model_from_checkpoint", "CheckpointError"]
@@ -82,14 +82,14 @@ def model_from_checkpoint(path: str | Path, **model_overrides: Any) -> tuple[nn.
     inference-time fields (``score_thresh``, ``detections_per_img``, ``min_size`` …).
     """
     ckpt = load_checkpoint(path)
-    cfg = from_dict(Config, ckpt["config"])
-    for key, value in model_overrides.items():
-        if not hasattr(cfg.model, key):
-            raise CheckpointError(f"unknown model option {key!r}")
-        setattr(cfg.model, key, value)
-    if cfg.model.norm == "auto":               # keep the norm the run trained with
-        cfg.model.norm = "frozen_bn" if cfg.model.pretrained_backbone else "bn"
-    cfg.model.pretrained_backbone = None      # the weights come from the checkpoint
+    try:
+        cfg = from_dict(Config, upgrade_config_dict(ckpt["config"]))
+        norm = cfg.model.norm if cfg.model.norm != "auto" else (       # keep the norm the run trained with
+            "frozen_bn" if cfg.model.pretrained_backbone else "bn")
+        # the weights come from the checkpoint, not from an ImageNet file
+        cfg.model = with_model_options(cfg.model, **model_overrides, norm=norm, pretrained_backbone=None)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     model = build_from_config(cfg.model)
     model.config = cfg.model
     try:

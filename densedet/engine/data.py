@@ -99,7 +99,7 @@ def build_train_dataset(cfg: Config, data: DetectionData):
     d = cfg.data
     transforms = []
     if d.augment == "ssd":
-        transforms.append(SSDAugmentation(cfg.model.refinedet_size))
+        transforms.append(SSDAugmentation(cfg.model.refinedet.image_size))
     else:
         # Multi-scale training (data.train_min_sizes) happens in the model's preprocessor, one size
         # per batch (see the trainer): resizing here would be undone by the model's own resize.

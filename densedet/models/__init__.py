@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, ModelConfig, _coerce, validate
+from ..config import Config, ConfigError, ModelConfig, validate, with_model_options
 from .base import DenseDetector
 from .refinedet import RefineDet, build_refinedet
 from .retinanet import RetinaNet, build_retinanet
@@ -24,18 +23,17 @@ __all__ = ["PRESETS", "build_model", "build_from_config", "list_models", "load_w
            "DenseDetector", "RetinaNet", "RefineDet"]
 
 
-def _retinanet(depth: int, **kw: Any) -> ModelConfig:
-    return ModelConfig(arch="retinanet", backbone=f"resnet{depth}", **kw)
+def _retinanet(depth: int, **options: Any) -> ModelConfig:
+    return with_model_options(ModelConfig(arch="retinanet", backbone=f"resnet{depth}"), **options)
 
 
 def _refinedet(size: int, backbone: str) -> ModelConfig:
     """The Caffe models (reference code): VOC's 20 classes, a square input warped to ``size``,
     ratios 1, 2, 1/2, variances 0.1/0.2, and Caffe's DetectionOutput settings."""
-    return ModelConfig(
-        arch="refinedet", backbone=backbone, num_classes=20, refinedet_size=size, fixed_size=[size, size],
-        min_size=size, max_size=size, size_divisible=64, score_thresh=0.01, nms_thresh=0.45,
-        topk_candidates=1000, detections_per_img=500, aspect_ratios=[1.0, 2.0, 0.5],
-        bbox_reg_weights=[10.0, 10.0, 5.0, 5.0], min_level=3, max_level=6)
+    return with_model_options(
+        ModelConfig(arch="refinedet", backbone=backbone), num_classes=20, image_size=size, size_divisible=64,
+        score_thresh=0.01, nms_thresh=0.45, topk_candidates=1000, detections_per_img=500,
+        aspect_ratios=[1.0, 2.0, 0.5], bbox_reg_weights=[10.0, 10.0, 5.0, 5.0])
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -85,22 +83,22 @@ def build_model(name: str, num_classes: int | None = None, weights: str | None =
                 **overrides: Any) -> DenseDetector:
     """Build a preset by name, e.g. ``build_model("retinanet_r50_fpn", num_classes=20, min_size=512)``.
 
-    Overrides are :class:`ModelConfig` fields (torchvision's names where one exists). ``weights``
+    Overrides are :class:`ModelConfig` fields or the family's own (``focal_gamma=1.0`` for RetinaNet,
+    ``neg_pos_ratio=2`` for RefineDet; see :func:`~densedet.config.with_model_options`); one the
+    preset's family does not have is refused. ``weights``
     is a path to a state-dict file — torchvision's (plain state dict) or a densedet checkpoint —
     loaded with ``strict=True`` and ``weights_only=True`` (no code from the file runs).
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    cfg = PRESETS[name]
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in overrides.items():
-        if key not in fields:
-            raise ConfigError(f"unknown model option {key!r}; valid options: {', '.join(sorted(fields))}")
-        overrides[key] = _coerce(list(value) if isinstance(value, tuple) else value, hints[key], key)
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = with_model_options(PRESETS[name], **overrides)
+    other = {"retinanet": "refinedet", "refinedet": "retinanet"}[cfg.arch]
+    foreign = sorted(set(overrides) & {f.name for f in dataclasses.fields(getattr(cfg, other))})
+    if foreign:
+        raise ConfigError(f"{name} is a {cfg.arch} model: {', '.join(foreign)} "
+                          f"{'is a' if len(foreign) == 1 else 'are'} {other} option{'s' if len(foreign) > 1 else ''}")
     validate(Config(model=cfg))
     model = build_from_config(cfg)
     model.config = cfg

@@ -41,6 +41,7 @@ from ..anchors import AnchorGenerator
 from ..backbones.resnet import Bottleneck, ResNet, load_torchvision_resnet, make_norm
 from ..backbones.vgg import VGG16, load_torchvision_vgg16
 from ..boxes import BoxCoder
+from ..config import ConfigError
 from ..matching import PaddedTargets, match_anchors, pad_targets
 from .base import AnchorSpec, Candidates, DenseDetector
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor
@@ -530,10 +531,11 @@ def _resnet_parts(cfg, num_anchors: int) -> dict[str, nn.Module]:
     if cfg.pretrained_backbone:
         load_torchvision_resnet(backbone.body, cfg.pretrained_backbone)
     in_channels = list(backbone.out_channels)
+    width = cfg.refinedet.tcb_channels
     return {"backbone": backbone,
-            "tcb": TransferConnectionBlock(in_channels, cfg.fpn_channels, norm="bn"),
+            "tcb": TransferConnectionBlock(in_channels, width, norm="bn"),
             "arm_head": RefineDetHead(in_channels, num_anchors, 2, block_planes=256, norm="bn"),
-            "odm_head": RefineDetHead([cfg.fpn_channels] * len(in_channels), num_anchors, cfg.num_classes + 1,
+            "odm_head": RefineDetHead([width] * len(in_channels), num_anchors, cfg.num_classes + 1,
                                       block_planes=256, norm="bn")}
 
 
@@ -542,14 +544,12 @@ def build_refinedet(cfg) -> RefineDet:
 
     Fields used: ``backbone`` (``vgg16`` or ``resnet{18,34,50,101}``), ``num_classes``,
     ``pretrained_backbone``, ``norm`` / ``frozen_stages`` (ResNet only; ``auto`` as RetinaNet),
-    ``refinedet_size``, ``fpn_channels`` (TCB width), ``anchor_sizes`` (None: 32, 64, 128, 256),
-    ``aspect_ratios``, ``bbox_reg_weights`` (RefineDet's variances are weights 10, 10, 5, 5),
-    ``fg_iou_thresh``, ``negpos_ratio``, ``arm_filter_thresh``, ``score_thresh``,
-    ``topk_candidates``, ``nms_thresh``, ``detections_per_img``, ``fixed_size`` (None: the square
-    ``refinedet_size``), ``image_mean``, ``image_std``, ``size_divisible``.
+    ``anchor_sizes`` (None: 32, 64, 128, 256), ``aspect_ratios``, ``bbox_reg_weights`` (RefineDet's
+    variances are weights 10, 10, 5, 5), the inference settings, ``image_mean`` / ``image_std`` /
+    ``size_divisible``, and ``cfg.refinedet`` (image size, TCB width, matching, mining, ARM filter),
+    whose names are the constructor's.
     """
-    size = int(cfg.refinedet_size)
-    fixed = tuple(cfg.fixed_size) if cfg.fixed_size else (size, size)
+    rd = cfg.refinedet
     for field, value, caffe in (("aspect_ratios", cfg.aspect_ratios, CAFFE_ASPECT_RATIOS),
                                 ("bbox_reg_weights", cfg.bbox_reg_weights, CAFFE_BBOX_REG_WEIGHTS)):
         if [float(v) for v in value] != caffe:
@@ -563,13 +563,14 @@ def build_refinedet(cfg) -> RefineDet:
     elif cfg.backbone.startswith("resnet") and cfg.backbone[len("resnet"):].isdigit():
         parts = _resnet_parts(cfg, len(cfg.aspect_ratios))
     else:
-        raise ValueError(f"model.backbone: RefineDet supports vgg16 and resnet18/34/50/101, got {cfg.backbone!r}")
-    preprocessor = ImagePreprocessor(fixed[0], max(fixed), cfg.image_mean, cfg.image_std,
-                                     max(SIZE_MULTIPLE, int(cfg.size_divisible)), fixed)
+        raise ConfigError(f"model.backbone: RefineDet supports vgg16 and resnet18/34/50/101, got {cfg.backbone!r}")
+    size = (rd.image_size, rd.image_size)
+    preprocessor = ImagePreprocessor(rd.image_size, rd.image_size, cfg.image_mean, cfg.image_std,
+                                     max(SIZE_MULTIPLE, int(cfg.size_divisible)), size)
     return RefineDet(
-        cfg.num_classes, **parts, preprocessor=preprocessor, image_size=fixed, tcb_channels=cfg.fpn_channels,
+        cfg.num_classes, **parts, preprocessor=preprocessor, image_size=size, tcb_channels=rd.tcb_channels,
         anchor_sizes=tuple(cfg.anchor_sizes) if cfg.anchor_sizes else (32.0, 64.0, 128.0, 256.0),
         aspect_ratios=tuple(cfg.aspect_ratios), box_coder=BoxCoder(tuple(cfg.bbox_reg_weights)),
-        iou_threshold=cfg.fg_iou_thresh, neg_pos_ratio=float(cfg.negpos_ratio),
-        objectness_threshold=cfg.arm_filter_thresh, score_thresh=cfg.score_thresh,
+        iou_threshold=rd.iou_threshold, neg_pos_ratio=rd.neg_pos_ratio,
+        objectness_threshold=rd.objectness_threshold, score_thresh=cfg.score_thresh,
         topk_candidates=cfg.topk_candidates, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img)

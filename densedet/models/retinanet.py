@@ -21,7 +21,7 @@ from ..ablation_losses import ABLATION_LOSSES, GHMC
 from ..anchors import AnchorGenerator, retinanet_anchor_sizes
 from ..backbones.resnet import ResNet, load_torchvision_resnet, make_norm
 from ..boxes import BoxCoder, clip_boxes
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..losses import box_regression_loss, focal_loss_sum, foreground_normalizer
 from ..matching import Matcher, PaddedTargets, pad_targets
 from ..necks.fpn import FPN, BackboneWithFPN
@@ -278,42 +278,36 @@ def resolve_norm(cfg: ModelConfig) -> tuple[str, int]:
 
 
 def build_retinanet(cfg: ModelConfig) -> RetinaNet:
-    """Build a :class:`RetinaNet` from a :class:`ModelConfig`."""
+    """Build a :class:`RetinaNet` from a :class:`ModelConfig` (its shared fields and ``cfg.retinanet``)."""
+    r = cfg.retinanet
     if not cfg.backbone.startswith("resnet"):
-        raise ValueError(f"model.backbone: RetinaNet supports resnet18/34/50/101, got {cfg.backbone!r}")
-    depth = int(cfg.backbone[len("resnet"):])
+        raise ConfigError(f"model.backbone: RetinaNet supports resnet18/34/50/101, got {cfg.backbone!r}")
+    if not 3 <= r.min_level <= 5 <= r.max_level <= 7:
+        raise ConfigError(f"model.retinanet.min_level/max_level must satisfy 3 <= min_level <= 5 <= max_level <= 7; "
+                          f"got {r.min_level}, {r.max_level}")
     norm, frozen = resolve_norm(cfg)
-    if not 3 <= cfg.min_level <= cfg.max_level <= 7 or cfg.min_level > 5:
-        raise ValueError(f"model.min_level/max_level must satisfy 3 <= min_level <= 5, max_level <= 7; "
-                         f"got {cfg.min_level}, {cfg.max_level}")
-    stages = [f"res{l}" for l in range(cfg.min_level, 6)]
-    body = ResNet(depth, norm=norm, frozen_stages=frozen, out_features=stages, norm_eps=cfg.frozen_bn_eps)
+    body = ResNet(int(cfg.backbone[len("resnet"):]), norm=norm, frozen_stages=frozen,
+                  out_features=[f"res{l}" for l in range(r.min_level, 6)], norm_eps=cfg.frozen_bn_eps)
     if cfg.pretrained_backbone:
         load_torchvision_resnet(body, cfg.pretrained_backbone)
-    fpn = FPN(body.out_channels, cfg.fpn_channels, extra_levels=cfg.max_level - 5 if cfg.max_level > 5 else 0,
-              p6_from=cfg.p6_from, norm=cfg.fpn_norm)
-    if cfg.max_level < 5:
-        raise ValueError("model.max_level must be >= 5")
-    backbone = BackboneWithFPN(body, fpn)
-    levels = range(cfg.min_level, cfg.max_level + 1)
-    strides = [2 ** l for l in levels]
+    fpn = FPN(body.out_channels, r.fpn_channels, extra_levels=r.max_level - 5, p6_from=r.p6_from, norm=r.fpn_norm)
+    strides = [2 ** l for l in range(r.min_level, r.max_level + 1)]
     base = cfg.anchor_sizes or [4.0 * s for s in strides]
     if len(base) != len(strides):
-        raise ValueError(f"model.anchor_sizes has {len(base)} entries for {len(strides)} levels "
-                         f"P{cfg.min_level}-P{cfg.max_level}")
+        raise ConfigError(f"model.anchor_sizes has {len(base)} entries for {len(strides)} levels "
+                          f"P{r.min_level}-P{r.max_level}")
     anchor_generator = AnchorGenerator(
-        retinanet_anchor_sizes(base, cfg.scales_per_octave, integer=cfg.anchor_integer_sizes),
-        cfg.aspect_ratios, strides, offset=cfg.anchor_offset,
-        round_cell_anchors=cfg.round_cell_anchors, stride_mode=cfg.stride_mode)
-    head = RetinaNetHead(cfg.fpn_channels, anchor_generator.num_anchors_per_location, cfg.num_classes,
-                         cfg.head_convs, cfg.head_channels or cfg.fpn_channels, cfg.head_norm, cfg.prior_prob)
+        retinanet_anchor_sizes(base, r.scales_per_octave, integer=r.anchor_integer_sizes),
+        cfg.aspect_ratios, strides, offset=r.anchor_offset,
+        round_cell_anchors=r.round_cell_anchors, stride_mode=r.stride_mode)
+    head = RetinaNetHead(r.fpn_channels, anchor_generator.num_anchors_per_location, cfg.num_classes,
+                         r.head_convs, r.head_channels or r.fpn_channels, r.head_norm, r.prior_prob)
     preprocessor = ImagePreprocessor(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std,
                                      cfg.size_divisible, cfg.fixed_size)
-    return RetinaNet(backbone, cfg.num_classes, anchor_generator, head, preprocessor,
-                     Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches),
+    return RetinaNet(BackboneWithFPN(body, fpn), cfg.num_classes, anchor_generator, head, preprocessor,
+                     Matcher(r.fg_iou_thresh, r.bg_iou_thresh, r.allow_low_quality_matches),
                      BoxCoder(tuple(cfg.bbox_reg_weights)),
-                     focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, box_loss=cfg.box_loss,
-                     smooth_l1_beta=cfg.smooth_l1_beta, cls_loss=cfg.cls_loss,
-                     class_ce_weight=cfg.class_ce_weight, score_thresh=cfg.score_thresh,
-                     topk_candidates=cfg.topk_candidates, nms_thresh=cfg.nms_thresh,
+                     focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma, box_loss=r.box_loss,
+                     smooth_l1_beta=r.smooth_l1_beta, cls_loss=r.cls_loss, class_ce_weight=r.class_ce_weight,
+                     score_thresh=cfg.score_thresh, topk_candidates=cfg.topk_candidates, nms_thresh=cfg.nms_thresh,
                      detections_per_img=cfg.detections_per_img)
