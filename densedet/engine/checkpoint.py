@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, from_dict, upgrade_config_dict, with_model_options
 from ..models import build_from_config, load_state_dict_checked
+from ..serialization import UnreadableFile, load_tensors
 
 __all__ = ["CHECKPOINT_FORMAT", "atomic_save", "load_checkpoint", "model_from_checkpoint", "CheckpointError"]
 
@@ -63,12 +64,10 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a densedet checkpoint (``weights_only=True``); raises :class:`CheckpointError` naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, ...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        ckpt = load_tensors(path, "checkpoint")
+    except UnreadableFile as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a densedet checkpoint (no '{CHECKPOINT_FORMAT}' format tag); "
                               f"for a plain state dict use build_model(..., weights=path)")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, ModelConfig, validate, with_model_options
+from ..serialization import load_tensors
 from .base import DenseDetector
 from .refinedet import RefineDet, build_refinedet
 from .retinanet import RetinaNet, build_retinanet
@@ -109,12 +110,7 @@ def build_model(name: str, num_classes: int | None = None, weights: str | None =
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Load model weights from ``path`` strictly; a mismatch lists the offending keys."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: weights file not found") from None
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {err})") from None
+    state = load_tensors(path, "weights file")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
