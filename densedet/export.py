@@ -24,12 +24,11 @@ tested in PyTorch too. A JSON sidecar ``<file>.json`` records what a runner need
 resize mode, mean/std, class names, thresholds).
 
 Also here: :func:`optimize_for_inference`, the opt-in CPU fast path the benchmark justified
-(``densedet bench --suite fast``).
+(``densedet bench --suite fast``). The ``densedet export`` command is :mod:`densedet.commands.export`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -38,14 +37,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones.resnet import FrozenBatchNorm2d
 from .boxes import batched_nms
 from .models.base import DenseDetector, best_per_image
 
 __all__ = ["export_onnx", "OnnxDetector", "onnx_nms", "default_export_size", "optimize_for_inference",
-           "fuse_conv_bn", "add_parser", "SIDECAR_FORMAT"]
+           "fuse_conv_bn", "sidecar_path", "SIDECAR_FORMAT"]
 
 SIDECAR_FORMAT = "densedet-onnx-v1"
 INPUT_NAMES = ["images", "image_sizes"]
@@ -259,7 +258,6 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
 
 
 def _is_foldable_norm(module: nn.Module) -> bool:
-    from .backbones.resnet import FrozenBatchNorm2d
     if isinstance(module, FrozenBatchNorm2d):
         return True
     return isinstance(module, nn.BatchNorm2d) and not module.training and module.track_running_stats
@@ -322,36 +320,3 @@ def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module
 def _batch_to_channels_last(module: nn.Module, inputs: Any, output: tuple) -> tuple:
     """Forward hook on a preprocessor: ``(batch, sizes, targets)`` with the batch channels_last."""
     return (output[0].contiguous(memory_format=torch.channels_last),) + tuple(output[1:])
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: densedet export
-# ----------------------------------------------------------------------------------------------
-
-def add_parser(subparsers: Any) -> None:
-    """Register ``densedet export --weights CKPT --format onnx --out model.onnx [--size H W]``."""
-    p = subparsers.add_parser("export", help="export a checkpoint to ONNX (post-processing included)",
-                              description="Export a densedet checkpoint to ONNX with decoding, NMS and top-k "
-                                          "inside the graph, plus a JSON sidecar for densedet.onnx_runner.")
-    p.add_argument("--weights", required=True, help="densedet checkpoint (.pt)")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (only onnx)")
-    p.add_argument("--out", required=True, help="output file, e.g. model.onnx (sidecar: model.onnx.json)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="fixed input size (default: the model's fixed size, else min_size padded to size_divisible)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--score-thresh", type=float, default=None, help="override the checkpoint's score threshold")
-    p.add_argument("--static-batch", action="store_true", help="fix the batch axis to --batch-size")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .engine.checkpoint import model_from_checkpoint
-    overrides = {} if args.score_thresh is None else {"score_thresh": args.score_thresh}
-    model, _, _ = model_from_checkpoint(args.weights, **overrides)
-    out = export_onnx(model, args.out, image_size=args.size, batch_size=args.batch_size, opset=args.opset,
-                      dynamic_batch=not args.static_batch)
-    side = json.loads(sidecar_path(out).read_text())
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {sidecar_path(out)}: {side['arch']}, input "
-          f"{side['input_size'][0]}x{side['input_size'][1]} ({side['resize']}), {len(side['class_names'])} classes")
-    return 0

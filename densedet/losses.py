@@ -53,7 +53,7 @@ class _FocalLossSum(torch.autograd.Function):
     # Elements per chunk: each chunk's ~10 temporaries stay in the CPU cache instead of streaming
     # [B, A, K] tensors through memory ~20 times. On the 2-core test machine, [8, 49104, 80]
     # forward + backward took 687 / 494 / 380 / 622 / 1005 ms with chunks of 2^14 / 16 / 18 / 22 /
-    # (no chunking), against 2.1 s unfused (``densedet.bench.bench_loss`` at batch 8 with each value).
+    # (no chunking), against 2.1 s unfused (``densedet.commands.bench.bench_loss`` at batch 8 with each value).
     CHUNK_ELEMENTS = 1 << 18
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Prediction on image files, arrays and tensors: :class:`Predictor` and ``densedet predict``.
+"""Prediction on image files, arrays and tensors: :class:`Predictor`.
 
     predictor = Predictor.from_checkpoint("runs/exp/model_best.pt", tta=FLIP_ONLY, tile_size=1024)
     detections = predictor(["a.jpg", "b.png"])   # per image {"boxes", "scores", "labels"}
@@ -7,38 +7,30 @@ Large images (aerial photos, e.g. deepforest's 2299x2472 orchards) are cut into 
 that each go through the model at its own input size, so small objects are not resized away; the
 boxes are shifted back and merged across tiles (:func:`merge_tiles`). Inference runs in fp32 under
 ``torch.inference_mode`` with channels-last weights; bf16 autocast is used only where the hardware
-multiplies bf16 natively (:func:`fast_autocast`).
+multiplies bf16 natively (:func:`fast_autocast`). Drawing the detections:
+:func:`densedet.visualize.draw_detections`; the ``densedet predict`` command:
+:mod:`densedet.commands.predict`.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
-import json
-import sys
-import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from .boxes import batched_nms, box_area
-from .tta import MERGE_METHODS, TTAConfig, tta_inference, tta_preset
+from .data.images import _to_rgb_array, load_image
+from .data.transforms import tile_grid
+# One definition of "where is bf16 fast" for the whole library (densedet.device), re-exported here.
+from .device import cpu_has_fast_bf16, fast_autocast, flush_denormals
+from .engine.checkpoint import model_from_checkpoint
+from .tta import TTAConfig, tta_inference
 
-__all__ = ["Predictor", "fast_autocast", "cpu_has_fast_bf16", "merge_tiles", "to_image_tensor", "expand_inputs",
-           "draw_detections", "ProgressBar", "add_parser", "run", "IMAGE_EXTENSIONS"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-# -- precision --------------------------------------------------------------------------------------
-
-# One definition of "where is bf16 fast" for the whole library (densedet.device).
-from .device import cpu_has_fast_bf16, fast_autocast, flush_denormals  # noqa: E402
+__all__ = ["Predictor", "fast_autocast", "cpu_has_fast_bf16", "merge_tiles", "to_image_tensor"]
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -50,7 +42,6 @@ def to_image_tensor(image: Any, index: int = 0) -> Tensor:
     PIL image, a numpy array ``[H, W]`` / ``[H, W, 1|3|4]`` (uint8, or float in [0, 1]; alpha is
     ignored) or a tensor ``[3, H, W]`` (uint8, or float in [0, 1]).
     """
-    from .data.images import _to_rgb_array, load_image
     if isinstance(image, (str, Path)):
         return load_image(str(image))
     if isinstance(image, Image.Image):
@@ -166,7 +157,6 @@ class Predictor:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         flush_denormals()
         if isinstance(checkpoint_or_model, (str, Path)):
-            from .engine.checkpoint import model_from_checkpoint
             overrides = {} if score_thresh is None else {"score_thresh": float(score_thresh)}
             model = model_from_checkpoint(checkpoint_or_model, **overrides)[0]
         else:
@@ -198,7 +188,6 @@ class Predictor:
                 for d in out]
 
     def _windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
-        from .data.transforms import tile_grid
         if self.tile_size and (height > self.tile_size or width > self.tile_size):
             return tile_grid(height, width, self.tile_size, self.tile_overlap)
         return [(0, 0, width, height)]
@@ -224,178 +213,3 @@ class Predictor:
                 results.append(merge_tiles([d for d, _ in parts], [w for _, w in parts],
                                            tuple(tensor.shape[-2:]), iou_threshold=nms_thresh))
         return results
-
-
-# -- drawing --------------------------------------------------------------------------------------
-
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def draw_detections(image: Tensor | Image.Image, detection: dict[str, Tensor], class_names: Sequence[str],
-                    score_thresh: float = 0.3) -> Image.Image:
-    """The image with boxes scoring ``>= score_thresh`` drawn, each labelled "name score"."""
-    if isinstance(image, Tensor):
-        array = image if image.dtype == torch.uint8 else (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        image = Image.fromarray(array.permute(1, 2, 0).numpy())
-    image = image.convert("RGB")
-    draw = ImageDraw.Draw(image)
-    line = max(1, round(min(image.size) / 400))
-    font = _font(max(10, round(min(image.size) / 60)))
-    for box, score, label in zip(detection["boxes"].tolist(), detection["scores"].tolist(),
-                                 detection["labels"].tolist()):
-        if score < score_thresh:
-            continue
-        colour = _PALETTE[int(label) % len(_PALETTE)]
-        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))
-        draw.rectangle(box, outline=colour, width=line)
-        text = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
-        y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
-        left, top, right, bottom = draw.textbbox((box[0], y), text, font=font)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
-        draw.text((box[0], y), text, fill=(0, 0, 0), font=font)
-    return image
-
-
-# -- command line ---------------------------------------------------------------------------------
-
-class ProgressBar:
-    """A plain progress bar on stderr: redrawn in place on a terminal, a line per 10 % otherwise."""
-
-    def __init__(self, total: int, desc: str = "predict", stream: TextIO | None = None, width: int = 30) -> None:
-        self.total, self.desc, self.width = max(int(total), 0), desc, width
-        self.stream = stream if stream is not None else sys.stderr
-        self.done = 0
-        self.start = time.perf_counter()
-        self._last_decile = -1
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def update(self, n: int = 1) -> None:
-        self.done = min(self.done + n, self.total)
-        frac = self.done / self.total if self.total else 1.0
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        filled = int(round(frac * self.width))
-        text = (f"{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-                f"{elapsed:.0f}s elapsed, {eta:.0f}s left")
-        if self._tty:
-            self.stream.write("\r" + text)
-        elif int(frac * 10) != self._last_decile:
-            self._last_decile = int(frac * 10)
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def expand_inputs(inputs: Iterable[str]) -> list[Path]:
-    """Image files from paths, folders (their images, sorted, not recursive) and globs, in the given
-    order without duplicates. Raises ``FileNotFoundError`` naming an input that matches nothing."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise FileNotFoundError(f"{item}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        elif path.is_file():
-            found = [path]
-        elif glob.has_magic(item):
-            found = [Path(p) for p in sorted(glob.glob(item, recursive=True))
-                     if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS]
-            if not found:
-                raise FileNotFoundError(f"{item}: pattern matches no image files")
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-        files.extend(found)
-    seen: set[Path] = set()
-    unique = [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]
-    if not unique:
-        raise FileNotFoundError("no input images given")
-    return unique
-
-
-def add_parser(subparsers: Any) -> None:
-    """Register ``densedet predict``."""
-    p = subparsers.add_parser(
-        "predict", help="detect objects in images; write COCO results JSON and annotated images",
-        description="Run a checkpoint on images, folders or globs. Writes OUT/detections.json (COCO results: "
-                    "image ids 1..N in input order, listed with their files in OUT/images.json; category ids "
-                    "from the checkpoint) and one annotated PNG per image. The drawing threshold only changes "
-                    "the pictures, not what is saved.")
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quoted)")
-    p.add_argument("--weights", required=True, help="densedet checkpoint (.pt)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--score-thresh", type=float, default=None,
-                   help="model score threshold for saved detections (default: the checkpoint's)")
-    p.add_argument("--score-thresh-draw", type=float, default=0.3, help="draw boxes scoring at least this (0.3)")
-    p.add_argument("--tta", default="none", choices=["none", "flip", "refinedet320", "refinedet"],
-                   help="test-time augmentation: flip = image + mirror; refinedet320 = RefineDet's 7 scales for a "
-                        "320 model (SPEC); refinedet = the same ratios around the model's own input size")
-    p.add_argument("--tta-merge", choices=list(MERGE_METHODS), default=None,
-                   help="how TTA passes are merged (default: vote)")
-    p.add_argument("--tile", type=int, default=0, metavar="SIZE",
-                   help="cut images larger than SIZE px into overlapping SIZE x SIZE tiles (0: off)")
-    p.add_argument("--tile-overlap", type=int, default=128, help="tile overlap in pixels (128)")
-    p.add_argument("--batch-size", type=int, default=4, help="images or tiles per forward pass (4)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 only on CUDA or CPUs with AMX/AVX512-BF16, else fp32")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``densedet predict``: returns the exit code."""
-    from .data.images import load_image
-    from .evaluation import detections_to_coco
-    if args.tile < 0 or (args.tile > 0 and not 0 <= args.tile_overlap < args.tile):
-        raise SystemExit(f"densedet predict: need 0 <= --tile-overlap < --tile, got --tile {args.tile} "
-                         f"--tile-overlap {args.tile_overlap}")
-    if args.batch_size < 1:
-        raise SystemExit(f"densedet predict: --batch-size must be >= 1, got {args.batch_size}")
-    files = expand_inputs(args.inputs)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = Predictor.from_checkpoint(args.weights, device=device, score_thresh=args.score_thresh,
-                                          tile_size=args.tile, tile_overlap=args.tile_overlap,
-                                          batch_size=args.batch_size, precision=args.precision)
-    tta = tta_preset(args.tta, predictor.model)
-    if tta is not None and args.tta_merge:
-        tta = replace(tta, merge=args.tta_merge)
-    predictor.tta = tta
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = []
-    image_records: list[dict] = []
-    used_names: set[str] = set()
-    bar = ProgressBar(len(files))
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        images = [load_image(str(f)) for f in chunk]
-        for k, (path, image, det) in enumerate(zip(chunk, images, predictor(images))):
-            image_id = start + k + 1
-            results.extend(detections_to_coco([det], [image_id], predictor.category_ids))
-            name = f"{path.stem}.png" if f"{path.stem}.png" not in used_names else f"{path.stem}_{image_id}.png"
-            used_names.add(name)
-            draw_detections(image, det, predictor.class_names, args.score_thresh_draw).save(out / name)
-            image_records.append({"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
-                                  "width": int(image.shape[-1]), "annotated": name,
-                                  "detections": int(len(det["scores"]))})
-        bar.update(len(chunk))
-    bar.close()
-    (out / "detections.json").write_text(json.dumps(results))
-    (out / "images.json").write_text(json.dumps(image_records, indent=1))
-    drawn = sum(1 for r in results if r["score"] >= args.score_thresh_draw)
-    print(f"{len(results)} detections ({drawn} drawn at score >= {args.score_thresh_draw:g}) in {len(files)} images: "
-          f"{out / 'detections.json'}, annotated images in {out}")
-    return 0

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from densedet import analysis as A
+from densedet.commands import analyze as AN
 from densedet.config import Config, ConfigError, DataConfig, to_dict
 from densedet.data import DatasetError, DetectionData, ImageRecord
 from densedet.models import build_from_config
@@ -212,7 +213,7 @@ def test_cli_writes_json_and_plots(tmp_path, capsys):
     cfg.data.train = _coco(tmp_path / "train.json", [[EXACT_BOX], [TINY_BOX]])
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     parser = argparse.ArgumentParser()
-    A.add_parser(parser.add_subparsers())
+    AN.add_parser(parser.add_subparsers())
     args = parser.parse_args(["analyze", str(tmp_path / "cfg.yaml"), "model.num_classes=3",
                               "--out", str(tmp_path / "out"), "--no-candidates"])
     assert args.func(args) == 0
@@ -237,9 +238,9 @@ def test_analyze_with_candidates_and_plots(tmp_path):
     assert cands["4 scales/octave"]["anchors_per_location"] == 4
     sizes = result["anchors"].pop("_box_sizes")
     assert sorted(sizes.tolist()) == pytest.approx([4.0, 21.0])
-    paths = A.write_plots(result, sizes, tmp_path)
+    paths = AN.write_plots(result, sizes, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
-    assert "boxes with best anchor IoU < 0.5:  50.0%" in A.format_summary(result)
+    assert "boxes with best anchor IoU < 0.5:  50.0%" in AN.format_summary(result)
 
 
 def test_crowd_boxes_are_not_counted_as_boxes_but_ignore_their_anchors(tiny_setup):

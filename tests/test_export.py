@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 import densedet
+from densedet.commands.export import add_parser
 from densedet.data import load_image
-from densedet.export import OnnxDetector, add_parser, export_onnx, onnx_nms, sidecar_path
+from densedet.export import OnnxDetector, export_onnx, onnx_nms, sidecar_path
 from densedet.models import RefineDet
 
 ort = pytest.importorskip("onnxruntime")

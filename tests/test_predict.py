@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import densedet.device
-from densedet.predict import (Predictor, ProgressBar, add_parser, cpu_has_fast_bf16, draw_detections,
-                              expand_inputs, fast_autocast, merge_tiles, to_image_tensor)
+from densedet.commands.predict import add_parser, expand_inputs, progress_bar
+from densedet.predict import Predictor, cpu_has_fast_bf16, fast_autocast, merge_tiles, to_image_tensor
+from densedet.visualize import draw_detections
 from densedet.tta import TTAConfig
 from test_tta import BrightBoxModel, scene
 
@@ -196,15 +197,23 @@ def test_expand_inputs_files_folders_globs(tmp_path):
         expand_inputs([str(tmp_path / "*.gif")])
 
 
-def test_progress_bar_reports_counts():
-    stream = io.StringIO()
-    bar = ProgressBar(3, stream=stream, width=10)
-    for _ in range(3):
-        bar.update()
-    bar.close()
-    lines = stream.getvalue().splitlines()
-    assert lines[-1].startswith("predict [##########] 3/3")
-    assert "1/3" in lines[0]
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_reports_counts_on_a_terminal_only():
+    stream = _Terminal()
+    with progress_bar(3, stream=stream, mininterval=0) as bar:
+        for _ in range(3):
+            bar.update()
+    frames = [f for f in stream.getvalue().replace("\n", "\r").split("\r") if f.strip()]
+    assert frames[-1].startswith("predict") and "3/3" in frames[-1]
+    assert any("1/3" in f for f in frames)
+    log = io.StringIO()                        # not a terminal (a log file, a pipe): no bar at all
+    with progress_bar(3, stream=log) as bar:
+        bar.update(3)
+    assert log.getvalue() == ""
 
 
 def test_draw_detections_respects_the_threshold():

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import Config, ConfigError, apply_overrides, load_config, to_dict
+from ..engine.trainer import train
 
 __all__ = ["PAPER_TABLE_1B", "PAPER_TABLE_1D", "DEFAULT_GAMMAS", "LOSS_METHODS", "AblationRun", "paper_alpha",
            "plan_runs", "run_config", "run_ablation", "write_tables", "plot_ap_vs_gamma", "add_parser", "run"]
@@ -159,7 +160,7 @@ def run_config(cfg: Config, run: AblationRun, out_dir: str | os.PathLike, budget
 
 
 def _default_train() -> Callable[..., dict]:
-    from ..engine.trainer import train  # imported late: the trainer pulls in the whole data pipeline
+    """The trainer a run uses when ``run_ablation`` gets no ``train_fn`` (looked up per call: tests replace it)."""
     return train
 
 
@@ -303,6 +304,7 @@ def _write(stem: Path, md_lines: list[str], header: list[str], rows: list[list])
 def plot_ap_vs_gamma(results: Sequence[dict], path: str | os.PathLike) -> Path | None:
     """AP against γ for the sweep (left axis), the paper's Table 1b beside it (right axis, grey), and the
     other losses as horizontal lines. None when no γ run finished."""
+    # matplotlib is imported here, not at the top: it is heavy and only this plot needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import itertools
 import json
 import math
@@ -49,8 +50,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..export import optimize_for_inference
-from ..models import PRESETS
+from ..boxes import BoxCoder, batched_nms, box_iou, clip_boxes
+from ..device import autocast, flush_denormals, resolve_precision
+from ..export import fuse_conv_bn, optimize_for_inference
+from ..losses import focal_loss_sum, sigmoid_focal_loss
+from ..matching import Matcher, pad_targets
+from ..models import PRESETS, build_model
+from ..models.retinanet import RetinaNet
 
 __all__ = ["BenchSettings", "QUICK", "FULL", "Table", "run_suites", "count_flops", "time_call", "time_interleaved",
            "timed_train_step",
@@ -226,12 +232,10 @@ def count_flops(model: nn.Module, run: Callable[[], Any]) -> int:
 
 
 def _precision(device: torch.device) -> torch.dtype | None:
-    from ..device import resolve_precision
     return resolve_precision("auto", device)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    from ..device import autocast
     return autocast(device, dtype)
 
 
@@ -245,7 +249,6 @@ def _load_average() -> str:
 def _build(name: str, settings: BenchSettings, size: int | None = None, device: torch.device | None = None,
            **extra: Any) -> nn.Module:
     """A preset with random weights at a fixed square input size (no resize inside the timing)."""
-    from ..models import build_model
     overrides = dict(settings.model_overrides)
     overrides.update(extra)
     if size is not None and PRESETS[name].fixed_size is None:   # a fixed-size preset (RefineDet) keeps its size
@@ -280,9 +283,10 @@ def bench_peak(settings: BenchSettings, device: torch.device) -> Table:
 
 def _torchvision_model(num_classes: int, size: int):
     try:
+        # optional comparison: torchvision is not a densedet dependency (never installed into the venv)
         import torchvision  # noqa: F401
         from torchvision.models.detection import retinanet_resnet50_fpn
-    except Exception:  # noqa: BLE001 - not installed (we never install it into the venv)
+    except Exception:  # noqa: BLE001 - not installed
         return None
     return retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
                                   min_size=size, max_size=size).eval()
@@ -422,7 +426,6 @@ def bench_train(settings: BenchSettings, device: torch.device) -> Table:
 def _dense_postprocess_inputs(settings: BenchSettings, batch: int, seed: int = 0):
     """logits/deltas/anchors for five levels of ``post_candidates`` anchors each, where every
     anchor has several classes above the threshold (so each level's top-k is full)."""
-    from ..models.retinanet import RetinaNet  # noqa: F401 (post-processing lives there)
     g = torch.Generator().manual_seed(seed)
     k = settings.post_classes
     level_sizes, anchors = [], []
@@ -443,7 +446,6 @@ def _dense_postprocess_inputs(settings: BenchSettings, batch: int, seed: int = 0
 def _postprocess_per_image(model: nn.Module, logits: Tensor, deltas: Tensor, anchors: Tensor,
                            image_sizes: list[tuple[int, int]], level_sizes: list[int]) -> list[dict]:
     """The baseline: torchvision's RetinaNet post-processing shape — loop over images, then levels."""
-    from ..boxes import batched_nms, clip_boxes
     results = []
     k = logits.shape[-1]
     for i, size in enumerate(image_sizes):
@@ -468,14 +470,12 @@ def _postprocess_per_image(model: nn.Module, logits: Tensor, deltas: Tensor, anc
 
 def bench_post(settings: BenchSettings, device: torch.device) -> Table:
     """Dense post-processing: batched (densedet) vs per-image loop."""
-    from ..models.retinanet import RetinaNet
     table = Table(f"Post-processing, {settings.post_levels} levels x {settings.post_candidates} candidates, "
                   f"{settings.post_classes} classes",
                   ["batch", "candidates/img", "kept/img", "per-image loop ms", "densedet batched ms", "speedup"])
     # only score_thresh, topk, nms, detections_per_img and the coder matter: a bare object will do
     model = RetinaNet.__new__(RetinaNet)
     nn.Module.__init__(model)
-    from ..boxes import BoxCoder
     model.box_coder, model.score_thresh, model.topk_candidates = BoxCoder(), 0.05, 1000
     model.nms_thresh, model.detections_per_img = 0.5, 100
     for batch in settings.post_batches:
@@ -503,7 +503,6 @@ def bench_post(settings: BenchSettings, device: torch.device) -> Table:
 def _match_per_image(anchors: Tensor, gt_boxes: list[Tensor], fg: float = 0.5, bg: float = 0.4) -> list[Tensor]:
     """Baseline matcher, torchvision's algorithm image by image (IoU ≥ fg foreground, < bg
     background, low-quality matches kept)."""
-    from ..boxes import box_iou
     out = []
     for gt in gt_boxes:
         iou = box_iou(gt, anchors)                          # [G, A]
@@ -519,7 +518,6 @@ def _match_per_image(anchors: Tensor, gt_boxes: list[Tensor], fg: float = 0.5, b
 
 
 def bench_match(settings: BenchSettings, device: torch.device) -> Table:
-    from ..matching import Matcher, pad_targets
     table = Table(f"Matching, {settings.match_anchors} anchors x {settings.match_boxes} boxes",
                   ["batch", "per-image loop ms", "all images at once ms", "densedet ms", "speedup vs loop"])
     g = torch.Generator().manual_seed(0)
@@ -576,7 +574,7 @@ def _reset_peak() -> bool:
 def _memory_child(spec: dict) -> dict:
     """Runs in a fresh interpreter: build the model and inputs, reset the high-water mark, do the
     work twice, read the high-water mark."""
-    import resource
+    import resource  # Unix-only: imported where the memory suite runs, so the command loads everywhere
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
     settings = BenchSettings(model_overrides=spec["overrides"])
     device = torch.device("cpu")
@@ -611,8 +609,7 @@ def _memory_child(spec: dict) -> dict:
 def _start_peak() -> tuple[float, bool]:
     """(resident MB now, whether the high-water mark could be reset). Without the reset (not
     Linux), fall back to ru_maxrss, which then also counts any higher peak during setup."""
-    import gc
-    import resource
+    import resource  # Unix-only (see _memory_child)
     gc.collect()
     if os.path.exists("/proc/self/status") and _reset_peak():
         return _rss_mb()[0], True
@@ -679,7 +676,6 @@ class _Network(nn.Module):
 
 def bench_fast_paths(settings: BenchSettings, device: torch.device) -> Table:
     """fp32 inference of the network alone under candidate optimisations."""
-    from ..export import fuse_conv_bn
     size = settings.fast_size
     table = Table(f"fp32 inference fast paths, network only, {size}x{size} batch 1 (ms, median)",
                   ["model", "variant", "ms", "speedup vs first", "max |diff|", "prepare s"])
@@ -745,7 +741,6 @@ def bench_loss(settings: BenchSettings, device: torch.device) -> Table:
     """The classification loss of a training step (forward + backward) over RetinaNet's anchors at
     ``loss_size`` with 80 classes: the fused :func:`~densedet.losses.focal_loss_sum` against the
     unfused path (one-hot targets, copy of the valid anchors, element-wise focal loss, autograd)."""
-    from ..losses import focal_loss_sum, sigmoid_focal_loss
     k = 80
     cells = sum(math.ceil(settings.loss_size / 2 ** level) ** 2 for level in range(3, 8))
     anchors = 9 * cells
@@ -789,7 +784,6 @@ def run_suites(suites: Sequence[str], settings: BenchSettings, device: torch.dev
                log: Callable[[str], None] = print) -> dict:
     """Run the named suites; returns ``{"machine": {...}, "tables": [Table.as_dict(), ...]}`` and
     logs each table as markdown as soon as it is measured."""
-    from ..device import flush_denormals
     flush_denormals()           # what densedet's training and inference run with
     device = device or torch.device("cpu")
     unknown = [s for s in suites if s not in _SUITE_FUNCS]

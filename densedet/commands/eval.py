@@ -1,18 +1,30 @@
-"""Evaluate an existing COCO-format results file, without a model (``densedet eval`` calls this)."""
+"""``densedet eval``: COCO / VOC metrics of a checkpoint on its config's data (:func:`run`), or of an
+existing COCO-format results file without a model (:func:`eval_results_main`)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from densedet.evaluation.coco import evaluate_coco, format_table
-from densedet.evaluation.voc import evaluate_voc_from_coco, format_voc_table
+from torch import nn
 
-__all__ = ["eval_results_main", "METRICS"]
+from ..config import Config, ConfigError, apply_overrides
+from ..data import DetectionData, to_coco_dict
+from ..device import default_device, resolve_precision
+from ..engine.checkpoint import model_from_checkpoint
+from ..engine.data import load_split
+from ..engine.evaluate import predict_dataset
+from ..evaluation import (evaluate_coco, evaluate_voc_from_coco, format_table, format_voc_table,
+                          plot_pr_curves)
+from ..tta import tta_from_config
+
+__all__ = ["add_parser", "run", "eval_checkpoint", "eval_results_main", "METRICS"]
 
 METRICS = ("coco", "voc07", "voc10")
 
@@ -62,8 +74,101 @@ def eval_results_main(
         out_path.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {out_path}")
     if plot_dir is not None:
-        from densedet.evaluation.plots import plot_pr_curves
-
         paths = plot_pr_curves(metrics, plot_dir)
         print(f"wrote {len(paths)} precision-recall plots to {plot_dir}")
     return summary
+
+
+# -- a checkpoint -----------------------------------------------------------------------------------
+
+def _model_and_config(args: argparse.Namespace) -> tuple[nn.Module, Config]:
+    """The checkpoint's model and config, ``model.*`` overrides applied to the model, not only to the config."""
+    model, cfg, _ = model_from_checkpoint(args.weights)
+    cfg = apply_overrides(cfg, args.overrides)
+    model_keys = [o.split("=", 1)[0].strip()[len("model."):] for o in args.overrides
+                  if o.strip().startswith("model.")]
+    if model_keys:  # model.* overrides (score_thresh, min_size, ...) must reach the model, not only cfg
+        model, _, _ = model_from_checkpoint(args.weights, **{k: getattr(cfg.model, k) for k in model_keys})
+    return model, cfg
+
+
+def _split_for(cfg: Config, args: argparse.Namespace) -> DetectionData:
+    """The split to evaluate on; its class count must be the model's."""
+    data = load_split(cfg.data, args.split)
+    if data.num_classes != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes of {args.weights} is {cfg.model.num_classes} but the {args.split} data "
+                          f"has {data.num_classes} classes ({', '.join(data.class_names[:12])})")
+    return data
+
+
+def _write_metrics(metrics: dict[str, Any], results: list[dict], out: str) -> None:
+    """``out``: the numbers as JSON (curves and raw arrays left out); ``<out stem>_detections.json`` beside it."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(
+        {k: v for k, v in metrics.items() if k not in ("curves", "precision", "recall")}, indent=2, default=float))
+    Path(out).with_name(Path(out).stem + "_detections.json").write_text(json.dumps(results))
+
+
+def eval_checkpoint(args: argparse.Namespace) -> int:
+    """``densedet eval --weights CKPT``: predict the split (with the config's TTA), print the table."""
+    model, cfg = _model_and_config(args)
+    device = default_device()
+    dtype = resolve_precision(args.precision, device)
+    model.to(device)
+    data = _split_for(cfg, args)
+    tta = tta_from_config(cfg.test)
+    if tta is not None:
+        print(f"test-time augmentation (test.tta_*): {tta.describe()}; test.tta_scales=[] evaluates single-scale",
+              file=sys.stderr)
+    results = predict_dataset(model, data, cfg.test.batch_size, device, dtype, tta=tta)
+    gt = to_coco_dict(data)
+    if args.metric == "coco":
+        metrics = evaluate_coco(results, gt, max_dets=tuple(args.max_dets), class_names=data.class_names)
+        print(format_table(metrics))
+    else:
+        metrics = evaluate_voc_from_coco(results, gt, use_07_metric=args.metric == "voc07")
+        print(format_voc_table(metrics))
+    if args.plot_dir:
+        plot_pr_curves(metrics, args.plot_dir)
+    if args.out:
+        _write_metrics(metrics, results, args.out)
+    return 0
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    """``densedet eval``: a results file (``--results``) or a checkpoint (``--weights``); the exit code."""
+    if args.results:
+        if not args.annotations:
+            raise SystemExit("densedet eval --results needs --annotations")
+        eval_results_main(args.results, args.annotations, metric=args.metric, out=args.out,
+                          max_dets=tuple(args.max_dets), plot_dir=args.plot_dir)
+        return 0
+    if not args.weights:
+        raise SystemExit("densedet eval needs --weights CKPT (evaluate a model) or --results R.json --annotations A.json")
+    return eval_checkpoint(args)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``densedet eval``."""
+    p = subparsers.add_parser(
+        "eval", help="COCO / VOC metrics of a checkpoint or of a results file",
+        description="Evaluate a checkpoint on its config's validation split (--weights), or an "
+        "existing COCO results file against COCO annotations without a model (--results, "
+        "--annotations). A checkpoint whose config sets test.tta_scales is evaluated with that "
+        "test-time augmentation (override test.tta_scales=[] for single scale). Prints the table; "
+        "--out writes the numbers as JSON.")
+    p.add_argument("overrides", nargs="*", help="config overrides for --weights, e.g. data.val=other.json")
+    p.add_argument("--weights", help="a densedet checkpoint")
+    p.add_argument("--results", help="a COCO results JSON to evaluate without a model")
+    p.add_argument("--annotations", help="COCO annotations JSON (with --results)")
+    p.add_argument("--metric", choices=list(METRICS), default="coco")
+    p.add_argument("--max-dets", type=int, nargs=3, default=[1, 10, 100], metavar=("D1", "D2", "D3"),
+                   help="COCO maxDets (default 1 10 100; the last one caps AP too)")
+    p.add_argument("--split", choices=["train", "val", "tune"], default="val",
+                   help="tune: the digit scenes held out for choosing test-time settings (data.num_tune)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--out", help="write metrics JSON here")
+    p.add_argument("--plot-dir", help="write precision-recall curves (PNG) here")
+    p.set_defaults(func=run)
