@@ -439,8 +439,8 @@ def test_trainer_feeds_the_model_the_drawn_size_per_iteration(tiny_config, resto
     seen = []
     original = ImagePreprocessor.forward
 
-    def spy(self, images, targets=None):
-        batch, sizes, targets = original(self, images, targets)
+    def spy(self, images, targets=None, min_size=None):
+        batch, sizes, targets = original(self, images, targets, min_size)
         if self.training:
             seen.append((batch.shape[-1], {s for s in sizes}))
         return batch, sizes, targets
@@ -460,10 +460,10 @@ def test_trainer_takes_each_iterations_crop_size_batch(tiny_config, restore_torc
     seen = []
     original = ImagePreprocessor.forward
 
-    def spy(self, images, targets=None):
+    def spy(self, images, targets=None, min_size=None):
         if self.training:
             seen.append((len(images), max(max(im.shape[-2:]) for im in images)))
-        return original(self, images, targets)
+        return original(self, images, targets, min_size)
 
     monkeypatch.setattr(ImagePreprocessor, "forward", spy)
     cfg = tiny_config()
@@ -481,7 +481,7 @@ def test_final_evaluation_with_tta_reports_it_beside_single_scale(tiny_config, r
                                                                    monkeypatch):
     """test.tta_scales: the final weights are evaluated plain and with the configured TTA;
     metrics.json's numbers are the TTA ones and "single_scale" holds the plain ones."""
-    from densedet.engine import trainer
+    from densedet.engine import finish
     from densedet.engine.evaluate import evaluate_model
     from densedet.tta import TTAConfig
     calls = []
@@ -490,7 +490,7 @@ def test_final_evaluation_with_tta_reports_it_beside_single_scale(tiny_config, r
         calls.append((tta, evaluate_model(*args, tta=tta, **kwargs)))
         return calls[-1][1]
 
-    monkeypatch.setattr(trainer, "evaluate_model", spy)
+    monkeypatch.setattr(finish, "evaluate_model", spy)
     cfg = tiny_config()
     cfg.test.tta_scales = [128, 192]
     train(cfg, log=lambda msg: None)

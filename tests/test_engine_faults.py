@@ -45,12 +45,12 @@ def poison_training(monkeypatch, bad_steps: dict[int, str]) -> dict[int, dict[st
         model = real_build(cfg)
         forward, steps = model.forward, itertools.count()
 
-        def poisoned(images, targets=None):
+        def poisoned(images, targets=None, **kwargs):
             if not model.training:
-                return forward(images, targets)
+                return forward(images, targets, **kwargs)
             step = next(steps)
             seen[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
-            losses = forward(images, targets)
+            losses = forward(images, targets, **kwargs)
             if bad_steps.get(step) == "loss":
                 losses["cls"] = losses["cls"] * float("nan")
             elif bad_steps.get(step) == "grad":
@@ -133,8 +133,8 @@ real_build = trainer.build_from_config
 def build(cfg):
     model = real_build(cfg)
     forward, calls = model.forward, [0]
-    def poisoned(images, targets=None):
-        losses = forward(images, targets)
+    def poisoned(images, targets=None, **kwargs):
+        losses = forward(images, targets, **kwargs)
         if model.training:
             calls[0] += 1
             if calls[0] == 2 and os.environ["RANK"] == "0":

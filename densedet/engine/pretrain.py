@@ -33,10 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import Config
+from ..data import DetectionDataset
 from ..data.records import DetectionData
+from ..device import autocast as autocast_context
 from ..device import fused_adam_ok
+from .distributed import broadcast_state, value_of_rank0
 
-__all__ = ["box_items", "crop_boxes", "pretrain_backbone", "CROP_SIZES"]
+__all__ = ["box_items", "crop_boxes", "pretrain_backbone", "warm_up_trunk", "CROP_SIZES"]
 
 CROP_SIZES = (32, 48, 64, 96)
 CONTEXT = (1.1, 1.6)
@@ -87,6 +91,22 @@ class _CropClassifier(nn.Module):
         return [head(f.mean((2, 3))) for head, f in zip(self.heads, self.trunk(x))]
 
 
+def _crop_batch(g: torch.Generator, items: tuple[Tensor, Tensor, Tensor], load_image: Callable[[int], Tensor],
+                batch_size: int, crop_sizes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """One step's crops in [0, 1] and their labels, every draw from ``g``; ``items`` is :func:`box_items`'."""
+    image_of, box_of, label_of = items
+    picks = torch.randint(len(image_of), (batch_size,), generator=g)
+    size = crop_sizes[int(torch.randint(len(crop_sizes), (), generator=g))]
+    context = torch.empty(batch_size).uniform_(*CONTEXT, generator=g)
+    shift = torch.empty(batch_size, 2).uniform_(-SHIFT, SHIFT, generator=g)
+    picks = picks[torch.argsort(image_of[picks], stable=True)]      # the crops of one image together
+    ids, counts = torch.unique_consecutive(image_of[picks], return_counts=True)
+    counts = counts.tolist()
+    crops = [crop_boxes(load_image(i).float().div_(255.0), box_of[p], size, c, d)
+             for i, p, c, d in zip(ids.tolist(), picks.split(counts), context.split(counts), shift.split(counts))]
+    return torch.cat(crops), label_of[picks]
+
+
 def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], data: DetectionData,
                       mean: Tensor, std: Tensor, lr: float, weight_decay: float, batch_size: int = 64,
                       crop_sizes: tuple[int, ...] = CROP_SIZES, minutes: float = 0.0, iterations: int = 0,
@@ -120,18 +140,8 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         # differ from step to step: a step count fitted from the first steps would miss the budget).
         progress = iteration / planned if planned is not None else (time.perf_counter() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
-        picks = torch.randint(len(image_of), (batch_size,), generator=g)
-        size = crop_sizes[int(torch.randint(len(crop_sizes), (), generator=g))]
-        context = torch.empty(batch_size).uniform_(*CONTEXT, generator=g)
-        shift = torch.empty(batch_size, 2).uniform_(-SHIFT, SHIFT, generator=g)
-        picks = picks[torch.argsort(image_of[picks], stable=True)]      # the crops of one image together
-        ids, counts = torch.unique_consecutive(image_of[picks], return_counts=True)
-        counts = counts.tolist()
-        crops = [crop_boxes(load_image(i).float().div_(255.0), box_of[p], size, c, d)
-                 for i, p, c, d in zip(ids.tolist(), picks.split(counts), context.split(counts), shift.split(counts))]
-        batch = (torch.cat(crops) - mean) / std
-        labels = label_of[picks]
-        batch = batch.to(device)
+        batch, labels = _crop_batch(g, (image_of, box_of, label_of), load_image, batch_size, crop_sizes)
+        batch = ((batch - mean) / std).to(device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device)
@@ -159,3 +169,23 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         f"{seconds / 60:.1f} min ({iteration * batch_size / seconds:.0f} crops/s), accuracy {accuracy:.3f}")
     return {"iterations": iteration, "seconds": seconds, "crops_per_s": iteration * batch_size / seconds,
             "loss": loss_value, "accuracy": accuracy, "boxes": len(image_of)}
+
+
+def warm_up_trunk(model: nn.Module, dataset, data: DetectionData, cfg: Config, device: torch.device,
+                  dtype: torch.dtype | None, rank: int = 0, log: Callable[[str], None] = lambda _: None) -> dict:
+    """The warm-up of a detector's trunk (``model.trunk``) as ``cfg.train.pretrain_*`` sets it, before
+    detection. Rank 0 trains; with several processes the others wait and receive the trunk's weights
+    and statistics from it. ``dataset`` is the training dataset (its images are reused when it caches
+    them). Returns :func:`pretrain_backbone`'s statistics (``seconds`` rank 0's on every process)."""
+    trunk, t = model.trunk, cfg.train
+    stats: dict = {}
+    if rank == 0:
+        images = dataset if isinstance(dataset, DetectionDataset) else DetectionDataset(
+            data, cache_images=cfg.data.cache_images)
+        stats = pretrain_backbone(trunk, images.load_uint8, data, model.preprocessor.mean, model.preprocessor.std,
+                                  t.pretrain_lr or cfg.solver.lr, cfg.solver.weight_decay, t.pretrain_batch_size,
+                                  crop_sizes=tuple(t.pretrain_crop_sizes), minutes=t.pretrain_minutes,
+                                  iterations=t.pretrain_iters, seed=t.seed, channels_last=t.channels_last,
+                                  device=device, autocast=lambda: autocast_context(device, dtype), log=log)
+    broadcast_state(trunk)
+    return {**stats, "seconds": float(value_of_rank0(stats.get("seconds", 0.0), device, torch.float64))}
