@@ -1,0 +1,101 @@
+"""``train`` under a time budget (``train.max_minutes``), on a fake clock: each step "takes" the
+seconds a function of its iteration says, so the plan, the time stop and the resume are exact and
+no test depends on the machine's speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from densedet.config import to_dict
+from densedet.engine.checkpoint import load_checkpoint
+from densedet.engine.data import BatchStream
+from densedet.engine.trainer import train
+
+pytestmark = pytest.mark.usefixtures("no_plots")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def step_seconds(iteration: int) -> float:
+    """1 s a step while the budget measures the speed (steps 0-10), then 2 s: the run slows down."""
+    return 1.0 if iteration < 11 else 2.0
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    """A fake clock that advances by ``step_seconds(iteration)`` whenever a batch is drawn (inside
+    the timed step); set ``now = 0`` for each run, whose clock starts afresh."""
+    clock = FakeClock()
+    drawn = BatchStream.batch
+
+    def batch(self, iteration):
+        clock.now += step_seconds(iteration)
+        return drawn(self, iteration)
+
+    monkeypatch.setattr(BatchStream, "batch", batch)
+    return clock
+
+
+def budgeted(cfg):
+    """15 s of training, max_iters 100 a mere cap, a cosine whose LR depends on the planned count.
+    The plan: 11 steps of 1 s, fitted after them to 11 + int(4 s / 1 s x 0.98) = 14 iterations; the
+    2 s steps then spend the 15 s at iteration 13: a time stop."""
+    cfg.train.max_minutes, cfg.train.max_iters = 0.25, 100
+    cfg.solver.schedule, cfg.solver.min_lr_factor = "cosine", 0.0
+    cfg.model.norm = "auto"            # resolved in the run's own copy, never in the caller's config
+    return cfg
+
+
+def records(cfg) -> list[dict]:
+    lines = (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss_cls" in r]
+
+
+def test_a_budgeted_run_plans_once_stops_on_time_and_resumes_to_the_same_weights(
+        tiny_config, stop_training_at, fake_time, restore_torch_globals):
+    straight = budgeted(tiny_config("straight"))
+    before = to_dict(straight)
+    lines: list[str] = []
+    summary = train(straight, log=lines.append, clock=fake_time)
+    assert to_dict(straight) == before                                        # the caller's config untouched
+    assert "time budget 0.25 min: 1.00 s/iteration -> 14 iterations" in lines
+    assert "time budget reached at iteration 13" in lines
+    assert summary["iterations"] == 13 and summary["train_minutes"] * 60 == 15.0
+    lrs = [r["lr"] for r in records(straight)]
+    assert [r["iteration"] for r in records(straight)] == list(range(1, 14))
+    after_warmup = lrs[2:]                                                    # solver.warmup_iters 2
+    assert all(b < a for a, b in zip(after_warmup, after_warmup[1:])), lrs    # never backwards
+    last = load_checkpoint(Path(straight.train.output_dir) / "last.pt")
+    assert (last["iteration"], last["max_iters"], last["elapsed"], last["plan_fitted"]) == (13, 13, 15.0, True)
+    assert load_checkpoint(Path(straight.train.output_dir) / "model_final.pt")["config"]["model"]["norm"] == "bn"
+
+    resumed = budgeted(tiny_config("resumed"))
+    stop_training_at(12)                               # last.pt holds iteration 12 (checkpoint_period 2)
+    fake_time.now = 0.0
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, log=lambda _: None, clock=fake_time)
+    last = load_checkpoint(Path(resumed.train.output_dir) / "last.pt")
+    assert (last["iteration"], last["max_iters"], last["elapsed"], last["plan_fitted"]) == (12, 14, 13.0, True)
+
+    stop_training_at(None)
+    lines, fake_time.now = [], 0.0
+    summary = train(resumed, resume=True, log=lines.append, clock=fake_time)
+    assert any(line.startswith("resumed from") and "iteration 12/14" in line for line in lines)
+    assert not any("s/iteration" in line for line in lines)                    # the same plan, not a new one
+    assert "time budget reached at iteration 13" in lines
+    assert summary["iterations"] == 13 and summary["train_minutes"] * 60 == 15.0
+    assert records(resumed) == records(straight)           # losses, LRs, and speeds on the fake clock
+    final = {name: load_checkpoint(Path(c.train.output_dir) / "model_final.pt")["model"]
+             for name, c in (("straight", straight), ("resumed", resumed))}
+    differ = [k for k in final["straight"] if not torch.equal(final["straight"][k], final["resumed"][k])]
+    assert not differ, differ[:5]
