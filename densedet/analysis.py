@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .boxes import box_iou
-from .config import Config, ConfigError, ModelConfig
+from .config import Config, ConfigError, ModelConfig, with_model_options
 from .data import DatasetError, DetectionData, image_size
 from .engine.data import load_split  # re-exported: analysis needs the same splits as training
 from .matching import BACKGROUND, IGNORE, PaddedTargets, pad_targets
@@ -285,7 +285,8 @@ def default_candidates(model_cfg: ModelConfig, box_aspect_ratios: np.ndarray | N
     - ``ratios 1:3..3:1``: five aspect ratios (h/w) 1/3, 1/2, 1, 2, 3.
     - ``ratios from data``: the 10th, 50th and 90th percentiles of the boxes' h/w.
     """
-    base = model_cfg.anchor_sizes or [4.0 * 2 ** l for l in range(model_cfg.min_level, model_cfg.max_level + 1)]
+    levels = range(model_cfg.retinanet.min_level, model_cfg.retinanet.max_level + 1)
+    base = model_cfg.anchor_sizes or [4.0 * 2 ** l for l in levels]
     candidates = {
         "sizes x0.5": {"anchor_sizes": [0.5 * b for b in base]},
         "sizes x0.75": {"anchor_sizes": [0.75 * b for b in base]},
@@ -314,7 +315,7 @@ def candidate_coverage(model_cfg: ModelConfig, candidates: dict[str, dict[str, A
     out = {}
     for name, overrides in candidates.items():
         try:
-            cfg = dataclasses.replace(model_cfg, **overrides)
+            cfg = with_model_options(model_cfg, **overrides)
             setup = anchor_setup(build(cfg), cfg)
         except (ValueError, ConfigError, TypeError) as err:
             out[name] = {"overrides": overrides, "error": str(err)}

@@ -24,10 +24,10 @@ def tiny_config() -> Config:
     cfg = Config()
     m = cfg.model
     m.backbone, m.num_classes = "resnet18", 2
-    m.min_level, m.max_level = 3, 5
-    m.anchor_sizes, m.scales_per_octave, m.aspect_ratios = [21.0, 42.0, 84.0], 1, [1.0]
+    m.retinanet.min_level, m.retinanet.max_level = 3, 5
+    m.anchor_sizes, m.retinanet.scales_per_octave, m.aspect_ratios = [21.0, 42.0, 84.0], 1, [1.0]
     m.fixed_size, m.size_divisible = [128, 128], 128
-    m.fpn_channels, m.head_convs = 16, 1
+    m.retinanet.fpn_channels, m.retinanet.head_convs = 16, 1
     return cfg
 
 
@@ -82,7 +82,7 @@ def test_tiny_box_matches_no_anchor_at_05_but_keeps_its_tied_best_anchors(tiny_s
 
 def test_without_low_quality_matches_the_tiny_box_gets_no_anchor():
     cfg = tiny_config()
-    cfg.model.allow_low_quality_matches = False
+    cfg.model.retinanet.allow_low_quality_matches = False
     setup = A.anchor_setup(build_from_config(cfg.model))
     stats = A.anchor_statistics(setup, A.prepare_images(two_images(), setup.preprocessor))
     assert stats["per_image"]["foreground"] == [1, 0]

@@ -310,7 +310,8 @@ def test_export_cli_from_checkpoint(tmp_path, capsys):
     from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
     from densedet.models import build_from_config
     cfg = Config()
-    cfg.model.backbone, cfg.model.num_classes, cfg.model.fpn_channels, cfg.model.head_convs = "resnet18", 2, 32, 1
+    cfg.model.backbone, cfg.model.num_classes = "resnet18", 2
+    cfg.model.retinanet.fpn_channels, cfg.model.retinanet.head_convs = 32, 1
     cfg.model.min_size, cfg.model.max_size = 256, 256
     model = build_from_config(cfg.model)
     ckpt = tmp_path / "model.pt"

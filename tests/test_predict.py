@@ -26,8 +26,8 @@ def tiny_checkpoint(path, category_ids=None, num_classes=3):
     from densedet.models import build_from_config
     cfg = Config()
     m = cfg.model
-    m.backbone, m.num_classes, m.fpn_channels, m.head_convs = "resnet18", num_classes, 16, 1
-    m.min_size, m.max_size, m.prior_prob, m.score_thresh, m.detections_per_img = 64, 128, 0.1, 0.05, 20
+    m.backbone, m.num_classes, m.retinanet.fpn_channels, m.retinanet.head_convs = "resnet18", num_classes, 16, 1
+    m.min_size, m.max_size, m.retinanet.prior_prob, m.score_thresh, m.detections_per_img = 64, 128, 0.1, 0.05, 20
     torch.manual_seed(0)
     model = build_from_config(m)
     atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": to_dict(cfg),
