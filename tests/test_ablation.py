@@ -28,7 +28,7 @@ class FakeTrain:
 
     def __call__(self, cfg, resume=False, log=print):
         self.calls.append(cfg)
-        m = cfg.model
+        m = cfg.model.retinanet
         if m.cls_loss == self.fail_on:
             raise RuntimeError("diverged | loss is nan")
         ap = {"focal": 0.30 + 0.01 * m.focal_gamma, "ohem": 0.25, "ohem_topk": 0.27, "ghmc": 0.33}[m.cls_loss]
@@ -56,13 +56,13 @@ def test_run_config_sets_loss_budget_and_output(tmp_path):
     cfg = base_config()
     r = AB.AblationRun("fl_gamma0.5_alpha0.5", "FL", "focal", 0.5, 0.5)
     c = AB.run_config(cfg, r, tmp_path, budget_iters=90)
-    assert (c.model.cls_loss, c.model.focal_gamma, c.model.focal_alpha) == ("focal", 0.5, 0.5)
+    assert (c.model.retinanet.cls_loss, c.model.retinanet.focal_gamma, c.model.retinanet.focal_alpha) == ("focal", 0.5, 0.5)
     assert c.train.max_iters == 90 and c.train.max_minutes == 0
     assert c.solver.steps == [60, 80] and c.solver.warmup_iters == 9     # 900-iteration schedule / 10
     assert c.train.output_dir == str(tmp_path / "runs" / "fl_gamma0.5_alpha0.5")
-    assert cfg.model.focal_gamma == 2.0 and cfg.train.max_iters == 900   # the base config is untouched
+    assert cfg.model.retinanet.focal_gamma == 2.0 and cfg.train.max_iters == 900   # the base config is untouched
     c = AB.run_config(cfg, AB.AblationRun("ghmc", "GHM-C", "ghmc"), tmp_path, budget_minutes=2.5)
-    assert c.train.max_minutes == 2.5 and c.train.max_iters == 900 and c.model.focal_gamma == 2.0
+    assert c.train.max_minutes == 2.5 and c.train.max_iters == 900 and c.model.retinanet.focal_gamma == 2.0
     with pytest.raises(ValueError, match="exactly one"):
         AB.run_config(cfg, r, tmp_path)
 
@@ -81,8 +81,8 @@ def test_sweep_trains_each_run_once_with_its_config_and_writes_tables(tmp_path):
     runs = AB.plan_runs()
     results = AB.run_ablation(base_config(), tmp_path, runs, budget_iters=30, train_fn=fake, log=lambda *_: None)
     assert len(fake.calls) == 8 and len(results) == 8
-    seen = {(c.model.cls_loss, c.model.focal_gamma if c.model.cls_loss == "focal" else None,
-             c.model.focal_alpha if c.model.cls_loss == "focal" else None) for c in fake.calls}
+    seen = {(c.model.retinanet.cls_loss, c.model.retinanet.focal_gamma if c.model.retinanet.cls_loss == "focal" else None,
+             c.model.retinanet.focal_alpha if c.model.retinanet.cls_loss == "focal" else None) for c in fake.calls}
     assert seen == {("focal", 0.0, 0.75), ("focal", 0.5, 0.5), ("focal", 1.0, 0.25), ("focal", 2.0, 0.25),
                     ("focal", 5.0, 0.25), ("ohem", None, None), ("ohem_topk", None, None), ("ghmc", None, None)}
     assert all(c.train.max_iters == 30 for c in fake.calls)
@@ -114,7 +114,7 @@ def test_finished_runs_are_reused_failed_ones_retried(tmp_path):
     assert "failed: RuntimeError: diverged / loss is nan" in (tmp_path / "table_loss.md").read_text()
     second = FakeTrain()
     AB.run_ablation(cfg, tmp_path, runs, budget_iters=30, train_fn=second, log=lambda *_: None)
-    assert [c.model.cls_loss for c in second.calls] == ["ohem_topk"]          # only the failed run again
+    assert [c.model.retinanet.cls_loss for c in second.calls] == ["ohem_topk"]          # only the failed run again
     third = FakeTrain()
     AB.run_ablation(cfg, tmp_path, runs, budget_iters=60, train_fn=third, log=lambda *_: None)
     assert len(third.calls) == 2                                              # another budget: train again
@@ -129,7 +129,7 @@ def test_cli_runs_the_sweep_with_the_trainer_patched(tmp_path, monkeypatch, caps
     args = parser.parse_args(["ablate", str(tmp_path / "cfg.yaml"), "model.num_classes=3", "--budget-iters", "20",
                               "--out", str(tmp_path / "out"), "--gammas", "0", "2", "--methods", "GHM-C"])
     assert args.func(args) == 0
-    assert [(c.model.cls_loss, c.model.num_classes) for c in fake.calls] == [("focal", 3)] * 2 + [("ghmc", 3)]
+    assert [(c.model.retinanet.cls_loss, c.model.num_classes) for c in fake.calls] == [("focal", 3)] * 2 + [("ghmc", 3)]
     printed = capsys.readouterr().out
     assert "| 0 | 0.75 | 30.0 |" in printed and "GHM-C" in printed
     with pytest.raises(SystemExit):

@@ -62,7 +62,7 @@ PAPER_TABLE_1D: dict[str, tuple[float, float, float]] = {
 }
 # SPEC "Losses from the related work": the γ sweep to reproduce in miniature.
 DEFAULT_GAMMAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0)
-# Table 1d rows: method name -> model.cls_loss. FL is the γ = 2, α = .25 run of the γ sweep.
+# Table 1d rows: method name -> model.retinanet.cls_loss. FL is the γ = 2, α = .25 run of the γ sweep.
 LOSS_METHODS: dict[str, str] = {"FL": "focal", "OHEM 1:3": "ohem", "OHEM": "ohem_topk", "GHM-C": "ghmc"}
 _METRICS = ("AP", "AP50", "AP75")
 
@@ -90,11 +90,11 @@ class AblationRun:
 
     def overrides(self) -> dict[str, Any]:
         """Config keys this run changes (besides budget and output folder)."""
-        out: dict[str, Any] = {"model.cls_loss": self.cls_loss}
+        out: dict[str, Any] = {"model.retinanet.cls_loss": self.cls_loss}
         if self.gamma is not None:
-            out["model.focal_gamma"] = float(self.gamma)
+            out["model.retinanet.focal_gamma"] = float(self.gamma)
         if self.alpha is not None:
-            out["model.focal_alpha"] = float(self.alpha)
+            out["model.retinanet.focal_alpha"] = float(self.alpha)
         return out
 
 
