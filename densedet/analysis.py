@@ -22,7 +22,6 @@ width/height without decoding pixels. Each image is padded on its own to ``size_
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence

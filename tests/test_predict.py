@@ -54,7 +54,6 @@ def test_cpu_bf16_detection_reads_cpuinfo_flags(tmp_path):
 
 
 def test_fast_autocast_picks_bf16_only_where_fast(monkeypatch):
-    import densedet.predict as predict
     monkeypatch.setattr(densedet.device, "cpu_has_fast_bf16", lambda: False)
     with fast_autocast("cpu"):
         assert not torch.is_autocast_enabled("cpu")

@@ -251,7 +251,7 @@ def _build(name: str, settings: BenchSettings, size: int | None = None, device: 
     """A preset with random weights at a fixed square input size (no resize inside the timing)."""
     overrides = dict(settings.model_overrides)
     overrides.update(extra)
-    if size is not None and PRESETS[name].fixed_size is None:   # a fixed-size preset (RefineDet) keeps its size
+    if size is not None and PRESETS[name].arch == "retinanet":   # RefineDet presets carry their size
         overrides.update(fixed_size=[size, size], min_size=size, max_size=size)
     model = build_model(name, **overrides)
     return model.to(device or torch.device("cpu"))
@@ -284,7 +284,6 @@ def bench_peak(settings: BenchSettings, device: torch.device) -> Table:
 def _torchvision_model(num_classes: int, size: int):
     try:
         # optional comparison: torchvision is not a densedet dependency (never installed into the venv)
-        import torchvision  # noqa: F401
         from torchvision.models.detection import retinanet_resnet50_fpn
     except Exception:  # noqa: BLE001 - not installed
         return None
@@ -309,7 +308,7 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> Table:
     for name in settings.infer_models:
         preset = PRESETS[name]
         for size in settings.infer_sizes:
-            if preset.fixed_size is not None and size != preset.fixed_size[0]:
+            if preset.arch == "refinedet" and size != preset.refinedet.image_size:
                 continue           # RefineDet320 runs at 320, RefineDet512 at 512
             # random weights: RetinaNet's prior (0.01) stays under its 0.05 threshold, but a random
             # RefineDet's softmax (~1/21 per class) passes 0.01 everywhere and would time 20 full

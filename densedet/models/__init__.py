@@ -11,7 +11,6 @@ import dataclasses
 import re
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..config import Config, ConfigError, ModelConfig, validate, with_model_options
