@@ -310,7 +310,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(straight_run, tiny_co
 
 def with_p7(cfg):
     """The tiny config on P3-P7: P3-P6 models leave a parameter without gradient (see below)."""
-    cfg.model.max_level, cfg.model.anchor_sizes = 7, [16.0, 32.0, 64.0, 128.0, 256.0]
+    cfg.model.retinanet.max_level, cfg.model.anchor_sizes = 7, [16.0, 32.0, 64.0, 128.0, 256.0]
     return cfg
 
 
@@ -365,7 +365,7 @@ def test_two_processes_compute_the_gradient_of_the_whole_batch(tiny_config, tmp_
     from densedet.models import build_from_config
     cfg = with_p7(tiny_config(norm="gn"))
     cfg.train.batch_size = 4
-    cfg.model.class_ce_weight = 0.5     # its cross-entropy term shares the all-reduced normaliser
+    cfg.model.retinanet.class_ce_weight = 0.5     # its cross-entropy term shares the all-reduced normaliser
     mp.spawn(_ddp_gradients, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     shards = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 

@@ -157,7 +157,7 @@ def test_a_nan_on_one_process_only_is_skipped_by_all(tiny_config, tmp_path):
     all-reduces gradients in it deadlocks DDP. The run must end with one skipped step."""
     from densedet.config import save_config
     cfg = tiny_config(norm="gn")
-    cfg.model.max_level, cfg.model.anchor_sizes = 7, [16.0, 32.0, 64.0, 128.0, 256.0]  # P6-only leaves P7 unused
+    cfg.model.retinanet.max_level, cfg.model.anchor_sizes = 7, [16.0, 32.0, 64.0, 128.0, 256.0]  # P6-only: P7 unused
     cfg.train.max_iters, cfg.train.batch_size = 3, 4   # 2 images a process: GN needs > 1 value a group at P7 (1x1)
     config_path, script = tmp_path / "ddp.yaml", tmp_path / "rank0_nan.py"
     save_config(cfg, config_path)
@@ -258,7 +258,7 @@ def test_unreadable_checkpoints_are_named(tmp_path):
     path = tmp_path / "cut.pt"
     atomic_save(small_checkpoint(1.0), path)
     path.write_bytes(path.read_bytes()[:300])          # a file cut short (not by atomic_save)
-    with pytest.raises(CheckpointError, match="cut.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="cut.pt: truncated or damaged checkpoint"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="missing.pt: checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -290,7 +290,7 @@ def test_a_checkpoint_carrying_objects_is_refused_and_no_code_runs(tmp_path, pay
     obj = RunsCode(marker) if payload == "os.system" else PlainObject()
     path = tmp_path / "evil.pt"
     torch.save({"format": CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1)}, "extra": obj}, path)
-    with pytest.raises(CheckpointError, match="evil.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="evil.pt: holds Python objects"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError):
         model_from_checkpoint(path)
