@@ -215,7 +215,7 @@ class SolverConfig:
 class TrainConfig:
     batch_size: int = 16                    # images per iteration, all processes together
     max_iters: int = 90000
-    max_minutes: float = 0.0                # >0: stop after this much training time (the schedule is stretched to it)
+    max_minutes: float = 0.0                # >0: fit the run to this much training time; max_iters stays the cap
     precision: str = "auto"                 # auto | fp32 | bf16
     channels_last: bool = True
     gemm_weight_grad: bool = True           # CPU fp32: the weight gradient of wide convolutions (in x out >= 128 x 256:
