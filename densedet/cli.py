@@ -11,55 +11,27 @@ Each verb module has ``add_parser(subparsers)``, which registers the verb and th
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from pathlib import Path
 
-from .config import ConfigError
+from .commands import ablate, analyze, bench, eval, export, predict, train
+from .config import ConfigError, find_config
 from .data import DatasetError
 from .engine.checkpoint import CheckpointError
 
-__all__ = ["main", "find_config"]
+__all__ = ["main", "find_config", "build_parser", "parse_args"]
 
 # The modules that register the verbs through ``add_parser(subparsers)``, in the order of --help.
-_VERB_MODULES = ["densedet.commands.train", "densedet.commands.eval", "densedet.commands.predict",
-                 "densedet.commands.export", "densedet.commands.bench", "densedet.commands.analyze",
-                 "densedet.commands.ablate"]
-
-
-def find_config(name: str) -> Path:
-    """A config path as given, else a config shipped in the package (``densedet/configs``) by name,
-    with or without ``.yaml`` (``configs/NAME.yaml`` too, so the checkout's paths work anywhere).
-    The error lists the shipped names."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    from importlib.resources import files
-    shipped = files("densedet") / "configs"
-    stem = path.name if path.parts[:-1] == ("configs",) else name
-    for candidate in (shipped / stem, shipped / f"{stem}.yaml"):
-        if candidate.is_file():
-            return Path(str(candidate))
-    names = sorted(p.name[:-len(".yaml")] for p in shipped.iterdir() if p.name.endswith(".yaml")) \
-        if shipped.is_dir() else []
-    raise FileNotFoundError(f"config {name!r} not found: neither a file nor a config shipped with densedet "
-                            f"(available: {', '.join(names) or 'none'})")
+VERBS = [train, eval, predict, export, bench, analyze, ablate]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``densedet`` parser with every verb of :data:`_VERB_MODULES` registered."""
+    """The ``densedet`` parser with every verb of :data:`VERBS` registered."""
     parser = argparse.ArgumentParser(prog="densedet", description="One-stage dense object detection "
                                      "(RetinaNet, RefineDet): train, evaluate, predict, export, benchmark.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _VERB_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:   # a verb whose module is not part of this install
-                continue
-            raise
-        module.add_parser(sub)
+    for verb in VERBS:
+        verb.add_parser(sub)
     return parser
 
 

@@ -13,13 +13,15 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-__all__ = ["ConfigError", "ModelConfig", "RetinaNetConfig", "RefineDetConfig", "with_model_options", "upgrade_config_dict", "DataConfig", "SolverConfig", "TrainConfig", "TestConfig",
-           "Config", "load_config", "save_config", "apply_overrides", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "ModelConfig", "RetinaNetConfig", "RefineDetConfig", "DataConfig", "SolverConfig",
+           "TrainConfig", "TestConfig", "Config", "find_config", "load_config", "save_config", "apply_overrides",
+           "with_model_options", "upgrade_config_dict", "from_dict", "to_dict"]
 
 
 # How test-time augmentation merges its passes (densedet.tta.merge_detections implements each).
@@ -381,7 +383,8 @@ def validate(cfg: Config) -> None:
     """Impossible values, caught before any work starts."""
     checks = [
         (cfg.solver.lr > 0, "solver.lr", f"must be > 0, got {cfg.solver.lr}"),
-        (cfg.solver.optimizer in ("sgd", "adamw"), "solver.optimizer", f"must be sgd or adamw, got {cfg.solver.optimizer!r}"),
+        (cfg.solver.optimizer in ("sgd", "adamw"), "solver.optimizer",
+         f"must be sgd or adamw, got {cfg.solver.optimizer!r}"),
         (cfg.solver.schedule in ("multistep", "cosine"), "solver.schedule",
          f"must be multistep or cosine, got {cfg.solver.schedule!r}"),
         (all(s >= 32 for s in cfg.test.tta_scales), "test.tta_scales",
@@ -408,7 +411,8 @@ def _model_checks(m: ModelConfig) -> list[Check]:
         r = m.retinanet
         checks.append((0 <= r.bg_iou_thresh <= r.fg_iou_thresh <= 1, "model.retinanet.bg_iou_thresh",
                        f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {r.bg_iou_thresh}, {r.fg_iou_thresh}"))
-        checks.append((r.class_ce_weight >= 0, "model.retinanet.class_ce_weight", f"must be >= 0, got {r.class_ce_weight}"))
+        checks.append((r.class_ce_weight >= 0, "model.retinanet.class_ce_weight",
+                       f"must be >= 0, got {r.class_ce_weight}"))
         if m.anchor_sizes is not None:
             checks.append((len(m.anchor_sizes) == r.max_level - r.min_level + 1, "model.anchor_sizes",
                            f"has {len(m.anchor_sizes)} entries but levels P{r.min_level}-P{r.max_level} need "
@@ -432,7 +436,8 @@ def _train_checks(cfg: Config) -> list[Check]:
     checks: list[Check] = [
         (t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}"),
         (t.max_iters > 0, "train.max_iters", f"must be > 0, got {t.max_iters}"),
-        (t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16, got {t.precision!r}"),
+        (t.precision in ("auto", "fp32", "bf16"), "train.precision",
+         f"must be auto, fp32 or bf16, got {t.precision!r}"),
         (0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}"),
         (t.pretrain_minutes >= 0 and t.pretrain_iters >= 0, "train.pretrain_minutes",
          "pretrain_minutes and pretrain_iters must be >= 0"),
@@ -471,6 +476,24 @@ def _data_checks(cfg: Config) -> list[Check]:
     if d.crop_size or d.crop_sizes:
         checks.append((not ssd, "data.crop_size", "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
     return checks
+
+
+def find_config(name: str) -> Path:
+    """A config path as given, else a config shipped in the package (``densedet/configs``) by name,
+    with or without ``.yaml`` (``configs/NAME.yaml`` too, so the checkout's paths work anywhere).
+    The error lists the shipped names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = files("densedet") / "configs"
+    stem = path.name if path.parts[:-1] == ("configs",) else name
+    for candidate in (shipped / stem, shipped / f"{stem}.yaml"):
+        if candidate.is_file():
+            return Path(str(candidate))
+    names = sorted(p.name[:-len(".yaml")] for p in shipped.iterdir() if p.name.endswith(".yaml")) \
+        if shipped.is_dir() else []
+    raise FileNotFoundError(f"config {name!r} not found: neither a file nor a config shipped with densedet "
+                            f"(available: {', '.join(names) or 'none'})")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

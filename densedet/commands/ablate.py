@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import Config, ConfigError, apply_overrides, load_config, to_dict
+from ..config import Config, ConfigError, apply_overrides, find_config, load_config, to_dict
 from ..engine.trainer import train
 
 __all__ = ["PAPER_TABLE_1B", "PAPER_TABLE_1D", "DEFAULT_GAMMAS", "LOSS_METHODS", "AblationRun", "paper_alpha",
@@ -347,7 +347,7 @@ def add_parser(subparsers) -> None:
         description="Train one model per setting — γ in {0, 0.5, 1, 2, 5} with the paper's best α (Table 1b), "
                     "and FL vs OHEM 1:3 vs OHEM vs GHM-C (Table 1d) — each with the same fixed budget, and write "
                     "the tables (Markdown and CSV) and a plot of AP against γ.")
-    p.add_argument("config", help="YAML config (densedet.config.Config)")
+    p.add_argument("config", help="YAML config file, or the name of a config shipped with densedet")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-iters", type=int, help="iterations per run (schedule compressed to it)")
@@ -364,7 +364,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """``densedet ablate``: 0 when every run finished, 1 when some failed, 2 for a bad config."""
     try:
-        cfg = load_config(args.config, list(args.overrides))
+        cfg = load_config(find_config(args.config), list(args.overrides))
         runs = plan_runs(args.gammas, args.methods)
         if not runs:
             raise ConfigError("nothing to run: give --gammas and/or --methods")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis import analyze
-from ..config import ConfigError, load_config
+from ..config import ConfigError, find_config, load_config
 from ..data import DatasetError
 
 __all__ = ["format_summary", "write_plots", "add_parser", "run"]
@@ -161,7 +161,7 @@ def add_parser(subparsers) -> None:
                     "foreground/ignored/background anchors per image under the configured matcher, the "
                     "share of boxes no anchor reaches at the foreground IoU, by size, and what other "
                     "anchor sizes/ratios would reach. Writes analysis.json and PNG plots.")
-    p.add_argument("config", help="YAML config (densedet.config.Config)")
+    p.add_argument("config", help="YAML config file, or the name of a config shipped with densedet")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.min_size=512")
     p.add_argument("--out", default=None, help="output folder (default: <train.output_dir>/analysis)")
     p.add_argument("--split", default="train", choices=["train", "val"])
@@ -186,7 +186,7 @@ def _json_ready(obj: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     """``densedet analyze``; returns the exit code (2 for a bad config or dataset)."""
     try:
-        cfg = load_config(args.config, list(args.overrides))
+        cfg = load_config(find_config(args.config), list(args.overrides))
         result = analyze(cfg, split=args.split, max_images=args.max_images, candidates=not args.no_candidates)
     except (ConfigError, DatasetError, FileNotFoundError) as err:
         print(f"densedet analyze: {err}", file=sys.stderr)

@@ -6,8 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..cli import find_config
-from ..config import load_config
+from ..config import find_config, load_config
 from ..engine.trainer import train
 
 __all__ = ["add_parser", "run_train", "run_demo"]
