@@ -49,7 +49,7 @@ def test_train_and_val_digits_are_disjoint(mnist):
     assert np.bincount(labels[val]).tolist() == [100] * 10
 
 
-def test_written_scenes_come_from_their_split_pool(scenes, mnist):
+def test_written_scene_is_render_scene_of_its_seed(scenes, mnist):
     """Scene i of a split is render_scene(rng(seed, split, i)) over that split's digit pool:
     redrawing it from the pool reproduces the PNG pixels and the json boxes exactly."""
     images, labels = mnist
@@ -66,6 +66,99 @@ def test_written_scenes_come_from_their_split_pool(scenes, mnist):
         used = rows[[m["index"] for m in masks]]
         assert set(used.tolist()) <= set(rows.tolist())
         np.testing.assert_array_equal(labels[used], box_labels)
+
+
+def _ink_crop(digit: np.ndarray) -> np.ndarray:
+    """A 28x28 MNIST digit cut to its nonzero pixels, as alpha in [0, 1]."""
+    ys, xs = np.nonzero(digit)
+    return digit[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32) / 255.0
+
+
+def _paste_residual(pixels: np.ndarray, box: tuple[int, int, int, int], crop: np.ndarray,
+                    max_fringe: int = 8) -> float:
+    """How well ``crop``, pasted as the digits module docstring says, explains the scene under ``box``.
+
+    A digit is its ink crop resized (PIL bilinear) to some Wa x Ha, pasted as alpha ``a`` in one
+    colour ``c``: pixel = background * (1 - a) + c * a, and its json box is where a >= INK_THRESHOLD.
+    For every size whose ink box is exactly ``box`` (x, y, w, h), the patch is fitted per channel
+    with a background linear in x and y; the smallest RMS residual (pixel values in [0, 1]) is
+    returned, inf if no size gives the box. The true digit leaves only the background's curvature.
+    """
+    x, y, w, h = box
+    best = np.inf
+    for ha in range(h, h + max_fringe):
+        for wa in range(w, w + max_fringe):
+            alpha = np.asarray(Image.fromarray(crop).resize((wa, ha), Image.Resampling.BILINEAR)).clip(0, 1)
+            ink = alpha >= INK_THRESHOLD
+            rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+            if len(rows) == 0 or (rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]) != (h, w):
+                continue
+            x0, y0 = x - cols[0], y - rows[0]
+            if x0 < 0 or y0 < 0 or y0 + ha > pixels.shape[0] or x0 + wa > pixels.shape[1]:
+                continue
+            step = max(1, int(math.sqrt(ha * wa / 2000)))  # a few thousand pixels are plenty
+            patch = pixels[y0:y0 + ha:step, x0:x0 + wa:step].reshape(-1, 3).astype(np.float64) / 255.0
+            a = alpha[::step, ::step].ravel().astype(np.float64)
+            yy, xx = (g.ravel() / 100.0 for g in np.mgrid[0:ha:step, 0:wa:step])
+            # background b0 + bx x + by y, times (1 - a), plus c a: linear in 6 unknowns per channel
+            design = np.stack([np.ones_like(a), xx, yy, a, a * xx, a * yy], axis=1)
+            coef, *_ = np.linalg.lstsq(design, patch, rcond=None)
+            best = min(best, float(np.sqrt(np.mean((design @ coef - patch) ** 2))))
+    return best
+
+
+def test_written_scenes_come_from_their_split_pool(scenes, mnist):
+    """Checked from the outside, without the generator: every clearly visible digit of a written
+    scene (long side >= 32 px, no other box within 4 px) is a digit of its split's MNIST pool, with
+    the json label — it is explained by pasting an own-pool digit far better than by pasting any
+    digit of the other split's pool. Candidates: the digits whose shape (ink crop at 16x16) best
+    correlates with the scene's ink under the box, the best few of each pool; up to 8 digits a split."""
+    images, labels = mnist
+    train, val = split_indices(labels)
+    crops = [_ink_crop(d) for d in images]
+    side = 16
+    shapes = np.stack([np.asarray(Image.fromarray(c).resize((side, side), Image.Resampling.BILINEAR))
+                       for c in crops]).reshape(len(crops), -1)
+    shapes -= shapes.mean(1, keepdims=True)
+    shapes /= np.linalg.norm(shapes, axis=1, keepdims=True)
+    for split, own, other in (("train", train, val), ("val", val, train), ("tune", val, train)):
+        doc = json.load(open(scenes[f"{split}_json"]))
+        checked = 0
+        for image in doc["images"]:
+            pixels = np.asarray(Image.open(os.path.join(scenes[f"{split}_images"], image["file_name"])))
+            size = pixels.shape[0]
+            anns = [a for a in doc["annotations"] if a["image_id"] == image["id"]]
+            for ann in anns:
+                if checked == 8:
+                    break
+                x, y, w, h = map(int, ann["bbox"])
+                m = 4
+                apart = all(o is ann or o["bbox"][0] >= x + w + m or o["bbox"][0] + o["bbox"][2] <= x - m
+                            or o["bbox"][1] >= y + h + m or o["bbox"][1] + o["bbox"][3] <= y - m for o in anns)
+                if max(w, h) < 32 or not apart or min(x, y) < 3 or max(x + w, y + h) > size - 3:
+                    continue
+                # the ink: distance from the background colour around the box
+                ring = np.concatenate([pixels[y - 3:y, x - 3:x + w + 3].reshape(-1, 3),
+                                       pixels[y + h:y + h + 3, x - 3:x + w + 3].reshape(-1, 3),
+                                       pixels[y:y + h, x - 3:x].reshape(-1, 3),
+                                       pixels[y:y + h, x + w:x + w + 3].reshape(-1, 3)]).astype(np.float32)
+                ink = np.linalg.norm(pixels[y:y + h, x:x + w].astype(np.float32) - np.median(ring, axis=0), axis=2)
+                query = np.asarray(Image.fromarray(ink).resize((side, side), Image.Resampling.BILINEAR)).ravel()
+                query = (query - query.mean()) / np.linalg.norm(query - query.mean())
+                fit = {}
+                for pool in (own, other):
+                    for i in pool[np.argsort(-(shapes[pool] @ query))[:6]]:
+                        fit[int(i)] = _paste_residual(pixels, (x, y, w, h), crops[i])
+                own_set = set(own.tolist())
+                best_own = min((i for i in fit if i in own_set), key=fit.get)
+                best_other = min(fit[i] for i in fit if i not in own_set)
+                where = f"{split} {image['file_name']} box {ann['bbox']}"
+                assert fit[best_own] < 0.12, f"{where}: no digit of the {split} pool explains it"
+                assert best_other > 1.3 * fit[best_own], \
+                    f"{where}: a digit of the other pool fits as well ({best_other:.4f} vs {fit[best_own]:.4f})"
+                assert labels[best_own] == ann["category_id"] - 1, f"{where}: label"
+                checked += 1
+        assert checked >= 3, f"{split}: only {checked} digits could be checked"
 
 
 def test_same_arguments_same_bytes_and_seed_matters(scenes, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -113,8 +114,46 @@ def test_multi_class_mean_excludes_classes_without_gt():
     assert "mAP = 62.50" in table and "25.00" in table and " -" in table
 
 
+def reference_ap(tp: list[int], npos: int, use_07: bool) -> float:
+    """The devkit's AP of one class from its TP/FP flags in score order, written out here so the
+    reference shares no code with densedet's ``voc_ap``. Exact rational arithmetic (no float ties
+    at the 0.1 recall steps): recall_k = TP_k / npos, precision_k = TP_k / k.
+
+    VOC07: mean over t = 0, 0.1, ..., 1 of the highest precision at a recall >= t (0 if none).
+    VOC10+: area under the precision envelope, where the envelope at detection k is the highest
+    precision at any detection j >= k; each rise of recall contributes its width times it.
+    """
+    recall, precision, hits = [], [], 0
+    for k, flag in enumerate(tp, start=1):
+        hits += flag
+        recall.append(Fraction(hits, npos))
+        precision.append(Fraction(hits, k))
+    if use_07:
+        total = Fraction(0)
+        for i in range(11):
+            reached = [p for r, p in zip(recall, precision) if r >= Fraction(i, 10)]
+            total += max(reached) if reached else 0
+        return float(total / 11)
+    area, previous = Fraction(0), Fraction(0)
+    for k in range(len(recall)):
+        if recall[k] > previous:
+            area += (recall[k] - previous) * max(precision[k:])
+            previous = recall[k]
+    return float(area)
+
+
+def test_reference_ap_hand_example():
+    # the hand example above: TP, FP, TP with three positives
+    assert reference_ap([1, 0, 1], 3, True) == HAND_AP07
+    assert reference_ap([1, 0, 1], 3, False) == HAND_AP10
+    assert reference_ap([1, 0], 2, False) == 0.5 and reference_ap([1, 0], 2, True) == 6 / 11
+    assert reference_ap([0, 1], 2, False) == 0.25
+    assert reference_ap([], 4, True) == 0.0 and reference_ap([], 4, False) == 0.0
+
+
 def devkit_reference(dets, gts, num_classes, iou_threshold, use_07):
-    """Straightforward VOC devkit loop (one detection at a time over the dataset, continuous IoU)."""
+    """Straightforward VOC devkit loop (one detection at a time over the dataset, continuous IoU),
+    sharing no code with densedet (the AP from ``reference_ap``)."""
     aps = []
     for c in range(num_classes):
         records = [(float(s), i, list(map(float, b)))
@@ -124,7 +163,7 @@ def devkit_reference(dets, gts, num_classes, iou_threshold, use_07):
                 for i, g in enumerate(gts)}
         npos = sum(not f for v in gt_c.values() for _, f in v)
         used = {i: [False] * len(v) for i, v in gt_c.items()}
-        tp, fp = [], []
+        tp = []  # per detection in score order: 1 true positive, 0 false positive
         for _, i, b in records:
             best, best_j = -1.0, -1
             for j, (g, _) in enumerate(gt_c[i]):
@@ -139,13 +178,12 @@ def devkit_reference(dets, gts, num_classes, iou_threshold, use_07):
                     continue
                 if not used[i][best_j]:
                     used[i][best_j] = True
-                    tp.append(1), fp.append(0)
+                    tp.append(1)
                     continue
-            tp.append(0), fp.append(1)
+            tp.append(0)
         if npos == 0:
             continue
-        tp_cum, fp_cum = np.cumsum(tp, dtype=float), np.cumsum(fp, dtype=float)
-        aps.append(voc_ap(tp_cum / npos, tp_cum / np.maximum(tp_cum + fp_cum, 1), use_07))
+        aps.append(reference_ap(tp, npos, use_07))
     return float(np.mean(aps))
 
 

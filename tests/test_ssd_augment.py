@@ -105,14 +105,29 @@ def test_crop_max_iou_and_unconstrained_samplers():
     g = torch.Generator().manual_seed(0)
     boxes = torch.tensor([[0.0, 0, 50, 50]])
     capped = CropSampler(0.3, 1.0, 0.5, 2.0, max_iou=0.2, max_trials=200)
+    found, touching = 0, 0
     for _ in range(20):
         crop = sample_crop(capped, 100, 100, boxes, g)
-        if crop is not None:
-            assert float(box_iou(torch.tensor([crop], dtype=torch.float32), boxes).max()) <= 0.2
+        if crop is None:
+            continue
+        found += 1
+        x0, y0, x1, y1 = crop
+        assert 0 <= x0 < x1 <= 100 and 0 <= y0 < y1 <= 100
+        iou = float(box_iou(torch.tensor([crop], dtype=torch.float32), boxes).max())
+        assert iou <= 0.2
+        touching += iou > 0
+    # About half of the random crops have IoU <= 0.2 with the box (most of them still overlap it),
+    # so 200 trials fail with probability ~2^-200: every call must yield a crop, and a cap read as
+    # "no overlap at all" would leave no crop touching the box.
+    assert found == 20
+    assert touching >= 5
     assert sample_crop(CAFFE_SAMPLERS[0], 100, 120, boxes, g) == (0, 0, 120, 100)  # the whole image
     # a constrained sampler needs a box; the last Caffe sampler (max IoU 1) accepts any crop otherwise
     assert sample_crop(CAFFE_SAMPLERS[3], 100, 100, torch.zeros(0, 4), g) is None
-    assert sample_crop(CAFFE_SAMPLERS[6], 100, 100, boxes, g) is not None
+    any_crops = [sample_crop(CAFFE_SAMPLERS[6], 100, 100, boxes, g) for _ in range(10)]
+    assert all(crop is not None for crop in any_crops)
+    assert all(0 <= x0 < x1 <= 100 and 0 <= y0 < y1 <= 100 for x0, y0, x1, y1 in any_crops)
+    assert len(set(any_crops)) > 1  # random crops, not the whole image every time
 
 
 def test_crop_keeps_boxes_whose_centre_is_inside():

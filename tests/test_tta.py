@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densedet.models.preprocess import ImagePreprocessor
@@ -145,6 +146,82 @@ def test_plain_pass_equals_model_output_on_retinanet():
             assert torch.equal(e[key], g[key]), key
 
 
+# -- real models: every pass maps back to the image ----------------------------------------------
+#
+# The reference below runs each pass by hand with the models' dense API (model.preprocessor's
+# mean/std/size_divisible, dense_forward, postprocess), without densedet.tta: the image and its
+# mirror are normalised, resized to the pass's size (shorter side = scale, longer side capped at
+# max_size * scale / min_size, for resize models; scale x scale for warp models), zero-padded and
+# detected in one batch, then the boxes are mapped back by the scale factors and, for the mirror,
+# by x -> W - x, and kept by the pass's size range.
+
+def pass_size(model, height: int, width: int, scale: int) -> tuple[int, int]:
+    """The (h, w) one pass feeds the model, from TTAConfig's documented meaning of a scale."""
+    p = model.preprocessor
+    if p.fixed_size is not None:
+        return (scale, scale) if scale else tuple(p.fixed_size)
+    short, cap = (p.min_size[-1], p.max_size) if scale == 0 else (scale, round(p.max_size * scale / p.min_size[-1]))
+    factor = min(short / min(height, width), cap / max(height, width))
+    return math.floor(height * factor), math.floor(width * factor)
+
+
+def reference_passes(model, image: Tensor, cfg: TTAConfig) -> dict[str, Tensor]:
+    """All passes' detections in original pixels, pooled (boxes, scores, labels, and per box its pass)."""
+    p = model.preprocessor
+    big_h, big_w = image.shape[-2:]
+    pooled = {"boxes": [], "scores": [], "labels": [], "pass": []}
+    for i, scale in enumerate(cfg.scales):
+        h, w = pass_size(model, big_h, big_w, scale)
+        views = [image, image.flip(-1)] if cfg.flip else [image]
+        batch = torch.cat([F.interpolate(((v - p.mean) / p.std)[None], size=(h, w), mode="bilinear",
+                                         align_corners=False) for v in views])
+        d = p.size_divisible
+        batch = F.pad(batch, (0, -w % d, 0, -h % d))
+        with torch.inference_mode():
+            dets = model.postprocess(*model.dense_forward(batch), [(h, w)] * len(views))
+        lo, hi = cfg.range_of(i)
+        for flipped, det in zip((False, True), dets):
+            x1, y1, x2, y2 = (det["boxes"].float() * torch.tensor([big_w / w, big_h / h] * 2)).unbind(1)
+            if flipped:
+                x1, x2 = big_w - x2, big_w - x1
+            boxes = torch.stack([x1, y1, x2, y2], 1)
+            longer = torch.maximum(x2 - x1, y2 - y1)
+            shorter = torch.minimum(x2 - x1, y2 - y1)
+            keep = ((longer > lo) if lo is not None else torch.ones_like(longer, dtype=torch.bool)) & \
+                   ((shorter < hi) if hi is not None else torch.ones_like(longer, dtype=torch.bool))
+            pooled["boxes"].append(boxes[keep])
+            pooled["scores"].append(det["scores"][keep].float())
+            pooled["labels"].append(det["labels"][keep])
+            pooled["pass"] += [(scale, flipped)] * int(keep.sum())
+    return {k: (v if k == "pass" else torch.cat(v)) for k, v in pooled.items()}
+
+
+def assert_tta_is_the_merged_reference(model, image: Tensor, cfg: TTAConfig, det=None) -> None:
+    """``det`` (default: run here) of tta_inference equals the reference passes merged as cfg says;
+    with merge="nms" moreover every output box is, exactly, one box of one reference pass (no merge
+    code involved), and some come from the mirrored view."""
+    pooled = reference_passes(model, image, cfg)
+    flipped = sum(f for _, f in pooled["pass"])
+    assert 0 < len(pooled["pass"]) - flipped and (0 < flipped or not cfg.flip), "every view must give boxes"
+    if det is None:
+        (det,) = tta_inference(model, [image], cfg)
+    expected = merge_detections(pooled["boxes"], pooled["scores"], pooled["labels"], cfg.merge, cfg.iou_threshold,
+                                cfg.detections_per_img, cfg.score_thresh, cfg.sigma)
+    assert det["boxes"].shape[0] > 0
+    torch.testing.assert_close(det["boxes"], expected["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(det["scores"], expected["scores"], atol=1e-5, rtol=0)
+    assert det["labels"].tolist() == expected["labels"].tolist()
+    if cfg.merge == "nms":  # NMS keeps boxes as they are: each is one reference box, the best one first
+        assert det["scores"][0] == pytest.approx(float(pooled["scores"].max()), abs=1e-6)
+        for box, score, label in zip(det["boxes"], det["scores"], det["labels"]):
+            same = ((pooled["boxes"] - box).abs().amax(1) < 1e-3) & ((pooled["scores"] - score).abs() < 1e-6) \
+                & (pooled["labels"] == label)
+            assert bool(same.any()), f"{box.tolist()} ({float(score):.4f}, class {int(label)}) is no pass's box"
+        if cfg.flip:
+            assert any(f and bool(((det["boxes"] - b).abs().amax(1) < 1e-3).any())
+                       for (_, f), b in zip(pooled["pass"], pooled["boxes"])), "no output box is a mirrored one"
+
+
 def test_tta_runs_retinanet_multiscale_with_flip():
     from densedet import build_model
     torch.manual_seed(0)
@@ -157,6 +234,13 @@ def test_tta_runs_retinanet_multiscale_with_flip():
     assert (det["boxes"][:, 0] >= 0).all() and (det["boxes"][:, 2] <= 80 + 1e-4).all()
     assert (det["boxes"][:, 3] <= 48 + 1e-4).all()
     assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+    # the merge is that of the hand-run passes: rescaled ones mapped back by their scale factor,
+    # mirrored ones by x -> W - x, each kept by its size range
+    assert_tta_is_the_merged_reference(model, image, cfg, det)
+    # one rescaled pass alone and one pass with its mirror, merged by NMS: each output box is one
+    # hand-run box, so neither can hide behind the others or behind the merge
+    assert_tta_is_the_merged_reference(model, image, TTAConfig(scales=(96,), flip=False, merge="nms"))
+    assert_tta_is_the_merged_reference(model, image, TTAConfig(scales=(0,), flip=True, merge="nms"))
 
 
 def test_tta_on_refinedet_uses_its_own_api():
@@ -169,9 +253,13 @@ def test_tta_on_refinedet_uses_its_own_api():
     model = refinedet.RefineDet(2, backbone=backbone, tcb_channels=4 * w, image_size=128, score_thresh=0.0).eval()
     assert model_input_size(model) == 128
     image = torch.rand(3, 100, 150)
-    (det,) = tta_inference(model, [image], TTAConfig(scales=(128, 64, 192), flip=True, merge="soft_vote"))
+    cfg = TTAConfig(scales=(128, 64, 192), flip=True, merge="soft_vote")
+    (det,) = tta_inference(model, [image], cfg)
     assert det["boxes"].shape[0] > 0
     assert set(det["labels"].tolist()) <= {0, 1}
+    # warped passes (128x128, 64x64, 192x192 for a 150x100 image: different factors in x and y)
+    # map back to the hand-run passes
+    assert_tta_is_the_merged_reference(model, image, cfg, det)
 
 
 def test_tta_needs_eval_mode():
