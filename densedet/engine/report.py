@@ -18,18 +18,19 @@ def plot_curves(jsonl: str | Path, out_png: str | Path) -> None:
     evals = [r for r in rows if "eval" in r]
     if not train_rows:
         return
-    fig = Figure(figsize=(11, 3.6))
-    ax1, ax2, ax3 = fig.subplots(1, 3)
+    # a validation panel only when the run evaluated during training: no empty frames
+    fig = Figure(figsize=(11 if evals else 7.5, 3.6))
+    axes = fig.subplots(1, 3 if evals else 2)
     its = [r["iteration"] for r in train_rows]
     for key in sorted({k for r in train_rows for k in r if k.startswith("loss")}):
-        ax1.plot(its, [r.get(key, float("nan")) for r in train_rows], label=key)
-    ax1.set_xlabel("iteration"), ax1.set_title("training loss"), ax1.legend(fontsize=7)
-    ax2.plot(its, [r["lr"] for r in train_rows])
-    ax2.set_xlabel("iteration"), ax2.set_title("learning rate")
+        axes[0].plot(its, [r.get(key, float("nan")) for r in train_rows], label=key)
+    axes[0].set_xlabel("iteration"), axes[0].set_title("training loss"), axes[0].legend(fontsize=7)
+    axes[1].plot(its, [r["lr"] for r in train_rows])
+    axes[1].set_xlabel("iteration"), axes[1].set_title("learning rate")
     if evals:
-        ax3.plot([r["iteration"] for r in evals], [r["eval"]["AP"] for r in evals], "o-", label="AP")
-        ax3.plot([r["iteration"] for r in evals], [r["eval"]["AP50"] for r in evals], "o-", label="AP50")
-        ax3.legend(fontsize=7)
-    ax3.set_xlabel("iteration"), ax3.set_title("validation")
+        for key in ("AP", "AP50"):
+            axes[2].plot([r["iteration"] for r in evals], [r["eval"][key] for r in evals], "o-", label=key)
+        axes[2].legend(fontsize=7)
+        axes[2].set_xlabel("iteration"), axes[2].set_title("validation")
     fig.tight_layout()
     fig.savefig(out_png, dpi=90)
