@@ -19,6 +19,8 @@ from typing import Any, Union
 
 import yaml
 
+from .errors import DensedetError
+
 __all__ = ["ConfigError", "ModelConfig", "RetinaNetConfig", "RefineDetConfig", "DataConfig", "SolverConfig",
            "TrainConfig", "TestConfig", "Config", "find_config", "load_config", "save_config", "apply_overrides",
            "with_model_options", "upgrade_config_dict", "from_dict", "to_dict"]
@@ -28,7 +30,7 @@ __all__ = ["ConfigError", "ModelConfig", "RetinaNetConfig", "RefineDetConfig", "
 TTA_MERGE_METHODS = ("nms", "vote", "soft_vote", "soft_nms_linear", "soft_nms_gaussian")
 
 
-class ConfigError(ValueError):
+class ConfigError(DensedetError, ValueError):
     """A configuration value is unknown, of the wrong type or impossible; the message names the key."""
 
 
@@ -505,6 +507,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML config: not UTF-8 text, a binary file? ({err})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
     try:
         cfg = from_dict(Config, data)
         validate(cfg)

@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
+from .errors import DensedetError
+
 __all__ = ["UnreadableFile", "load_tensors"]
 
 
-class UnreadableFile(ValueError):
+class UnreadableFile(DensedetError, ValueError):
     """A file is missing, is not a ``torch.save`` file, is damaged, or holds code-bearing objects."""
 
 

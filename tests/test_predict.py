@@ -13,6 +13,7 @@ from PIL import Image
 
 import densedet.device
 from densedet.commands.predict import add_parser, expand_inputs, progress_bar
+from densedet.errors import UsageError
 from densedet.predict import Predictor, cpu_has_fast_bf16, fast_autocast, merge_tiles, to_image_tensor
 from densedet.visualize import draw_detections
 from densedet.tta import TTAConfig
@@ -271,7 +272,7 @@ def test_cli_predict_end_to_end(tmp_path, capsys):
 
 def test_cli_rejects_bad_tiling_and_missing_inputs(tmp_path):
     ckpt = tmp_path / "none.pt"
-    with pytest.raises(SystemExit, match="tile-overlap"):
+    with pytest.raises(UsageError, match="tile-overlap"):
         run_cli(["predict", "x.png", "--weights", str(ckpt), "--out", str(tmp_path), "--tile", "32",
                  "--tile-overlap", "64"])
     with pytest.raises(FileNotFoundError, match="x.png"):

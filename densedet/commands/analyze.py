@@ -9,15 +9,13 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..analysis import analyze
-from ..config import ConfigError, find_config, load_config
-from ..data import DatasetError
+from ..config import find_config, load_config
 
 __all__ = ["format_summary", "write_plots", "add_parser", "run"]
 
@@ -184,13 +182,10 @@ def _json_ready(obj: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``densedet analyze``; returns the exit code (2 for a bad config or dataset)."""
-    try:
-        cfg = load_config(find_config(args.config), list(args.overrides))
-        result = analyze(cfg, split=args.split, max_images=args.max_images, candidates=not args.no_candidates)
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
-        print(f"densedet analyze: {err}", file=sys.stderr)
-        return 2
+    """``densedet analyze``; returns the exit code (a bad config or dataset raises; ``densedet.cli.main``
+    turns that into one line and exit code 2)."""
+    cfg = load_config(find_config(args.config), list(args.overrides))
+    result = analyze(cfg, split=args.split, max_images=args.max_images, candidates=not args.no_candidates)
     out = Path(args.out or os.path.join(cfg.train.output_dir, "analysis"))
     out.mkdir(parents=True, exist_ok=True)
     print(format_summary(result))

@@ -20,6 +20,7 @@ from ..device import default_device, resolve_precision
 from ..engine.checkpoint import model_from_checkpoint
 from ..engine.data import load_split
 from ..engine.evaluate import predict_dataset
+from ..errors import UsageError
 from ..evaluation import (evaluate_coco, evaluate_voc_from_coco, format_table, format_voc_table,
                           plot_pr_curves)
 from ..tta import tta_from_config
@@ -41,6 +42,7 @@ def eval_results_main(
     out: str | os.PathLike | None = None,
     max_dets: Sequence[int] = (1, 10, 100),
     plot_dir: str | os.PathLike | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a COCO results JSON against a COCO annotation JSON, print the table, save the numbers.
 
@@ -51,19 +53,21 @@ def eval_results_main(
         out: if given, the numbers are written there as JSON.
         max_dets: detection caps per image for "coco" (ignored by VOC, which keeps every detection).
         plot_dir: if given, precision-recall PNGs are written there.
+        strict: refuse ground-truth boxes of zero/negative size or with NaN/inf coordinates
+            instead of leaving them out (counted and logged).
 
     Returns:
         The JSON-ready numbers: for "coco" ``AP, AP50, AP75, APs, APm, APl, AR<caps>, ARs, ARm,
         ARl`` and ``per_class``; for VOC ``mAP`` and ``per_class`` (null for classes without GT).
     """
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise UsageError(f"--metric must be one of {METRICS}, got {metric!r}")
     if metric == "coco":
-        metrics = evaluate_coco(results, annotations, max_dets=max_dets)
+        metrics = evaluate_coco(results, annotations, max_dets=max_dets, strict=strict)
         print(format_table(metrics))
         numbers = {k: v for k, v in metrics.items() if k not in ("per_class", "curves")}
     else:
-        metrics = evaluate_voc_from_coco(results, annotations, use_07_metric=(metric == "voc07"))
+        metrics = evaluate_voc_from_coco(results, annotations, use_07_metric=(metric == "voc07"), strict=strict)
         print(format_voc_table(metrics))
         numbers = {"mAP": metrics["mAP"]}
     summary: dict[str, Any] = {k: _json_number(v) for k, v in numbers.items()}
@@ -141,12 +145,12 @@ def run(args: argparse.Namespace) -> int:
     """``densedet eval``: a results file (``--results``) or a checkpoint (``--weights``); the exit code."""
     if args.results:
         if not args.annotations:
-            raise SystemExit("densedet eval --results needs --annotations")
+            raise UsageError("--results: needs --annotations A.json (the COCO ground truth to evaluate against)")
         eval_results_main(args.results, args.annotations, metric=args.metric, out=args.out,
-                          max_dets=tuple(args.max_dets), plot_dir=args.plot_dir)
+                          max_dets=tuple(args.max_dets), plot_dir=args.plot_dir, strict=args.strict)
         return 0
     if not args.weights:
-        raise SystemExit("densedet eval needs --weights CKPT (evaluate a model) or --results R.json --annotations A.json")
+        raise UsageError("needs --weights CKPT (evaluate a model) or --results R.json --annotations A.json")
     return eval_checkpoint(args)
 
 
@@ -171,4 +175,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--out", help="write metrics JSON here")
     p.add_argument("--plot-dir", help="write precision-recall curves (PNG) here")
+    p.add_argument("--strict", action="store_true",
+                   help="with --results: refuse ground-truth boxes of zero/negative size or NaN/inf coordinates "
+                        "(default: leave them out of the evaluation, counted in a warning)")
     p.set_defaults(func=run)

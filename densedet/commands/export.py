@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..engine.checkpoint import model_from_checkpoint
+from ..errors import UsageError
 from ..export import export_onnx, sidecar_path
 
 __all__ = ["add_parser", "run"]
@@ -31,8 +32,19 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``densedet export``: returns the exit code."""
+    if args.opset < 11:
+        raise UsageError(f"--opset: must be >= 11, got {args.opset}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.size is not None and min(args.size) < 1:
+        raise UsageError(f"--size: H and W must be positive, got {args.size[0]} {args.size[1]}")
     overrides = {} if args.score_thresh is None else {"score_thresh": args.score_thresh}
     model, _, _ = model_from_checkpoint(args.weights, **overrides)
+    divisor = model.preprocessor.size_divisible
+    if args.size is not None and (args.size[0] % divisor or args.size[1] % divisor):
+        raise UsageError(f"--size: {args.size[0]} {args.size[1]} must be multiples of the model's size_divisible "
+                         f"({divisor}) in {args.weights}, e.g. {-(-args.size[0] // divisor) * divisor} "
+                         f"{-(-args.size[1] // divisor) * divisor}")
     out = export_onnx(model, args.out, image_size=args.size, batch_size=args.batch_size, opset=args.opset,
                       dynamic_batch=not args.static_batch)
     side = json.loads(sidecar_path(out).read_text())

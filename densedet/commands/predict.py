@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_image
+from ..errors import UsageError
 from ..evaluation import detections_to_coco
 from ..predict import Predictor
 from ..tta import MERGE_METHODS, tta_preset
@@ -93,10 +94,10 @@ def add_parser(subparsers: Any) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.tile < 0 or (args.tile > 0 and not 0 <= args.tile_overlap < args.tile):
-        raise SystemExit(f"densedet predict: need 0 <= --tile-overlap < --tile, got --tile {args.tile} "
+        raise UsageError(f"--tile-overlap: need 0 <= --tile-overlap < --tile, got --tile {args.tile} "
                          f"--tile-overlap {args.tile_overlap}")
     if args.batch_size < 1:
-        raise SystemExit(f"densedet predict: --batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
 
 
 def _predictor(args: argparse.Namespace) -> Predictor:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import DensedetError
 
-class DatasetError(ValueError):
+
+class DatasetError(DensedetError, ValueError):
     """Bad annotation or image input. The message names the file, the record and what is wrong."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import DensedetError
 from ..config import Config, ConfigError, from_dict, upgrade_config_dict, with_model_options
 from ..models import build_from_config, load_state_dict_checked
 from ..serialization import UnreadableFile, load_tensors
@@ -31,7 +32,7 @@ __all__ = ["CHECKPOINT_FORMAT", "atomic_save", "load_checkpoint", "model_from_ch
 CHECKPOINT_FORMAT = "densedet-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DensedetError, ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .. import conv_grad
+from ..errors import DensedetError
 from ..config import Config, ConfigError, save_config
 from ..data import DetectionData
 from ..device import autocast, default_device, flush_denormals, fused_adam_ok, resolve_precision
@@ -65,7 +66,7 @@ __all__ = ["train", "TrainingError", "build_optimizer", "lr_factor", "init_distr
            "StepParts", "StepResult"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DensedetError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
 
@@ -324,7 +325,8 @@ def _prepare(cfg: Config, resume: bool, log: Callable[[str], None], init_weights
 def _resume(checkpoints: Checkpointer, model: nn.Module, optimizer: torch.optim.Optimizer,
             say: Callable[[str], None]) -> dict:
     if not checkpoints.last_path.is_file():
-        raise TrainingError(f"--resume: no checkpoint at {checkpoints.last_path}")
+        raise TrainingError(f"{checkpoints.last_path}: no checkpoint to resume from (--resume continues a run "
+                            f"folder holding last.pt; leave --resume out to start a new run)")
     return checkpoints.restore_last(model, optimizer, say)
 
 
