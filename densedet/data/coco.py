@@ -14,17 +14,30 @@ from typing import Any
 from .records import DataReport, DatasetError, DetectionData, make_record
 
 
-def _read_json(path: str) -> Any:
+def _read_json(path: str, what: str = "annotation file") -> Any:
+    """A JSON file's content; `DatasetError` naming the file when it is missing, unreadable, not
+    UTF-8 text (a binary file), empty, or malformed JSON (with the error position: a truncated file)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            text = f.read()
     except FileNotFoundError:
-        raise DatasetError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: "
-                           f"{e.msg}") from None
+        raise DatasetError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory, not a {what}") from None
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
+        raise DatasetError(f"{path}: not a JSON {what}: not UTF-8 text, a binary file? ({e})") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if not text.strip():
+        raise DatasetError(f"{path}: empty {what} (no JSON in it)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = " (the file ends early: truncated?)" if e.pos >= len(text.rstrip()) else ""
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: "
+                           f"{e.msg}{cut}") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to read") from None
 
 
 def _require(obj: Any, keys: tuple[str, ...], where: str) -> None:

@@ -56,7 +56,10 @@ def load_image(path: str) -> torch.Tensor:
         # PIL reports unknown formats as UnidentifiedImageError (an OSError) and truncated data
         # as OSError/SyntaxError/EOFError depending on the codec.
         raise DatasetError(f"{path}: cannot decode image: {e}") from None
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    chw = np.ascontiguousarray(array.transpose(2, 0, 1))
+    if not chw.flags.writeable:  # a 1x1 image: already contiguous, so still PIL's read-only buffer
+        chw = chw.copy()
+    return torch.from_numpy(chw)
 
 
 def image_size(path: str) -> tuple[int, int] | None:

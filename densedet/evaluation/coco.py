@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import logging
+import math
+
 import numpy as np
 
+from densedet.data.coco import _read_json
+from densedet.data.records import DataReport, DatasetError
 from densedet.evaluation._format import format_per_class_table
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "evaluate_coco",
@@ -37,69 +43,171 @@ _AREA_SUFFIX = {"small": "s", "medium": "m", "large": "l"}
 
 
 # --------------------------------------------------------------------------- loading and checks
-def load_coco_annotations(annotations: dict | str | os.PathLike) -> dict:
-    """Load a COCO ground-truth dict (or JSON file) into a copy safe to hand to pycocotools.
+# The same care as the training readers (densedet.data.coco): files are read with the same error
+# messages (missing, binary, empty, truncated JSON), every record is checked where it enters, and a
+# bad value raises DatasetError naming the file and the record rather than reaching pycocotools.
+
+def _source(obj: Any, default: str) -> str:
+    return str(obj) if isinstance(obj, (str, os.PathLike)) else default
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    """COCO ids are integers (some converters write strings); never floats, bools, lists or null."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
+
+
+def _numbers(value: Any, count: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == count and all(_is_number(v) for v in value)
+
+
+def _ids(entries: Any, kind: str, source: str) -> set:
+    """The ids of ``images`` or ``categories`` entries: objects with an ``id``, no duplicates."""
+    seen: set = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{source}: {kind}[{i}] is {type(entry).__name__}, expected an object")
+        if "id" not in entry:
+            raise DatasetError(f"{source}: {kind}[{i}] has no 'id' field")
+        if not _is_id(entry["id"]):
+            raise DatasetError(f"{source}: {kind}[{i}]: 'id' must be an integer, got {entry['id']!r}")
+        if entry["id"] in seen:
+            raise DatasetError(f"{source}: duplicate {kind[:-1] if kind != 'categories' else 'category'} "
+                               f"id {entry['id']!r} ({kind}[{i}])")
+        seen.add(entry["id"])
+    return seen
+
+
+def load_coco_annotations(annotations: dict | str | os.PathLike, strict: bool = False,
+                          report: DataReport | None = None) -> dict:
+    """Load and check a COCO ground-truth dict (or JSON file); return a copy safe to hand to pycocotools.
+
+    Checked as the training reader checks it: a JSON object with the lists ``images``,
+    ``annotations`` and ``categories``; image, category and annotation ids distinct; every
+    annotation names a known image and category and has a ``bbox`` of 4 numbers. A box with zero or
+    negative width or height, or a NaN/inf coordinate, cannot be matched: it is left out of the
+    evaluation and counted in ``report`` (logged as a warning), or refused with ``strict=True``.
+    Every problem raises :class:`~densedet.data.DatasetError` naming the file and the record.
 
     pycocotools writes ``ignore`` into every GT annotation during evaluation, so each annotation
-    is copied (shallowly) to leave the caller's dict untouched. Missing ``iscrowd`` defaults to 0
-    and missing ``area`` to the box area ``w * h`` (converted datasets often omit both;
-    pycocotools would fail with a bare KeyError).
+    is copied (shallowly) to leave the caller's dict untouched. Missing ``iscrowd`` defaults to 0,
+    missing ``area`` to the box area ``w * h`` and a missing ``id`` to one not used by the file.
     """
-    source = str(annotations) if isinstance(annotations, (str, os.PathLike)) else "annotations dict"
-    if isinstance(annotations, (str, os.PathLike)):
-        with open(annotations) as f:
-            annotations = json.load(f)
-    if not isinstance(annotations, dict):
-        raise ValueError(f"{source}: a COCO annotation file must hold a JSON object, got {type(annotations).__name__}")
+    source = _source(annotations, "annotations dict")
+    doc = _read_json(source, "annotation file") if isinstance(annotations, (str, os.PathLike)) else annotations
+    if not isinstance(doc, dict):
+        raise DatasetError(f"{source}: a COCO annotation file must hold a JSON object with 'images', "
+                           f"'annotations' and 'categories', got a JSON {type(doc).__name__}")
     for key in ("images", "annotations", "categories"):
-        if key not in annotations:
-            raise ValueError(f"{source}: missing the top-level field '{key}'")
+        if key not in doc:
+            raise DatasetError(f"{source}: missing the top-level field '{key}'")
+        if not isinstance(doc[key], list):
+            raise DatasetError(f"{source}: '{key}' must be a list, got {type(doc[key]).__name__}")
+    image_ids = _ids(doc["images"], "images", source)
+    category_ids = _ids(doc["categories"], "categories", source)
+    report = report if report is not None else DataReport(source=f"ground truth {source}")
+    given_ids = [a["id"] for a in doc["annotations"] if isinstance(a, dict) and _is_id(a.get("id"))]
+    next_id = max([a for a in given_ids if isinstance(a, int)], default=0) + 1
+    seen_ids: set = set()
     anns = []
-    for i, ann in enumerate(annotations["annotations"]):
+    for i, ann in enumerate(doc["annotations"]):
+        where = f"{source}: annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise DatasetError(f"{where} is {type(ann).__name__}, expected an object")
+        if "id" in ann:
+            where = f"{source}: annotation id {ann['id']!r} (annotations[{i}])"
+            if not _is_id(ann["id"]):
+                raise DatasetError(f"{where}: 'id' must be an integer")
+            if ann["id"] in seen_ids:
+                raise DatasetError(f"{where}: duplicate annotation id")
+            seen_ids.add(ann["id"])
         for key in ("image_id", "category_id", "bbox"):
             if key not in ann:
-                raise ValueError(f"{source}: annotation #{i} (id {ann.get('id')}) has no '{key}' field")
+                raise DatasetError(f"{where} has no '{key}' field")
+        if not _is_id(ann["image_id"]) or ann["image_id"] not in image_ids:
+            raise DatasetError(f"{where}: refers to image id {ann['image_id']!r}, which is not in 'images'")
+        if not _is_id(ann["category_id"]) or ann["category_id"] not in category_ids:
+            raise DatasetError(f"{where}: unknown category id {ann['category_id']!r} "
+                               f"(known: {sorted(category_ids, key=str)[:20]})")
         bbox = ann["bbox"]
-        if len(bbox) != 4:
-            raise ValueError(f"{source}: annotation #{i} (id {ann.get('id')}) has bbox {bbox!r}, expected [x, y, w, h]")
+        if not _numbers(bbox, 4):
+            raise DatasetError(f"{where}: 'bbox' must be a list of 4 numbers [x, y, w, h], got {bbox!r}")
+        if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"])):
+            raise DatasetError(f"{where}: 'area' must be a finite number, got {ann['area']!r}")
+        if not all(math.isfinite(v) for v in bbox):
+            report.note("dropped_nonfinite", f"{where} (image id {ann['image_id']}): bbox {bbox!r} has a "
+                        f"NaN or infinite coordinate", strict)
+            continue
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            report.note("dropped_degenerate", f"{where} (image id {ann['image_id']}): bbox {bbox!r} has zero "
+                        f"or negative width or height", strict)
+            continue
         ann = dict(ann)
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
-        ann.setdefault("id", i + 1)
+        if "id" not in ann:
+            while next_id in seen_ids or next_id in given_ids:
+                next_id += 1
+            ann["id"] = next_id
+            seen_ids.add(next_id)
         anns.append(ann)
-    dataset = dict(annotations)
+    report.boxes += len(anns)
+    report.images += len(image_ids)
+    if report.dropped:
+        _log.warning(f"{source}: left {report.dropped} ground-truth box(es) out of the evaluation: "
+                     f"{report.dropped_degenerate} with zero/negative width or height, {report.dropped_nonfinite} "
+                     f"with NaN/inf coordinates (--strict refuses them); e.g. {report.examples[0]}")
+    dataset = dict(doc)
     dataset["annotations"] = anns
     return dataset
 
 
 def load_coco_results(results: list | str | os.PathLike) -> list[dict]:
-    """Load a COCO results list (or JSON file) as fresh records ``{image_id, category_id, bbox, score}``.
+    """Load and check a COCO results list (or JSON file) as fresh records ``{image_id, category_id, bbox, score}``.
 
-    Copies are made because ``COCO.loadRes`` adds fields to every record it is given.
+    Each record must be an object whose ``bbox`` is 4 finite numbers ``[x, y, w, h]`` with ``w, h
+    >= 0``, whose ``score`` is a finite number and whose ids are integers; otherwise
+    :class:`~densedet.data.DatasetError` names the file and the record. (Whether the ids exist in the
+    ground truth is checked by :func:`_check_results_match_gt`.) Copies are made because
+    ``COCO.loadRes`` adds fields to every record it is given.
     """
-    source = str(results) if isinstance(results, (str, os.PathLike)) else "results list"
+    source = _source(results, "results list")
     if isinstance(results, (str, os.PathLike)):
-        with open(results) as f:
-            results = json.load(f)
+        results = _read_json(source, "results file")
     if not isinstance(results, list):
-        raise ValueError(f"{source}: COCO results must be a JSON list of detections, got {type(results).__name__}")
+        raise DatasetError(f"{source}: COCO results must be a JSON list of detections "
+                           f"[{{image_id, category_id, bbox, score}}, ...], got a JSON {type(results).__name__}")
     records = []
     for i, det in enumerate(results):
         if not isinstance(det, dict):
-            raise ValueError(f"{source}: record #{i} is {type(det).__name__}, expected an object")
+            raise DatasetError(f"{source}: record #{i} is {type(det).__name__}, expected an object")
         for key in ("image_id", "category_id", "bbox", "score"):
             if key not in det:
-                raise ValueError(f"{source}: record #{i} has no '{key}' field")
-        bbox = [float(v) for v in det["bbox"]]
-        if len(bbox) != 4:
-            raise ValueError(f"{source}: record #{i} has bbox {det['bbox']!r}, expected [x, y, w, h]")
-        records.append(
-            {"image_id": det["image_id"], "category_id": det["category_id"], "bbox": bbox, "score": float(det["score"])}
-        )
+                raise DatasetError(f"{source}: record #{i} has no '{key}' field")
+        for key in ("image_id", "category_id"):
+            if not _is_id(det[key]):
+                raise DatasetError(f"{source}: record #{i}: '{key}' must be an integer, got {det[key]!r}")
+        bbox = det["bbox"]
+        if not _numbers(bbox, 4):
+            raise DatasetError(f"{source}: record #{i} has bbox {bbox!r}, expected 4 numbers [x, y, w, h]")
+        if not all(math.isfinite(v) for v in bbox):
+            raise DatasetError(f"{source}: record #{i} has bbox {bbox!r} with a NaN or infinite coordinate")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise DatasetError(f"{source}: record #{i} has bbox {bbox!r} with a negative width or height "
+                               f"(COCO boxes are [x, y, w, h], not [x1, y1, x2, y2])")
+        score = det["score"]
+        if not _is_number(score) or not math.isfinite(score):
+            raise DatasetError(f"{source}: record #{i} has score {score!r}, expected a finite number")
+        records.append({"image_id": det["image_id"], "category_id": det["category_id"],
+                        "bbox": [float(v) for v in bbox], "score": float(score)})
     return records
 
 
-def _check_results_match_gt(records: list[dict], dataset: dict) -> None:
+def _check_results_match_gt(records: list[dict], dataset: dict, source: str = "results",
+                            gt_source: str = "the ground truth") -> None:
     """Raise if results name images or categories the ground truth does not have.
 
     pycocotools only asserts "Results do not correspond to current coco set" for images and
@@ -110,17 +218,17 @@ def _check_results_match_gt(records: list[dict], dataset: dict) -> None:
     bad_images = sorted({r["image_id"] for r in records} - image_ids, key=str)
     if bad_images:
         first = next(i for i, r in enumerate(records) if r["image_id"] == bad_images[0])
-        raise ValueError(
-            f"results name {len(bad_images)} image id(s) not in the ground truth, e.g. {bad_images[:5]} "
-            f"(first at record #{first}); were the results made for another annotation file?"
+        raise DatasetError(
+            f"{source}: results name {len(bad_images)} image id(s) not in the ground truth ({gt_source}), "
+            f"e.g. {bad_images[:5]} (first at record #{first}); were the results made for another annotation file?"
         )
     bad_cats = sorted({r["category_id"] for r in records} - category_ids, key=str)
     if bad_cats:
         first = next(i for i, r in enumerate(records) if r["category_id"] == bad_cats[0])
-        raise ValueError(
-            f"results use category id(s) {bad_cats[:5]} not in the ground-truth categories "
-            f"{sorted(category_ids)[:10]} (first at record #{first}); contiguous labels must be mapped "
-            f"back to category ids (see detections_to_coco)"
+        raise DatasetError(
+            f"{source}: results use category id(s) {bad_cats[:5]} not in the ground-truth categories "
+            f"{sorted(category_ids, key=str)[:10]} of {gt_source} (first at record #{first}); contiguous labels "
+            f"must be mapped back to category ids (see detections_to_coco)"
         )
 
 
@@ -153,6 +261,7 @@ def evaluate_coco(
     max_dets: Sequence[int] = (1, 10, 100),
     class_names: Sequence[str] | None = None,
     verbose: bool = False,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """COCO box AP/AR of a results list against ground truth, with the official pycocotools code.
 
@@ -166,6 +275,8 @@ def evaluate_coco(
         class_names: names of the categories in ascending category-id order (default: the
             ``name`` fields of the ground truth).
         verbose: let pycocotools print its progress and print the table.
+        strict: refuse ground-truth boxes of zero/negative size or with NaN/inf coordinates
+            (by default they are left out, counted and logged; see :func:`load_coco_annotations`).
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}``
@@ -177,10 +288,10 @@ def evaluate_coco(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    dataset = load_coco_annotations(annotations)
+    dataset = load_coco_annotations(annotations, strict=strict)
     records = load_coco_results(results)
     caps = _check_max_dets(max_dets)
-    _check_results_match_gt(records, dataset)
+    _check_results_match_gt(records, dataset, _source(results, "results"), _source(annotations, "annotations"))
 
     # pycocotools prints progress on stdout; silence it unless asked.
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())

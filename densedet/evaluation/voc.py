@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from densedet.evaluation._format import format_per_class_table
-from densedet.evaluation.coco import _check_results_match_gt, _to_numpy, load_coco_annotations, load_coco_results
+from densedet.evaluation.coco import (_check_results_match_gt, _source, _to_numpy, load_coco_annotations,
+                                      load_coco_results)
 
 __all__ = ["voc_ap", "evaluate_voc", "evaluate_voc_from_coco", "format_voc_table"]
 
@@ -268,6 +269,7 @@ def evaluate_voc_from_coco(
     annotations: dict | str | os.PathLike,
     use_07_metric: bool = False,
     iou_threshold: float = 0.5,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """``evaluate_voc`` on COCO-format files (results list and ground truth, dicts or JSON paths).
 
@@ -275,9 +277,9 @@ def evaluate_voc_from_coco(
     difficult if its ``difficult`` (or else ``ignore``) field is true, or if it is a crowd box
     (``iscrowd``): matching a crowd region should neither reward nor punish a detector.
     """
-    dataset = load_coco_annotations(annotations)
+    dataset = load_coco_annotations(annotations, strict=strict)
     records = load_coco_results(results)
-    _check_results_match_gt(records, dataset)
+    _check_results_match_gt(records, dataset, _source(results, "results"), _source(annotations, "annotations"))
     cat_ids = sorted(cat["id"] for cat in dataset["categories"])
     label_of = {cid: k for k, cid in enumerate(cat_ids)}
     name_of = {cat["id"]: str(cat.get("name", cat["id"])) for cat in dataset["categories"]}

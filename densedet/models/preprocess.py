@@ -22,6 +22,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _scaled_side(side: int, scale: float) -> int:
+    """``floor(side * scale)`` as ``F.interpolate(recompute_scale_factor=True)`` computes it, but
+    never 0: an image 4000 px wide and 30 px high, capped at 96 px, keeps a 1 px high strip."""
+    return max(1, int(math.floor(side * scale)))
+
+
 class ImagePreprocessor(nn.Module):
     """Turn a list of images into one padded, normalised batch.
 
@@ -77,7 +83,7 @@ class ImagePreprocessor(nn.Module):
         self.training = was_training
         if scale is None:
             return h, w
-        return int(math.floor(h * scale[0])), int(math.floor(w * scale[1]))
+        return _scaled_side(h, scale[0]), _scaled_side(w, scale[1])
 
     def resize(self, image: Tensor, target: dict | None, size: int | None = None) -> tuple[Tensor, dict | None]:
         """Resize one image (and its target's boxes). A target holding ``resize_as: (H, W)`` (a
@@ -90,9 +96,12 @@ class ImagePreprocessor(nn.Module):
             return image, target
         if self.fixed_size is not None and not as_crop:
             image = F.interpolate(image[None], size=self.fixed_size, mode="bilinear", align_corners=False)[0]
-        else:
+        elif math.floor(h * scale[0]) >= 1 and math.floor(w * scale[1]) >= 1:
             image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
                                   recompute_scale_factor=True, align_corners=False)[0]
+        else:  # an extreme aspect ratio (4000 x 30): the short side would round to 0 px; keep 1 px
+            size = (_scaled_side(h, scale[0]), _scaled_side(w, scale[1]))
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is not None and "boxes" in target:
             nh, nw = image.shape[-2:]
             ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float32)
