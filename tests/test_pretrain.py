@@ -108,11 +108,21 @@ def _resume_to(cfg, max_iters: int) -> dict:
 
 def test_trainer_warms_up_counts_it_in_the_budget_and_resumes_past_it(make_tiny_config, tmp_path,
                                                                       restore_torch_globals, monkeypatch):
+    import types
+
+    import densedet.engine.pretrain as pretrain_module
+    # fake clocks, so the numbers are exact: the warm-up reads its own (start, end: 30 s apart),
+    # the run's budget times each detection step as 1 s (two reads of a clock that counts up)
+    warm_up_clock = iter([100.0, 130.0])
+    monkeypatch.setattr(pretrain_module, "time", types.SimpleNamespace(perf_counter=lambda: next(warm_up_clock)))
+    ticks = iter(range(10_000))
     cfg = make_tiny_config(tmp_path / "run")
     cfg.train.pretrain_iters, cfg.train.pretrain_batch_size, cfg.train.max_iters = 3, 8, 2
-    summary = train(cfg, log=lambda _: None)
-    assert summary["pretrain"]["iterations"] == 3 and summary["pretrain"]["seconds"] > 0
-    assert summary["train_minutes"] * 60 > summary["pretrain"]["seconds"]    # the warm-up is inside
+    summary = train(cfg, log=lambda _: None, clock=lambda: float(next(ticks)))
+    assert summary["pretrain"]["iterations"] == 3 and summary["pretrain"]["seconds"] == 30.0
+    assert summary["pretrain"]["crops_per_s"] == pytest.approx(3 * 8 / 30.0)
+    assert summary["train_minutes"] * 60 == pytest.approx(30.0 + 2 * 1.0)     # the warm-up is inside
+    assert summary["images_per_s"] == pytest.approx(2 * 2 / 2.0)               # detection's images over its own time
     saved = json.loads((Path(cfg.train.output_dir) / "metrics.json").read_text())
     assert saved["pretrain"]["iterations"] == 3
     last = load_checkpoint(Path(cfg.train.output_dir) / "last.pt")
