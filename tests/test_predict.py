@@ -16,7 +16,7 @@ from densedet.commands.predict import add_parser, expand_inputs, progress_bar
 from densedet.errors import UsageError
 from densedet.predict import Predictor, cpu_has_fast_bf16, fast_autocast, merge_tiles, to_image_tensor
 from densedet.visualize import draw_detections
-from densedet.tta import TTAConfig
+from densedet.tta import FLIP_ONLY, TTAConfig
 from test_tta import BrightBoxModel, scene
 
 
@@ -233,15 +233,29 @@ def run_cli(argv):
     return args.func(args)
 
 
+def assert_saved_detections_match(results, image_id, expected, category_ids):
+    """``detections.json`` records of one image equal a Predictor's output: boxes (COCO xywh back to xyxy)
+    within 1e-3 px, scores within 1e-5, labels mapped back from the category ids, in the same order."""
+    saved = [r for r in results if r["image_id"] == image_id]
+    assert len(saved) == len(expected["scores"]) > 0
+    xywh = np.array([r["bbox"] for r in saved], dtype=np.float64).reshape(-1, 4)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    np.testing.assert_allclose(xyxy, expected["boxes"].double().numpy(), rtol=0, atol=1e-3)
+    np.testing.assert_allclose([r["score"] for r in saved], expected["scores"].double().numpy(), rtol=0, atol=1e-5)
+    assert [category_ids.index(r["category_id"]) for r in saved] == expected["labels"].tolist()
+
+
 def test_cli_predict_end_to_end(tmp_path, capsys):
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", category_ids=[5, 7, 9])
+    category_ids = [5, 7, 9]
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", category_ids=category_ids)
     folder = tmp_path / "in"
     folder.mkdir()
     Image.fromarray(rgb(48, 64, seed=3)).save(folder / "one.png")
     Image.fromarray(rgb(40, 40, seed=4)).save(folder / "two.jpg")
     out = tmp_path / "out"
+    # fp32 on both sides: "auto" would pick bf16 on CPUs with fast bf16, and the comparison must be exact
     assert run_cli(["predict", str(folder), "--weights", str(ckpt), "--out", str(out),
-                    "--score-thresh-draw", "0.05", "--batch-size", "1"]) == 0
+                    "--score-thresh-draw", "0.05", "--batch-size", "1", "--precision", "fp32"]) == 0
     results = json.loads((out / "detections.json").read_text())
     images = json.loads((out / "images.json").read_text())
     assert [r["file_name"] for r in images] == [str(folder / "one.png"), str(folder / "two.jpg")]
@@ -249,9 +263,11 @@ def test_cli_predict_end_to_end(tmp_path, capsys):
     assert {r["image_id"] for r in results} == {1, 2}
     assert {r["category_id"] for r in results} <= {5, 7, 9}
     assert all(len(r["bbox"]) == 4 and 0 < r["score"] <= 1 for r in results)
-    # the saved detections are the predictor's
-    expected = Predictor.from_checkpoint(ckpt)([folder / "one.png"])[0]
-    assert len([r for r in results if r["image_id"] == 1]) == len(expected["scores"])
+    # the saved detections are the predictor's: boxes, scores and labels, image by image
+    predictor = Predictor.from_checkpoint(ckpt, batch_size=1, precision="fp32")
+    for image_id, name in ((1, "one.png"), (2, "two.jpg")):
+        expected = predictor([folder / name])[0]
+        assert_saved_detections_match(results, image_id, expected, category_ids)
     for name, size in (("one.png", (64, 48)), ("two.png", (40, 40))):
         with Image.open(out / name) as drawn:
             assert drawn.size == size
@@ -261,13 +277,20 @@ def test_cli_predict_end_to_end(tmp_path, capsys):
     # a different drawing threshold, TTA or tiling: detections.json still written; drawing changes nothing saved
     out2 = tmp_path / "out2"
     assert run_cli(["predict", str(folder / "one.png"), "--weights", str(ckpt), "--out", str(out2),
-                    "--score-thresh-draw", "0.99"]) == 0
+                    "--score-thresh-draw", "0.99", "--precision", "fp32"]) == 0
     first = [r for r in results if r["image_id"] == 1]
     assert json.loads((out2 / "detections.json").read_text()) == first
+    # TTA + tiling: the saved detections are those of a Predictor built with the same TTA and tile settings
     out3 = tmp_path / "out3"
     assert run_cli(["predict", str(folder / "*.png"), "--weights", str(ckpt), "--out", str(out3), "--tta", "flip",
-                    "--tile", "32", "--tile-overlap", "8"]) == 0
-    assert json.loads((out3 / "detections.json").read_text())
+                    "--tile", "32", "--tile-overlap", "8", "--precision", "fp32"]) == 0
+    tiled = Predictor.from_checkpoint(ckpt, tile_size=32, tile_overlap=8, batch_size=4, precision="fp32",
+                                      tta=FLIP_ONLY)
+    expected = tiled([folder / "one.png"])[0]
+    untiled = Predictor.from_checkpoint(ckpt, precision="fp32")([folder / "one.png"])[0]
+    same = expected["boxes"].shape == untiled["boxes"].shape and torch.equal(expected["boxes"], untiled["boxes"])
+    assert not same                                                  # the TTA and tile settings do change the result
+    assert_saved_detections_match(json.loads((out3 / "detections.json").read_text()), 1, expected, category_ids)
 
 
 def test_cli_rejects_bad_tiling_and_missing_inputs(tmp_path):
