@@ -195,6 +195,29 @@ def test_a_plotting_error_is_reported_and_the_run_still_finishes(tiny_config, re
     assert lines[-1].startswith("run folder:")                              # reported, then the run ends as usual
 
 
+@pytest.mark.parametrize("failing", ["plot_curves", "draw_predictions"])
+def test_one_picture_failing_loses_neither_the_other_nor_the_run(tiny_config, restore_torch_globals, monkeypatch,
+                                                                  failing):
+    """The curves and the drawn predictions are tried apart: when one raises, the other is still made,
+    the failure is named in the log, and the run ends as usual."""
+    made: list[str] = []
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"{failing} exploded")
+
+    for name in ("plot_curves", "draw_predictions"):
+        monkeypatch.setattr(report, name, broken if name == failing else (lambda *a, _n=name, **k: made.append(_n)))
+    cfg = tiny_config()
+    cfg.train.max_iters, cfg.data.train_min_sizes = 1, []
+    lines: list[str] = []
+    assert train(cfg, log=lines.append)["iterations"] == 1
+    other = "draw_predictions" if failing == "plot_curves" else "plot_curves"
+    assert made == [other]                                                   # the other picture was still made
+    what = "plots" if failing == "plot_curves" else "predictions"
+    assert f"(could not draw {what}: {failing} exploded)" in lines
+    assert (Path(cfg.train.output_dir) / "model_final.pt").is_file() and lines[-1].startswith("run folder:")
+
+
 # ------------------------------------------------------------------------------------------------
 # periodic evaluation and model_best.pt
 # ------------------------------------------------------------------------------------------------

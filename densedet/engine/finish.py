@@ -93,9 +93,13 @@ def finish_run(cfg: Config, model: nn.Module, val_data: DetectionData, device: t
 
 def _draw(cfg: Config, model: nn.Module, val_data: DetectionData, device: torch.device, out: Path,
           say: Callable[[str], None]) -> None:
-    """curves.png and predictions/ (``report``'s functions, looked up on the module when called)."""
+    """curves.png and predictions/ (``report``'s functions, looked up on the module when called), each
+    on its own: a failure in one is reported and loses neither the other nor the run."""
     try:
         report.plot_curves(out / "metrics.jsonl", out / "curves.png")
-        report.draw_predictions(model, val_data, out / "predictions", cfg.test.num_vis, device)
     except Exception as err:  # noqa: BLE001 - plots are a convenience; never lose a finished run to them
         say(f"(could not draw plots: {err})")
+    try:
+        report.draw_predictions(model, val_data, out / "predictions", cfg.test.num_vis, device)
+    except Exception as err:  # noqa: BLE001 - as above
+        say(f"(could not draw predictions: {err})")
