@@ -108,17 +108,33 @@ def _resume_to(cfg, max_iters: int) -> dict:
 
 def test_trainer_warms_up_counts_it_in_the_budget_and_resumes_past_it(make_tiny_config, tmp_path,
                                                                       restore_torch_globals, monkeypatch):
-    import types
-
     import densedet.engine.pretrain as pretrain_module
-    # fake clocks, so the numbers are exact: the warm-up reads its own (start, end: 30 s apart),
-    # the run's budget times each detection step as 1 s (two reads of a clock that counts up)
-    warm_up_clock = iter([100.0, 130.0])
-    monkeypatch.setattr(pretrain_module, "time", types.SimpleNamespace(perf_counter=lambda: next(warm_up_clock)))
-    ticks = iter(range(10_000))
+
+    # One fake clock, the one given to train(), so the numbers are exact: it counts up 1 s a read, so
+    # the run's budget times each detection step as 1 s (two reads); during the warm-up it counts 30 s a
+    # read, and the warm-up reads it twice (start, end). A warm-up on the real clock would not see 30 s.
+    class Clock:
+        def __init__(self) -> None:
+            self.now, self.tick = 0.0, 1.0
+
+        def __call__(self) -> float:
+            self.now += self.tick
+            return self.now
+
+    clock = Clock()
+    real = pretrain_module.pretrain_backbone
+
+    def warm_up(*args, **kwargs):
+        clock.tick = 30.0
+        try:
+            return real(*args, **kwargs)
+        finally:
+            clock.tick = 1.0
+
+    monkeypatch.setattr(pretrain_module, "pretrain_backbone", warm_up)
     cfg = make_tiny_config(tmp_path / "run")
     cfg.train.pretrain_iters, cfg.train.pretrain_batch_size, cfg.train.max_iters = 3, 8, 2
-    summary = train(cfg, log=lambda _: None, clock=lambda: float(next(ticks)))
+    summary = train(cfg, log=lambda _: None, clock=clock)
     assert summary["pretrain"]["iterations"] == 3 and summary["pretrain"]["seconds"] == 30.0
     assert summary["pretrain"]["crops_per_s"] == pytest.approx(3 * 8 / 30.0)
     assert summary["train_minutes"] * 60 == pytest.approx(30.0 + 2 * 1.0)     # the warm-up is inside
@@ -129,7 +145,6 @@ def test_trainer_warms_up_counts_it_in_the_budget_and_resumes_past_it(make_tiny_
     assert last["pretrain"]["iterations"] == 3 and last["iteration"] == 2
 
     # Resuming never warms up again (the checkpoint already holds the warmed-up trunk).
-    import densedet.engine.pretrain as pretrain_module
     monkeypatch.setattr(pretrain_module, "pretrain_backbone",
                         lambda *a, **k: pytest.fail("resume must not repeat the warm-up"))
     summary = _resume_to(cfg, 3)

@@ -112,10 +112,12 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
                       crop_sizes: tuple[int, ...] = CROP_SIZES, minutes: float = 0.0, iterations: int = 0,
                       seed: int = 0, channels_last: bool = True,
                       device: torch.device | None = None, autocast: Callable = contextlib.nullcontext,
-                      log: Callable[[str], None] = lambda _: None) -> dict:
+                      log: Callable[[str], None] = lambda _: None,
+                      clock: Callable[[], float] = time.perf_counter) -> dict:
     """Train ``trunk`` (a module returning a list of feature maps with ``out_channels``) to classify
     the crops of ``data``'s boxes, for ``iterations`` steps or, when 0, for ``minutes``.
-    ``load_image(i)`` gives image i as uint8 [3, H, W]; ``autocast()`` is the precision context.
+    ``load_image(i)`` gives image i as uint8 [3, H, W]; ``autocast()`` is the precision context;
+    ``clock`` (seconds) times the run and the ``minutes`` budget.
     Returns statistics of the run: iterations, seconds, crops_per_s, loss (last step), accuracy (C5
     classifier, last ``ACCURACY_WINDOW`` steps, on the training crops), boxes."""
     image_of, box_of, label_of = box_items(data)
@@ -131,14 +133,14 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
     mean, std = mean.reshape(3, 1, 1).cpu(), std.reshape(3, 1, 1).cpu()
     planned = iterations if iterations > 0 else None
     budget = minutes * 60.0
-    start = time.perf_counter()
+    start = clock()
     recent: collections.deque = collections.deque(maxlen=ACCURACY_WINDOW)   # (hits, crops) of the last steps
     iteration = 0
     loss_value = accuracy = float("nan")
-    while (iteration < planned) if planned is not None else (time.perf_counter() - start < budget):
+    while (iteration < planned) if planned is not None else (clock() - start < budget):
         # Cosine over the planned steps, or over the time budget (crop sizes, and so step times,
         # differ from step to step: a step count fitted from the first steps would miss the budget).
-        progress = iteration / planned if planned is not None else (time.perf_counter() - start) / budget
+        progress = iteration / planned if planned is not None else (clock() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
         batch, labels = _crop_batch(g, (image_of, box_of, label_of), load_image, batch_size, crop_sizes)
         batch = ((batch - mean) / std).to(device)
@@ -164,7 +166,7 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         if iteration % 50 == 0:
             log(f"  warm-up {iteration}{f'/{planned}' if planned else ''}: loss {loss_value:.3f}, "
                 f"accuracy {accuracy:.3f}")
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     log(f"backbone warm-up on box crops done: {len(image_of)} boxes, {iteration} steps of {batch_size} crops in "
         f"{seconds / 60:.1f} min ({iteration * batch_size / seconds:.0f} crops/s), accuracy {accuracy:.3f}")
     return {"iterations": iteration, "seconds": seconds, "crops_per_s": iteration * batch_size / seconds,
@@ -172,11 +174,13 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
 
 
 def warm_up_trunk(model: nn.Module, dataset, data: DetectionData, cfg: Config, device: torch.device,
-                  dtype: torch.dtype | None, rank: int = 0, log: Callable[[str], None] = lambda _: None) -> dict:
+                  dtype: torch.dtype | None, rank: int = 0, log: Callable[[str], None] = lambda _: None,
+                  clock: Callable[[], float] = time.perf_counter) -> dict:
     """The warm-up of a detector's trunk (``model.trunk``) as ``cfg.train.pretrain_*`` sets it, before
     detection. Rank 0 trains; with several processes the others wait and receive the trunk's weights
     and statistics from it. ``dataset`` is the training dataset (its images are reused when it caches
-    them). Returns :func:`pretrain_backbone`'s statistics (``seconds`` rank 0's on every process)."""
+    them); ``clock`` is the run's time source. Returns :func:`pretrain_backbone`'s statistics
+    (``seconds`` rank 0's on every process)."""
     trunk, t = model.trunk, cfg.train
     stats: dict = {}
     if rank == 0:
@@ -186,6 +190,7 @@ def warm_up_trunk(model: nn.Module, dataset, data: DetectionData, cfg: Config, d
                                   t.pretrain_lr or cfg.solver.lr, cfg.solver.weight_decay, t.pretrain_batch_size,
                                   crop_sizes=tuple(t.pretrain_crop_sizes), minutes=t.pretrain_minutes,
                                   iterations=t.pretrain_iters, seed=t.seed, channels_last=t.channels_last,
-                                  device=device, autocast=lambda: autocast_context(device, dtype), log=log)
+                                  device=device, autocast=lambda: autocast_context(device, dtype), log=log,
+                                  clock=clock)
     broadcast_state(trunk)
     return {**stats, "seconds": float(value_of_rank0(stats.get("seconds", 0.0), device, torch.float64))}

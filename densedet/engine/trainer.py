@@ -307,7 +307,8 @@ def _prepare(cfg: Config, resume: bool, log: Callable[[str], None], init_weights
         saved, state, budget = {}, RunState(), new_budget(cfg.train.max_iters)
         metrics_log.start()
         if cfg.train.pretrain_minutes > 0 or cfg.train.pretrain_iters > 0:
-            state.pretrain = warm_up_trunk(model, dataset, train_data, cfg, device, dtype, rank, say)
+            state.pretrain = warm_up_trunk(model, dataset, train_data, cfg, device, dtype, rank, say,
+                                           clock=clock)
             budget.spent = state.pretrain["seconds"]          # the warm-up is part of the time budget
             # a run killed from here on resumes into detection, not into a second warm-up
             checkpoints.save_last(model, optimizer, state, budget)
