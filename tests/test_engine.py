@@ -253,53 +253,66 @@ def test_resume_without_a_checkpoint_is_refused(tiny_config, restore_torch_globa
         train(cfg, resume=True, log=lambda msg: None)
 
 
+_HOLD_AFTER_CHECKPOINT = """
+import pathlib, sys, time
+from densedet.engine.checkpoint import CheckpointError, load_checkpoint
+from densedet.engine.data import BatchStream
+last, ready = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+real = BatchStream.batch
+def held(self, iteration):
+    # Once last.pt holds iteration >= 2, say which (ready) and wait there for the SIGKILL: the kill lands
+    # mid-run however fast or slow the machine is; waiting changes no number.
+    try:
+        saved = load_checkpoint(last)["iteration"] if last.exists() else -1
+    except CheckpointError:
+        saved = -1
+    if saved >= 2:
+        ready.write_text(str(saved))
+        while True:
+            time.sleep(1)
+    return real(self, iteration)
+BatchStream.batch = held
+from densedet.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_the_uninterrupted_run(straight_run, tiny_config, tmp_path):
     """``densedet train`` killed with SIGKILL once last.pt reports iteration >= 2, then
     ``densedet train --resume``: final weights equal run A's bit for bit.
 
-    Each batch of the killed process sleeps 0.3 s so that the kill lands mid-run rather than
-    after the 6 fast iterations; sleeping changes no number.
+    The killed process holds at its next batch once last.pt reports iteration >= 2 and writes a
+    file saying so; the test waits for that file (up to 10 minutes: a slow machine is no failure)
+    and kills then, so the kill lands mid-run whatever the speed.
     """
     cfg_a, _ = straight_run
     cfg = tiny_config("killed")
     config_path = tmp_path / "tiny.yaml"
     save_config(cfg, config_path)
-    slow_start = (
-        "import sys, time\n"
-        "from densedet.engine.data import BatchStream\n"
-        "real = BatchStream.batch\n"
-        "def slow(self, iteration):\n"
-        "    time.sleep(0.3)\n"
-        "    return real(self, iteration)\n"
-        "BatchStream.batch = slow\n"
-        "from densedet.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    child = subprocess.Popen([sys.executable, "-c", slow_start, "train", str(config_path)], cwd=REPO,
-                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    last = Path(cfg.train.output_dir) / "last.pt"
+    last, ready = Path(cfg.train.output_dir) / "last.pt", tmp_path / "holding"
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_AFTER_CHECKPOINT, str(last), str(ready), "train",
+                              str(config_path)], cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
     killed_at = None
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and child.poll() is None:
-            try:
-                if load_checkpoint(last)["iteration"] >= 2:
-                    child.send_signal(signal.SIGKILL)
-                    killed_at = load_checkpoint(last)["iteration"]
-                    break
-            except CheckpointError:
-                pass                 # not written yet (atomic_save: never half a file)
-            time.sleep(0.05)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and child.poll() is None and not ready.exists():
+            time.sleep(0.1)
+        if ready.exists() and child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=60)
+            killed_at = load_checkpoint(last)["iteration"]
     finally:
         child.kill()
         _, err = child.communicate()
-    assert killed_at is not None, f"the run ended before it could be killed:\n{err.decode()[-2000:]}"
+    assert killed_at is not None, f"the run ended or stalled before it could be killed:\n{err.decode()[-2000:]}"
     assert child.returncode == -signal.SIGKILL
     assert 2 <= killed_at < 6
     assert not (Path(cfg.train.output_dir) / "model_final.pt").exists()
 
     resumed = subprocess.run([sys.executable, "-m", "densedet", "train", str(config_path), "--resume"], cwd=REPO,
-                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+                             env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {last} at iteration {killed_at}/6" in resumed.stderr
     assert_same_weights(final_weights(cfg), final_weights(cfg_a))
