@@ -89,10 +89,11 @@ def _clip(box: list[float], height: int | None, width: int | None) -> list[float
 
 
 def _float32_faithful(box: list[float]) -> bool:
-    """Whether storing ``box`` as float32 keeps what the reader's float64 checks saw: finite stays
+    """Whether storing ``box`` as float32 keeps what a float64 check would see: finite stays
     finite and a positive width / height stays positive. Boxes that are not (|v| > 3.4e38, or a side
-    below float32's resolution) hit a known densedet bug, pinned by the strict xfail
-    ``test_boxes_beyond_float32_are_dropped_not_kept_as_inf_or_empty``; the properties skip them."""
+    below float32's resolution) are dropped by the reader since it checks boxes as stored (pinned by
+    ``test_boxes_beyond_float32_are_dropped_not_kept_as_inf_or_empty``); the properties, whose
+    expectations are computed in float64, skip them."""
     b64 = np.asarray(box, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         b32 = b64.astype(np.float32).astype(np.float64)
@@ -383,10 +384,6 @@ def test_empty_dataset_is_refused_with_its_file_named(tmp_path):
         load_split(cfg, "train")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="densedet bug: records.make_record checks boxes in float64 but ImageRecord stores "
-                          "float32, so a box beyond float32's range is kept as inf and a side below its "
-                          "resolution is kept as zero, neither dropped nor counted")
 def test_boxes_beyond_float32_are_dropped_not_kept_as_inf_or_empty(tmp_path):
     path = tmp_path / "ann.csv"
     path.write_text("a.png,1,2,1e300,5,x\nb.png,0,0,1,1e-200,x\n")

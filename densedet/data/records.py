@@ -179,7 +179,10 @@ def make_record(file_name: str, image_id: int, height: int | None, width: int | 
                 boxes: list | np.ndarray, labels: list, iscrowd: list, difficult: list,
                 box_names: list[str], report: DataReport, strict: bool) -> ImageRecord:
     """Build a record from raw per-box lists, applying `sanitize_boxes` and counting it."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    # Checked as stored: a value beyond float32's range becomes inf (dropped as non-finite), a side
+    # below its resolution becomes zero (dropped as degenerate), rather than passing a float64 check.
+    with np.errstate(over="ignore"):
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).astype(np.float32)
     keep = sanitize_boxes(boxes, height, width, box_names, report, strict)
     record = ImageRecord(
         file_name=file_name, image_id=image_id, height=height, width=width,
