@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
-
-import logging
-import math
 
 import numpy as np
 
@@ -114,29 +113,8 @@ def load_coco_annotations(annotations: dict | str | os.PathLike, strict: bool = 
     seen_ids: set = set()
     anns = []
     for i, ann in enumerate(doc["annotations"]):
-        where = f"{source}: annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise DatasetError(f"{where} is {type(ann).__name__}, expected an object")
-        if "id" in ann:
-            where = f"{source}: annotation id {ann['id']!r} (annotations[{i}])"
-            if not _is_id(ann["id"]):
-                raise DatasetError(f"{where}: 'id' must be an integer")
-            if ann["id"] in seen_ids:
-                raise DatasetError(f"{where}: duplicate annotation id")
-            seen_ids.add(ann["id"])
-        for key in ("image_id", "category_id", "bbox"):
-            if key not in ann:
-                raise DatasetError(f"{where} has no '{key}' field")
-        if not _is_id(ann["image_id"]) or ann["image_id"] not in image_ids:
-            raise DatasetError(f"{where}: refers to image id {ann['image_id']!r}, which is not in 'images'")
-        if not _is_id(ann["category_id"]) or ann["category_id"] not in category_ids:
-            raise DatasetError(f"{where}: unknown category id {ann['category_id']!r} "
-                               f"(known: {sorted(category_ids, key=str)[:20]})")
+        where = _checked_annotation(ann, i, source, image_ids, category_ids, seen_ids)
         bbox = ann["bbox"]
-        if not _numbers(bbox, 4):
-            raise DatasetError(f"{where}: 'bbox' must be a list of 4 numbers [x, y, w, h], got {bbox!r}")
-        if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"])):
-            raise DatasetError(f"{where}: 'area' must be a finite number, got {ann['area']!r}")
         if not all(math.isfinite(v) for v in bbox):
             report.note("dropped_nonfinite", f"{where} (image id {ann['image_id']}): bbox {bbox!r} has a "
                         f"NaN or infinite coordinate", strict)
@@ -163,6 +141,35 @@ def load_coco_annotations(annotations: dict | str | os.PathLike, strict: bool = 
     dataset = dict(doc)
     dataset["annotations"] = anns
     return dataset
+
+
+def _checked_annotation(ann: Any, i: int, source: str, image_ids: set, category_ids: set, seen_ids: set) -> str:
+    """Refuse a ground-truth annotation that is not an object, repeats an id, lacks a field, names an
+    unknown image or category, or has a ``bbox`` / ``area`` that is not numbers; returns where it is
+    (for messages) and records its id in ``seen_ids``."""
+    where = f"{source}: annotations[{i}]"
+    if not isinstance(ann, dict):
+        raise DatasetError(f"{where} is {type(ann).__name__}, expected an object")
+    if "id" in ann:
+        where = f"{source}: annotation id {ann['id']!r} (annotations[{i}])"
+        if not _is_id(ann["id"]):
+            raise DatasetError(f"{where}: 'id' must be an integer")
+        if ann["id"] in seen_ids:
+            raise DatasetError(f"{where}: duplicate annotation id")
+        seen_ids.add(ann["id"])
+    for key in ("image_id", "category_id", "bbox"):
+        if key not in ann:
+            raise DatasetError(f"{where} has no '{key}' field")
+    if not _is_id(ann["image_id"]) or ann["image_id"] not in image_ids:
+        raise DatasetError(f"{where}: refers to image id {ann['image_id']!r}, which is not in 'images'")
+    if not _is_id(ann["category_id"]) or ann["category_id"] not in category_ids:
+        raise DatasetError(f"{where}: unknown category id {ann['category_id']!r} "
+                           f"(known: {sorted(category_ids, key=str)[:20]})")
+    if not _numbers(ann["bbox"], 4):
+        raise DatasetError(f"{where}: 'bbox' must be a list of 4 numbers [x, y, w, h], got {ann['bbox']!r}")
+    if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"])):
+        raise DatasetError(f"{where}: 'area' must be a finite number, got {ann['area']!r}")
+    return where
 
 
 def load_coco_results(results: list | str | os.PathLike) -> list[dict]:
