@@ -21,7 +21,7 @@ from densedet.commands.train import DEMO_METRICS
 from densedet.config import find_config, save_config
 from densedet.data import load_coco, to_coco_dict
 from densedet.engine import finish, report, trainer
-from densedet.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from densedet.engine.checkpoint import load_checkpoint
 from densedet.engine.trainer import train
 from densedet.evaluation import evaluate_voc_from_coco
 
