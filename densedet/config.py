@@ -66,6 +66,7 @@ class RetinaNetConfig:
     class_ce_weight: float = 0.0            # > 0 adds softmax cross-entropy over the K logits at foreground anchors
     box_loss: str = "l1"                    # l1 | smooth_l1 | giou
     smooth_l1_beta: float = 0.0
+    loss_normalizer: str = "batch"          # batch: / the batch's foreground count (paper) | per_image (torchvision)
 
 
 @dataclass(slots=True)

@@ -131,3 +131,47 @@ def test_published_checkpoint_layout_loads(golden, tmp_path):
     loaded = build(golden, weights=str(path)).state_dict()
     assert set(loaded) == set(state)
     assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
+# -- training: the preset's losses equal torchvision's ------------------------------------------------
+
+LOSS_GOLDEN_PATH = Path(__file__).parent / "goldens" / "torchvision_retinanet_r50_losses.pt"
+
+
+@pytest.fixture(scope="module")
+def loss_golden() -> dict:
+    return torch.load(LOSS_GOLDEN_PATH, weights_only=True)
+
+
+def _training_losses(golden: dict, loss_golden: dict, batch: str, **options) -> dict:
+    """The preset's training losses on one recorded batch, with the recorded weights and targets."""
+    model = seeded_state_dict_fill_(
+        densedet.build_model(PRESET, num_classes=golden["num_classes"], **loss_golden["overrides"], **options),
+        golden["seed"]).train()
+    images, targets = [], []
+    for image_index, target_index in loss_golden["batches"][batch]["items"]:
+        images.append(golden["images"][image_index].to(torch.float32) / 255)
+        t = loss_golden["targets"][target_index] if target_index is not None else {"boxes": [], "labels": []}
+        targets.append({"boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.tensor(t["labels"], dtype=torch.int64)})
+    return {k: float(v.detach()) for k, v in model(images, targets).items()}
+
+
+@pytest.mark.parametrize("batch", ["two_photos", "one_photo", "with_empty_image"])
+def test_training_losses_equal_torchvision(golden, loss_golden, batch):
+    """torchvision's classification and box losses (recorded by
+    tools/record_torchvision_loss_goldens.py) to 1e-4 relative: the same matching, focal and L1
+    terms, each image's sums over its own foreground count, then the mean over images; an image
+    without boxes contributes its whole background loss over 1."""
+    expected = loss_golden["batches"][batch]["losses"]
+    got = _training_losses(golden, loss_golden, batch)
+    assert got["cls"] == pytest.approx(expected["classification"], rel=1e-4)
+    assert got["box"] == pytest.approx(expected["bbox_regression"], rel=1e-4)
+
+
+def test_the_paper_normaliser_is_a_named_setting_that_differs(golden, loss_golden):
+    """With the paper's batch normaliser (the canonical presets' default) the same batch gives other
+    losses: the option is what makes the torchvision preset train like torchvision."""
+    expected = loss_golden["batches"]["with_empty_image"]["losses"]
+    got = _training_losses(golden, loss_golden, "with_empty_image", loss_normalizer="batch")
+    assert abs(got["cls"] / expected["classification"] - 1) > 0.05

@@ -54,10 +54,11 @@ PRESETS: dict[str, ModelConfig] = {
     #   size_divisible=32         pad to a multiple of 32 (not 128)
     #   norm="frozen_bn"          the published weights are a FrozenBN model ...
     #   frozen_bn_eps=0.0         ... run with eps 0 (torchvision's overwrite_eps for COCO_V1)
+    #   loss_normalizer=per_image each image's loss over its own foreground count, then the mean
     "retinanet_r50_fpn_torchvision": _retinanet(
         50, num_classes=91, p6_from="p5", anchor_integer_sizes=True, round_cell_anchors=True,
         stride_mode="inferred", detections_per_img=300, size_divisible=32, norm="frozen_bn", frozen_stages=2,
-        frozen_bn_eps=0.0),
+        frozen_bn_eps=0.0, loss_normalizer="per_image"),
     # RefineDet (Zhang et al. 2018): VOC07 mAP 80.0 / 81.8 (VGG16, 320 / 512), COCO AP 32.0 / 36.4 (ResNet-101).
     "refinedet320_vgg16": _refinedet(320, "vgg16"),
     "refinedet512_vgg16": _refinedet(512, "vgg16"),

@@ -125,7 +125,7 @@ class RetinaNet(DenseDetector):
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_loss: str = "l1",
                  smooth_l1_beta: float = 0.0, cls_loss: str = "focal", class_ce_weight: float = 0.0,
                  score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100) -> None:
+                 detections_per_img: int = 100, loss_normalizer: str = "batch") -> None:
         super().__init__(num_classes, preprocessor or ImagePreprocessor(), score_thresh=score_thresh,
                          topk_candidates=topk_candidates, nms_thresh=nms_thresh,
                          detections_per_img=detections_per_img)
@@ -141,6 +141,14 @@ class RetinaNet(DenseDetector):
         if cls_loss != "focal" and cls_loss not in ABLATION_LOSSES:
             raise ValueError(f"unknown classification loss {cls_loss!r}; expected focal or "
                              f"{', '.join(ABLATION_LOSSES)}")
+        if loss_normalizer not in ("batch", "per_image"):
+            raise ConfigError(f"model.retinanet.loss_normalizer must be batch or per_image, got {loss_normalizer!r}")
+        if loss_normalizer == "per_image" and (cls_loss != "focal" or class_ce_weight > 0):
+            raise ConfigError("model.retinanet.loss_normalizer per_image (torchvision's) goes with the focal loss "
+                              "alone: cls_loss focal, class_ce_weight 0")
+        # The paper divides the batch's loss by the batch's foreground count ("batch"); torchvision
+        # divides each image's by its own and averages the images ("per_image").
+        self.loss_normalizer = loss_normalizer
         # GHM-C keeps a running gradient density: one per model, so one per training run.
         self.ghmc = GHMC() if cls_loss == "ghmc" else None
         head_a = self.head.classification_head.cls_logits.out_channels // num_classes
@@ -176,16 +184,19 @@ class RetinaNet(DenseDetector):
     # -- training -------------------------------------------------------------------------
     def losses(self, outputs: dict[str, Tensor], anchors: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         """Focal loss over non-ignored anchors and box loss over foreground anchors, both divided by
-        the batch's foreground count (the paper's normaliser)."""
+        the batch's foreground count (the paper's normaliser), or per image (``loss_normalizer``)."""
         logits, deltas = outputs["cls_logits"], outputs["bbox_deltas"]
         anchors = torch.cat(anchors)                                            # [A, 4]
         gt = pad_targets(targets, logits.device)
         matched_idxs = self.match(anchors, gt)                                  # [B, A]
         foreground = matched_idxs >= 0
         valid = matched_idxs != -2
-        normalizer = foreground_normalizer(foreground.sum())
         safe_idxs = matched_idxs.clamp(min=0)
         gt_labels = torch.gather(gt.labels, 1, safe_idxs)                      # [B, A]
+        gt_boxes = torch.gather(gt.boxes, 1, safe_idxs.unsqueeze(-1).expand(-1, -1, 4))
+        if self.loss_normalizer == "per_image":
+            return self._per_image_losses(logits, deltas, anchors, gt_labels, gt_boxes, foreground, valid)
+        normalizer = foreground_normalizer(foreground.sum())
         if self.cls_loss == "focal":
             # fused: no one-hot targets, no copy of the valid anchors, gradient in the same pass
             labels = torch.where(foreground, gt_labels, -1)
@@ -194,7 +205,6 @@ class RetinaNet(DenseDetector):
             cls_targets = torch.zeros_like(logits, dtype=torch.float32)
             cls_targets[foreground, gt_labels[foreground]] = 1.0
             loss_cls = self.classification_loss(logits[valid], cls_targets[valid], len(targets)) / normalizer
-        gt_boxes = torch.gather(gt.boxes, 1, safe_idxs.unsqueeze(-1).expand(-1, -1, 4))
         anchors_fg = anchors.unsqueeze(0).expand_as(deltas)[foreground]
         loss_box = box_regression_loss(self.box_loss, deltas[foreground], gt_boxes[foreground], anchors_fg,
                                        self.box_coder, self.smooth_l1_beta) / normalizer
@@ -206,6 +216,23 @@ class RetinaNet(DenseDetector):
             ce = F.cross_entropy(logits[foreground].float(), gt_labels[foreground], reduction="sum")
             losses["cls_ce"] = self.class_ce_weight * ce / normalizer
         return losses
+
+    def _per_image_losses(self, logits: Tensor, deltas: Tensor, anchors: Tensor, gt_labels: Tensor,
+                          gt_boxes: Tensor, foreground: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """torchvision's normalisation (``loss_normalizer="per_image"``): each image's focal and box
+        sums divided by that image's own foreground count (at least 1), then the mean over images.
+        An image without boxes thus weighs its background loss by 1, not by the batch's count. A
+        Python loop over images, as torchvision's: a compatibility mode, not the default path."""
+        labels = torch.where(foreground, gt_labels, -1)
+        cls, box = [], []
+        for i in range(logits.shape[0]):
+            fg = foreground[i]
+            count = fg.sum().clamp(min=1).float()
+            cls.append(focal_loss_sum(logits[i:i + 1], labels[i:i + 1], valid[i:i + 1], self.focal_alpha,
+                                      self.focal_gamma) / count)
+            box.append(box_regression_loss(self.box_loss, deltas[i][fg], gt_boxes[i][fg], anchors[fg],
+                                           self.box_coder, self.smooth_l1_beta) / count)
+        return {"cls": torch.stack(cls).mean(), "box": torch.stack(box).mean()}
 
     def classification_loss(self, logits: Tensor, targets: Tensor, num_images: int) -> Tensor:
         """Summed ablation loss (``model.cls_loss`` other than focal, which :meth:`losses` fuses)
@@ -310,4 +337,4 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
                      focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma, box_loss=r.box_loss,
                      smooth_l1_beta=r.smooth_l1_beta, cls_loss=r.cls_loss, class_ce_weight=r.class_ce_weight,
                      score_thresh=cfg.score_thresh, topk_candidates=cfg.topk_candidates, nms_thresh=cfg.nms_thresh,
-                     detections_per_img=cfg.detections_per_img)
+                     detections_per_img=cfg.detections_per_img, loss_normalizer=r.loss_normalizer)
