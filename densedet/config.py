@@ -416,6 +416,8 @@ def _model_checks(m: ModelConfig) -> list[Check]:
                        f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {r.bg_iou_thresh}, {r.fg_iou_thresh}"))
         checks.append((r.class_ce_weight >= 0, "model.retinanet.class_ce_weight",
                        f"must be >= 0, got {r.class_ce_weight}"))
+        checks.append((r.loss_normalizer in ("batch", "per_image"), "model.retinanet.loss_normalizer",
+                       f"must be batch (the paper's) or per_image (torchvision's), got {r.loss_normalizer!r}"))
         if m.anchor_sizes is not None:
             checks.append((len(m.anchor_sizes) == r.max_level - r.min_level + 1, "model.anchor_sizes",
                            f"has {len(m.anchor_sizes)} entries but levels P{r.min_level}-P{r.max_level} need "

@@ -132,6 +132,7 @@ def test_override_without_equals_sign_is_rejected():
     ("model.refinedet.neg_pos_ratio=2", "model.refinedet"),
     ("model.arch=refinedet model.min_size=300", "model.min_size"),
     ("model.arch=yolo", "model.arch"),
+    ("model.retinanet.loss_normalizer=per_batch", "model.retinanet.loss_normalizer"),
     ("train.pretrain_lr=-0.001", "train.pretrain_lr"),
     ("train.pretrain_freeze_stages=6", "train.pretrain_freeze_stages"),
     ("train.pretrain_crop_sizes=[]", "train.pretrain_crop_sizes"),
