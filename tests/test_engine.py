@@ -434,6 +434,95 @@ def test_torchrun_two_processes_train_like_one(tiny_config, tmp_path, restore_to
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+# Put on the PYTHONPATH of a torchrun run only: every worker writes its pid to pid.RESTART.RANK, and
+# rank 0 of the first attempt, once last.pt holds iteration >= 2, writes "holding" and waits at its
+# next batch for the SIGKILL (the kill lands mid-run however fast the machine; waiting changes no
+# number). Restarted workers run untouched.
+_ELASTIC_SITECUSTOMIZE = """
+import os, pathlib
+if "RANK" in os.environ and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+    _dir = pathlib.Path(os.environ["DENSEDET_TEST_ELASTIC_DIR"])
+    _restart, _rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["RANK"]
+    (_dir / f"pid.{_restart}.{_rank}").write_text(str(os.getpid()))
+    if _restart == "0" and _rank == "0":
+        import time
+        from densedet.engine.checkpoint import CheckpointError, load_checkpoint
+        from densedet.engine.data import BatchStream
+        _last, _real = pathlib.Path(os.environ["DENSEDET_TEST_ELASTIC_LAST"]), BatchStream.batch
+        def _held(self, iteration):
+            try:
+                saved = load_checkpoint(_last)["iteration"] if _last.exists() else -1
+            except CheckpointError:
+                saved = -1
+            if saved >= 2:
+                (_dir / "holding").write_text(str(saved))
+                while True:
+                    time.sleep(1)
+            return _real(self, iteration)
+        BatchStream.batch = _held
+"""
+
+
+def _torchrun(config_path: Path, *extra: str) -> list[str]:
+    """``torchrun --nproc_per_node 2 EXTRA -m densedet train CONFIG`` on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra,
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "-m", "densedet", "train", str(config_path)]
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_killed_worker_resumes_by_itself(tiny_config, tmp_path, restore_torch_globals):
+    """``torchrun --nproc_per_node 2 --max-restarts 1 -m densedet train``: one worker SIGKILLed once
+    last.pt holds iteration >= 2; torchrun restarts the group, which resumes from last.pt without
+    ``--resume``, and ends with the weights of an uninterrupted 2-process run bit for bit
+    (``torch.equal``: the same gloo all-reduces in the same order, one thread a process), with
+    metrics.jsonl listing every iteration once."""
+    def config(name):
+        cfg = with_p7(tiny_config(name, norm="gn"))     # DDP: P7 gives every parameter a gradient
+        cfg.train.max_iters, cfg.train.checkpoint_period, cfg.train.batch_size = 5, 1, 4
+        return cfg
+
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"    # the two workers share the cores; float sums in one fixed order
+    straight = config("straight")
+    save_config(straight, tmp_path / "straight.yaml")
+    run = subprocess.run(_torchrun(tmp_path / "straight.yaml"), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    killed = config("killed")
+    save_config(killed, tmp_path / "killed.yaml")
+    last, hooks = Path(killed.train.output_dir) / "last.pt", tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_ELASTIC_SITECUSTOMIZE)
+    env_killed = dict(env, DENSEDET_TEST_ELASTIC_DIR=str(hooks), DENSEDET_TEST_ELASTIC_LAST=str(last),
+                      PYTHONPATH=str(hooks) + os.pathsep + env["PYTHONPATH"])
+    agent = subprocess.Popen(_torchrun(tmp_path / "killed.yaml", "--max-restarts", "1"), cwd=REPO,
+                             env=env_killed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 600
+        while (time.monotonic() < deadline and agent.poll() is None
+               and not ((hooks / "holding").exists() and (hooks / "pid.0.1").exists())):
+            time.sleep(0.1)
+        if agent.poll() is None and (hooks / "holding").exists():
+            killed_at = load_checkpoint(last)["iteration"]
+            os.kill(int((hooks / "pid.0.1").read_text()), signal.SIGKILL)     # rank 1 of the first attempt
+        _, err = agent.communicate(timeout=600)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+    assert killed_at is not None, f"the run ended or stalled before it could be killed:\n{err[-3000:]}"
+    assert 2 <= killed_at < 5
+    assert agent.returncode == 0, err[-3000:]
+    assert (hooks / "pid.1.0").exists() and (hooks / "pid.1.1").exists()     # torchrun did restart the group
+    assert f"restarted by torchrun (restart 1): resuming from {last} at iteration {killed_at}" in err
+    assert_same_weights(final_weights(killed), final_weights(straight))
+    assert [r[0] for r in loss_records(killed)] == [1, 2, 3, 4, 5]     # the replayed steps logged once
+    assert loss_records(killed) == loss_records(straight)
+
+
 def test_multi_scale_size_is_one_per_batch_and_a_function_of_the_iteration(tiny_config):
     cfg = tiny_config()
     stream = BatchStream(build_train_dataset(cfg, load_split(cfg.data, "train")), 4, seed=3)

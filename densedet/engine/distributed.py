@@ -19,7 +19,18 @@ def init_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0 and "MASTER_ADDR" in os.environ:
+            # A group torchrun restarted: the plain env:// init finds the killed group's gloo addresses
+            # in the agent's store and fails ("Connection refused"); a prefix per restart starts clean.
+            rank = int(os.environ["RANK"])
+            hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"    # the agent serves the store
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=not hosted and rank == 0)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"densedet/attempt_{restart}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():

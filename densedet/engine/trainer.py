@@ -16,6 +16,11 @@ Guarantees:
   (``engine.data.BatchStream``), so the resumed run continues as if never stopped (bit for bit
   with a fixed ``max_iters`` and the same thread count; a time-budgeted run continues the same
   plan, its ``max_iters`` saved in the checkpoint, and spends the budget left);
+- a worker group that torchrun restarts (``--max-restarts``: a worker was killed) resumes by itself:
+  when ``TORCHELASTIC_RESTART_COUNT`` > 0 and ``output_dir/last.pt`` exists, ``train`` behaves as
+  ``resume=True`` (rank 0 decides and tells the others, so all read the same last.pt, which only
+  rank 0 writes); without a last.pt yet it starts from scratch, as the first attempt did (the
+  restarted group meets under a store prefix of its own: ``distributed.init_distributed``);
 - under a time budget the learning rate never moves backwards: the iteration count is fitted once,
   after a calibration window, never above ``train.max_iters``, and the run stops on time if it must
   (the rule: ``budget.TimeBudget``);
@@ -35,6 +40,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -298,8 +304,13 @@ def _prepare(cfg: Config, resume: bool, log: Callable[[str], None], init_weights
     metrics_log = MetricsLog(out / "metrics.jsonl", write=is_main, clock=clock)
     new_budget = functools.partial(TimeBudget, cfg.train.max_minutes, clock=clock,
                                    agree=functools.partial(value_of_rank0, device=device))   # rank 0 decides
-    if resume:
+    restart = _torchrun_restart()
+    restarted = restart > 0 and not resume and bool(value_of_rank0(int(checkpoints.last_path.is_file()), device))
+    if resume or restarted:
         saved = _resume(checkpoints, model, optimizer, say)
+        if restarted:
+            say(f"restarted by torchrun (restart {restart}): resuming from {checkpoints.last_path} "
+                f"at iteration {saved['iteration']}")
         state = RunState.from_checkpoint(saved)
         budget = new_budget(saved["max_iters"], spent=saved.get("elapsed", 0.0), fitted=saved.get("plan_fitted", True))
         metrics_log.start(resumed_at=state.iteration)
@@ -329,6 +340,14 @@ def _resume(checkpoints: Checkpointer, model: nn.Module, optimizer: torch.optim.
         raise TrainingError(f"{checkpoints.last_path}: no checkpoint to resume from (--resume continues a run "
                             f"folder holding last.pt; leave --resume out to start a new run)")
     return checkpoints.restore_last(model, optimizer, say)
+
+
+def _torchrun_restart() -> int:
+    """How many times torchrun has restarted this worker group (0: the first attempt, or no torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
 
 
 def _resolved(cfg: Config) -> Config:
