@@ -124,24 +124,29 @@ MOVED_MODEL_KEYS = {
 }
 
 
+# Where each family read the flat keys before the split: flat name -> its field in the family's part.
+_FLAT_KEYS = {"retinanet": {f.name: f.name for f in dataclasses.fields(RetinaNetConfig)},
+              "refinedet": {"refinedet_size": "image_size", "fpn_channels": "tcb_channels",
+                            "fg_iou_thresh": "iou_threshold", "negpos_ratio": "neg_pos_ratio",
+                            "arm_filter_thresh": "objectness_threshold"}}
+
+
 def upgrade_config_dict(tree: dict) -> dict:
     """A config dict written before the model config was split by family (a checkpoint of an older
-    densedet), with each moved model key in its new place; a current one comes back unchanged."""
+    densedet), with each moved model key in its new place; a current one comes back unchanged.
+    Keys the model's family did not read are dropped, and so are RefineDet's resize settings,
+    which it never applied."""
     model = dict(tree.get("model") or {})
-    moved = {key: model.pop(key) for key in list(model) if key in MOVED_MODEL_KEYS}
-    if not moved:
+    flat = {key: model.pop(key) for key in list(model) if key in MOVED_MODEL_KEYS}
+    if not flat:
         return tree
-    refinedet = model.get("arch") == "refinedet"
-    if refinedet:       # RefineDet read these flat keys under other names; the resize settings did not apply
-        moved = {("tcb_channels" if k == "fpn_channels" else "iou_threshold" if k == "fg_iou_thresh" else k): v
-                 for k, v in moved.items() if k in ("fpn_channels", "fg_iou_thresh", "refinedet_size",
-                                                    "negpos_ratio", "arm_filter_thresh")}
+    family = model.get("arch", "retinanet")
+    if family in _FLAT_KEYS:
+        table = _FLAT_KEYS[family]
+        model[family] = {**model.get(family, {}), **{table[k]: v for k, v in flat.items() if k in table}}
+    if family == "refinedet":
         for key in ("min_size", "max_size", "fixed_size"):
             model.pop(key, None)
-    for key, value in moved.items():
-        family, name = MOVED_MODEL_KEYS.get(key, f"refinedet.{key}").split(".")
-        if family == ("refinedet" if refinedet else "retinanet"):
-            model.setdefault(family, {})[name] = value
     return {**tree, "model": model}
 
 

@@ -511,3 +511,12 @@ def test_overfit_two_aerial_photos_at_320():
     for det, target in zip(dets, targets):
         recall, precision = recall_precision(det, target)
         assert recall >= 0.9 and precision >= 0.9, (recall, precision)
+
+
+def test_a_preset_refuses_options_it_cannot_honour():
+    from densedet.config import ConfigError
+    with pytest.raises(ConfigError, match=r"model\.retinanet: is set, but model\.arch is refinedet"):
+        build_model("refinedet320_vgg16", focal_gamma=1.0)
+    with pytest.raises(ConfigError, match=r"model\.min_size: RefineDet warps every image"):
+        build_model("refinedet320_vgg16", min_size=300, max_size=300)
+    assert build_model("refinedet320_vgg16", image_size=512).image_size == (512, 512)

@@ -7,7 +7,6 @@ and builds the model. Every model is a :class:`~densedet.models.base.DenseDetect
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
@@ -95,12 +94,7 @@ def build_model(name: str, num_classes: int | None = None, weights: str | None =
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     cfg = with_model_options(PRESETS[name], **overrides)
-    other = {"retinanet": "refinedet", "refinedet": "retinanet"}[cfg.arch]
-    foreign = sorted(set(overrides) & {f.name for f in dataclasses.fields(getattr(cfg, other))})
-    if foreign:
-        raise ConfigError(f"{name} is a {cfg.arch} model: {', '.join(foreign)} "
-                          f"{'is a' if len(foreign) == 1 else 'are'} {other} option{'s' if len(foreign) > 1 else ''}")
-    validate(Config(model=cfg))
+    validate(Config(model=cfg))     # refuses the other family's options too
     model = build_from_config(cfg)
     model.config = cfg
     if weights:
