@@ -14,7 +14,7 @@ from typing import Any
 from .records import DataReport, DatasetError, DetectionData, make_record
 
 
-def _read_json(path: str, what: str = "annotation file") -> Any:
+def read_json(path: str, what: str = "annotation file") -> Any:
     """A JSON file's content; `DatasetError` naming the file when it is missing, unreadable, not
     UTF-8 text (a binary file), empty, or malformed JSON (with the error position: a truncated file)."""
     try:
@@ -69,7 +69,7 @@ def load_coco(json_path: str, image_root: str, strict: bool = False) -> Detectio
     are counted in the returned data's `report`.
     """
     json_path = str(json_path)
-    doc = _read_json(json_path)
+    doc = read_json(json_path)
     _require(doc, ("images", "categories"), json_path)
     annotations = doc.get("annotations", [])
     for key, value in (("images", doc["images"]), ("categories", doc["categories"]),

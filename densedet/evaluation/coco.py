@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from densedet.data.coco import _read_json
+from densedet.data.coco import read_json
 from densedet.data.records import DataReport, DatasetError
 from densedet.evaluation._format import format_per_class_table
 
@@ -96,7 +96,7 @@ def load_coco_annotations(annotations: dict | str | os.PathLike, strict: bool = 
     missing ``area`` to the box area ``w * h`` and a missing ``id`` to one not used by the file.
     """
     source = _source(annotations, "annotations dict")
-    doc = _read_json(source, "annotation file") if isinstance(annotations, (str, os.PathLike)) else annotations
+    doc = read_json(source, "annotation file") if isinstance(annotations, (str, os.PathLike)) else annotations
     if not isinstance(doc, dict):
         raise DatasetError(f"{source}: a COCO annotation file must hold a JSON object with 'images', "
                            f"'annotations' and 'categories', got a JSON {type(doc).__name__}")
@@ -183,7 +183,7 @@ def load_coco_results(results: list | str | os.PathLike) -> list[dict]:
     """
     source = _source(results, "results list")
     if isinstance(results, (str, os.PathLike)):
-        results = _read_json(source, "results file")
+        results = read_json(source, "results file")
     if not isinstance(results, list):
         raise DatasetError(f"{source}: COCO results must be a JSON list of detections "
                            f"[{{image_id, category_id, bbox, score}}, ...], got a JSON {type(results).__name__}")
