@@ -184,6 +184,10 @@ class DataConfig:
     train_images: str = ""
     val: str = ""
     val_images: str = ""
+    val_fraction: float = 0.0               # >0 and no data.val: the val split is this share of data.train's images
+                                            # (at least 1), drawn by image with data.seed and left out of training
+    tune_fraction: float = 0.0              # >0: a tune split of this share of data.train's images (at least 1), also
+                                            # left out of training, on which test.tta_choose picks the test-time scales
     class_names: list[str] | None = None
     root: str = "data_cache/digits"         # digits: where scenes are generated
     num_train: int = 500
@@ -201,6 +205,8 @@ class DataConfig:
     crop_min_visibility: float = 0.7        # a box cut by the window below this visible share is ignored
     tile_size: int = 0                      # >0: train on overlapping tiles of large images
     tile_overlap: int = 64
+    tile_scale_as: list[int] | None = None  # [h, w]: tiles are resized as an h x w image would be (the evaluation
+                                            # images' size), so their objects keep the scale they have at test time
     cache_images: bool = True
     workers: int = 0
 
@@ -244,6 +250,8 @@ class TrainConfig:
     pretrain_crop_sizes: list[int] = field(default_factory=lambda: [32, 48, 64, 96])  # crop side, one drawn per step
     pretrain_lr: float = 0.0                # AdamW learning rate of the warm-up; 0: solver.lr
     pretrain_freeze_stages: int = 0         # >0: after the warm-up, freeze these stages as model.frozen_stages does
+    pretrain_background: float = -1.0       # share of warm-up crops taken away from boxes, as one extra class;
+                                            # -1 auto: 0.5 with one class (else the warm-up has nothing to learn), 0 else
 
 
 @dataclass
@@ -255,6 +263,8 @@ class TestConfig:
                                             # `densedet eval`: one pass per input size (shorter side); [] = none
     tta_flip: bool = False                  # also each pass's horizontal mirror
     tta_merge: str = "vote"                 # nms | vote | soft_vote | soft_nms_linear | soft_nms_gaussian
+    tta_choose: bool = False                # after training, choose tta_scales / tta_flip on the tune split
+                                            # (data.tune_fraction) among candidate sets; [] when none beats single scale
 
 
 @dataclass
@@ -457,6 +467,8 @@ def _train_checks(cfg: Config) -> list[Check]:
         (0 <= t.pretrain_freeze_stages <= 5, "train.pretrain_freeze_stages",
          f"must be in 0..5, got {t.pretrain_freeze_stages}"),
         (t.pretrain_lr >= 0, "train.pretrain_lr", f"must be >= 0, got {t.pretrain_lr}"),
+        (t.pretrain_background == -1 or 0 <= t.pretrain_background < 1, "train.pretrain_background",
+         f"must be -1 (auto) or a share in [0, 1), got {t.pretrain_background}"),
     ]
     if t.pretrain_minutes > 0 or t.pretrain_iters > 0:
         checks.append((m.arch == "retinanet", "train.pretrain_minutes",
@@ -477,6 +489,11 @@ def _data_checks(cfg: Config) -> list[Check]:
          f"replaces data.crop_size; set one of them, got crop_size {d.crop_size} and {d.crop_sizes}"),
         (d.num_tune >= 0, "data.num_tune", f"must be >= 0, got {d.num_tune}"),
         (0 < d.crop_min_visibility <= 1, "data.crop_min_visibility", f"must be in (0, 1], got {d.crop_min_visibility}"),
+        (0 <= d.val_fraction < 1 and 0 <= d.tune_fraction < 1 and d.val_fraction + d.tune_fraction < 1,
+         "data.val_fraction", f"val_fraction and tune_fraction must be shares in [0, 1) leaving images to train on, "
+         f"got {d.val_fraction} and {d.tune_fraction}"),
+        (d.tile_scale_as is None or (len(d.tile_scale_as) == 2 and min(d.tile_scale_as) > 0), "data.tile_scale_as",
+         f"must be [height, width], got {d.tile_scale_as}"),
     ]
     if d.train_min_sizes is not None:
         checks.append((len(d.train_min_sizes) > 0 and all(s > 0 for s in d.train_min_sizes), "data.train_min_sizes",

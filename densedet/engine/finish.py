@@ -66,6 +66,8 @@ def finish_run(cfg: Config, model: nn.Module, val_data: DetectionData, device: t
     evaluate = functools.partial(evaluate_model, model, val_data, cfg.test.batch_size, device, dtype,
                                  cfg.test.max_dets)
     metrics = single = evaluate()
+    from .tune import choose_test_time     # test.tta_choose: the TTA chosen on the tune split (engine/tune.py)
+    cfg = choose_test_time(cfg, model, device, dtype, say)
     tta = tta_from_config(cfg.test)
     if tta is not None:     # the reported numbers are then the TTA ones; the best checkpoint is chosen single-scale
         say(f"single scale: AP {single['AP']:.3f}, AP50 {single['AP50']:.3f}; now with test-time augmentation "
@@ -87,7 +89,12 @@ def finish_run(cfg: Config, model: nn.Module, val_data: DetectionData, device: t
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     say(format_table(metrics))
     _draw(cfg, model, val_data, device, out, say)
-    say(f"run folder: {out} (model_final.pt, model_best.pt, metrics.json, metrics.jsonl, curves.png, predictions/)")
+    try:
+        report.write_run_report(cfg, model, val_data, device, dtype, out, say)
+    except Exception as err:  # noqa: BLE001 - the page is a convenience too; never lose a finished run to it
+        say(f"(could not write report.html: {err})")
+    say(f"run folder: {out} (model_final.pt, model_best.pt, metrics.json, metrics.jsonl, curves.png, predictions/, "
+        f"report.html)")
     return summary
 
 
