@@ -201,7 +201,8 @@ def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, clas
 
 
 def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | None = None, batch_size: int = 1,
-                opset: int = 17, dynamic_batch: bool = True, class_names: list[str] | None = None) -> Path:
+                opset: int = 17, dynamic_batch: bool = True, class_names: list[str] | None = None,
+                sidecar_extra: dict | None = None) -> Path:
     """Write ``model`` (RetinaNet or RefineDet) as an ONNX file with post-processing inside, plus
     the JSON sidecar ``<path>.json``.
 
@@ -213,6 +214,8 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | 
             unless ``dynamic_batch=False``).
         opset: ONNX opset (≥ 11 for NonMaxSuppression's tie-breaking and TopK semantics).
         class_names: stored in the sidecar; default ``model.class_names`` or "0".."K-1".
+        sidecar_extra: more fields for the sidecar (``densedet export`` adds the checkpoint's
+            config, so ``densedet eval --backend`` finds the data; see :mod:`densedet.deploy`).
 
     Returns:
         ``path``. The graph's inputs/outputs are listed in the module docstring.
@@ -223,7 +226,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | 
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     size = tuple(int(s) for s in image_size) if image_size is not None else default_export_size(model)
-    sidecar = _sidecar(model, size, opset, class_names)
+    sidecar = {**_sidecar(model, size, opset, class_names), **(sidecar_extra or {})}
     wrapper = OnnxDetector(model.eval(), size)
     images = torch.zeros(batch_size, 3, *size, device=wrapper.anchors.device)
     sizes = torch.tensor([size] * batch_size, dtype=torch.float32, device=images.device)

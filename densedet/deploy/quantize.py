@@ -1,0 +1,190 @@
+"""Post-training static int8 quantization of an exported detector's network body, by the libraries
+made for it: ONNX Runtime's ``quantize_static`` (QDQ) and NNCF's ``nncf.quantize`` (OpenVINO).
+
+Only the network body is quantized: the backbone, the neck and the head towers — the nodes the
+TorchScript exporter names inside a module scope (``/backbone/...``, ``/fpn/...``, ``/head/...``).
+The post-processing that :class:`~densedet.export.OnnxDetector` appends at the top level
+(``/Sigmoid``, box decoding, ``/TopK``, ``/NonMaxSuppression``, ...) stays fp32: quantized scores
+would collapse to 256 levels and reorder detections. By default the heads' last convolutions (the
+classification logits and box deltas: the body's convolutions that feed no other convolution) stay
+fp32 as well, for the same reason one step earlier; ``quantize_head_outputs=True`` quantizes them.
+
+Calibration: N preprocessed training images (batch 1 each), fed through the same
+:func:`~densedet.deploy.common.preprocess_images` a deployed model uses.
+
+CPUs without VNNI (AVX2 only, e.g. AMD Zen 3): the u8 x s8 dot product (``vpmaddubsw``) sums pairs
+into int16 and can saturate with full-range 8-bit weights; ONNX Runtime's ``reduce_range`` (7-bit
+weights) avoids it. ``reduce_range=None`` picks it from the CPU this runs on (:func:`cpu_has_vnni`);
+a model quantized on a VNNI machine for an AVX2 one should pass ``reduce_range=True``. OpenVINO's
+CPU plugin handles this itself (NNCF's default target device ``ANY`` quantizes for both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from torch import Tensor
+
+from .common import preprocess_images, require
+
+__all__ = ["cpu_has_vnni", "calibration_inputs", "body_and_head_outputs", "quantize_onnx", "quantize_openvino",
+           "CALIBRATION_METHODS"]
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has an int8 dot-product instruction without int16 saturation (AVX512-VNNI,
+    AVX-VNNI or AMX-INT8), from the ``flags`` line of ``/proc/cpuinfo`` (False where unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return any(flag in flags for flag in _VNNI_FLAGS)
+
+
+def calibration_inputs(images: Iterable[Tensor], meta: dict) -> list[dict[str, np.ndarray]]:
+    """Per image the graph's inputs ``{"images": [1, 3, H, W], "image_sizes": [1, 2]}`` (float32)."""
+    feeds = []
+    for image in images:
+        batch, sizes = preprocess_images([image], meta)
+        feeds.append({"images": batch.numpy(), "image_sizes": np.asarray(sizes, np.float32)})
+    if not feeds:
+        raise ValueError("int8 calibration needs at least one image")
+    return feeds
+
+
+def body_and_head_outputs(onnx_path: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """Node names of an exported graph: (body, post-processing, the body's last convolutions).
+
+    Body: nodes inside a module scope (a name ``/module/.../Op``); post-processing: the rest.
+    Last convolutions: body ``Conv`` nodes from which no other ``Conv`` is reachable (a head's
+    logits and box-delta convs).
+    """
+    onnx = require("onnx", "int8 quantization")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    is_body = {n.name: n.name.startswith("/") and n.name.count("/") >= 2 for n in graph.node}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    conv_below: dict[str, bool] = {}
+    for node in reversed(graph.node):          # ONNX graphs are topologically sorted
+        conv_below[node.name] = any(c.op_type == "Conv" or conv_below.get(c.name, False)
+                                    for out in node.output for c in consumers.get(out, []))
+    body = [n.name for n in graph.node if is_body[n.name]]
+    post = [n.name for n in graph.node if not is_body[n.name]]
+    last_convs = [n.name for n in graph.node if is_body[n.name] and n.op_type == "Conv" and not conv_below[n.name]]
+    return body, post, last_convs
+
+
+def _inline_shared_weights(onnx_path: str | Path, out_path: str | Path) -> None:
+    """Rewire ``Identity(initializer)`` nodes to the initializer itself. The exporter writes a weight
+    shared by several calls (a head applied to every pyramid level) once and an ``Identity`` per
+    use; ONNX Runtime's quantizer then cannot see the conv bias as a constant, leaves it fp32 and
+    the convolution unfused."""
+    onnx = require("onnx", "int8 quantization")
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    constants = {init.name for init in graph.initializer}
+    outputs = {out.name for out in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in constants and n.output[0] not in outputs}
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    onnx.save(model, str(out_path))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantizer logs advice through the root logger at WARNING; keep it to errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequence[dict[str, np.ndarray]],
+                  method: str = "minmax", reduce_range: bool | None = None, quantize_head_outputs: bool = False,
+                  per_channel: bool = True) -> dict:
+    """ONNX Runtime static quantization (QDQ: uint8 asymmetric activations, int8 symmetric weights,
+    per output channel) of the body of ``fp32_path``, written to ``out_path``.
+
+    Returns the settings used (recorded in the sidecar)."""
+    require("onnx", "int8 quantization")
+    ortq = require("onnxruntime.quantization", "int8 quantization with onnxruntime")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    reduce_range = (not cpu_has_vnni()) if reduce_range is None else bool(reduce_range)
+    _, post, last_convs = body_and_head_outputs(fp32_path)
+    exclude = post + ([] if quantize_head_outputs else last_convs)
+
+    class _Reader(ortq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter(calibration)
+
+        def get_next(self):
+            return next(self._items, None)
+
+    methods = {"minmax": ortq.CalibrationMethod.MinMax, "percentile": ortq.CalibrationMethod.Percentile,
+               "entropy": ortq.CalibrationMethod.Entropy}
+    with tempfile.TemporaryDirectory(prefix="densedet-quant-") as tmp, _quiet_root_logger():
+        inlined = Path(tmp) / "inlined.onnx"
+        _inline_shared_weights(fp32_path, inlined)
+        _quantize_static(ortq, inlined, out_path, _Reader(), per_channel, reduce_range, exclude, methods[method])
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8",
+            "weights": "int8 per-channel" if per_channel else "int8", "calibration_method": method,
+            "calibration_images": len(calibration), "reduce_range": reduce_range,
+            "quantize_head_outputs": bool(quantize_head_outputs), "excluded_nodes": len(exclude)}
+
+
+def _quantize_static(ortq, model_path, out_path, reader, per_channel, reduce_range, exclude, method) -> None:
+    ortq.quantize_static(
+        str(model_path), str(out_path), reader, quant_format=ortq.QuantFormat.QDQ, per_channel=per_channel,
+        reduce_range=reduce_range, activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
+        nodes_to_exclude=exclude, calibrate_method=method,
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def quantize_openvino(ov_model, fp32_onnx_path: str | Path, calibration: Sequence[dict[str, np.ndarray]],
+                      preset: str = "performance", fast_bias_correction: bool = True,
+                      quantize_head_outputs: bool = False):
+    """NNCF post-training static quantization of an ``openvino.Model`` converted from ``fp32_onnx_path``
+    (whose node names say what is body and what is post-processing); returns (model, settings)."""
+    nncf = require("nncf", "int8 quantization with OpenVINO")
+    nncf.set_log_level(logging.ERROR)     # one INFO line per post-processing op it leaves alone
+    _, post, last_convs = body_and_head_outputs(fp32_onnx_path)
+    excluded = set(post) | (set() if quantize_head_outputs else set(last_convs))
+    # OpenVINO keeps the ONNX node names; a Conv with bias becomes "<name>/WithoutBiases" + "<name>" (Add)
+    ignored = [op.get_friendly_name() for op in ov_model.get_ordered_ops()
+               if op.get_type_name() not in ("Constant", "Parameter", "Result")
+               and (op.get_friendly_name() in excluded
+                    or op.get_friendly_name().rsplit("/", 1)[0] in excluded
+                    or not (op.get_friendly_name().startswith("/") and op.get_friendly_name().count("/") >= 2))]
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
+    quantized = nncf.quantize(ov_model, nncf.Dataset(list(calibration)), preset=presets[preset],
+                              subset_size=len(calibration), fast_bias_correction=fast_bias_correction,
+                              ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+    return quantized, {"tool": "nncf.quantize", "preset": preset, "fast_bias_correction": fast_bias_correction,
+                       "calibration_images": len(calibration), "quantize_head_outputs": bool(quantize_head_outputs),
+                       "ignored_ops": len(ignored)}
