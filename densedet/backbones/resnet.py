@@ -9,6 +9,8 @@ torchvision does.
 Normalisation follows SPEC: ``"frozen_bn"`` for an ImageNet-pretrained backbone (statistics and
 affine fixed, as in the paper / detectron2), ``"bn"`` or ``"gn"`` when training from scratch,
 where a frozen identity normalisation leaves the network unable to learn (measured in SPEC).
+Every conv-norm pair goes through :func:`~densedet.backbones.folding.conv_norm`: with gradients
+off and a constant norm (frozen, or BatchNorm in eval mode) it is one folded convolution.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .folding import ConvNorm, conv_norm
 
 __all__ = [
     "FrozenBatchNorm2d",
@@ -92,8 +96,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
         return self.relu(out + identity)
 
 
@@ -117,9 +121,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
         return self.relu(out + identity)
 
 
@@ -177,7 +181,7 @@ class ResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int, norm_layer) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
+            downsample = ConvNorm(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                 norm_layer(planes * block.expansion),
             )
@@ -218,7 +222,7 @@ class ResNet(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         outputs = {}
         for name, layer in zip(_STAGE_NAMES, (self.layer1, self.layer2, self.layer3, self.layer4)):
             x = layer(x)

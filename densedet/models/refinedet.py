@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..anchors import AnchorGenerator
+from ..backbones.folding import ConvNorm
 from ..backbones.resnet import Bottleneck, ResNet, load_torchvision_resnet, make_norm
 from ..backbones.vgg import VGG16, load_torchvision_vgg16
 from ..boxes import BoxCoder
@@ -178,7 +179,7 @@ class TransferConnectionBlock(nn.Module):
 
 def _bottleneck_block(cin: int, planes: int, norm: str) -> Bottleneck:
     """Caffe ``ResBody(planes, planes, 4 planes, stride 1, use_branch1=True)`` with N(0, 0.01) init."""
-    downsample = nn.Sequential(nn.Conv2d(cin, planes * 4, 1, bias=False), make_norm(norm, planes * 4))
+    downsample = ConvNorm(nn.Conv2d(cin, planes * 4, 1, bias=False), make_norm(norm, planes * 4))
     block = Bottleneck(cin, planes, 1, downsample, lambda c: make_norm(norm, c))
     for m in block.modules():
         if isinstance(m, nn.Conv2d):
@@ -244,7 +245,7 @@ class RefineDetResNet(nn.Module):
         super().__init__()
         self.body = ResNet(depth, norm=norm, frozen_stages=frozen_stages, out_features=("res3", "res4", "res5"))
         cin = self.body.out_channels[-1]
-        downsample = nn.Sequential(nn.Conv2d(cin, 512, 1, stride=2, bias=False), make_norm(extra_norm, 512))
+        downsample = ConvNorm(nn.Conv2d(cin, 512, 1, stride=2, bias=False), make_norm(extra_norm, 512))
         self.res6 = Bottleneck(cin, 128, 2, downsample, lambda c: make_norm(extra_norm, c))
         for m in self.res6.modules():
             if isinstance(m, nn.Conv2d):

@@ -268,24 +268,26 @@ def best_above(scores: Tensor, thresh: float, k: int) -> tuple[Tensor, Tensor]:
 
     Thresholds before it sorts, as torchvision does per image: a level's scores above 0.05 are
     usually a few hundred of millions, and a top-k over all of them costs ~10x the rest of the
-    post-processing. Only when some row keeps more than ``k`` does a top-k run. The columns come in
-    score order after a top-k, in column order otherwise; the selection that follows sorts by score
-    either way. An exported graph (tracing) takes the fixed-shape top-k over the thresholded scores.
+    post-processing. Only when some row keeps more than ``k`` does a top-k run, over the survivors
+    alone. The columns come in score order after a top-k, in column order otherwise; the selection
+    that follows sorts by score either way. An exported graph (tracing) takes the fixed-shape top-k
+    over the thresholded scores.
     """
-    masked = torch.where(scores > thresh, scores, torch.full_like(scores, -1.0))
     if torch.jit.is_tracing():
+        masked = torch.where(scores > thresh, scores, torch.full_like(scores, -1.0))
         return masked.topk(min(k, scores.shape[1]), dim=1)
     above = scores > thresh
     counts = above.sum(1)
     most = int(counts.max()) if counts.numel() else 0
-    if most > k:
-        return masked.topk(k, dim=1)
     rows, cols = above.nonzero(as_tuple=True)                     # row-major: columns ascend per row
     slots = torch.arange(rows.numel(), device=scores.device) - (counts.cumsum(0) - counts)[rows]
     top_scores = scores.new_full((scores.shape[0], most), -1.0)
     top_idxs = torch.zeros((scores.shape[0], most), dtype=torch.int64, device=scores.device)
     top_scores[rows, slots] = scores[rows, cols]
     top_idxs[rows, slots] = cols
+    if most > k:                                                  # a top-k over the survivors only
+        top_scores, best = top_scores.topk(k, dim=1)
+        top_idxs = top_idxs.gather(1, best)
     return top_scores, top_idxs
 
 
