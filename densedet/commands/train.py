@@ -1,13 +1,30 @@
-"""``densedet train`` (a YAML config with overrides) and ``densedet demo`` (the digit-scene main job)."""
+"""``densedet train`` (a YAML config with overrides, or ``--data`` alone) and ``densedet demo`` (the digit-scene main job).
+
+``densedet train --data TRAIN [--val VAL] [--minutes N] [--weights W] [--model NAME] [--no-flip] [--images DIR]``
+needs no config: it reads the annotations (COCO json, Pascal VOC xml folder or glob, or CSV; the
+format is detected), derives every setting from them (:mod:`densedet.recipe`), prints each value with
+its reason, writes the config to the run folder (``densedet train RUN/config.yaml`` reruns it) and
+trains. ``key.sub=value`` overrides apply on top of the derived values.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from ..config import find_config, load_config
+from ..config import ModelConfig, apply_overrides, find_config, from_dict, load_config, save_config, upgrade_config_dict
+from ..data import DetectionData, load_coco, load_csv, load_voc
+from ..data.formats import detect_format
+from ..data.split import split_by_image
+from ..engine.data import resolve_paths
 from ..engine.trainer import train
+from ..engine.tune import record_choice
+from ..errors import UsageError
+from ..recipe import DataSummary, RecipeOptions, base_config, derive, format_table, recipe_config
+from ..serialization import load_tensors
 
 __all__ = ["add_parser", "run_train", "run_demo"]
 
@@ -17,11 +34,125 @@ DEMO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]
 
 def run_train(args: argparse.Namespace) -> int:
     """``densedet train``: returns the exit code."""
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        # `densedet train --data X key=value`: argparse hands the first override to the optional CONFIG
+        args.overrides, args.config = [args.config, *args.overrides], None
+    if args.data:
+        return _train_from_data(args)
+    if not args.config:
+        raise UsageError("give a config (densedet train CONFIG) or the training annotations (densedet train --data FILE)")
+    for flag in ("val", "images", "model", "minutes"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} goes with --data (a config names its data and model itself)")
+    if args.no_flip:
+        raise UsageError("--no-flip goes with --data (with a config: data.hflip_prob=0)")
     cfg = load_config(find_config(args.config), args.overrides)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
-    train(cfg, resume=args.resume, init_weights=args.weights)
+    summary = train(cfg, resume=args.resume, init_weights=args.weights)
+    record_choice(cfg.train.output_dir, summary)
     return 0
+
+
+# -- densedet train --data ------------------------------------------------------------------------
+
+# Model settings derived from the data that a detection checkpoint's weights do not fix.
+DETECTION_CHECKPOINT_KEEPS = ("model.min_size", "model.max_size", "model.detections_per_img")
+
+def read_annotations(spec: str, images: str | None, class_names: list[str] | None = None
+                     ) -> tuple[DetectionData, str, list[str]]:
+    """Read an annotation path (COCO json, CSV file, VOC xml file / folder / glob / comma list), format
+    detected. Image paths are relative to the annotation file's folder, or to ``images``.
+    Returns the data, the format and the resolved paths."""
+    paths = resolve_paths(spec, "--data")
+    kind = detect_format(paths)
+    if kind == "coco":
+        data = load_coco(paths[0], images if images is not None else os.path.dirname(paths[0]))
+    elif kind == "csv":
+        data = load_csv(paths[0], image_root=images, class_names=class_names)
+    else:
+        data = load_voc(paths if len(paths) > 1 else paths[0], image_dir=images, class_names=class_names)
+    return data, kind, paths
+
+
+def weights_kind(path: str) -> str:
+    """``imagenet`` (a trunk's state dict: torchvision ResNet / VGG keys) or ``detection`` (a densedet
+    checkpoint or a whole detector's state dict), from the file's keys."""
+    state = load_tensors(path, "weights file")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        return "detection"
+    keys = list(state) if isinstance(state, dict) else []
+    if any(k.startswith(("backbone.", "head.", "arm.", "odm.", "tcb")) for k in keys):
+        return "detection"
+    if any(k.startswith(("layer1.", "conv1.", "features.")) for k in keys):
+        return "imagenet"
+    raise UsageError(f"{path}: neither an ImageNet trunk (torchvision ResNet/VGG keys) nor a detection "
+                     f"checkpoint (keys such as {', '.join(keys[:3]) or 'none'})")
+
+
+def _train_from_data(args: argparse.Namespace) -> int:
+    """Derive the config from ``--data`` (:mod:`densedet.recipe`), print and save it, then train."""
+    if args.config:
+        raise UsageError(f"give either a config ({args.config}) or --data, not both")
+    train_data, kind, paths = read_annotations(args.data, args.images)
+    val_data = None
+    if args.val:
+        val_data, val_kind, val_paths = read_annotations(args.val, args.images,
+                                                         None if kind == "coco" else train_data.class_names)
+        if val_data.class_names != train_data.class_names:
+            raise UsageError(f"{args.val}: its classes {val_data.class_names[:10]} differ from the training "
+                             f"annotations' {train_data.class_names[:10]}")
+    kind_of_weights = weights_kind(args.weights) if args.weights else None
+    options = RecipeOptions(model=args.model or "retinanet_r18_fpn", minutes=args.minutes or 10.0,
+                            weights=args.weights, weights_kind=kind_of_weights, flip=not args.no_flip,
+                            has_val=val_data is not None, num_train_images=len(train_data.records))
+    base = base_config(options.model)
+    if kind_of_weights == "detection":
+        base.model = _checkpoint_model(args.weights, base)
+    # the statistics are those of the images trained on: a carved-out val / tune split is left out
+    rows_probe = derive(DataSummary.from_data(train_data, val_data), options)
+    fractions = {r.key: r.value for r in rows_probe}
+    parts = split_by_image(train_data, fractions["data.val_fraction"], fractions["data.tune_fraction"], 0)
+    rows = derive(DataSummary.from_data(parts["train"], val_data or parts.get("val")), options)
+    if kind_of_weights == "detection":     # the checkpoint's architecture and anchors are tied to its weights
+        rows = [r for r in rows if not r.key.startswith("model.") or r.key in DETECTION_CHECKPOINT_KEEPS]
+    cfg = recipe_config(rows, base)
+    cfg.data.format = kind
+    cfg.data.train = ",".join(paths)
+    cfg.data.train_images = args.images or ""
+    if val_data is not None:
+        cfg.data.val, cfg.data.val_images = ",".join(val_paths), args.images or ""
+    if kind != "coco":
+        cfg.data.class_names = list(train_data.class_names)
+    cfg.train.output_dir = args.output_dir or cfg.train.output_dir
+    if kind_of_weights == "detection" and cfg.model.num_classes != base.model.num_classes:
+        raise UsageError(f"{args.weights}: a detector of {base.model.num_classes} classes; the data has "
+                         f"{cfg.model.num_classes} (fine-tune from an ImageNet trunk instead)")
+    cfg = apply_overrides(cfg, args.overrides)
+    print(f"densedet train --data {args.data}: {kind} annotations, {len(train_data.records)} images; "
+          f"settings derived from the data:", file=sys.stderr)
+    print(format_table(rows), file=sys.stderr)
+    if args.overrides:
+        print(f"overrides on top: {' '.join(args.overrides)}", file=sys.stderr)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    (out / "derived.txt").write_text(format_table(rows) + "\n")
+    print(f"config written to {out / 'config.yaml'} (rerun: densedet train {out / 'config.yaml'})", file=sys.stderr)
+    summary = train(cfg, resume=args.resume,
+                    init_weights=args.weights if kind_of_weights == "detection" else None)
+    record_choice(out, summary)
+    return 0
+
+
+def _checkpoint_model(path: str, base):
+    """The model config a densedet detection checkpoint was trained with (its architecture and anchors
+    are tied to the weights), or ``base``'s when the file holds weights alone."""
+    state = load_tensors(path, "weights file")
+    saved = state.get("config") if isinstance(state, dict) else None
+    if isinstance(saved, dict) and "model" in saved:
+        return from_dict(ModelConfig, upgrade_config_dict(saved)["model"], "model.")
+    return base.model
 
 
 def _print_demo_table(metrics: dict[str, Any]) -> None:
@@ -68,12 +199,25 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run_demo)
 
     p = subparsers.add_parser(
-        "train", help="train a model from a YAML config",
-        description="Train from a YAML config with key.sub=value overrides. Several processes: "
+        "train", help="train a model from a YAML config, or from annotations alone (--data)",
+        description="Train from a YAML config with key.sub=value overrides, or from annotations alone: "
+        "--data TRAIN derives every setting from the data (printed with the reason for each, written to "
+        "the run folder's config.yaml) and trains. Several processes: "
         "torchrun --nproc_per_node N -m densedet train CONFIG.")
-    p.add_argument("config", help="YAML config file, or a name in configs/")
+    p.add_argument("config", nargs="?", help="YAML config file, or a name in configs/ (not with --data)")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. solver.lr=0.02")
+    p.add_argument("--data", help="training annotations: a COCO json, a Pascal VOC folder / xml glob, or a CSV "
+                   "(image_path,x1,y1,x2,y2,label); no config needed")
+    p.add_argument("--val", help="validation annotations (default: 10%% of --data's images, held out)")
+    p.add_argument("--images", help="folder the annotations' image names are relative to (default: the "
+                   "annotation file's folder)")
+    p.add_argument("--minutes", type=float, help="with --data: training time budget in minutes (default 10)")
+    p.add_argument("--model", help="with --data: retinanet_r18_fpn (default), retinanet_r34_fpn / r50 / r101, or "
+                   "refinedet320_r18, refinedet320_vgg16, refinedet512_...")
+    p.add_argument("--no-flip", action="store_true", help="with --data: no horizontal flips (objects whose mirror "
+                   "is another thing: digits, text)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt exactly where it stopped")
-    p.add_argument("--weights", help="initialise the model from a checkpoint or state dict (fine-tuning)")
+    p.add_argument("--weights", help="initialise the model from a checkpoint or state dict (fine-tuning); with "
+                   "--data: an ImageNet trunk or a detection checkpoint, and the fine-tuning recipe")
     p.add_argument("--output-dir", help="run folder (overrides train.output_dir)")
     p.set_defaults(func=run_train)

@@ -105,14 +105,18 @@ class TiledDataset(Dataset):
     item i is one tile with its boxes in tile coordinates (`transforms.crop_target`: clipped,
     dropped below `min_visibility` of their area) and target["tile_origin"] = (x0, y0).
     skip_empty=True leaves out tiles without boxes. Image sizes come from the records, or from
-    the image headers when the annotation did not give them.
+    the image headers when the annotation did not give them. ``scale_as = (h, w)`` marks every
+    tile's target with ``resize_as`` (as ``RandomObjectCrop`` does): the model's preprocessor then
+    resizes a tile as it would an ``h x w`` image, so objects keep the scale of such images (the
+    evaluation images) instead of the tile's being resized to the model's input size.
     """
 
     def __init__(self, data: DetectionData, tile_size: int, overlap: int,
                  transforms: Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
                  | None = None, min_visibility: float = 0.5, cache_images: bool = False,
-                 skip_empty: bool = False):
+                 skip_empty: bool = False, scale_as: tuple[int, int] | None = None):
         self.images = DetectionDataset(data, transforms=None, cache_images=cache_images)
+        self.scale_as = tuple(scale_as) if scale_as else None
         self.transforms = transforms
         self.min_visibility = min_visibility
         self.tiles: list[tuple[int, tuple[int, int, int, int]]] = []
@@ -141,6 +145,8 @@ class TiledDataset(Dataset):
         image = full[:, y0:y1, x0:x1].float().div_(255.0)
         target = record_target(self.images.data.records[image_index], *full.shape[-2:])
         target = crop_target(target, x0, y0, x1, y1, self.min_visibility)
+        if self.scale_as is not None:
+            target["resize_as"] = self.scale_as
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

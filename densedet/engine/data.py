@@ -18,6 +18,7 @@ from ..config import Config, ConfigError, DataConfig
 from ..data.ssd_augment import SSDAugmentation
 from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop,
                     TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
+from ..data.split import split_by_image
 
 __all__ = ["load_split", "build_train_dataset", "BatchStream"]
 
@@ -56,7 +57,11 @@ def load_split(data: DataConfig, split: str = "train") -> DetectionData:
 
 
 def _load_split(data: DataConfig, split: str = "train") -> DetectionData:
-    """Read the ``train``, ``val`` or (digits only) ``tune`` split a :class:`DataConfig` describes.
+    """Read the ``train``, ``val`` or ``tune`` split a :class:`DataConfig` describes.
+
+    With ``data.val_fraction`` (and no ``data.val``) or ``data.tune_fraction``, those splits are
+    images of ``data.train`` held out by :func:`~densedet.data.split.split_by_image` (seeded by
+    ``data.seed``), and the train split is what is left.
 
     ``coco``/``csv``/``voc`` read ``data.<split>`` (annotation file, or folder of VOC XML) with
     images under ``data.<split>_images`` (default: next to the annotations); ``digits`` generates
@@ -70,9 +75,21 @@ def _load_split(data: DataConfig, split: str = "train") -> DetectionData:
         paths = make_digit_scenes(data.root, num_train=data.num_train, num_val=data.num_val, seed=data.seed,
                                   num_tune=data.num_tune)
         return load_coco(paths[f"{split}_json"], paths[f"{split}_images"], strict=data.strict)
+    if data.val_fraction > 0 and data.val:
+        raise ConfigError(f"data.val_fraction ({data.val_fraction}) carves the validation split out of data.train, "
+                          f"but data.val is given too ({data.val}); set one of them")
+    carved = {"val": data.val_fraction > 0, "tune": data.tune_fraction > 0}
+    if split == "train" and any(carved.values()) or carved.get(split):
+        parts = split_by_image(_read(data, "train"), data.val_fraction, data.tune_fraction, data.seed)
+        return parts[split]
     if split == "tune":
-        raise ConfigError(f"the tune split exists for data.format digits only (data.format is {data.format!r}); "
-                          "evaluate another annotation file with data.val=FILE")
+        raise ConfigError(f"no tune split: set data.tune_fraction to hold out part of data.train (data.format "
+                          f"{data.format!r}); evaluate another annotation file with data.val=FILE")
+    return _read(data, split)
+
+
+def _read(data: DataConfig, split: str) -> DetectionData:
+    """The annotation file(s) ``data.<split>`` names, read by ``data.format``'s reader."""
     path = getattr(data, split)
     images = resolve_path(getattr(data, f"{split}_images")) or None
     if not path:
@@ -111,7 +128,8 @@ def build_train_dataset(cfg: Config, data: DetectionData):
     transform = Compose(transforms) if transforms else None
     if d.tile_size > 0:
         return TiledDataset(data, d.tile_size, d.tile_overlap, transforms=transform,
-                            cache_images=d.cache_images, skip_empty=False)
+                            cache_images=d.cache_images, skip_empty=False,
+                            scale_as=tuple(d.tile_scale_as) if d.tile_scale_as else None)
     dataset = DetectionDataset(data, transforms=transform, cache_images=d.cache_images)
     if d.cache_images:
         dataset.preload()

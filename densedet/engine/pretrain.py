@@ -14,7 +14,17 @@ A batch: ``batch_size`` boxes drawn at random (non-crowd), each cut out as a squ
 of that side, resampled to one side length per batch drawn from ``crop_sizes``
 (``train.pretrain_crop_sizes``, default ``CROP_SIZES``) and normalised as the model's preprocessor
 does. Loss: cross-entropy of a linear classifier on the global average of every trunk output
-(deep supervision: C3 and C4 learn the classes too, not only C5). AdamW at ``train.pretrain_lr``
+(deep supervision: C3 and C4 learn the classes too, not only C5).
+
+Background crops (``background`` > 0, ``train.pretrain_background``): that share of each batch is
+square windows placed away from every box, labelled as one extra class (index K). With one class
+this is what makes the warm-up a task at all: classifying every crop as the only class has loss 0
+from the first step and teaches nothing; object against background is what a one-class detector
+must tell apart. The default (``-1``, auto) uses a share of 0.5 with one class and none with
+several, where the classes already give the task (the demo's measured recipe). A background
+window takes the side of a randomly drawn box's window (so it has the objects' scale) and a
+uniformly random position, redrawn up to ``BACKGROUND_TRIES`` times while it overlaps a box at
+IoU >= ``BACKGROUND_MAX_IOU``; images without boxes are background anywhere. AdamW at ``train.pretrain_lr``
 (or ``solver.lr``), 20 warm-up steps, cosine to zero over the planned iterations. Every random
 draw comes from a generator seeded by (seed, iteration), so a fixed ``iterations`` run is
 repeatable.
@@ -33,20 +43,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..boxes import box_iou
 from ..config import Config
-from ..data import DetectionDataset
+from ..data import DetectionDataset, image_size
 from ..data.records import DetectionData
 from ..device import autocast as autocast_context
 from ..device import fused_adam_ok
 from .distributed import broadcast_state, value_of_rank0
 
-__all__ = ["box_items", "crop_boxes", "pretrain_backbone", "warm_up_trunk", "CROP_SIZES"]
+__all__ = ["box_items", "crop_boxes", "background_windows", "background_share", "pretrain_backbone",
+           "warm_up_trunk", "CROP_SIZES"]
 
 CROP_SIZES = (32, 48, 64, 96)
 CONTEXT = (1.1, 1.6)
 SHIFT = 0.1
 WARMUP_ITERS = 20
 ACCURACY_WINDOW = 10
+BACKGROUND_TRIES = 10
+BACKGROUND_MAX_IOU = 0.1
+AUTO_BACKGROUND_SHARE = 0.5     # with one class: half object crops, half background
+
+
+def background_share(setting: float, num_classes: int) -> float:
+    """The share of background crops: ``setting`` when >= 0, else (auto) 0.5 with one class and 0 with
+    several (see the module docstring for why)."""
+    if setting >= 0:
+        return float(setting)
+    return AUTO_BACKGROUND_SHARE if num_classes == 1 else 0.0
 
 
 def box_items(data: DetectionData) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,42 +114,95 @@ class _CropClassifier(nn.Module):
         return [head(f.mean((2, 3))) for head, f in zip(self.heads, self.trunk(x))]
 
 
+def background_windows(g: torch.Generator, count: int, data: DetectionData, sides: Tensor) -> tuple[Tensor, Tensor]:
+    """``count`` square windows away from every box: image indices [count] and windows [count, 4]
+    (x1, y1, x2, y2, image pixels), every draw from ``g``. ``sides`` [M] are window sides to draw
+    from (the object windows' sides, so background crops have the objects' scale). A window is
+    redrawn up to ``BACKGROUND_TRIES`` times while its IoU with some box is >= ``BACKGROUND_MAX_IOU``
+    (the last draw is kept: in a crowded image it is the best there is)."""
+    images = torch.randint(len(data.records), (count,), generator=g)
+    windows = torch.zeros(count, 4)
+    for n, i in enumerate(images.tolist()):
+        record = data.records[i]
+        height, width = _image_hw(record)
+        boxes = torch.from_numpy(record.boxes).float()
+        for _ in range(BACKGROUND_TRIES):
+            side = float(sides[int(torch.randint(len(sides), (), generator=g))])
+            side = min(side, float(height), float(width))
+            x0 = float(torch.rand((), generator=g)) * (width - side)
+            y0 = float(torch.rand((), generator=g)) * (height - side)
+            windows[n] = torch.tensor([x0, y0, x0 + side, y0 + side])
+            if not len(boxes) or float(box_iou(windows[n:n + 1], boxes).max()) < BACKGROUND_MAX_IOU:
+                break
+    return images, windows
+
+
+def _image_hw(record) -> tuple[int, int]:
+    if record.height is not None and record.width is not None:
+        return int(record.height), int(record.width)
+    size = image_size(record.file_name)
+    if size is None:
+        raise ValueError(f"{record.file_name}: cannot read the image size for background crops")
+    record.height, record.width = int(size[0]), int(size[1])
+    return record.height, record.width
+
+
 def _crop_batch(g: torch.Generator, items: tuple[Tensor, Tensor, Tensor], load_image: Callable[[int], Tensor],
-                batch_size: int, crop_sizes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """One step's crops in [0, 1] and their labels, every draw from ``g``; ``items`` is :func:`box_items`'."""
+                batch_size: int, crop_sizes: tuple[int, ...], data: DetectionData | None = None,
+                background: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One step's crops in [0, 1] and their labels, every draw from ``g``; ``items`` is :func:`box_items`'.
+    With ``background`` > 0 that share of the batch is background windows of ``data`` labelled
+    ``data.num_classes``."""
     image_of, box_of, label_of = items
-    picks = torch.randint(len(image_of), (batch_size,), generator=g)
+    n_bg = int(round(batch_size * background)) if data is not None else 0
+    n_obj = batch_size - n_bg
+    picks = torch.randint(len(image_of), (n_obj,), generator=g)
     size = crop_sizes[int(torch.randint(len(crop_sizes), (), generator=g))]
-    context = torch.empty(batch_size).uniform_(*CONTEXT, generator=g)
-    shift = torch.empty(batch_size, 2).uniform_(-SHIFT, SHIFT, generator=g)
-    picks = picks[torch.argsort(image_of[picks], stable=True)]      # the crops of one image together
-    ids, counts = torch.unique_consecutive(image_of[picks], return_counts=True)
+    context = torch.empty(n_obj).uniform_(*CONTEXT, generator=g)
+    shift = torch.empty(n_obj, 2).uniform_(-SHIFT, SHIFT, generator=g)
+    images, boxes, labels = image_of[picks], box_of[picks], label_of[picks]
+    if n_bg:
+        sides = (box_of[:, 2:] - box_of[:, :2]).max(dim=1).values * sum(CONTEXT) / 2
+        bg_images, bg_windows = background_windows(g, n_bg, data, sides)
+        images, boxes = torch.cat([images, bg_images]), torch.cat([boxes, bg_windows])
+        labels = torch.cat([labels, torch.full((n_bg,), data.num_classes, dtype=torch.long)])
+        context = torch.cat([context, torch.ones(n_bg)])          # the window itself: no context, no shift
+        shift = torch.cat([shift, torch.zeros(n_bg, 2)])
+    order = torch.argsort(images, stable=True)                    # the crops of one image together
+    images, boxes, labels, context, shift = images[order], boxes[order], labels[order], context[order], shift[order]
+    ids, counts = torch.unique_consecutive(images, return_counts=True)
     counts = counts.tolist()
-    crops = [crop_boxes(load_image(i).float().div_(255.0), box_of[p], size, c, d)
-             for i, p, c, d in zip(ids.tolist(), picks.split(counts), context.split(counts), shift.split(counts))]
-    return torch.cat(crops), label_of[picks]
+    crops = [crop_boxes(load_image(i).float().div_(255.0), b, size, c, d)
+             for i, b, c, d in zip(ids.tolist(), boxes.split(counts), context.split(counts), shift.split(counts))]
+    return torch.cat(crops), labels
 
 
 def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], data: DetectionData,
                       mean: Tensor, std: Tensor, lr: float, weight_decay: float, batch_size: int = 64,
                       crop_sizes: tuple[int, ...] = CROP_SIZES, minutes: float = 0.0, iterations: int = 0,
-                      seed: int = 0, channels_last: bool = True,
+                      seed: int = 0, channels_last: bool = True, background: float = -1.0,
                       device: torch.device | None = None, autocast: Callable = contextlib.nullcontext,
                       log: Callable[[str], None] = lambda _: None,
                       clock: Callable[[], float] = time.perf_counter) -> dict:
     """Train ``trunk`` (a module returning a list of feature maps with ``out_channels``) to classify
     the crops of ``data``'s boxes, for ``iterations`` steps or, when 0, for ``minutes``.
     ``load_image(i)`` gives image i as uint8 [3, H, W]; ``autocast()`` is the precision context;
-    ``clock`` (seconds) times the run and the ``minutes`` budget.
+    ``clock`` (seconds) times the run and the ``minutes`` budget. ``background``: the share of
+    background crops (:func:`background_share`; -1 auto).
     Returns statistics of the run: iterations, seconds, crops_per_s, loss (last step), accuracy (C5
-    classifier, last ``ACCURACY_WINDOW`` steps, on the training crops), boxes."""
+    classifier, last ``ACCURACY_WINDOW`` steps, on the training crops), boxes, background (the share),
+    chance_loss (the cross-entropy of guessing by the label frequencies, for comparison)."""
     image_of, box_of, label_of = box_items(data)
     if not len(image_of):
         raise ValueError("train.pretrain_minutes: the training set has no (non-crowd) boxes to classify")
     if iterations <= 0 and minutes <= 0:
         raise ValueError("pretrain_backbone needs iterations > 0 or minutes > 0")
     device = device or torch.device("cpu")
-    model = _CropClassifier(trunk, list(trunk.out_channels), data.num_classes).to(device)
+    share = background_share(background, data.num_classes)
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"train.pretrain_background: the share of background crops must be in [0, 1), got {share}")
+    outputs = data.num_classes + (1 if share > 0 else 0)
+    model = _CropClassifier(trunk, list(trunk.out_channels), outputs).to(device)
     model.train()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused_adam_ok(params))
@@ -142,7 +218,8 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         # differ from step to step: a step count fitted from the first steps would miss the budget).
         progress = iteration / planned if planned is not None else (clock() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
-        batch, labels = _crop_batch(g, (image_of, box_of, label_of), load_image, batch_size, crop_sizes)
+        batch, labels = _crop_batch(g, (image_of, box_of, label_of), load_image, batch_size, crop_sizes,
+                                    data, share)
         batch = ((batch - mean) / std).to(device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -170,7 +247,17 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
     log(f"backbone warm-up on box crops done: {len(image_of)} boxes, {iteration} steps of {batch_size} crops in "
         f"{seconds / 60:.1f} min ({iteration * batch_size / seconds:.0f} crops/s), accuracy {accuracy:.3f}")
     return {"iterations": iteration, "seconds": seconds, "crops_per_s": iteration * batch_size / seconds,
-            "loss": loss_value, "accuracy": accuracy, "boxes": len(image_of)}
+            "loss": loss_value, "accuracy": accuracy, "boxes": len(image_of), "background": share,
+            "chance_loss": _chance_loss(label_of, data.num_classes, share)}
+
+
+def _chance_loss(labels: Tensor, num_classes: int, share: float) -> float:
+    """Cross-entropy of predicting the label frequencies alone (what a classifier that learnt nothing
+    scores): the entropy of the crops' label distribution (0 with one class and no background)."""
+    freq = torch.bincount(labels, minlength=num_classes).double()
+    p = torch.cat([freq / freq.sum() * (1 - share), torch.tensor([share], dtype=torch.float64)])
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
 
 
 def warm_up_trunk(model: nn.Module, dataset, data: DetectionData, cfg: Config, device: torch.device,
@@ -190,6 +277,7 @@ def warm_up_trunk(model: nn.Module, dataset, data: DetectionData, cfg: Config, d
                                   t.pretrain_lr or cfg.solver.lr, cfg.solver.weight_decay, t.pretrain_batch_size,
                                   crop_sizes=tuple(t.pretrain_crop_sizes), minutes=t.pretrain_minutes,
                                   iterations=t.pretrain_iters, seed=t.seed, channels_last=t.channels_last,
+                                  background=t.pretrain_background,
                                   device=device, autocast=lambda: autocast_context(device, dtype), log=log,
                                   clock=clock)
     broadcast_state(trunk)

@@ -1,0 +1,539 @@
+"""Every setting of a training run derived from the data, each by a rule you can state (``densedet train --data``).
+
+:func:`derive` turns the statistics of a training set (:class:`DataSummary`: image sizes, box
+sizes, shapes and classes, in original pixels) into config values, each with the reason it was
+chosen (:class:`Derived`). Every rule is a plain function of those statistics, so the tests pin each
+on a small hand-made set without training. The rules (``docs/own-data.md`` explains each):
+
+- **classes**: the annotations' class names and count.
+- **holdout**: without a validation file, 10% of the training images (at least 1) are the
+  validation split; with at least ``MIN_TUNE_IMAGES`` images, another 10% are a ``tune`` split on
+  which the test-time scales are chosen after training (never on the validation images).
+- **input scale**: the model sees the evaluation images (val, or train when val is carved out) at
+  their own size: shorter side to their median shorter side, longer side capped at their largest
+  longer side; so one size of evaluation image is never resized. Only when the 2nd percentile of
+  box size (sqrt area) is below ``MIN_OBJECT_PX`` is everything upscaled, to bring it there (at most
+  ``MAX_UPSCALE``): an anchor grid of stride 8 cannot reach IoU 0.5 with smaller boxes.
+- **tiles**: a training image more than ``TILE_ABOVE`` times the evaluation images' longer side is
+  cut into tiles of that side (overlap: the 98th percentile of the boxes' longer sides, so nearly
+  every object is whole in some tile), each resized as an evaluation image: large photos are tiled,
+  never downscaled.
+- **anchors**: aspect ratios 1:2, 1:1, 2:1 (the paper's) plus 1:4 / 4:1 (and so on) where at least
+  5% of the boxes are more elongated than the geometric midpoint; base size 2 or 4 x the stride
+  (4: the paper's), whichever lets more boxes reach an anchor at IoU 0.5 (ties: 4); pyramid levels
+  from the lowest to the highest level that is some box's best (within RetinaNet's P3..P5 / P5..P7
+  limits), so no level has anchors that match nothing.
+- **training windows**: when the largest objects (98th percentile of the longer side, in model
+  pixels) fit in a window of at most ``WINDOW_SHARE`` of the image's shorter side, training runs on
+  object-centred windows at the image's scale (``data.crop_sizes``): the largest window holds that
+  object with 10% margin (rounded up to 32 px), and windows of 0.6x and 0.4x of it (at least
+  ``MIN_WINDOW`` px) bring more small objects per step. Training then runs at one scale.
+- **batch and head**: a batch holds about ``BATCH_PIXELS`` input pixels (the demo's measured
+  8 windows of 160 px), 2 to 32 images; for budgets up to ``SHORT_BUDGET_MIN`` minutes the FPN and
+  head are the demo's lighter 128 channels and 2 GroupNorm convolutions, beyond it the paper's
+  256 and 4.
+- **from random weights**: the demo's measured recipe: trainable BatchNorm, a GroupNorm head,
+  AdamW 2e-3 with cosine decay, focal gamma 1 for budgets up to ``SHORT_BUDGET_MIN`` minutes (2,
+  the paper's, beyond), class cross-entropy 0.5 with two classes or more, and (RetinaNet) a box-crop
+  warm-up of the trunk for 15% of the budget at 3x the rate, then the stem and layer1 frozen. With
+  one class the warm-up adds background crops as a second class (``train.pretrain_background``).
+- **from pretrained weights** (``--weights``): an ImageNet trunk gets the paper's fine-tuning
+  (frozen BatchNorm, stem and res2 frozen, SGD 0.01 per 16 images, focal gamma 2); a detection
+  checkpoint keeps its own model settings and trains at a tenth of that rate.
+- **flips**: horizontal flips with probability 0.5 unless ``--no-flip``.
+- **detections per image**: at least 100 (COCO's count), 1.5x the most boxes of an evaluation image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import copy
+
+from .config import Config, from_dict, to_dict, validate
+from .data import DatasetError, DetectionData, image_size
+from .errors import UsageError
+from .models import PRESETS
+
+__all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "recipe_config", "format_table", "parse_model_name",
+           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "tiling", "training_windows",
+           "batch_size_for", "holdout", "optimisation", "detections_per_image"]
+
+MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
+MAX_UPSCALE = 2.0
+TILE_ABOVE = 1.5            # a training image this much larger than the evaluation images is tiled
+WINDOW_SHARE = 0.6          # windows only when the largest object fits in this share of the image
+MIN_WINDOW = 64
+BATCH_PIXELS = 8 * 160 * 160
+SHORT_BUDGET_MIN = 60.0
+MIN_TUNE_IMAGES = 10
+HOLDOUT_SHARE = 0.1
+IOU = 0.5                   # the paper's foreground IoU: coverage is measured at it
+RETINANET_LEVELS = (3, 4, 5, 6, 7)
+REFINEDET_LEVELS = (3, 4, 5, 6)
+
+
+# -- the data, as the rules see it ----------------------------------------------------------------
+
+@dataclass
+class DataSummary:
+    """The statistics the rules read, in original pixels. ``boxes [N, 4]`` (x1, y1, x2, y2, non-crowd),
+    ``box_image [N]`` (index into ``image_hw``), ``image_hw [I, 2]`` training images' (h, w),
+    ``eval_hw [J, 2]`` and ``eval_boxes [J]``: the evaluation images' sizes and box counts."""
+
+    class_names: list[str]
+    image_hw: np.ndarray
+    boxes: np.ndarray
+    box_image: np.ndarray
+    labels: np.ndarray
+    eval_hw: np.ndarray
+    eval_boxes: np.ndarray
+    images_without_boxes: int = 0
+
+    @classmethod
+    def from_data(cls, train: DetectionData, evaluation: DetectionData | None = None) -> "DataSummary":
+        """From the training split and the split evaluated on (``None``: the training split)."""
+        hw = np.array([_hw(r) for r in train.records], dtype=np.float64).reshape(-1, 2)
+        boxes, owner, labels = [], [], []
+        for i, r in enumerate(train.records):
+            keep = ~r.iscrowd
+            boxes.append(r.boxes[keep])
+            labels.append(r.labels[keep])
+            owner.append(np.full(int(keep.sum()), i))
+        ev = evaluation or train
+        return cls(list(train.class_names), hw,
+                   np.concatenate(boxes).astype(np.float64) if boxes else np.zeros((0, 4)),
+                   np.concatenate(owner).astype(np.int64) if owner else np.zeros(0, np.int64),
+                   np.concatenate(labels) if labels else np.zeros(0, np.int64),
+                   np.array([_hw(r) for r in ev.records], dtype=np.float64).reshape(-1, 2),
+                   np.array([int((~r.iscrowd).sum()) for r in ev.records]),
+                   sum(1 for r in train.records if len(r) == 0))
+
+    @property
+    def box_sizes(self) -> np.ndarray:
+        wh = self.boxes[:, 2:] - self.boxes[:, :2]
+        return np.sqrt(wh[:, 0] * wh[:, 1])
+
+
+def _hw(record) -> tuple[int, int]:
+    if record.height is not None and record.width is not None:
+        return int(record.height), int(record.width)
+    size = image_size(record.file_name)
+    if size is None:
+        raise DatasetError(f"{record.file_name}: no width/height in the annotations and the image cannot be read")
+    return int(size[0]), int(size[1])
+
+
+@dataclass
+class Derived:
+    """One derived setting: config ``key`` (``model.anchor_sizes``), its ``value`` and the ``reason``."""
+
+    key: str
+    value: Any
+    reason: str
+
+
+@dataclass
+class RecipeOptions:
+    """What the command line adds to the data: the model, the time budget, the starting weights."""
+
+    model: str = "retinanet_r18_fpn"
+    minutes: float = 10.0
+    weights: str | None = None
+    weights_kind: str | None = None     # None (random) | imagenet | detection
+    flip: bool = True
+    has_val: bool = False
+    num_train_images: int = 0           # before any holdout (for the holdout rule)
+
+
+# -- models by name -------------------------------------------------------------------------------
+
+_BACKBONES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "vgg16": "vgg16"}
+
+
+def parse_model_name(name: str) -> tuple[str, str, int]:
+    """``retinanet_r18_fpn`` → (retinanet, resnet18, 0); ``refinedet320_vgg16`` → (refinedet, vgg16, 320).
+    RetinaNet: r18/r34/r50/r101; RefineDet: 320 or 512 with vgg16, r18, r34, r50 or r101."""
+    parts = name.lower().split("_")
+    if parts[0] == "retinanet" and len(parts) in (2, 3) and parts[1] in _BACKBONES and parts[1] != "vgg16" \
+            and parts[2:] in ([], ["fpn"]):
+        return "retinanet", _BACKBONES[parts[1]], 0
+    if parts[0] in ("refinedet320", "refinedet512") and len(parts) == 2 and parts[1] in _BACKBONES:
+        return "refinedet", _BACKBONES[parts[1]], int(parts[0][len("refinedet"):])
+    raise UsageError(f"--model {name!r}: expected retinanet_r18_fpn, retinanet_r34_fpn, retinanet_r50_fpn, "
+                     f"retinanet_r101_fpn, or refinedet320_/refinedet512_ with vgg16, r18, r34, r50 or r101 "
+                     f"(e.g. refinedet320_r18)")
+
+
+# -- the rules ------------------------------------------------------------------------------------
+
+def holdout(num_images: int, has_val: bool) -> list[Derived]:
+    """Validation and tune slices of the training images (see the module docstring)."""
+    out = []
+    if has_val:
+        out.append(Derived("data.val_fraction", 0.0, "a validation file is given: it is the validation split"))
+    else:
+        if num_images < 3:
+            raise UsageError(f"only {num_images} training image(s): too few to hold out a validation split; "
+                             f"give one with --val")
+        n = max(1, round(HOLDOUT_SHARE * num_images))
+        out.append(Derived("data.val_fraction", HOLDOUT_SHARE,
+                           f"no --val: {n} of {num_images} training images (10%, by image, seeded) are held out "
+                           f"to validate"))
+    if num_images >= MIN_TUNE_IMAGES:
+        n = max(1, round(HOLDOUT_SHARE * num_images))
+        out += [Derived("data.tune_fraction", HOLDOUT_SHARE,
+                        f"{n} more training images held out as the tune split: the test-time scales are chosen "
+                        f"there, never on the validation images"),
+                Derived("test.tta_choose", True, "after training, keep the TTA set that beats single scale on "
+                        "the tune split, or none")]
+    else:
+        out += [Derived("data.tune_fraction", 0.0, f"{num_images} training images (< {MIN_TUNE_IMAGES}): none "
+                        f"spared to choose test-time scales on"),
+                Derived("test.tta_choose", False, "no tune split: single-scale evaluation")]
+    return out
+
+
+def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
+    """``(upscale, min_size, max_size, derived)`` for a resizing model (RetinaNet)."""
+    sizes = s.box_sizes
+    p2 = float(np.percentile(sizes, 2)) if sizes.size else MIN_OBJECT_PX
+    up = min(MAX_UPSCALE, MIN_OBJECT_PX / p2) if p2 < MIN_OBJECT_PX else 1.0
+    short = float(np.median(s.eval_hw.min(axis=1)))
+    long_ = float(s.eval_hw.max(axis=1).max())
+    min_size, max_size = int(round(up * short)), int(round(up * long_))
+    uniform = len({tuple(hw) for hw in s.eval_hw.astype(int).tolist()}) == 1
+    what = (f"the evaluation images are all {int(s.eval_hw[0, 1])}x{int(s.eval_hw[0, 0])}" if uniform else
+            f"evaluation images: median shorter side {short:.0f}, largest longer side {long_:.0f} px")
+    why = (f"{what}; box sizes p2 {p2:.1f} px" +
+           (f" < {MIN_OBJECT_PX:g}: upscaled {up:.2f}x so small objects reach the anchors" if up > 1
+            else " >= 12: native scale, nothing shrunk"))
+    return up, min_size, max_size, [Derived("model.min_size", min_size, why),
+                                    Derived("model.max_size", max_size, "the largest evaluation image is not shrunk")]
+
+
+def tiling(s: DataSummary, upscale: float) -> tuple[np.ndarray, list[Derived]]:
+    """Which training images are tiled (``[I]`` bool) and the tile settings."""
+    ref_long = float(s.eval_hw.max(axis=1).max())
+    ref = (int(np.median(s.eval_hw[:, 0])), int(np.median(s.eval_hw[:, 1])))
+    tiled = s.image_hw.max(axis=1) > TILE_ABOVE * ref_long
+    if not tiled.any():
+        return tiled, [Derived("data.tile_size", 0, f"no training image is over {TILE_ABOVE}x the evaluation "
+                               f"images' longer side ({ref_long:.0f} px): whole images")]
+    tile = int(round(ref_long))
+    sides = s.boxes[:, 2:] - s.boxes[:, :2]
+    big = float(np.percentile(sides.max(axis=1), 98)) if len(sides) else 0.0
+    overlap = int(min(tile // 2, max(32, math.ceil(big))))
+    return tiled, [
+        Derived("data.tile_size", tile, f"{int(tiled.sum())} training image(s) over {TILE_ABOVE}x the evaluation "
+                f"images' longer side: cut into {tile} px tiles, never downscaled"),
+        Derived("data.tile_overlap", overlap, f"p98 of the boxes' longer sides {big:.0f} px: such objects are whole "
+                f"in some tile"),
+        Derived("data.tile_scale_as", [ref[0], ref[1]], "each tile is resized as an evaluation image is, so objects "
+                "keep their test-time scale")]
+
+
+def choose_ratios(box_wh: np.ndarray) -> tuple[list[float], str]:
+    """Aspect ratios h/w: the paper's 1/2, 1, 2, and 2^k (2^-k) for k >= 2 while at least 5% of the boxes'
+    h/w exceed 2^(k-0.5) (fall below 2^-(k-0.5))."""
+    ratios = [0.5, 1.0, 2.0]
+    if len(box_wh) == 0:
+        return ratios, "no boxes: the paper's ratios"
+    r = box_wh[:, 1] / np.maximum(box_wh[:, 0], 1e-9)
+    hi, lo = float(np.percentile(r, 95)), float(np.percentile(r, 5))
+    k = 2
+    while hi > 2 ** (k - 0.5) and k <= 5:
+        ratios.append(float(2 ** k))
+        k += 1
+    k = 2
+    while lo < 2 ** -(k - 0.5) and k <= 5:
+        ratios.insert(0, float(2 ** -k))
+        k += 1
+    why = f"box h/w p5 {lo:.2f}, p95 {hi:.2f}"
+    return ratios, why + ("" if len(ratios) == 3 else ": ratios beyond 1:2 added for the elongated boxes")
+
+
+def grid_best_iou(boxes: np.ndarray, sizes: list[list[float]], ratios: list[float], strides: list[int],
+                  offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """Best IoU of each box ``[N, 4]`` (model pixels) with any anchor of a dense grid, and the level
+    (index into ``strides``) of that anchor. ``sizes[l]`` the anchor sizes (sqrt area) of level l,
+    ``ratios`` h/w, anchors centred at ``(k + offset) * stride``. The best anchor of a shape sits at
+    one of the four grid points around the box centre, so only those are compared."""
+    if len(boxes) == 0:
+        return np.zeros(0), np.zeros(0, np.int64)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    best = np.zeros((len(boxes), len(strides)))
+    for level, (stride, level_sizes) in enumerate(zip(strides, sizes)):
+        shapes = np.array([(size / math.sqrt(r), size * math.sqrt(r)) for r in ratios for size in level_sizes])
+        kx, ky = np.floor(cx / stride - offset), np.floor(cy / stride - offset)
+        for dx in (0, 1):
+            for dy in (0, 1):
+                ax, ay = (kx + dx + offset) * stride, (ky + dy + offset) * stride
+                iw = (np.minimum(cx[:, None] + bw[:, None] / 2, ax[:, None] + shapes[None, :, 0] / 2)
+                      - np.maximum(cx[:, None] - bw[:, None] / 2, ax[:, None] - shapes[None, :, 0] / 2)).clip(0)
+                ih = (np.minimum(cy[:, None] + bh[:, None] / 2, ay[:, None] + shapes[None, :, 1] / 2)
+                      - np.maximum(cy[:, None] - bh[:, None] / 2, ay[:, None] - shapes[None, :, 1] / 2)).clip(0)
+                inter = iw * ih
+                union = (bw * bh)[:, None] + (shapes[:, 0] * shapes[:, 1])[None, :] - inter
+                best[:, level] = np.maximum(best[:, level], (inter / union).max(axis=1))
+    return best.max(axis=1), best.argmax(axis=1)
+
+
+def _retinanet_sizes(base: float, levels: list[int], scales: int = 3) -> list[list[float]]:
+    return [[base * 2 ** l * 2 ** (k / scales) for k in range(scales)] for l in levels]
+
+
+def choose_anchors(boxes: np.ndarray, arch: str, ratios: list[float]) -> tuple[dict[str, Any], list[Derived]]:
+    """Anchor base sizes and levels for ``boxes [N, 4]`` in model pixels (see the module docstring).
+    Returns the settings (``anchor_sizes``, ``min_level``, ``max_level``, ``coverage``) and the derived rows."""
+    sizes = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) if len(boxes) else np.zeros(0)
+    if arch == "retinanet":
+        levels, offset = list(RETINANET_LEVELS), 0.0
+        grid = lambda k, lv: _retinanet_sizes(k, lv)                        # noqa: E731
+    else:
+        levels, offset = list(REFINEDET_LEVELS), 0.5
+        grid = lambda k, lv: [[k * 2 ** l] for l in lv]                     # noqa: E731
+    trials = {}
+    for k in (4.0, 2.0):                                   # 4 first: the paper's wins ties
+        iou, level = grid_best_iou(boxes, grid(k, levels), ratios, [2 ** l for l in levels], offset)
+        trials[k] = (float((iou >= IOU).mean()) if len(iou) else 1.0, level)
+    k = max(trials, key=lambda key: trials[key][0])
+    used = sorted({levels[i] for i in trials[k][1].tolist()}) or [levels[0]]
+    if arch == "retinanet":
+        lo, hi = min(max(used[0], 3), 5), max(min(used[-1], 7), 5)
+        final = list(range(lo, hi + 1))
+    else:
+        final = levels                                     # RefineDet's four sources are fixed
+    iou, _ = grid_best_iou(boxes, grid(k, final), ratios, [2 ** l for l in final], offset)
+    coverage = float((iou >= IOU).mean()) if len(iou) else 1.0
+    base = [k * 2 ** l for l in final]
+    p2, p98 = (float(np.percentile(sizes, 2)), float(np.percentile(sizes, 98))) if sizes.size else (0.0, 0.0)
+    why = (f"{base[0]:g}-{base[-1]:g} px on P{final[0]}-P{final[-1]}: p2/p98 of box sizes {p2:.0f}/{p98:.0f} px; "
+           f"{100 * coverage:.1f}% of boxes have an anchor at IoU >= {IOU} ({k:g}x stride covers "
+           f"{100 * trials[k][0]:.1f}%, {6 - k:g}x {100 * trials[6 - k][0]:.1f}%)")
+    rows = [Derived("model.anchor_sizes", base, why)]
+    if arch == "retinanet":
+        rows += [Derived("model.retinanet.min_level", final[0], f"lowest level some box is best matched on "
+                         f"(P3..P5)"),
+                 Derived("model.retinanet.max_level", final[-1], "highest level some box is best matched on "
+                         "(P5..P7): no level whose anchors match nothing")]
+    return {"anchor_sizes": base, "min_level": final[0], "max_level": final[-1], "coverage": coverage}, rows
+
+
+def training_windows(max_side_px: float, median_px: float, image_short_px: float, upscale: float
+                     ) -> tuple[list[int], str]:
+    """Object-centred window sides (original pixels) for the largest objects' longer side ``max_side_px``
+    (p98), the median box size, the image's (or tile's) shorter side, all in model pixels; [] for whole images."""
+    largest = max(MIN_WINDOW, 32 * math.ceil(1.1 * max_side_px / 32))
+    if largest > WINDOW_SHARE * image_short_px:
+        return [], (f"the largest objects ({max_side_px:.0f} px) need a {largest} px window, over "
+                    f"{WINDOW_SHARE:.0%} of the {image_short_px:.0f} px image: whole images")
+    floor = max(MIN_WINDOW, 32 * math.ceil(2 * median_px / 32))
+    model_px = sorted({largest} | {w for w in (32 * round(f * largest / 32) for f in (0.6, 0.4)) if w >= floor})
+    windows = sorted({max(16, int(round(w / upscale))) for w in model_px})
+    return windows, (f"objects are small against the {image_short_px:.0f} px image: windows of {model_px} px "
+                     f"centred on objects (the largest holds the p98 object, {max_side_px:.0f} px, with margin)")
+
+
+def batch_size_for(pixels_per_image: float) -> int:
+    """Images (or largest windows) per batch: about ``BATCH_PIXELS`` input pixels, 2 to 32."""
+    return int(min(32, max(2, round(BATCH_PIXELS / max(pixels_per_image, 1.0)))))
+
+
+def optimisation(o: RecipeOptions, arch: str, num_classes: int, batch: int) -> list[Derived]:
+    """Norms, optimiser, loss settings and warm-up for the starting point (random, ImageNet, detection)."""
+    short = o.minutes <= SHORT_BUDGET_MIN
+    rows = [Derived("train.max_minutes", o.minutes, "the time budget (--minutes) decides the step count"),
+            Derived("train.max_iters", 1_000_000, "a cap only: the budget sets the steps")]
+    if o.weights_kind is None:
+        lr = 0.002 if arch == "retinanet" else 0.001
+        rows += [
+            Derived("model.norm", "bn", "random weights: trainable BatchNorm (FrozenBN cannot learn)"),
+            Derived("model.frozen_stages", 0, "random weights: every stage learns"),
+            Derived("solver.optimizer", "adamw", "from scratch AdamW moves much faster than SGD over a few hundred "
+                    "steps (the demo's measurements)"),
+            Derived("solver.lr", lr, "the demo's measured rate for " + arch),
+            Derived("solver.weight_decay", 1e-4, "the paper's"),
+            Derived("solver.schedule", "cosine", "decays to zero at the budget's end"),
+            Derived("solver.warmup_iters", 20, "a short linear warm-up"),
+            Derived("solver.warmup_factor", 0.01, "from 1% of the rate"),
+            Derived("solver.clip_grad_norm", 10.0, "guards the first steps from random weights")]
+        if arch == "retinanet":
+            rows += [Derived("model.retinanet.focal_gamma", 1.0 if short else 2.0,
+                             f"budget {o.minutes:g} min " + ("<= 60: gamma 1 beat the paper's 2 from scratch"
+                                                             if short else "> 60: the paper's 2")),
+                     Derived("model.retinanet.class_ce_weight", 0.5 if num_classes > 1 else 0.0,
+                             "teaches the classes apart early (demo)" if num_classes > 1
+                             else "one class: nothing to tell apart")]
+            warm = round(0.15 * o.minutes, 4)
+            rows += [Derived("train.pretrain_minutes", warm, "15% of the budget teaches the trunk the objects on "
+                             "box crops first (the demo's ~1.5 of 10 min)"),
+                     Derived("train.pretrain_lr", 3 * lr, "the warm-up at 3x the detection rate (demo)"),
+                     Derived("train.pretrain_freeze_stages", 2, "stem and layer1 keep the warm-up's filters; "
+                             "detection skips their backward"),
+                     Derived("train.pretrain_background", -1.0,
+                             "one class: half the warm-up crops are background, as a second class, else it "
+                             "learns nothing" if num_classes == 1 else
+                             "several classes: the crops' classes are the task (auto)")]
+        return rows
+    scale = batch / 16
+    lr = (0.01 if o.weights_kind == "imagenet" else 0.001) * scale
+    if o.weights_kind == "imagenet":
+        rows += [Derived("model.pretrained_backbone", o.weights, "ImageNet trunk weights (--weights)"),
+                 Derived("model.norm", "frozen_bn", "pretrained statistics stay (the paper's fine-tuning)"),
+                 Derived("model.frozen_stages", 2, "stem and res2 frozen (the paper's)")]
+    rows += [Derived("solver.optimizer", "sgd", "the paper's SGD with momentum 0.9 from pretrained weights"),
+             Derived("solver.lr", round(lr, 6), ("0.01" if o.weights_kind == "imagenet" else
+                                                 "0.001 (a tenth: the weights already detect)") +
+                     f" per 16 images, x {batch}/16"),
+             Derived("solver.weight_decay", 1e-4, "the paper's"),
+             Derived("solver.schedule", "cosine", "the budget sets the steps: decay to zero at its end"),
+             Derived("solver.warmup_iters", 100, "linear warm-up (the paper's, shortened)"),
+             Derived("solver.warmup_factor", 0.001, "the paper's")]
+    if arch == "retinanet" and o.weights_kind == "imagenet":
+        rows.append(Derived("model.retinanet.focal_gamma", 2.0, "the paper's, made for ImageNet starts"))
+    return rows
+
+
+def detections_per_image(s: DataSummary) -> list[Derived]:
+    most = int(s.eval_boxes.max()) if s.eval_boxes.size else 0
+    dets = max(100, int(math.ceil(1.5 * most)))
+    return [Derived("model.detections_per_img", dets, f"the most boxes in an evaluation image: {most}"),
+            Derived("test.max_dets", [1, 10, dets], "AP counts up to that many detections")]
+
+
+# -- the whole recipe -----------------------------------------------------------------------------
+
+def _model_boxes(s: DataSummary, scale_of_image: np.ndarray) -> np.ndarray:
+    """Boxes in model pixels: each scaled by its image's factors ``[I, 2]`` (sy, sx)."""
+    f = scale_of_image[s.box_image]
+    return s.boxes * np.stack([f[:, 1], f[:, 0], f[:, 1], f[:, 0]], axis=1)
+
+
+def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
+    """Every derived setting for the data ``s`` and options ``o``, in the order they are printed."""
+    arch, backbone, rd_size = parse_model_name(o.model)
+    if not len(s.boxes):
+        raise UsageError("the training annotations hold no boxes: nothing to learn from")
+    k = len(s.class_names)
+    rows = [Derived("model.arch", arch, f"--model {o.model}"), Derived("model.backbone", backbone, f"--model {o.model}"),
+            Derived("model.num_classes", k, f"classes in the annotations: {', '.join(s.class_names[:8])}"
+                    f"{'…' if k > 8 else ''}; {len(s.boxes)} boxes in {len(s.image_hw)} images "
+                    f"({s.images_without_boxes} without boxes, kept as negatives)")]
+    rows += holdout(o.num_train_images or len(s.image_hw), o.has_val)
+    ratios, ratio_why = choose_ratios(s.boxes[:, 2:] - s.boxes[:, :2])
+    if arch == "retinanet":
+        up, min_size, max_size, scale_rows = input_scale(s)
+        rows += scale_rows + [Derived("model.size_divisible", 32, "C5's stride: P6/P7 come from stride-2 convs")]
+        tiled, tile_rows = tiling(s, up)
+        rows += tile_rows
+        ref = tile_rows[-1].value if tiled.any() else None
+        factors = np.array([_resize_factor(ref if t else hw, min_size, max_size)
+                            for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
+    else:
+        rows.append(Derived("model.refinedet.image_size", rd_size, f"--model {o.model}: every image is warped to "
+                            f"{rd_size} x {rd_size}"))
+        tiled, tile_rows = tiling(s, 1.0)
+        rows += tile_rows
+        ref = tile_rows[-1].value if tiled.any() else None
+        factors = np.array([(rd_size / (ref if t else hw)[0], rd_size / (ref if t else hw)[1])
+                            for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
+        up = 1.0
+    boxes = _model_boxes(s, factors)
+    stored_ratios = ratios if arch == "retinanet" else sorted(1.0 / r for r in ratios)
+    rows.append(Derived("model.aspect_ratios", stored_ratios, ratio_why +
+                        ("" if arch == "retinanet" else " (RefineDet's are w/h)")))
+    _, anchor_rows = choose_anchors(boxes, arch, ratios)
+    rows += anchor_rows
+    # windows and batch
+    if arch == "retinanet":
+        sides = boxes[:, 2:] - boxes[:, :2]
+        image_px = float(np.median(np.minimum(*(factors * s.image_hw).T))) if not tiled.any() else \
+            float(min(ref) * factors[tiled][0, 0])
+        windows, why = training_windows(float(np.percentile(sides.max(axis=1), 98)),
+                                        float(np.median(np.sqrt(sides[:, 0] * sides[:, 1]))), image_px, up)
+        rows.append(Derived("data.crop_sizes", windows, why))
+        if windows:
+            rows.append(Derived("data.train_min_sizes", [min_size], "one training scale: a smaller one would pad "
+                                "the windows"))
+            pixels = (max(windows) * up) ** 2
+        elif tiled.any():
+            pixels = float((np.array(ref) * factors[tiled][0]).prod())
+        else:
+            pixels = float(np.median((factors * s.image_hw).prod(axis=1)))
+    else:
+        pixels = float(rd_size ** 2)
+        rows.append(Derived("data.augment", "basic", "flips only: SSD's zoom-out and crop shrink small objects"))
+    batch = batch_size_for(pixels)
+    rows.append(Derived("train.batch_size", batch, f"about {BATCH_PIXELS / 1e6:.2f} Mpx per batch (the demo's "
+                        f"8 x 160 px windows), {pixels ** 0.5:.0f} px per item"))
+    rows.append(Derived("test.batch_size", 1 if pixels > 1e6 else 8, "evaluation batch"))
+    if o.weights_kind != "detection":
+        short = o.minutes <= SHORT_BUDGET_MIN
+        if arch == "retinanet":
+            rows += [Derived("model.retinanet.fpn_channels", 128 if short else 256,
+                             f"budget {o.minutes:g} min: " + ("<= 60, a lighter FPN and head fit more steps (demo)"
+                                                              if short else "> 60, the paper's width")),
+                     Derived("model.retinanet.head_convs", 2 if short else 4, "as the width"),
+                     Derived("model.retinanet.head_norm", "gn" if o.weights_kind is None else "none",
+                             "GroupNorm head from random weights (demo)" if o.weights_kind is None
+                             else "the paper's head")]
+        else:
+            rows.append(Derived("model.refinedet.tcb_channels", 128 if short else 256,
+                                f"budget {o.minutes:g} min: " + ("a lighter TCB" if short else "the paper's width")))
+    rows += optimisation(o, arch, k, batch)
+    rows.append(Derived("data.hflip_prob", 0.5 if o.flip else 0.0,
+                        "horizontal flips (off with --no-flip)" if o.flip else "--no-flip"))
+    rows += detections_per_image(s)
+    return rows
+
+
+def _resize_factor(hw, min_size: int, max_size: int) -> tuple[float, float]:
+    h, w = hw
+    f = min(min_size / min(h, w), max_size / max(h, w))
+    return f, f
+
+
+# -- into a config --------------------------------------------------------------------------------
+
+def base_config(model: str) -> Config:
+    """The starting config of ``--model``: the family's preset (RetinaNet's paper settings; RefineDet's
+    Caffe settings: ratios, box variances, DetectionOutput thresholds), the derived values go on top."""
+    arch, backbone, size = parse_model_name(model)
+    preset = PRESETS["retinanet_r18_fpn" if arch == "retinanet" else f"refinedet{size}_vgg16"]
+    cfg = Config(model=copy.deepcopy(preset))
+    cfg.model.backbone = backbone
+    return cfg
+
+
+def recipe_config(rows: list[Derived], base: Config) -> Config:
+    """``base`` with the derived values set, checked as a loaded config is."""
+    tree = to_dict(base)
+    for row in rows:
+        node = tree
+        *parents, leaf = row.key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = row.value
+    out = from_dict(Config, tree)
+    validate(out)
+    return out
+
+
+def format_table(rows: list[Derived]) -> str:
+    """The derived values and their reasons, one per line."""
+    width = max(len(r.key) for r in rows)
+    lines = [f"{'setting':<{width}}  {'value':<22} reason"]
+    for r in rows:
+        value = str(r.value)
+        if len(value) > 22:
+            lines.append(f"{r.key:<{width}}  {value}")
+            lines.append(f"{'':<{width}}  {'':<22} {r.reason}")
+        else:
+            lines.append(f"{r.key:<{width}}  {value:<22} {r.reason}")
+    return "\n".join(lines)
