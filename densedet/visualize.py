@@ -1,5 +1,6 @@
 """Detections drawn on images, one look everywhere: ``densedet predict``'s annotated images and the
-``predictions/`` folder a training run leaves (:func:`draw_predictions`).
+``predictions/`` folder a training run leaves (:func:`draw_predictions`: ground truth on the left,
+detections on the right).
 
 Each box is outlined in its class's colour and tagged "name score" on a filled label of the same
 colour; line width and font grow with the image, so large aerial photos stay readable.
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .data import DetectionData, load_image
 
-__all__ = ["draw_detections", "draw_predictions", "PALETTE"]
+__all__ = ["draw_detections", "draw_ground_truth", "side_by_side", "draw_predictions", "PALETTE"]
 
 # One colour per class (label modulo the palette's length).
 PALETTE: list[tuple[int, int, int]] = [
@@ -61,16 +62,40 @@ def draw_detections(image: Tensor | np.ndarray | Image.Image, det: dict[str, Ten
         score_thresh: boxes scoring lower are not drawn.
         line_width, font_size: default to the image's shorter side / 400 (at least 1) and / 60 (at least 10).
     """
-    image = _to_pil(image)
+    kept = [(box, int(label), f"{_class_name(int(label), class_names)} {score:.2f}")
+            for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())
+            if score >= score_thresh]
+    return _draw_boxes(_to_pil(image), kept, line_width, font_size)
+
+
+def draw_ground_truth(image: Tensor | np.ndarray | Image.Image, boxes: Tensor | np.ndarray,
+                      labels: Tensor | np.ndarray, class_names: Sequence[str] | None = None,
+                      line_width: int | None = None, font_size: int | None = None) -> Image.Image:
+    """A copy of ``image`` with the ground-truth ``boxes [G, 4]`` (x1, y1, x2, y2 pixels) drawn, each
+    labelled with its class name (``labels [G]``), in the same colours as :func:`draw_detections`."""
+    kept = [(box, int(label), _class_name(int(label), class_names))
+            for box, label in zip(np.asarray(boxes).reshape(-1, 4).tolist(), np.asarray(labels).reshape(-1).tolist())]
+    return _draw_boxes(_to_pil(image), kept, line_width, font_size)
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+    """``left`` and ``right`` on one white canvas, ``gap`` pixels apart, tops aligned."""
+    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return canvas
+
+
+def _draw_boxes(image: Image.Image, boxes: list[tuple[list[float], int, str]], line_width: int | None,
+                font_size: int | None) -> Image.Image:
+    """Draw each ``(box, label, text)`` on ``image`` in place: the outline in the label's colour, the
+    text on a filled tag of the same colour; returns ``image``."""
     draw = ImageDraw.Draw(image)
     line = line_width or max(1, round(min(image.size) / 400))
     font = _font(font_size or max(10, round(min(image.size) / 60)))
-    for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
-        if score < score_thresh:
-            continue
-        colour = PALETTE[int(label) % len(PALETTE)]
+    for box, label, text in boxes:
+        colour = PALETTE[label % len(PALETTE)]
         draw.rectangle(box, outline=colour, width=line)
-        text = f"{_class_name(int(label), class_names)} {score:.2f}"
         # the label sits above the box, or inside its top edge where the image ends above it
         left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
         y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
@@ -83,7 +108,8 @@ def draw_detections(image: Tensor | np.ndarray | Image.Image, det: dict[str, Ten
 @torch.inference_mode()
 def draw_predictions(model: nn.Module, data: DetectionData, out_dir: str | Path, num: int,
                      device: str | torch.device = "cpu", score_thresh: float = 0.3) -> None:
-    """Draw the model's detections on the first ``num`` images of ``data`` into ``out_dir/<stem>.png``."""
+    """Draw the first ``num`` images of ``data`` into ``out_dir/<stem>.png``: the ground truth on the
+    left, the model's detections scoring ``>= score_thresh`` on the right (8 white pixels between)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -91,5 +117,6 @@ def draw_predictions(model: nn.Module, data: DetectionData, out_dir: str | Path,
         pixels = load_image(record.file_name)
         det = model([pixels.float().div(255).to(device)])[0]
         det = {k: v.cpu() for k, v in det.items()}
-        drawn = draw_detections(pixels, det, data.class_names, score_thresh)
+        truth = draw_ground_truth(pixels, record.boxes, record.labels, data.class_names)
+        drawn = side_by_side(truth, draw_detections(pixels, det, data.class_names, score_thresh))
         drawn.save(out_dir / f"{Path(record.file_name).stem}.png")

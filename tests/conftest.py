@@ -97,13 +97,13 @@ def keep_torch_globals():
 
 @pytest.fixture(scope="module")
 def no_plots():
-    """Skip ``train``'s closing curve plot and drawings (matplotlib: ~1.5 s a run) for the
+    """Skip ``train``'s closing curve plot, drawings and report.html (matplotlib: ~1.5 s a run) for the
     module that asks; the engine tests check numbers and files, not pictures."""
     from densedet.engine import report
-    real = report.plot_curves, report.draw_predictions
-    report.plot_curves = report.draw_predictions = lambda *args, **kwargs: None
+    real = report.plot_curves, report.draw_predictions, report.write_run_report
+    report.plot_curves = report.draw_predictions = report.write_run_report = lambda *args, **kwargs: None
     yield
-    report.plot_curves, report.draw_predictions = real
+    report.plot_curves, report.draw_predictions, report.write_run_report = real
 
 
 @pytest.fixture

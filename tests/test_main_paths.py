@@ -136,7 +136,7 @@ def test_demo_draws_its_curves_and_predictions_for_real(demo_run):
     val = load_coco(str(demo_run["data_root"] / "val.json"), str(demo_run["data_root"] / "val"))
     assert [p.stem for p in drawn] == sorted(Path(r.file_name).stem for r in val.records)   # num_vis 2 of 2
     for path in drawn:
-        assert assert_png(path) == (320, 320)                               # the scene, at its own size
+        assert assert_png(path) == (320 + 8 + 320, 320)     # ground truth and detections, at the scene's size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,11 +170,12 @@ def test_draw_predictions_writes_one_png_per_image(tiny_config, digit_scenes, tm
     drawn = sorted((tmp_path / "pred").glob("*.png"))
     assert [p.stem for p in drawn] == sorted(Path(r.file_name).stem for r in data.records[:3])
     for path in drawn:
-        assert assert_png(path) == (128, 128)
-    # score_thresh 0 draws boxes: the picture differs from the scene
+        assert assert_png(path) == (128 + 8 + 128, 128)     # ground truth, 8 px, detections
+    # score_thresh 0 draws boxes: both halves differ from the scene
     scene = np.asarray(Image.open(data.records[0].file_name).convert("RGB"))
     drawn_scene = np.asarray(Image.open(tmp_path / "pred" / f"{Path(data.records[0].file_name).stem}.png"))
-    assert drawn_scene.shape == scene.shape and (drawn_scene != scene).any(axis=-1).mean() > 0.01
+    for half in (drawn_scene[:, :128], drawn_scene[:, 136:]):
+        assert half.shape == scene.shape and (half != scene).any(axis=-1).mean() > 0.01
 
 
 def test_a_plotting_error_is_reported_and_the_run_still_finishes(tiny_config, restore_torch_globals, monkeypatch):

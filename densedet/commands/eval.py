@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import Config, ConfigError, apply_overrides
@@ -20,9 +21,11 @@ from ..device import default_device, resolve_precision
 from ..engine.checkpoint import model_from_checkpoint
 from ..engine.data import load_split
 from ..engine.evaluate import predict_dataset
+from ..engine.metrics_log import scalars
 from ..errors import UsageError
 from ..evaluation import (evaluate_coco, evaluate_voc_from_coco, format_table, format_voc_table,
                           plot_pr_curves)
+from ..run_report import write_report
 from ..tta import tta_from_config
 
 __all__ = ["add_parser", "run", "eval_checkpoint", "eval_results_main", "METRICS"]
@@ -87,6 +90,8 @@ def eval_results_main(
 
 def _model_and_config(args: argparse.Namespace) -> tuple[nn.Module, Config]:
     """The checkpoint's model and config, ``model.*`` overrides applied to the model, not only to the config."""
+    if getattr(args, "backend", "torch") != "torch":
+        return _deployed_model_and_config(args)
     model, cfg, _ = model_from_checkpoint(args.weights)
     cfg = apply_overrides(cfg, args.overrides)
     model_keys = [o.split("=", 1)[0].strip()[len("model."):] for o in args.overrides
@@ -94,6 +99,21 @@ def _model_and_config(args: argparse.Namespace) -> tuple[nn.Module, Config]:
     if model_keys:  # model.* overrides (score_thresh, min_size, ...) must reach the model, not only cfg
         model, _, _ = model_from_checkpoint(args.weights, **{k: getattr(cfg.model, k) for k in model_keys})
     return model, cfg
+
+
+def _deployed_model_and_config(args: argparse.Namespace) -> tuple[nn.Module, Config]:
+    """An exported model (``--backend onnxruntime|openvino``) and the config its sidecar carries."""
+    from ..config import from_dict, upgrade_config_dict
+    from ..deploy import load_deployed, read_sidecar
+    meta = read_sidecar(args.weights)
+    if "config" not in meta:
+        raise UsageError(f"--backend {args.backend}: {args.weights} has no training config in its sidecar; "
+                         "export it from a checkpoint with densedet export")
+    cfg = apply_overrides(from_dict(Config, upgrade_config_dict(meta["config"])), args.overrides)
+    if any(o.strip().startswith("model.") for o in args.overrides):
+        raise UsageError(f"--backend {args.backend}: model.* overrides need the torch backend (the exported "
+                         "graph is fixed; re-export with densedet export)")
+    return load_deployed(args.weights, args.backend), cfg
 
 
 def _split_for(cfg: Config, args: argparse.Namespace) -> DetectionData:
@@ -116,11 +136,12 @@ def _write_metrics(metrics: dict[str, Any], results: list[dict], out: str) -> No
 def eval_checkpoint(args: argparse.Namespace) -> int:
     """``densedet eval --weights CKPT``: predict the split (with the config's TTA), print the table."""
     model, cfg = _model_and_config(args)
-    device = default_device()
-    dtype = resolve_precision(args.precision, device)
+    deployed = getattr(args, "backend", "torch") != "torch"    # an exported model: CPU, its own precision
+    device = torch.device("cpu") if deployed else default_device()
+    dtype = None if deployed else resolve_precision(args.precision, device)
     model.to(device)
     data = _split_for(cfg, args)
-    tta = tta_from_config(cfg.test)
+    tta = None if deployed else tta_from_config(cfg.test)
     if tta is not None:
         print(f"test-time augmentation (test.tta_*): {tta.describe()}; test.tta_scales=[] evaluates single-scale",
               file=sys.stderr)
@@ -136,6 +157,12 @@ def eval_checkpoint(args: argparse.Namespace) -> int:
         plot_pr_curves(metrics, args.plot_dir)
     if args.out:
         _write_metrics(metrics, results, args.out)
+    if args.report:
+        summary = {**scalars(metrics), "per_class": metrics["per_class"]} if args.metric == "coco" else None
+        what = f"{args.weights} on the {args.split} split, {tta.describe() if tta is not None else 'single scale'}"
+        path = write_report(args.report, cfg, data, results, summary, command=sys.argv,
+                            run_dir=Path(args.weights).parent, detections=what)
+        print(f"wrote {path}")
     return 0
 
 
@@ -146,11 +173,15 @@ def run(args: argparse.Namespace) -> int:
     if args.results:
         if not args.annotations:
             raise UsageError("--results: needs --annotations A.json (the COCO ground truth to evaluate against)")
+        if args.report:
+            raise UsageError("--report: needs --weights CKPT (the page shows the model's detections on its images)")
         eval_results_main(args.results, args.annotations, metric=args.metric, out=args.out,
                           max_dets=tuple(args.max_dets), plot_dir=args.plot_dir, strict=args.strict)
         return 0
     if not args.weights:
         raise UsageError("needs --weights CKPT (evaluate a model) or --results R.json --annotations A.json")
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise UsageError(f"--report {args.report}: is a file; give a folder (report.html and report/ go in it)")
     return eval_checkpoint(args)
 
 
@@ -173,8 +204,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--split", choices=["train", "val", "tune"], default="val",
                    help="tune: the digit scenes held out for choosing test-time settings (data.num_tune)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="onnxruntime / openvino: --weights is a file written by densedet export (its sidecar "
+                        "carries the config); single scale on the CPU, no TTA (pip install 'densedet[deploy]')")
     p.add_argument("--out", help="write metrics JSON here")
     p.add_argument("--plot-dir", help="write precision-recall curves (PNG) here")
+    p.add_argument("--report", metavar="DIR",
+                   help="with --weights: write DIR/report.html (metrics, curves, confusion matrix, errors, a gallery "
+                        "worst first, the data and anchor analysis, the config) and its pictures in DIR/report/")
     p.add_argument("--strict", action="store_true",
                    help="with --results: refuse ground-truth boxes of zero/negative size or NaN/inf coordinates "
                         "(default: leave them out of the evaluation, counted in a warning)")

@@ -11,7 +11,7 @@ import numpy as np
 
 from .coco import coco_pr_curves
 
-__all__ = ["plot_pr_curves"]
+__all__ = ["plot_pr_curves", "plot_pr_grid"]
 
 Curves = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
 
@@ -94,6 +94,43 @@ def plot_pr_curves(metrics_or_eval_state: Any, out_dir: str | os.PathLike) -> li
     fig.savefig(path, dpi=80)
     paths.append(path)
     return paths
+
+
+def plot_pr_grid(metrics_or_eval_state: Any, out_png: str | os.PathLike, columns: int = 5) -> Path:
+    """One PNG of small precision-recall panels, one per class (``columns`` a row), for a report page:
+    the same curves as :func:`plot_pr_curves`, in one picture whatever the number of classes. The
+    panels share their axes (ticks on the outer ones only: drawing tick labels is most of the cost)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = _curves_from(metrics_or_eval_state)
+    columns = max(1, min(columns, len(curves)))
+    rows = max(1, -(-len(curves) // columns))
+    fig = Figure(figsize=(2.2 * columns + 0.6, 1.9 * rows + 0.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (name, per_iou) in zip(axes.flat, curves.items()):
+        for label, (recall, precision) in per_iou.items():
+            ax.plot(np.asarray(recall), np.asarray(precision), label=label, lw=1.2)
+        ax.set_title(name, fontsize=9, pad=2)
+    axes[0, 0].set_xlim(0.0, 1.0)
+    axes[0, 0].set_ylim(0.0, 1.02)
+    axes[0, 0].set_xticks([0, 0.5, 1], ["0", ".5", "1"])
+    axes[0, 0].set_yticks([0, 0.5, 1], ["0", ".5", "1"])
+    if curves:
+        axes[0, 0].legend(fontsize=6, loc="lower left")
+    else:
+        fig.text(0.5, 0.5, "no class has ground truth", ha="center")
+    fig.supxlabel("recall", fontsize=9)
+    fig.supylabel("precision", fontsize=9)
+    fig.subplots_adjust(left=0.6 / fig.get_figwidth() + 0.04, right=0.98, bottom=0.5 / fig.get_figheight() + 0.04,
+                        top=1 - 0.3 / fig.get_figheight(), wspace=0.12, hspace=0.3)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=72)
+    return out
 
 
 def _new_figure() -> tuple[Any, Any]:
