@@ -80,7 +80,8 @@ def test_data_with_a_config_is_refused(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
-def test_config_written_by_data_is_plain_yaml(tmp_path):
+@pytest.mark.slow
+def test_refinedet_from_data_keeps_its_caffe_settings(tmp_path):
     data = write_coco_set(tmp_path / "set")
     run = tmp_path / "run"
     # --model refinedet: its own derived settings; a fixed step count keeps the test short

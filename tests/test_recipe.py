@@ -1,0 +1,283 @@
+"""The rules of densedet.recipe, each pinned on a small hand-made annotation set (no training),
+the one-class warm-up, the held-out splits and the choice of test-time augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from densedet.data.formats import detect_format
+from densedet.data.records import DatasetError, DetectionData, ImageRecord
+from densedet.data.split import split_by_image
+from densedet.engine.pretrain import background_share, background_windows, pretrain_backbone
+from densedet.engine.tune import candidate_sets, choose_tta
+from densedet.errors import UsageError
+from densedet.recipe import (DataSummary, RecipeOptions, base_config, choose_anchors, choose_ratios, derive,
+                             grid_best_iou, parse_model_name, recipe_config)
+
+
+def make_data(boxes_per_image, hw=(320, 320), labels=None, names=("thing",)) -> DetectionData:
+    """One record per entry of ``boxes_per_image`` (lists of x1, y1, x2, y2), all ``hw`` (or one hw each)."""
+    records = []
+    for i, boxes in enumerate(boxes_per_image):
+        h, w = hw[i] if isinstance(hw, list) else hw
+        b = np.array(boxes, np.float32).reshape(-1, 4)
+        lab = np.zeros(len(b), np.int64) if labels is None else np.array(labels[i], np.int64)
+        records.append(ImageRecord(f"{i}.png", i + 1, h, w, b, lab))
+    return DetectionData(records, list(names), None, "hand-made")
+
+
+def squares(rng, n, lo, hi, size=320):
+    out = []
+    for _ in range(n):
+        s = float(rng.uniform(lo, hi))
+        x, y = rng.uniform(0, size - s, 2)
+        out.append([x, y, x + s, y + s])
+    return out
+
+
+def values(rows) -> dict:
+    return {r.key: r.value for r in rows}
+
+
+def derived(data, val=None, **options) -> dict:
+    opts = RecipeOptions(has_val=val is not None, num_train_images=len(data.records), **options)
+    return values(derive(DataSummary.from_data(data, val), opts))
+
+
+# -- anchors and levels --------------------------------------------------------------------------------
+
+def test_small_boxes_get_small_anchors_and_no_empty_level():
+    rng = np.random.default_rng(0)
+    data = make_data([squares(rng, 5, 8, 20) for _ in range(20)])
+    v = derived(data)
+    assert v["model.anchor_sizes"][0] == 16.0                     # 2 x stride 8: the smallest that covers them
+    assert v["model.retinanet.min_level"] == 3 and v["model.retinanet.max_level"] == 5   # no anchors above P5
+    assert v["model.min_size"] > 320                              # p2 below 12 px: upscaled, never shrunk
+
+
+def test_boxes_of_every_size_use_the_paper_anchors_up_to_p7():
+    rng = np.random.default_rng(1)
+    data = make_data([squares(rng, 4, 40, 600, size=800) for _ in range(30)], hw=(800, 800))
+    v = derived(data)
+    assert v["model.retinanet.max_level"] == 7 and v["model.anchor_sizes"][0] in (16.0, 32.0)
+    assert v["model.min_size"] == 800                             # native scale
+    assert v["data.crop_sizes"] == []                             # large objects: whole images
+
+
+def test_coverage_rule_is_what_the_grid_gives():
+    # a 32 px box centred on a stride-8 grid point matches a 32 px anchor exactly
+    iou, level = grid_best_iou(np.array([[16.0, 16.0, 48.0, 48.0]]), [[32.0]], [1.0], [8], 0.0)
+    assert iou[0] == pytest.approx(1.0) and level[0] == 0
+    # a 10 px box half-way between points of a stride-64 grid of 256 px anchors reaches almost nothing
+    iou, _ = grid_best_iou(np.array([[27.0, 27.0, 37.0, 37.0]]), [[256.0]], [1.0], [64], 0.0)
+    assert iou[0] < 0.01
+
+
+def test_elongated_boxes_add_ratios():
+    wh = np.array([[10.0, 60.0]] * 50 + [[20.0, 20.0]] * 50)       # half the boxes h/w = 6
+    ratios, why = choose_ratios(wh)
+    assert ratios == [0.5, 1.0, 2.0, 4.0, 8.0] and "elongated" in why
+    ratios, _ = choose_ratios(np.array([[20.0, 22.0]] * 10))
+    assert ratios == [0.5, 1.0, 2.0]                              # squarish: the paper's three
+
+
+def test_elongated_boxes_are_covered_better_with_the_added_ratios():
+    rng = np.random.default_rng(2)
+    boxes = []
+    for _ in range(200):
+        x, y = rng.uniform(0, 200, 2)
+        boxes.append([x, y, x + 12, y + 80])                      # h/w 6.7
+    boxes = np.array(boxes)
+    plain, _ = choose_anchors(boxes, "retinanet", [0.5, 1.0, 2.0])
+    ratios, _ = choose_ratios(boxes[:, 2:] - boxes[:, :2])
+    wide, _ = choose_anchors(boxes, "retinanet", ratios)
+    assert wide["coverage"] > plain["coverage"] + 0.3
+
+
+# -- input scale, tiles, windows -------------------------------------------------------------------
+
+def test_huge_images_with_tiny_objects_are_tiled_not_downscaled():
+    rng = np.random.default_rng(3)
+    train = make_data([squares(rng, 30, 14, 30, size=3000) for _ in range(3)], hw=(3000, 3000))
+    val = make_data([squares(rng, 5, 14, 30, size=500) for _ in range(2)], hw=(500, 500))
+    v = derived(train, val)
+    assert v["model.min_size"] == 500 and v["model.max_size"] == 500   # the evaluation images' own size
+    assert v["data.tile_size"] == 500 and v["data.tile_scale_as"] == [500, 500]
+    assert v["data.crop_sizes"] and max(v["data.crop_sizes"]) <= 0.6 * 500   # small objects: windows
+
+
+def test_windows_are_sized_from_the_objects():
+    rng = np.random.default_rng(4)
+    data = make_data([squares(rng, 6, 20, 40, size=640) for _ in range(20)], hw=(640, 640))
+    v = derived(data)
+    largest = max(v["data.crop_sizes"])
+    assert 40 * 1.1 <= largest <= 96                               # holds the largest object with margin
+    assert v["data.train_min_sizes"] == [640]
+    assert v["train.batch_size"] >= 8                              # small windows: more of them per batch
+
+
+def test_windows_need_room_in_the_image():
+    rng = np.random.default_rng(5)
+    data = make_data([squares(rng, 2, 100, 150, size=256) for _ in range(20)], hw=(256, 256))
+    assert derived(data)["data.crop_sizes"] == []
+
+
+# -- classes, images without boxes, the holdout, the starting point ----------------------------------
+
+def test_one_class_gets_the_background_warm_up_and_no_class_cross_entropy():
+    rng = np.random.default_rng(6)
+    v = derived(make_data([squares(rng, 3, 20, 40) for _ in range(12)]))
+    assert v["model.num_classes"] == 1
+    assert v["model.retinanet.class_ce_weight"] == 0.0
+    assert background_share(v["train.pretrain_background"], 1) == 0.5
+    assert background_share(v["train.pretrain_background"], 3) == 0.0
+
+
+def test_images_without_boxes_are_kept_and_counted():
+    rng = np.random.default_rng(7)
+    data = make_data([squares(rng, 3, 20, 40) for _ in range(8)] + [[] for _ in range(4)])
+    rows = derive(DataSummary.from_data(data), RecipeOptions(num_train_images=12))
+    assert "4 without boxes" in next(r.reason for r in rows if r.key == "model.num_classes")
+
+
+def test_no_boxes_at_all_is_refused():
+    with pytest.raises(UsageError, match="no boxes"):
+        derived(make_data([[] for _ in range(5)]))
+
+
+def test_holdout_rule():
+    rng = np.random.default_rng(8)
+    small = derived(make_data([squares(rng, 2, 20, 40) for _ in range(5)]))
+    assert small["data.val_fraction"] == 0.1 and small["data.tune_fraction"] == 0.0 and not small["test.tta_choose"]
+    big = derived(make_data([squares(rng, 2, 20, 40) for _ in range(40)]))
+    assert big["data.tune_fraction"] == 0.1 and big["test.tta_choose"]
+    with_val = derived(make_data([squares(rng, 2, 20, 40) for _ in range(40)]), make_data([squares(rng, 2, 20, 40)]))
+    assert with_val["data.val_fraction"] == 0.0
+    with pytest.raises(UsageError, match="--val"):
+        derived(make_data([squares(rng, 2, 20, 40) for _ in range(2)]))
+
+
+def test_fine_tuning_recipe_from_imagenet_weights():
+    rng = np.random.default_rng(9)
+    v = derived(make_data([squares(rng, 3, 20, 40) for _ in range(12)]), weights="r18.pth", weights_kind="imagenet")
+    assert v["model.norm"] == "frozen_bn" and v["solver.optimizer"] == "sgd"
+    assert v["model.pretrained_backbone"] == "r18.pth" and "train.pretrain_minutes" not in v
+    scratch = derived(make_data([squares(rng, 3, 20, 40) for _ in range(12)]))
+    assert scratch["model.norm"] == "bn" and scratch["solver.optimizer"] == "adamw"
+    assert scratch["model.retinanet.head_norm"] == "gn" and scratch["train.pretrain_freeze_stages"] == 2
+
+
+def test_flip_and_model_names():
+    rng = np.random.default_rng(10)
+    data = make_data([squares(rng, 3, 20, 40) for _ in range(12)])
+    assert derived(data, flip=False)["data.hflip_prob"] == 0.0
+    assert parse_model_name("refinedet320_vgg16") == ("refinedet", "vgg16", 320)
+    assert parse_model_name("retinanet_r50_fpn") == ("retinanet", "resnet50", 0)
+    with pytest.raises(UsageError, match="--model"):
+        parse_model_name("yolo")
+
+
+@pytest.mark.parametrize("model", ["retinanet_r18_fpn", "refinedet320_r18"])
+def test_derived_values_make_a_valid_config(model):
+    rng = np.random.default_rng(11)
+    data = make_data([squares(rng, 3, 10, 60) for _ in range(12)], labels=[[0, 1, 1]] * 12, names=("a", "b"))
+    rows = derive(DataSummary.from_data(data), RecipeOptions(model=model, num_train_images=12))
+    cfg = recipe_config(rows, base_config(model))
+    assert cfg.model.num_classes == 2 and cfg.model.arch == model.split("_")[0].rstrip("0123456789")
+    if cfg.model.arch == "refinedet":
+        assert cfg.model.refinedet.image_size == 320 and len(cfg.model.anchor_sizes) == 4
+
+
+# -- format detection ---------------------------------------------------------------------------------
+
+def test_format_detection(tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "b.csv").write_text("x.png,1,2,3,4,a\n")
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    (voc / "1.xml").write_text("<annotation/>")
+    (tmp_path / "c.txt").write_text("x.png,1,2,3,4,a\n")
+    (tmp_path / "d.ann").write_text('{"images": []}')
+    (tmp_path / "e.ann").write_text("just words\n")
+    assert detect_format([str(tmp_path / "a.json")]) == "coco"
+    assert detect_format([str(tmp_path / "b.csv")]) == "csv"
+    assert detect_format([str(voc)]) == "voc"
+    assert detect_format([str(voc / "1.xml"), str(voc / "1.xml")]) == "voc"
+    assert detect_format([str(tmp_path / "c.txt")]) == "csv"
+    assert detect_format([str(tmp_path / "d.ann")]) == "coco"
+    with pytest.raises(DatasetError, match="e.ann: cannot tell the annotation format"):
+        detect_format([str(tmp_path / "e.ann")])
+    with pytest.raises(DatasetError, match="different formats"):
+        detect_format([str(tmp_path / "a.json"), str(tmp_path / "b.csv")])
+
+
+# -- the held-out splits ------------------------------------------------------------------------------
+
+def test_splits_are_by_image_disjoint_and_seeded():
+    data = make_data([[[0, 0, 10, 10]] for _ in range(50)])
+    a = split_by_image(data, 0.1, 0.1, seed=0)
+    ids = {name: {r.image_id for r in part.records} for name, part in a.items()}
+    assert len(ids["val"]) == 5 and len(ids["tune"]) == 5 and len(ids["train"]) == 40
+    assert not (ids["val"] & ids["tune"]) and not (ids["train"] & (ids["val"] | ids["tune"]))
+    b = split_by_image(data, 0.1, 0.1, seed=0)
+    assert {r.image_id for r in b["val"].records} == ids["val"]
+    c = split_by_image(data, 0.1, 0.1, seed=1)
+    assert {r.image_id for r in c["val"].records} != ids["val"]
+    assert "tune" not in split_by_image(data, 0.1, 0.0, seed=0)
+
+
+def test_split_refuses_to_leave_nothing_to_train_on():
+    with pytest.raises(DatasetError, match="train on"):
+        split_by_image(make_data([[[0, 0, 10, 10]] for _ in range(2)]), 0.5, 0.4, seed=0)
+
+
+# -- choosing the TTA on the tune split ------------------------------------------------------------------
+
+def test_tta_choice_keeps_single_scale_when_no_set_beats_it():
+    candidates = candidate_sets(320, flip=True)
+    chosen, rows = choose_tta(lambda tta: {"AP": 0.40 if tta is None else 0.39}, candidates)
+    assert chosen is None and rows[0] == {"tta": "single scale", "AP": 0.40} and len(rows) == len(candidates) + 1
+    chosen, _ = choose_tta(lambda tta: {"AP": 0.40 if tta is None else 0.40}, candidates)
+    assert chosen is None                                          # a tie is no gain
+
+
+def test_tta_choice_picks_the_best_set():
+    candidates = candidate_sets(320, flip=False)
+    assert all(not c.flip for c in candidates) and candidates[0].scales == (320, 384)
+    best = candidates[1]
+    chosen, _ = choose_tta(lambda tta: {"AP": 0.5 if tta is best else 0.3}, candidates)
+    assert chosen is best
+
+
+# -- the one-class warm-up ---------------------------------------------------------------------------------
+
+def test_background_windows_stay_away_from_boxes():
+    data = make_data([[[0, 0, 40, 40], [60, 60, 100, 100]]], hw=(200, 200))
+    g = torch.Generator().manual_seed(0)
+    images, windows = background_windows(g, 20, data, torch.tensor([30.0]))
+    from densedet.boxes import box_iou
+    assert float(box_iou(windows, torch.tensor([[0.0, 0, 40, 40], [60, 60, 100, 100]])).max()) < 0.1
+
+
+def test_one_class_warm_up_learns_object_against_background():
+    """Bright squares on dark noise, one class: with background crops the warm-up has a task, and its loss
+    falls below chance (the entropy of the crops' labels, ln 2)."""
+    rng = np.random.default_rng(0)
+    images, records = [], []
+    for i in range(6):
+        pixels = torch.from_numpy((rng.random((3, 96, 96)) * 80).astype(np.uint8))
+        boxes = squares(rng, 2, 14, 22, size=96)
+        for x1, y1, x2, y2 in boxes:
+            pixels[:, int(y1):int(y2), int(x1):int(x2)] = 230
+        images.append(pixels)
+        records.append(ImageRecord(f"{i}.png", i + 1, 96, 96, np.array(boxes, np.float32), np.zeros(2, np.int64)))
+    data = DetectionData(records, ["square"], None, "squares")
+    torch.manual_seed(0)
+    from densedet.backbones.resnet import ResNet
+    trunk = ResNet(18, norm="bn", frozen_stages=0, out_features=("res3", "res4", "res5"))
+    stats = pretrain_backbone(trunk, lambda i: images[i], data, torch.zeros(3), torch.ones(3), lr=2e-3,
+                              weight_decay=1e-4, batch_size=16, crop_sizes=(32,), iterations=12, seed=0)
+    assert stats["background"] == 0.5 and stats["chance_loss"] == pytest.approx(np.log(2))
+    assert stats["loss"] < 0.8 * stats["chance_loss"], stats
