@@ -7,7 +7,8 @@ Large images (aerial photos, e.g. deepforest's 2299x2472 orchards) are cut into 
 that each go through the model at its own input size, so small objects are not resized away; the
 boxes are shifted back and merged across tiles (:func:`merge_tiles`). Inference runs in fp32 under
 ``torch.inference_mode`` with channels-last weights; bf16 autocast is used only where the hardware
-multiplies bf16 natively (:func:`fast_autocast`). Drawing the detections:
+multiplies bf16 natively (:func:`fast_autocast`). ``backend="onnxruntime"`` or ``"openvino"`` runs an
+exported model instead (``densedet export``; :mod:`densedet.deploy`), with the same tiling and outputs. Drawing the detections:
 :func:`densedet.visualize.draw_detections`; the ``densedet predict`` command:
 :mod:`densedet.commands.predict`.
 """
@@ -140,6 +141,10 @@ class Predictor:
         batch_size: images (or tiles) per forward pass.
         precision: ``auto`` (bf16 only where fast, :func:`fast_autocast`), ``fp32`` or ``bf16``.
         channels_last: store conv weights channels-last (faster convolutions on CPU and GPU).
+        backend: ``torch`` (a checkpoint or model), or ``onnxruntime`` / ``openvino`` (then
+            ``checkpoint_or_model`` is a file written by ``densedet export``, run on the CPU; TTA is
+            not available, and ``score_thresh`` can only raise the exported threshold).
+        threads: the exported model's runtime threads (default: ``torch.get_num_threads()``).
 
     ``predictor(images)``: a list (or one) of paths, PIL images, numpy HWC uint8 arrays or
     ``[3, H, W]`` tensors → per image ``{"boxes": [D, 4] (x1, y1, x2, y2, original pixels),
@@ -149,14 +154,18 @@ class Predictor:
     def __init__(self, checkpoint_or_model: str | Path | nn.Module, device: str | torch.device = "cpu",
                  score_thresh: float | None = None, tta: TTAConfig | None = None, tile_size: int = 0,
                  tile_overlap: int = 128, batch_size: int = 4, precision: str = "auto",
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, backend: str = "torch", threads: int | None = None) -> None:
         if tile_size < 0 or (tile_size > 0 and not 0 <= tile_overlap < tile_size):
             raise ValueError(f"need tile_size >= 0 and 0 <= tile_overlap < tile_size, got tile_size={tile_size}, "
                              f"tile_overlap={tile_overlap}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         flush_denormals()
-        if isinstance(checkpoint_or_model, (str, Path)):
+        self.backend = backend
+        if backend != "torch":
+            model = self._deployed(checkpoint_or_model, device, score_thresh, tta, threads)
+            channels_last, precision = False, "fp32"
+        elif isinstance(checkpoint_or_model, (str, Path)):
             overrides = {} if score_thresh is None else {"score_thresh": float(score_thresh)}
             model = model_from_checkpoint(checkpoint_or_model, **overrides)[0]
         else:
@@ -175,6 +184,23 @@ class Predictor:
         self.class_names = list(getattr(model, "class_names", None) or [str(i) for i in range(num_classes)])
         self.category_ids = getattr(model, "category_ids", None)
 
+    def _deployed(self, path: Any, device: str | torch.device, score_thresh: float | None,
+                  tta: TTAConfig | None, threads: int | None) -> nn.Module:
+        from .deploy import BACKENDS, DeployError, load_deployed
+        if self.backend not in BACKENDS:
+            raise DeployError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(path, (str, Path)):
+            raise DeployError(f"backend {self.backend!r} runs an exported model file (densedet export), "
+                              f"not a {type(path).__name__}")
+        if torch.device(device).type != "cpu":
+            raise DeployError(f"backend {self.backend!r} runs on the CPU, not on {device}")
+        if tta is not None:
+            raise DeployError(f"test-time augmentation needs the torch backend, not {self.backend!r}")
+        model = load_deployed(path, self.backend, threads)
+        if score_thresh is not None:
+            model.set_score_thresh(float(score_thresh))
+        return model
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> "Predictor":
         """A predictor for the model stored in a densedet checkpoint (keyword arguments as the constructor)."""
@@ -182,6 +208,9 @@ class Predictor:
 
     def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """One forward pass (with TTA if configured) over float ``[3, H, W]`` images on ``self.device``."""
+        if self.backend != "torch":
+            with torch.inference_mode():
+                return self.model(images)
         with torch.inference_mode(), fast_autocast(self.device, self.precision):
             out = tta_inference(self.model, images, self.tta) if self.tta is not None else self.model(images)
         return [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(), "labels": d["labels"].cpu()}

@@ -1,4 +1,5 @@
-"""``densedet export``: a checkpoint to ONNX with post-processing inside (:func:`densedet.export.export_onnx`)."""
+"""``densedet export``: a checkpoint to ONNX or OpenVINO, fp32 or int8, with post-processing inside
+(:func:`densedet.deploy.export_deployable`; plain ONNX is :func:`densedet.export.export_onnx`)."""
 
 from __future__ import annotations
 
@@ -6,48 +7,92 @@ import argparse
 import json
 from typing import Any
 
+from ..config import apply_overrides, to_dict
 from ..engine.checkpoint import model_from_checkpoint
 from ..errors import UsageError
-from ..export import export_onnx, sidecar_path
+from ..export import sidecar_path
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``densedet export --weights CKPT --format onnx --out model.onnx [--size H W]``."""
-    p = subparsers.add_parser("export", help="export a checkpoint to ONNX (post-processing included)",
-                              description="Export a densedet checkpoint to ONNX with decoding, NMS and top-k "
-                                          "inside the graph, plus a JSON sidecar for densedet.onnx_runner.")
+    """Register ``densedet export --weights CKPT --format onnx|openvino --out FILE [--int8 --calib-images N]``."""
+    p = subparsers.add_parser("export", help="export a checkpoint to ONNX or OpenVINO, fp32 or int8 "
+                                             "(post-processing included)",
+                              description="Export a densedet checkpoint with decoding, NMS and top-k inside the "
+                                          "graph, plus a JSON sidecar, for densedet predict/eval --backend "
+                                          "onnxruntime|openvino and densedet.onnx_runner. --int8 quantizes the "
+                                          "network body (post-training static, calibrated on training images of "
+                                          "the checkpoint's config; config overrides such as data.root=... "
+                                          "change where they are read). Needs pip install 'densedet[deploy]'.")
+    p.add_argument("overrides", nargs="*", help="config overrides for the calibration data, e.g. data.train=x.json")
     p.add_argument("--weights", required=True, help="densedet checkpoint (.pt)")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (only onnx)")
-    p.add_argument("--out", required=True, help="output file, e.g. model.onnx (sidecar: model.onnx.json)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
+                   help="onnx (runs with onnxruntime) or openvino (IR .xml + .bin)")
+    p.add_argument("--out", required=True,
+                   help="output file: model.onnx, or model.xml for openvino (sidecar: <file>.json)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="fixed input size (default: the model's fixed size, else min_size padded to size_divisible)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--score-thresh", type=float, default=None, help="override the checkpoint's score threshold")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis to --batch-size")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--int8", action="store_true", help="quantize the network body to int8 (post-processing stays fp32)")
+    p.add_argument("--calib-images", type=int, default=100, help="calibration images for --int8 (100)")
+    p.add_argument("--calib-split", choices=["train", "val", "tune"], default="train",
+                   help="the config split the calibration images come from (train)")
+    p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                   help="onnx --int8: ONNX Runtime's calibration method (minmax)")
+    p.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
+                   help="onnx --int8: 7-bit weights, for CPUs without VNNI (auto: on unless this CPU has "
+                        "AVX512-VNNI/AVX-VNNI/AMX; say 'on' when exporting for an AVX2-only CPU)")
+    p.add_argument("--quantize-head-outputs", action="store_true",
+                   help="--int8: quantize the heads' last convolutions too (default: kept fp32)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """``densedet export``: returns the exit code."""
+def _check_args(args: argparse.Namespace) -> None:
     if args.opset < 11:
         raise UsageError(f"--opset: must be >= 11, got {args.opset}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.size is not None and min(args.size) < 1:
         raise UsageError(f"--size: H and W must be positive, got {args.size[0]} {args.size[1]}")
+    if args.int8 and args.calib_images < 1:
+        raise UsageError(f"--calib-images: must be >= 1, got {args.calib_images}")
+    suffix = ".xml" if args.format == "openvino" else ".onnx"
+    if not args.out.lower().endswith(suffix):
+        raise UsageError(f"--out: a --format {args.format} export is written as a {suffix} file, got {args.out}")
+    if args.overrides and not args.int8:
+        raise UsageError(f"config overrides ({' '.join(args.overrides)}) only choose --int8 calibration data")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``densedet export``: returns the exit code."""
+    from ..deploy import calibration_images, export_deployable
+    _check_args(args)
     overrides = {} if args.score_thresh is None else {"score_thresh": args.score_thresh}
-    model, _, _ = model_from_checkpoint(args.weights, **overrides)
+    model, cfg, ckpt = model_from_checkpoint(args.weights, **overrides)
     divisor = model.preprocessor.size_divisible
     if args.size is not None and (args.size[0] % divisor or args.size[1] % divisor):
         raise UsageError(f"--size: {args.size[0]} {args.size[1]} must be multiples of the model's size_divisible "
                          f"({divisor}) in {args.weights}, e.g. {-(-args.size[0] // divisor) * divisor} "
                          f"{-(-args.size[1] // divisor) * divisor}")
-    out = export_onnx(model, args.out, image_size=args.size, batch_size=args.batch_size, opset=args.opset,
-                      dynamic_batch=not args.static_batch)
+    calibration = None
+    if args.int8:
+        from ..engine.data import load_split
+        data_cfg = apply_overrides(cfg, args.overrides).data
+        calibration = calibration_images(load_split(data_cfg, args.calib_split), args.calib_images)
+    # the config travels in the sidecar, so `densedet eval --backend` finds the evaluation data
+    extra = {"config": to_dict(cfg), "category_ids": ckpt.get("category_ids")}
+    out = export_deployable(model, args.out, fmt=args.format, image_size=args.size, int8=args.int8,
+                            calibration=calibration, batch_size=args.batch_size, opset=args.opset,
+                            dynamic_batch=not args.static_batch, class_names=ckpt.get("class_names"),
+                            sidecar_extra=extra, calib_method=args.calib_method,
+                            reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
+                            quantize_head_outputs=args.quantize_head_outputs)
     side = json.loads(sidecar_path(out).read_text())
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {sidecar_path(out)}: {side['arch']}, input "
+    size_mb = sum(f.stat().st_size for f in (out, out.with_suffix(".bin")) if f.is_file()) / 1e6
+    print(f"wrote {out} ({size_mb:.1f} MB, {side['precision']}) and {sidecar_path(out)}: {side['arch']}, input "
           f"{side['input_size'][0]}x{side['input_size'][1]} ({side['resize']}), {len(side['class_names'])} classes")
     return 0

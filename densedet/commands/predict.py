@@ -72,7 +72,14 @@ def add_parser(subparsers: Any) -> None:
                     "from the checkpoint) and one annotated PNG per image. The drawing threshold only changes "
                     "the pictures, not what is saved.")
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quoted)")
-    p.add_argument("--weights", required=True, help="densedet checkpoint (.pt)")
+    p.add_argument("--weights", required=True,
+                   help="densedet checkpoint (.pt), or with --backend onnxruntime|openvino a file written by "
+                        "densedet export (.onnx / .xml, its .json sidecar beside it)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="torch (default): the checkpoint in PyTorch; onnxruntime / openvino: an exported model "
+                        "on the CPU (pip install 'densedet[deploy]')")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--backend onnxruntime|openvino: runtime threads (default: torch's thread count)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--score-thresh", type=float, default=None,
                    help="model score threshold for saved detections (default: the checkpoint's)")
@@ -98,9 +105,17 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"--tile-overlap {args.tile_overlap}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.backend != "torch" and args.tta != "none":
+        raise UsageError(f"--tta {args.tta}: test-time augmentation needs --backend torch, not {args.backend}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: must be >= 1, got {args.threads}")
 
 
 def _predictor(args: argparse.Namespace) -> Predictor:
+    if args.backend != "torch":
+        return Predictor(args.weights, score_thresh=args.score_thresh, tile_size=args.tile,
+                         tile_overlap=args.tile_overlap, batch_size=args.batch_size, backend=args.backend,
+                         threads=args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor.from_checkpoint(args.weights, device=device, score_thresh=args.score_thresh,
                                           tile_size=args.tile, tile_overlap=args.tile_overlap,

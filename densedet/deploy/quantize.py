@@ -67,9 +67,10 @@ def calibration_inputs(images: Iterable[Tensor], meta: dict) -> list[dict[str, n
 def body_and_head_outputs(onnx_path: str | Path) -> tuple[list[str], list[str], list[str]]:
     """Node names of an exported graph: (body, post-processing, the body's last convolutions).
 
-    Body: nodes inside a module scope (a name ``/module/.../Op``); post-processing: the rest.
-    Last convolutions: body ``Conv`` nodes from which no other ``Conv`` is reachable (a head's
-    logits and box-delta convs).
+    Last convolutions: ``Conv`` nodes inside a module scope from which no other ``Conv`` is
+    reachable (a head's logits and box-delta convs). Post-processing: nodes outside every module
+    scope (a name without ``/module/``) and everything downstream of a last convolution. Body: the
+    other nodes.
     """
     onnx = require("onnx", "int8 quantization")
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -78,13 +79,21 @@ def body_and_head_outputs(onnx_path: str | Path) -> tuple[list[str], list[str], 
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    producer = {out: n.name for n in graph.node for out in n.output}
     conv_below: dict[str, bool] = {}
     for node in reversed(graph.node):          # ONNX graphs are topologically sorted
         conv_below[node.name] = any(c.op_type == "Conv" or conv_below.get(c.name, False)
                                     for out in node.output for c in consumers.get(out, []))
-    body = [n.name for n in graph.node if is_body[n.name]]
-    post = [n.name for n in graph.node if not is_body[n.name]]
     last_convs = [n.name for n in graph.node if is_body[n.name] and n.op_type == "Conv" and not conv_below[n.name]]
+    # what follows the last convs inside the head's scope (reshaping and concatenating the levels'
+    # logits / deltas) is post-processing too: a Q/DQ pair there would round the logits to 8 bits
+    after = set(last_convs)
+    for node in graph.node:
+        if any(producer.get(name) in after for name in node.input):
+            after.add(node.name)
+            is_body[node.name] = False
+    body = [n.name for n in graph.node if is_body[n.name] and n.name not in last_convs]
+    post = [n.name for n in graph.node if not is_body[n.name]]
     return body, post, last_convs
 
 
@@ -96,16 +105,24 @@ def _inline_shared_weights(onnx_path: str | Path, out_path: str | Path) -> None:
     onnx = require("onnx", "int8 quantization")
     model = onnx.load(str(onnx_path))
     graph = model.graph
-    constants = {init.name for init in graph.initializer}
+    constants = {init.name for init in graph.initializer} | {
+        out for n in graph.node if n.op_type == "Constant" for out in n.output}
     outputs = {out.name for out in graph.output}
-    alias = {n.output[0]: n.input[0] for n in graph.node
-             if n.op_type == "Identity" and n.input[0] in constants and n.output[0] not in outputs}
-    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
-    for node in kept:
-        for i, name in enumerate(node.input):
-            if name in alias:
-                node.input[i] = alias[name]
-    del graph.node[:]
+    alias: dict[str, str] = {}
+    for node in graph.node:                 # topological order: Identity(Identity(w)) resolves to w
+        source = alias.get(node.input[0], node.input[0]) if node.input else None
+        if node.op_type == "Identity" and source in constants and node.output[0] not in outputs:
+            alias[node.output[0]] = source
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] in alias:
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)          # a detached copy: the repeated field is cleared below
+        for i, name in enumerate(copy.input):
+            copy.input[i] = alias.get(name, name)
+        kept.append(copy)
+    graph.ClearField("node")
     graph.node.extend(kept)
     onnx.save(model, str(out_path))
 
@@ -134,8 +151,6 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequ
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     reduce_range = (not cpu_has_vnni()) if reduce_range is None else bool(reduce_range)
-    _, post, last_convs = body_and_head_outputs(fp32_path)
-    exclude = post + ([] if quantize_head_outputs else last_convs)
 
     class _Reader(ortq.CalibrationDataReader):
         def __init__(self) -> None:
@@ -149,6 +164,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequ
     with tempfile.TemporaryDirectory(prefix="densedet-quant-") as tmp, _quiet_root_logger():
         inlined = Path(tmp) / "inlined.onnx"
         _inline_shared_weights(fp32_path, inlined)
+        _, post, last_convs = body_and_head_outputs(inlined)
+        exclude = post + ([] if quantize_head_outputs else last_convs)
         _quantize_static(ortq, inlined, out_path, _Reader(), per_channel, reduce_range, exclude, methods[method])
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8",
             "weights": "int8 per-channel" if per_channel else "int8", "calibration_method": method,
