@@ -494,6 +494,8 @@ def _data_checks(cfg: Config) -> list[Check]:
          f"got {d.val_fraction} and {d.tune_fraction}"),
         (d.tile_scale_as is None or (len(d.tile_scale_as) == 2 and min(d.tile_scale_as) > 0), "data.tile_scale_as",
          f"must be [height, width], got {d.tile_scale_as}"),
+        (not cfg.test.tta_choose or d.tune_fraction > 0 or (d.format == "digits" and d.num_tune > 0),
+         "test.tta_choose", "needs a tune split to choose on: data.tune_fraction > 0 (or digits' data.num_tune)"),
     ]
     if d.train_min_sizes is not None:
         checks.append((len(d.train_min_sizes) > 0 and all(s > 0 for s in d.train_min_sizes), "data.train_min_sizes",

@@ -281,3 +281,21 @@ def test_one_class_warm_up_learns_object_against_background():
                               weight_decay=1e-4, batch_size=16, crop_sizes=(32,), iterations=12, seed=0)
     assert stats["background"] == 0.5 and stats["chance_loss"] == pytest.approx(np.log(2))
     assert stats["loss"] < 0.8 * stats["chance_loss"], stats
+
+
+def test_tta_choice_needs_a_tune_split():
+    from densedet.config import Config, ConfigError, apply_overrides
+    with pytest.raises(ConfigError, match="tune split"):
+        apply_overrides(Config(), ["test.tta_choose=true", "data.format=coco"])
+    apply_overrides(Config(), ["test.tta_choose=true", "data.format=coco", "data.tune_fraction=0.1"])
+
+
+def test_tiles_are_resized_as_the_evaluation_images(tmp_path):
+    from PIL import Image
+    from densedet.data import TiledDataset
+    Image.fromarray(np.zeros((100, 160, 3), np.uint8)).save(tmp_path / "0.png")
+    data = make_data([[[10, 10, 30, 30]]], hw=(100, 160))
+    data.records[0].file_name = str(tmp_path / "0.png")
+    tiles = TiledDataset(data, 64, 16, scale_as=(50, 50))
+    assert all(tiles[i][1]["resize_as"] == (50, 50) for i in range(len(tiles)))
+    assert "resize_as" not in TiledDataset(data, 64, 16)[0][1]

@@ -60,10 +60,11 @@ def run_train(args: argparse.Namespace) -> int:
 DETECTION_CHECKPOINT_KEEPS = ("model.min_size", "model.max_size", "model.detections_per_img")
 
 def read_annotations(spec: str, images: str | None, class_names: list[str] | None = None
-                     ) -> tuple[DetectionData, str, list[str]]:
+                     ) -> tuple[DetectionData, str, list[str], str]:
     """Read an annotation path (COCO json, CSV file, VOC xml file / folder / glob / comma list), format
-    detected. Image paths are relative to the annotation file's folder, or to ``images``.
-    Returns the data, the format and the resolved paths."""
+    detected. Image paths are relative to ``images``, else to the annotation file's folder, else to a
+    folder named as the file beside it. Returns the data, the format, the resolved paths and the image
+    folder used ("" for the default: beside the annotations)."""
     paths = resolve_paths(spec, "--data")
     kind = detect_format(paths)
     if kind == "coco":
@@ -72,7 +73,22 @@ def read_annotations(spec: str, images: str | None, class_names: list[str] | Non
         data = load_csv(paths[0], image_root=images, class_names=class_names)
     else:
         data = load_voc(paths if len(paths) > 1 else paths[0], image_dir=images, class_names=class_names)
-    return data, kind, paths
+    if images is None and kind != "voc":
+        folder = _images_beside(data, paths[0])
+        if folder:
+            images = folder
+            data = load_coco(paths[0], folder) if kind == "coco" else load_csv(paths[0], folder, class_names)
+    return data, kind, paths, images or ""
+
+
+def _images_beside(data: DetectionData, path: str) -> str | None:
+    """A folder named as the annotation file beside it (``train.json`` and ``train/``, as densedet's
+    digit scenes are written) when the first image is there and not in the file's own folder."""
+    if not data.records or os.path.exists(data.records[0].file_name):
+        return None
+    folder = os.path.splitext(path)[0]
+    first = os.path.relpath(data.records[0].file_name, os.path.dirname(path))
+    return folder if os.path.isfile(os.path.join(folder, first)) else None
 
 
 def weights_kind(path: str) -> str:
@@ -94,11 +110,11 @@ def _train_from_data(args: argparse.Namespace) -> int:
     """Derive the config from ``--data`` (:mod:`densedet.recipe`), print and save it, then train."""
     if args.config:
         raise UsageError(f"give either a config ({args.config}) or --data, not both")
-    train_data, kind, paths = read_annotations(args.data, args.images)
+    train_data, kind, paths, train_images = read_annotations(args.data, args.images)
     val_data = None
     if args.val:
-        val_data, val_kind, val_paths = read_annotations(args.val, args.images,
-                                                         None if kind == "coco" else train_data.class_names)
+        val_data, _, val_paths, val_images = read_annotations(args.val, args.images,
+                                                              None if kind == "coco" else train_data.class_names)
         if val_data.class_names != train_data.class_names:
             raise UsageError(f"{args.val}: its classes {val_data.class_names[:10]} differ from the training "
                              f"annotations' {train_data.class_names[:10]}")
@@ -119,9 +135,9 @@ def _train_from_data(args: argparse.Namespace) -> int:
     cfg = recipe_config(rows, base)
     cfg.data.format = kind
     cfg.data.train = ",".join(paths)
-    cfg.data.train_images = args.images or ""
+    cfg.data.train_images = train_images
     if val_data is not None:
-        cfg.data.val, cfg.data.val_images = ",".join(val_paths), args.images or ""
+        cfg.data.val, cfg.data.val_images = ",".join(val_paths), val_images
     if kind != "coco":
         cfg.data.class_names = list(train_data.class_names)
     cfg.train.output_dir = args.output_dir or cfg.train.output_dir
