@@ -48,8 +48,8 @@ from .evaluation.errors import (KINDS, SIZES, ImageResult, confusion_matrix, err
 from .evaluation.plots import plot_pr_grid
 from .visualize import PALETTE
 
-__all__ = ["write_report", "write_run_report", "plot_curves", "ReportOptions", "gallery_entries", "check_in_browser",
-           "REPORT_FOLDER", "COCO_KEYS"]
+__all__ = ["write_report", "write_run_report", "plot_curves", "ReportOptions", "metrics_table", "gallery_entries",
+           "check_in_browser", "find_chromium", "REPORT_FOLDER", "COCO_KEYS"]
 
 REPORT_FOLDER = "report"          # the pictures, beside report.html
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -108,20 +108,21 @@ def write_report(out_dir: str | Path, cfg: Config, data: DetectionData, results:
     metrics = evaluate_coco(list(results), to_coco_dict(data), max_dets=tuple(cfg.test.max_dets),
                             class_names=data.class_names)
     images = image_results(data, results)
+    errors = _errors(images, data.num_classes, options.score_thresh)
     page = {
         "title": f"densedet report: {out_dir.resolve().name}",
         "written": time.strftime("%Y-%m-%d %H:%M"),
         "detections": detections,
         "source": data.source,
         "num_images": len(data.records),
-        "metrics": _metrics_table(summary if summary is not None else {**scalars(metrics),
+        "metrics": metrics_table(summary if summary is not None else {**scalars(metrics),
                                                                         "per_class": metrics["per_class"]}),
         "curves": _curves(run_dir, pictures),
         "pr_curves": _relative(plot_pr_grid(metrics, pictures / "pr_curves.png"), out_dir),
         "confusion": _confusion_table(confusion_matrix(images, data.num_classes, options.score_thresh),
                                       data.class_names),
-        "errors": _errors(images, data.num_classes, options.score_thresh),
-        "gallery": _gallery(images, data.class_names, options, pictures / "gallery", out_dir),
+        "errors": errors,
+        "gallery": _gallery(images, errors["per_image"], data.class_names, options, pictures / "gallery", out_dir),
         "analysis": _analysis(cfg, options.analysis_images, pictures / "analysis", out_dir),
         "config": yaml.safe_dump(to_dict(cfg), sort_keys=False),
         "command": " ".join(shlex.quote(a) for a in [Path(command[0]).name, *command[1:]]) if command else "",
@@ -172,7 +173,7 @@ def _number(value: Any) -> str:
     return "-" if value is None or not isinstance(value, (int, float)) or value < 0 else f"{value:.3f}"
 
 
-def _metrics_table(summary: dict) -> dict:
+def metrics_table(summary: dict) -> dict:
     """The twelve COCO numbers (one column, or single scale and TTA when ``summary`` has both) and
     the per-class AP."""
     columns = [("single scale", summary["single_scale"]),
@@ -242,10 +243,10 @@ def gallery_entries(images: Sequence[ImageResult], per_image: Sequence[dict], co
     return entries
 
 
-def _gallery(images: Sequence[ImageResult], class_names: Sequence[str], options: ReportOptions, folder: Path,
-             root: Path) -> list[dict]:
-    """The gallery's pictures (shrunk JPEGs) and their boxes, worst image first."""
-    per_image = error_breakdown(images, len(class_names), options.score_thresh)["per_image"]
+def _gallery(images: Sequence[ImageResult], per_image: Sequence[dict], class_names: Sequence[str],
+             options: ReportOptions, folder: Path, root: Path) -> list[dict]:
+    """The gallery's pictures (shrunk JPEGs) and their boxes, worst image first (``per_image``: the
+    error counts of :func:`error_breakdown` at the report's threshold)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for rank, entry in enumerate(gallery_entries(images, per_image, options.gallery_size)):

@@ -4,8 +4,10 @@ on hand-placed boxes whose answers are worked out in the comments."""
 import numpy as np
 import pytest
 
+from types import SimpleNamespace
+
 from densedet.evaluation.errors import (ImageResult, average_precision, classify, confusion_matrix,
-                                        error_breakdown)
+                                        error_breakdown, image_results)
 
 # Three objects of class 0, three of class 1 (class 2 has none); one error of each kind.
 GT = [([0, 0, 20, 20], 0),          # a: small, found at 0.9 (and duplicated at 0.8)
@@ -100,3 +102,16 @@ def test_average_precision_is_cocos_101_point_envelope():
     ap = average_precision(np.array([0.9, 0.8, 0.7]), np.array([0, 0, 0]), np.array([True, False, True]),
                            np.array([2]))
     assert ap == pytest.approx((51 + 50 * 2 / 3) / 101)
+
+
+def test_image_results_map_categories_to_labels_and_leave_crowd_regions_out():
+    record = SimpleNamespace(image_id=5, file_name="a.png", labels=np.array([1, 0]), iscrowd=np.array([False, True]),
+                             boxes=np.array([[0, 0, 10, 10], [50, 50, 100, 100]], np.float32))
+    data = SimpleNamespace(records=[record], category_ids=[7, 9], num_classes=2)
+    results = [{"image_id": 5, "category_id": 9, "bbox": [0, 0, 10, 10], "score": 0.9},
+               {"image_id": 5, "category_id": 7, "bbox": [60, 60, 20, 20], "score": 0.8},   # inside the crowd
+               {"image_id": 5, "category_id": 7, "bbox": [90, 90, 20, 20], "score": 0.7}]   # a quarter inside
+    (image,) = image_results(data, results)
+    assert image.gt_boxes.tolist() == [[0, 0, 10, 10]] and image.gt_labels.tolist() == [1]
+    assert image.labels.tolist() == [1, 0] and image.scores.tolist() == [0.9, 0.7]
+    assert image.boxes.tolist() == [[0, 0, 10, 10], [90, 90, 110, 110]]

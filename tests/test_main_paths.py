@@ -118,7 +118,8 @@ def test_demo_prints_one_row_per_evaluation_with_the_numbers_of_metrics_json(dem
 
 def test_demo_leaves_a_complete_run_folder(demo_run):
     out = demo_run["out"]
-    for name in ("config.yaml", "last.pt", "model_final.pt", "model_best.pt", "metrics.json", "metrics.jsonl"):
+    for name in ("config.yaml", "last.pt", "model_final.pt", "model_best.pt", "metrics.json", "metrics.jsonl",
+                 "report.html"):
         assert (out / name).is_file(), name
     assert "densedet demo: 4 training / 2 validation digit scenes" in demo_run["stderr"]
     final = load_checkpoint(out / "model_final.pt")
@@ -185,6 +186,7 @@ def test_a_plotting_error_is_reported_and_the_run_still_finishes(tiny_config, re
 
     monkeypatch.setattr(report, "plot_curves", broken)
     monkeypatch.setattr(report, "draw_predictions", lambda *a, **k: None)
+    monkeypatch.setattr(report, "write_run_report", lambda *a, **k: None)     # tests/test_report.py has its own
     cfg = tiny_config()
     cfg.train.max_iters, cfg.data.train_min_sizes = 1, []
     lines: list[str] = []
@@ -208,6 +210,7 @@ def test_one_picture_failing_loses_neither_the_other_nor_the_run(tiny_config, re
 
     for name in ("plot_curves", "draw_predictions"):
         monkeypatch.setattr(report, name, broken if name == failing else (lambda *a, _n=name, **k: made.append(_n)))
+    monkeypatch.setattr(report, "write_run_report", lambda *a, **k: None)         # tests/test_report.py has its own
     cfg = tiny_config()
     cfg.train.max_iters, cfg.data.train_min_sizes = 1, []
     lines: list[str] = []

@@ -25,7 +25,7 @@ from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
 from densedet.engine.trainer import train
 from densedet.evaluation.errors import ImageResult, confusion_matrix, images_worst_first
 from densedet.models import build_from_config
-from densedet.run_report import (REPORT_FOLDER, ReportOptions, _metrics_table, check_in_browser, find_chromium,
+from densedet.run_report import (REPORT_FOLDER, ReportOptions, metrics_table, check_in_browser, find_chromium,
                                  gallery_entries, write_report)
 
 if sys.version_info >= (3, 11):
@@ -139,14 +139,14 @@ def test_gallery_puts_the_image_with_most_errors_first_then_the_lower_recall():
     assert [d[2] for d in entries[0]["detections"]] == [0.2]          # below the slider's floor: not on the page
 
 
-def test_the_metrics_table_puts_single_scale_beside_tta():
+def test_themetrics_table_puts_single_scale_beside_tta():
     summary = {"AP": 0.5, "AP50": 0.7, "single_scale": {"AP": 0.4, "AP50": 0.6},
                "tta": {"scales": [96, 128], "flip": False, "merge": "vote"}, "per_class": {"cat": 0.3, "dog": -1}}
-    table = _metrics_table(summary)
+    table = metrics_table(summary)
     assert table["columns"] == ["single scale", "TTA 96/128 vote"]
     assert table["rows"] == [("AP", ["0.400", "0.500"]), ("AP50", ["0.600", "0.700"])]
     assert table["per_class"] == [("cat", "0.300"), ("dog", "-")]        # -1: no ground truth
-    assert _metrics_table({"AP": 0.25})["columns"] == [""]
+    assert metrics_table({"AP": 0.25})["columns"] == [""]
 
 
 def test_the_report_writes_every_section_and_links_only_files_it_wrote(hand_made, tmp_path):

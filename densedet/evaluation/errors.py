@@ -93,6 +93,16 @@ def _size_of(boxes: np.ndarray) -> np.ndarray:
     return np.digitize(area, [32.0 ** 2, 96.0 ** 2])
 
 
+def _on_crowd(boxes: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """``[D]`` whether each box lies mostly (half its area or more) inside one of the ``crowd`` boxes."""
+    if len(crowd) == 0 or len(boxes) == 0:
+        return np.zeros(len(boxes), bool)
+    lt = np.maximum(boxes[:, None, :2], crowd[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], crowd[None, :, 2:])
+    inside = np.clip(rb - lt, 0, None).prod(-1) / np.maximum((boxes[:, 2:] - boxes[:, :2]).prod(-1), 1e-12)[:, None]
+    return inside.max(1) >= 0.5
+
+
 def image_results(data, results: Sequence[dict]) -> list[ImageResult]:
     """:class:`ImageResult` per record of a :class:`~densedet.data.DetectionData`, from COCO results
     (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``, as ``predict_dataset`` makes)."""
@@ -110,12 +120,8 @@ def image_results(data, results: Sequence[dict]) -> list[ImageResult]:
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
         scores = np.array([d["score"] for d in dets], np.float64)
         labels = np.array([label_of[d["category_id"]] for d in dets], np.int64)
-        if crowd.any() and len(boxes):     # detections on a crowd region are neither right nor wrong
-            c = gt_boxes[crowd]
-            lt, rb = np.maximum(boxes[:, None, :2], c[None, :, :2]), np.minimum(boxes[:, None, 2:], c[None, :, 2:])
-            ioa = np.clip(rb - lt, 0, None).prod(-1) / np.maximum((boxes[:, 2:] - boxes[:, :2]).prod(-1), 1e-12)[:, None]
-            keep = ioa.max(1) < 0.5
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = ~_on_crowd(boxes, gt_boxes[crowd])      # detections on a crowd region are neither right nor wrong
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         out.append(ImageResult.make(rec.image_id, gt_boxes[~crowd], np.asarray(rec.labels)[~crowd], boxes, scores,
                                     labels, str(rec.file_name)))
     return out
