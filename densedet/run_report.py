@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import yaml
+from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 from torch import nn
 
@@ -99,8 +100,6 @@ def write_report(out_dir: str | Path, cfg: Config, data: DetectionData, results:
         run_dir: a run folder whose ``metrics.jsonl`` gives the training curves (none without one).
         detections: one line saying what ``results`` are, printed above the sections that use them.
     """
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
     options = options or ReportOptions()
     out_dir = Path(out_dir)
     pictures = out_dir / REPORT_FOLDER
@@ -136,6 +135,8 @@ def write_report(out_dir: str | Path, cfg: Config, data: DetectionData, results:
     return path
 
 
+# -- the sections ---------------------------------------------------------------------------------
+
 def plot_curves(jsonl: str | Path, out_png: str | Path) -> None:
     """Loss terms and learning rate against iteration, from ``metrics.jsonl``."""
     from matplotlib.figure import Figure
@@ -161,8 +162,6 @@ def plot_curves(jsonl: str | Path, out_png: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=90)
 
-
-# -- the sections ---------------------------------------------------------------------------------
 
 def _relative(path: Path | None, root: Path) -> str | None:
     """``path`` as the page links it (relative to the page's folder, forward slashes)."""
@@ -247,7 +246,8 @@ def _gallery(images: Sequence[ImageResult], per_image: Sequence[dict], class_nam
              options: ReportOptions, folder: Path, root: Path) -> list[dict]:
     """The gallery's pictures (shrunk JPEGs) and their boxes, worst image first (``per_image``: the
     error counts of :func:`error_breakdown` at the report's threshold)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)        # an earlier report's pictures: other images, other names
+    folder.mkdir(parents=True)
     out = []
     for rank, entry in enumerate(gallery_entries(images, per_image, options.gallery_size)):
         image = entry["image"]
