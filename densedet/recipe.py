@@ -47,7 +47,7 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -216,7 +216,7 @@ def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
                                     Derived("model.max_size", max_size, "the largest evaluation image is not shrunk")]
 
 
-def tiling(s: DataSummary, upscale: float) -> tuple[np.ndarray, list[Derived]]:
+def tiling(s: DataSummary) -> tuple[np.ndarray, list[Derived]]:
     """Which training images are tiled (``[I]`` bool) and the tile settings."""
     ref_long = float(s.eval_hw.max(axis=1).max())
     ref = (int(np.median(s.eval_hw[:, 0])), int(np.median(s.eval_hw[:, 1])))
@@ -318,8 +318,8 @@ def choose_anchors(boxes: np.ndarray, arch: str, ratios: list[float]) -> tuple[d
            f"{100 * trials[k][0]:.1f}%, {6 - k:g}x {100 * trials[6 - k][0]:.1f}%)")
     rows = [Derived("model.anchor_sizes", base, why)]
     if arch == "retinanet":
-        rows += [Derived("model.retinanet.min_level", final[0], f"lowest level some box is best matched on "
-                         f"(P3..P5)"),
+        rows += [Derived("model.retinanet.min_level", final[0], "lowest level some box is best matched on "
+                         "(P3..P5)"),
                  Derived("model.retinanet.max_level", final[-1], "highest level some box is best matched on "
                          "(P5..P7): no level whose anchors match nothing")]
     return {"anchor_sizes": base, "min_level": final[0], "max_level": final[-1], "coverage": coverage}, rows
@@ -430,7 +430,7 @@ def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
     if arch == "retinanet":
         up, min_size, max_size, scale_rows = input_scale(s)
         rows += scale_rows + [Derived("model.size_divisible", 32, "C5's stride: P6/P7 come from stride-2 convs")]
-        tiled, tile_rows = tiling(s, up)
+        tiled, tile_rows = tiling(s)
         rows += tile_rows
         ref = tile_rows[-1].value if tiled.any() else None
         factors = np.array([_resize_factor(ref if t else hw, min_size, max_size)
@@ -438,7 +438,7 @@ def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
     else:
         rows.append(Derived("model.refinedet.image_size", rd_size, f"--model {o.model}: every image is warped to "
                             f"{rd_size} x {rd_size}"))
-        tiled, tile_rows = tiling(s, 1.0)
+        tiled, tile_rows = tiling(s)
         rows += tile_rows
         ref = tile_rows[-1].value if tiled.any() else None
         factors = np.array([(rd_size / (ref if t else hw)[0], rd_size / (ref if t else hw)[1])

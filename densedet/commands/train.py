@@ -23,7 +23,7 @@ from ..engine.data import resolve_paths
 from ..engine.trainer import train
 from ..engine.tune import record_choice
 from ..errors import UsageError
-from ..recipe import DataSummary, RecipeOptions, base_config, derive, format_table, recipe_config
+from ..recipe import DataSummary, RecipeOptions, base_config, derive, format_table, holdout, recipe_config
 from ..serialization import load_tensors
 
 __all__ = ["add_parser", "run_train", "run_demo"]
@@ -58,6 +58,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 # Model settings derived from the data that a detection checkpoint's weights do not fix.
 DETECTION_CHECKPOINT_KEEPS = ("model.min_size", "model.max_size", "model.detections_per_img")
+
 
 def read_annotations(spec: str, images: str | None, class_names: list[str] | None = None
                      ) -> tuple[DetectionData, str, list[str], str]:
@@ -125,10 +126,10 @@ def _train_from_data(args: argparse.Namespace) -> int:
     base = base_config(options.model)
     if kind_of_weights == "detection":
         base.model = _checkpoint_model(args.weights, base)
-    # the statistics are those of the images trained on: a carved-out val / tune split is left out
-    rows_probe = derive(DataSummary.from_data(train_data, val_data), options)
-    fractions = {r.key: r.value for r in rows_probe}
-    parts = split_by_image(train_data, fractions["data.val_fraction"], fractions["data.tune_fraction"], 0)
+    # the statistics are those of the images trained on: a held-out val / tune split is left out
+    fractions = {r.key: r.value for r in holdout(len(train_data.records), val_data is not None)}
+    parts = split_by_image(train_data, fractions["data.val_fraction"], fractions["data.tune_fraction"],
+                           base.data.seed)
     rows = derive(DataSummary.from_data(parts["train"], val_data or parts.get("val")), options)
     if kind_of_weights == "detection":     # the checkpoint's architecture and anchors are tied to its weights
         rows = [r for r in rows if not r.key.startswith("model.") or r.key in DETECTION_CHECKPOINT_KEEPS]
