@@ -22,6 +22,7 @@ Modes (each timed in a fresh process, the modes alternating, ``--rounds`` rounds
   tv          torchvision default: ``model.eval()``, ``torch.inference_mode()``
   tv_best     torchvision + channels_last (model and input), ``inference_mode``
   dd          densedet default: ``model.eval()``, ``inference_mode`` (folded norms, thresholded top-k)
+  dd_nchw     (with --layout) densedet's default with the network in NCHW, what channels_last buys
   dd_best     densedet's best fp32 CPU path: ``optimize_for_inference`` (folded, channels_last)
 and where this CPU multiplies bf16 natively (AMX / AVX512-BF16; ``densedet.device``):
   tv_bf16     tv_best under bf16 autocast
@@ -112,7 +113,8 @@ def worker(row: str, mode: str, weights: str, iters: int) -> dict:
             model.transform.register_forward_hook(_batch_to_channels_last)
     else:
         model = densedet_model(depth, height, width, torch.load(weights, weights_only=True))
-        if mode != "dd":
+        model.inference_channels_last = mode != "dd_nchw"
+        if mode not in ("dd", "dd_nchw"):
             model = optimize_for_inference(model, inplace=True)
     bf16 = mode.endswith("bf16")
     assert not bf16 or cpu_has_fast_bf16()
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=3, help="timed calls per process (median)")
+    parser.add_argument("--layout", action="store_true", help="also time densedet's default in NCHW")
     parser.add_argument("--worker", nargs=3, metavar=("ROW", "MODE", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torchvision
     from densedet.device import cpu_has_fast_bf16
-    modes = ["tv", "dd", "tv_best", "dd_best"] + (["tv_bf16", "dd_bf16"] if cpu_has_fast_bf16() else [])
+    modes = (["tv", "dd"] + (["dd_nchw"] if args.layout else []) + ["tv_best", "dd_best"] +
+             (["tv_bf16", "dd_bf16"] if cpu_has_fast_bf16() else []))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {THREADS} threads")
     print(f"CPU: {cpu_line()}")
     print(f"modes: {', '.join(modes)}; {args.rounds} rounds, each mode a fresh process, median of "

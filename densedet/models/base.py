@@ -144,6 +144,9 @@ class DenseDetector(nn.Module):
     """
 
     arch: str = ""
+    #: Detection on a CPU with gradients off runs the network in channels_last, the layout oneDNN's
+    #: convolutions are fastest in (``benchmarks/vs_torchvision.py``); the weights may stay NCHW.
+    inference_channels_last: bool = True
 
     def __init__(self, num_classes: int, preprocessor: ImagePreprocessor, *, score_thresh: float,
                  topk_candidates: int, nms_thresh: float, detections_per_img: int) -> None:
@@ -199,6 +202,9 @@ class DenseDetector(nn.Module):
             check_targets(targets, len(images), self.num_classes)
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, image_sizes, targets = self.preprocessor(images, targets, min_size=min_size)
+        if (self.inference_channels_last and not self.training and not torch.is_grad_enabled()
+                and batch.device.type == "cpu"):
+            batch = batch.contiguous(memory_format=torch.channels_last)
         outputs, anchors = self.dense_forward(batch)
         if self.training:
             return self.losses(outputs, anchors, targets)
