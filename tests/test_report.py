@@ -4,6 +4,7 @@ writing it, and (slow) the page opened in headless Chromium with every picture l
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -181,8 +182,8 @@ def _dets(image_id: int) -> tuple[list, list, list]:
 
 
 def test_a_failing_analysis_is_a_note_on_a_page_still_written(hand_made, tmp_path):
-    cfg = Config(**{k: v for k, v in vars(hand_made["cfg"]).items()})
-    cfg.data = type(cfg.data)(**{**vars(hand_made["cfg"].data), "train": str(tmp_path / "missing.json")})
+    cfg = copy.deepcopy(hand_made["cfg"])
+    cfg.data.train = str(tmp_path / "missing.json")
     html = write_report(tmp_path, cfg, hand_made["data"], RESULTS, options=ReportOptions(analysis_images=3))
     assert_self_contained(html)
     assert "the data and anchor analysis failed" in html.read_text() and "missing.json" in html.read_text()
