@@ -10,11 +10,13 @@ trains. ``key.sub=value`` overrides apply on top of the derived values.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..analysis import dataset_statistics
 from ..config import ModelConfig, apply_overrides, find_config, from_dict, load_config, save_config, upgrade_config_dict
 from ..data import DetectionData, load_coco, load_csv, load_voc
 from ..data.formats import detect_format
@@ -155,6 +157,8 @@ def _train_from_data(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     (out / "derived.txt").write_text(format_table(rows) + "\n")
+    # the statistics behind the rules, as `densedet analyze` reports them
+    (out / "data_statistics.json").write_text(json.dumps(dataset_statistics(parts["train"]), indent=1))
     print(f"config written to {out / 'config.yaml'} (rerun: densedet train {out / 'config.yaml'})", file=sys.stderr)
     summary = train(cfg, resume=args.resume,
                     init_weights=args.weights if kind_of_weights == "detection" else None)
