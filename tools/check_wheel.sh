@@ -75,5 +75,7 @@ step "densedet demo --help / train --help"
 "$TMP/venv/bin/densedet" train --help >/dev/null
 step "densedet train tiny_digits"
 "$TMP/venv/bin/densedet" train tiny_digits train.output_dir="$TMP/run" data.root="$TMP/digits"
-test -s "$TMP/run/metrics.json" || { echo "check_wheel: $TMP/run/metrics.json missing" >&2; exit 1; }
-step "ok: the wheel installs, finds its configs by name and trains ($TMP/run/metrics.json)"
+for f in metrics.json report.html; do   # report.html needs the template shipped in the wheel
+  test -s "$TMP/run/$f" || { echo "check_wheel: $TMP/run/$f missing" >&2; exit 1; }
+done
+step "ok: the wheel installs, finds its configs by name, trains and writes its report ($TMP/run)"
