@@ -91,3 +91,43 @@ def test_refinedet_from_data_keeps_its_caffe_settings(tmp_path):
     tree = yaml.safe_load((run / "config.yaml").read_text())
     assert tree["model"]["arch"] == "refinedet" and tree["data"]["hflip_prob"] == 0.0
     assert tree["model"]["bbox_reg_weights"] == [10.0, 10.0, 5.0, 5.0]   # RefineDet's Caffe settings stay
+
+
+def test_read_annotations_detects_each_format(tmp_path):
+    from densedet.commands.train import read_annotations
+    write_coco_set(tmp_path / "set", n_images=3)
+    (tmp_path / "boxes.csv").write_text("set/1.png,1,2,30,40,cat\nset/2.png,,,,,\n")
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    (voc / "1.xml").write_text("<annotation><filename>1.png</filename><size><width>96</width><height>96</height>"
+                               "</size><object><name>cat</name><bndbox><xmin>2</xmin><ymin>3</ymin><xmax>20</xmax>"
+                               "<ymax>30</ymax></bndbox></object></annotation>")
+    data, kind, _, _ = read_annotations(str(tmp_path / "set" / "train.json"), None)
+    assert kind == "coco" and len(data.records) == 3
+    data, kind, _, _ = read_annotations(str(tmp_path / "boxes.csv"), None)
+    assert kind == "csv" and data.class_names == ["cat"] and len(data.records[1]) == 0
+    data, kind, _, images = read_annotations(str(voc), str(tmp_path / "set"))
+    assert kind == "voc" and data.records[0].file_name == str(tmp_path / "set" / "1.png") and images
+    data, kind, _, _ = read_annotations(str(voc / "*.xml"), None)
+    assert kind == "voc" and data.class_names == ["cat"]
+
+
+def test_images_in_a_folder_named_as_the_annotation_file(tmp_path):
+    from densedet.commands.train import read_annotations
+    write_coco_set(tmp_path / "train", n_images=2)
+    (tmp_path / "train" / "train.json").rename(tmp_path / "train.json")     # train.json beside train/
+    data, _, _, images = read_annotations(str(tmp_path / "train.json"), None)
+    assert images == str(tmp_path / "train") and data.records[0].file_name.startswith(images)
+
+
+def test_weights_file_kinds(tmp_path):
+    import torch
+    from densedet.commands.train import weights_kind
+    from densedet.errors import UsageError
+    torch.save({"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1)}, tmp_path / "r18.pth")
+    torch.save({"model": {"backbone.body.conv1.weight": torch.zeros(1)}, "config": {}}, tmp_path / "det.pt")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "odd.pt")
+    assert weights_kind(str(tmp_path / "r18.pth")) == "imagenet"
+    assert weights_kind(str(tmp_path / "det.pt")) == "detection"
+    with pytest.raises(UsageError, match="odd.pt"):
+        weights_kind(str(tmp_path / "odd.pt"))
