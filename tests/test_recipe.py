@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from densedet.backbones.resnet import ResNet
+from densedet.boxes import box_iou
+from densedet.config import Config, ConfigError, apply_overrides
+from densedet.data import TiledDataset
 from densedet.data.formats import detect_format
 from densedet.data.records import DatasetError, DetectionData, ImageRecord
 from densedet.data.split import split_by_image
@@ -257,7 +262,6 @@ def test_background_windows_stay_away_from_boxes():
     data = make_data([[[0, 0, 40, 40], [60, 60, 100, 100]]], hw=(200, 200))
     g = torch.Generator().manual_seed(0)
     images, windows = background_windows(g, 20, data, torch.tensor([30.0]))
-    from densedet.boxes import box_iou
     assert float(box_iou(windows, torch.tensor([[0.0, 0, 40, 40], [60, 60, 100, 100]])).max()) < 0.1
 
 
@@ -275,7 +279,6 @@ def test_one_class_warm_up_learns_object_against_background():
         records.append(ImageRecord(f"{i}.png", i + 1, 96, 96, np.array(boxes, np.float32), np.zeros(2, np.int64)))
     data = DetectionData(records, ["square"], None, "squares")
     torch.manual_seed(0)
-    from densedet.backbones.resnet import ResNet
     trunk = ResNet(18, norm="bn", frozen_stages=0, out_features=("res3", "res4", "res5"))
     stats = pretrain_backbone(trunk, lambda i: images[i], data, torch.zeros(3), torch.ones(3), lr=2e-3,
                               weight_decay=1e-4, batch_size=16, crop_sizes=(32,), iterations=12, seed=0)
@@ -284,15 +287,12 @@ def test_one_class_warm_up_learns_object_against_background():
 
 
 def test_tta_choice_needs_a_tune_split():
-    from densedet.config import Config, ConfigError, apply_overrides
     with pytest.raises(ConfigError, match="tune split"):
         apply_overrides(Config(), ["test.tta_choose=true", "data.format=coco"])
     apply_overrides(Config(), ["test.tta_choose=true", "data.format=coco", "data.tune_fraction=0.1"])
 
 
 def test_tiles_are_resized_as_the_evaluation_images(tmp_path):
-    from PIL import Image
-    from densedet.data import TiledDataset
     Image.fromarray(np.zeros((100, 160, 3), np.uint8)).save(tmp_path / "0.png")
     data = make_data([[[10, 10, 30, 30]]], hw=(100, 160))
     data.records[0].file_name = str(tmp_path / "0.png")
