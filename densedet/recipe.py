@@ -472,7 +472,9 @@ def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
     batch = batch_size_for(pixels)
     rows.append(Derived("train.batch_size", batch, f"about {BATCH_PIXELS / 1e6:.2f} Mpx per batch (the demo's "
                         f"8 x 160 px windows), {pixels ** 0.5:.0f} px per item"))
-    rows.append(Derived("test.batch_size", 1 if pixels > 1e6 else 8, "evaluation batch"))
+    eval_px = float(np.median(s.eval_hw.prod(axis=1))) * up ** 2 if arch == "retinanet" else float(rd_size ** 2)
+    rows.append(Derived("test.batch_size", batch_size_for(eval_px / 4), "evaluation images per batch: about 4x a "
+                        "training batch's pixels (no gradients kept)"))
     if o.weights_kind != "detection":
         short = o.minutes <= SHORT_BUDGET_MIN
         if arch == "retinanet":
