@@ -7,7 +7,8 @@ Accuracy (single scale, no TTA; each exported model evaluated with ``predict_dat
            runs/demo/model_final.pt of ``make demo``), COCO AP
   trees    deepforest's tree-crown evaluation photo OSBS_029 (``--trees``: a checkpoint trained
            with ``deepforest_trees.yaml``), COCO AP
-  int8 calibrates on ``--calib-images`` training images of the checkpoint's config (default 100).
+  int8 calibrates on ``--calib-images`` training images of the checkpoint's config (default 100);
+  ``int8`` quantizes the whole network body, ``int8h32`` keeps the heads' last convolutions fp32.
   Target: int8 AP at most 0.01 below torch fp32 on the digits; fp32 backends equal torch's AP.
 
 Speed: one 512x512 image, batch 1, ``torch.get_num_threads()`` threads for every runtime (or
@@ -48,18 +49,22 @@ from vs_torchvision import CLS_BIAS, cpu_line, densedet_model, images, torchvisi
 from densedet.deploy import calibration_images, export_deployable, load_deployed  # noqa: E402
 from densedet.deploy.quantize import cpu_has_vnni  # noqa: E402
 
-VARIANTS = [("onnxruntime", "onnx", False), ("onnxruntime", "onnx", True),
-            ("openvino", "openvino", False), ("openvino", "openvino", True)]
+# (backend, format, precision): "int8" quantizes the whole body (the default of densedet export --int8),
+# "int8h32" keeps the heads' last convolutions fp32 (densedet export --int8 --fp32-head-outputs)
+VARIANTS = [("onnxruntime", "onnx", "fp32"), ("onnxruntime", "onnx", "int8"), ("onnxruntime", "onnx", "int8h32"),
+            ("openvino", "openvino", "fp32"), ("openvino", "openvino", "int8"), ("openvino", "openvino", "int8h32")]
 
 
-def _name(backend: str, int8: bool) -> str:
-    return f"{'ort' if backend == 'onnxruntime' else 'ov'}_{'int8' if int8 else 'fp32'}"
+def _name(backend: str, precision: str) -> str:
+    return f"{'ort' if backend == 'onnxruntime' else 'ov'}_{precision}"
 
 
-def _export(model, tmp: Path, backend: str, fmt: str, int8: bool, calibration, image_size=None, extra=None):
-    path = tmp / f"{_name(backend, int8)}.{'xml' if fmt == 'openvino' else 'onnx'}"
-    export_deployable(model, path, fmt=fmt, image_size=image_size, int8=int8, calibration=calibration,
-                      sidecar_extra=extra)
+def _export(model, tmp: Path, backend: str, fmt: str, precision: str, calibration, image_size=None, extra=None):
+    path = tmp / f"{_name(backend, precision)}.{'xml' if fmt == 'openvino' else 'onnx'}"
+    int8 = precision != "fp32"
+    export_deployable(model, path, fmt=fmt, image_size=image_size, int8=int8,
+                      calibration=calibration if int8 else None, sidecar_extra=extra,
+                      quantize_head_outputs=precision != "int8h32")
     return path
 
 
@@ -87,10 +92,10 @@ def accuracy(label: str, checkpoint: str, calib_images: int, tmp: Path) -> None:
     calibration = calibration_images(load_split(cfg.data, "train"), calib_images)
     extra = {"config": to_dict(cfg), "category_ids": ckpt.get("category_ids")}
     print(f"  {'backend':<10s} {'AP':>7s} {'vs torch':>9s}")
-    for backend, fmt, int8 in VARIANTS:
-        path = _export(model, tmp / label, backend, fmt, int8, calibration if int8 else None, extra=extra)
+    for backend, fmt, precision in VARIANTS:
+        path = _export(model, tmp / label, backend, fmt, precision, calibration, extra=extra)
         value = ap(load_deployed(path, backend))
-        print(f"  {_name(backend, int8):<10s} {value:7.4f} {value - reference:+9.4f}", flush=True)
+        print(f"  {_name(backend, precision):<10s} {value:7.4f} {value - reference:+9.4f}", flush=True)
 
 
 # -- speed --------------------------------------------------------------------------------------------
@@ -135,9 +140,9 @@ def speed(rounds: int, iters: int, tmp: Path) -> None:
     if tv is not None:
         modes["tv_fp32"] = tv
     modes["dd_torch"] = dd
-    for backend, fmt, int8 in VARIANTS:
-        path = _export(dd, tmp / "speed", backend, fmt, int8, calibration if int8 else None, image_size=(512, 512))
-        modes[_name(backend, int8)] = load_deployed(path, backend)
+    for backend, fmt, precision in VARIANTS:
+        path = _export(dd, tmp / "speed", backend, fmt, precision, calibration, image_size=(512, 512))
+        modes[_name(backend, precision)] = load_deployed(path, backend)
     with torch.inference_mode():
         counts = {name: len(model(inputs)[0]["scores"]) for name, model in modes.items()}
     print("detections per mode: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

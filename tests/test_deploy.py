@@ -28,6 +28,7 @@ from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, model_fro
 from densedet.export import sidecar_path
 from densedet.models import build_from_config
 from densedet.predict import Predictor
+from densedet.tta import TTAConfig
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -209,6 +210,16 @@ def test_cli_refuses_what_a_backend_cannot_do(checkpoint, exported, tmp_path, ca
     assert ".xml" in capsys.readouterr().err
 
 
+def test_predictor_refuses_what_a_backend_cannot_run(checkpoint, exported):
+    model, _, _ = model_from_checkpoint(checkpoint)
+    with pytest.raises(DeployError, match="exported model file"):
+        Predictor(model, backend="onnxruntime")
+    with pytest.raises(DeployError, match="backend must be one of"):
+        Predictor(exported["onnxruntime"], backend="tensorrt")
+    with pytest.raises(DeployError, match="test-time augmentation"):
+        Predictor(exported["onnxruntime"], backend="onnxruntime", tta=TTAConfig())
+
+
 def test_cpu_vnni_detection_reads_cpuinfo_flags(tmp_path):
     avx2 = tmp_path / "zen3"
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n")
@@ -219,27 +230,39 @@ def test_cpu_vnni_detection_reads_cpuinfo_flags(tmp_path):
 
 # -- int8 --------------------------------------------------------------------------------------------
 
+def _dequantized_inputs(path) -> list[tuple[str, str]]:
+    """(post-processing node, the op whose output it reads through Q/DQ) of a QDQ ONNX file."""
+    import onnx
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    _, post, _ = body_and_head_outputs(path)
+    found = []
+    for node in graph.node:
+        if node.name in set(post) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            for name in node.input:
+                if name in producer and producer[name].op_type == "DequantizeLinear":
+                    q = producer.get(producer[name].input[0])
+                    source = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+                    found.append((node.name, source.name if source is not None else producer[name].input[0]))
+    return found
+
+
 def test_int8_quantizes_the_body_only(checkpoint, digit_scenes, tmp_path):
-    """ONNX Runtime QDQ: quantize nodes sit in the body; the post-processing and the heads' last
-    convolutions read fp32 tensors. NNCF: FakeQuantize ops, none feeding the post-processing."""
-    onnx = pytest.importorskip("onnx")
+    """ONNX Runtime QDQ: the post-processing reads no dequantized tensor except the heads' last
+    convolutions' outputs (int8 convs whose outputs are dequantized), and none with
+    --fp32-head-outputs. NNCF: FakeQuantize ops in the body, none feeding the post-processing."""
     out = tmp_path / "int8.onnx"
     assert main(["export", "--weights", str(checkpoint), "--out", str(out), "--int8", "--calib-images", "2"]) == 0
     meta = read_sidecar(out)
     assert meta["precision"] == "int8" and meta["quantization"]["calibration_images"] == 2
     assert meta["quantization"]["reduce_range"] == (not cpu_has_vnni())
-    graph = onnx.load(str(out)).graph
-    producer = {o: n for n in graph.node for o in n.output}
-    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) > 20
     _, post, last_convs = body_and_head_outputs(out)
-    fp32_ops = [n for n in graph.node if n.name in set(post) | set(last_convs) and n.op_type != "DequantizeLinear"]
-    for node in fp32_ops:
-        if node.op_type == "Conv":          # a last conv: fp32 weights are fine, its activation input is not
-            continue
-        for name in node.input:
-            assert name not in producer or producer[name].op_type != "DequantizeLinear", \
-                f"{node.name} ({node.op_type}) reads a dequantized tensor"
+    sources = {source for _, source in _dequantized_inputs(out)}
+    assert sources and sources <= set(last_convs), sorted(sources - set(last_convs))
+    fp32_heads = tmp_path / "int8_fp32_heads.onnx"
+    assert main(["export", "--weights", str(checkpoint), "--out", str(fp32_heads), "--int8", "--calib-images", "2",
+                 "--fp32-head-outputs"]) == 0
+    assert _dequantized_inputs(fp32_heads) == []
     xml = tmp_path / "int8.xml"
     assert main(["export", "--weights", str(checkpoint), "--format", "openvino", "--out", str(xml),
                  "--int8", "--calib-images", "2"]) == 0

@@ -46,8 +46,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
                    help="onnx --int8: 7-bit weights, for CPUs without VNNI (auto: on unless this CPU has "
                         "AVX512-VNNI/AVX-VNNI/AMX; say 'on' when exporting for an AVX2-only CPU)")
-    p.add_argument("--quantize-head-outputs", action="store_true",
-                   help="--int8: quantize the heads' last convolutions too (default: kept fp32)")
+    p.add_argument("--fp32-head-outputs", action="store_true",
+                   help="--int8: keep the heads' last convolutions (logits, box deltas) in fp32 "
+                        "(default: int8 like the rest of the body; the post-processing is fp32 either way)")
     p.set_defaults(func=run)
 
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                             dynamic_batch=not args.static_batch, class_names=ckpt.get("class_names"),
                             sidecar_extra=extra, calib_method=args.calib_method,
                             reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
-                            quantize_head_outputs=args.quantize_head_outputs)
+                            quantize_head_outputs=not args.fp32_head_outputs)
     side = json.loads(sidecar_path(out).read_text())
     size_mb = sum(f.stat().st_size for f in (out, out.with_suffix(".bin")) if f.is_file()) / 1e6
     print(f"wrote {out} ({size_mb:.1f} MB, {side['precision']}) and {sidecar_path(out)}: {side['arch']}, input "

@@ -41,7 +41,7 @@ def export_deployable(model: nn.Module, path: str | Path, fmt: str = "onnx", ima
                       int8: bool = False, calibration: Sequence[Tensor] | None = None, batch_size: int = 1,
                       opset: int = 17, dynamic_batch: bool = True, class_names: list[str] | None = None,
                       sidecar_extra: dict | None = None, calib_method: str = "minmax",
-                      reduce_range: bool | None = None, quantize_head_outputs: bool = False,
+                      reduce_range: bool | None = None, quantize_head_outputs: bool = True,
                       nncf_preset: str = "performance") -> Path:
     """Export ``model`` as ``fmt`` ("onnx": ``path`` is a ``.onnx``; "openvino": a ``.xml`` beside
     its ``.bin``), int8 with ``calibration`` images (float ``[3, H, W]``, e.g. :func:`calibration_images`)
