@@ -91,11 +91,11 @@ def accuracy(label: str, checkpoint: str, calib_images: int, tmp: Path) -> None:
     print(f"\n{label}: {checkpoint}, {len(data)} validation images, single scale; torch fp32 AP {reference:.4f}")
     calibration = calibration_images(load_split(cfg.data, "train"), calib_images)
     extra = {"config": to_dict(cfg), "category_ids": ckpt.get("category_ids")}
-    print(f"  {'backend':<10s} {'AP':>7s} {'vs torch':>9s}")
+    print(f"  {'backend':<11s} {'AP':>7s} {'vs torch':>9s}")
     for backend, fmt, precision in VARIANTS:
         path = _export(model, tmp / label, backend, fmt, precision, calibration, extra=extra)
         value = ap(load_deployed(path, backend))
-        print(f"  {_name(backend, precision):<10s} {value:7.4f} {value - reference:+9.4f}", flush=True)
+        print(f"  {_name(backend, precision):<11s} {value:7.4f} {value - reference:+9.4f}", flush=True)
 
 
 # -- speed --------------------------------------------------------------------------------------------
@@ -154,10 +154,10 @@ def speed(rounds: int, iters: int, tmp: Path) -> None:
         print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in times.items()), flush=True)
     base = statistics.median(times[baseline])
     print(f"\nR50-FPN 512x512 batch 1, median of {rounds} rounds x {iters} calls")
-    print(f"  {'mode':<10s} {'ms':>8s} {'speed-up vs ' + baseline:>20s}")
+    print(f"  {'mode':<11s} {'ms':>8s} {'speed-up vs ' + baseline:>20s}")
     for name, values in times.items():
         ms = statistics.median(values)
-        print(f"  {name:<10s} {ms:8.1f} {base / ms:19.2f}x")
+        print(f"  {name:<11s} {ms:8.1f} {base / ms:19.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,10 @@ way the PyTorch preprocessor does (bilinear, half-pixel centres, no antialiasing
 arithmetic as ``F.interpolate(..., mode="bilinear", align_corners=False)``), zero-pad to the export
 size, run the graph and map the boxes back to the original image's pixels.
 
-This file imports nothing from densedet, so it can be copied next to the model and run alone.
+This file imports nothing from densedet, so it can be copied next to the model and run alone. It
+runs fp32 and int8 (``densedet export --int8``) ONNX files alike. Inside densedet the same files run
+through :mod:`densedet.deploy` (``Predictor(..., backend="onnxruntime")``, ``densedet predict/eval
+--backend``), which preprocesses with PyTorch's own resize and sets onnxruntime's threads to torch's.
 """
 
 from __future__ import annotations

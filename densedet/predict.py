@@ -8,9 +8,9 @@ that each go through the model at its own input size, so small objects are not r
 boxes are shifted back and merged across tiles (:func:`merge_tiles`). Inference runs in fp32 under
 ``torch.inference_mode`` with channels-last weights; bf16 autocast is used only where the hardware
 multiplies bf16 natively (:func:`fast_autocast`). ``backend="onnxruntime"`` or ``"openvino"`` runs an
-exported model instead (``densedet export``; :mod:`densedet.deploy`), with the same tiling and outputs. Drawing the detections:
-:func:`densedet.visualize.draw_detections`; the ``densedet predict`` command:
-:mod:`densedet.commands.predict`.
+exported model instead (``densedet export``; :mod:`densedet.deploy`), with the same tiling and
+outputs. Drawing the detections: :func:`densedet.visualize.draw_detections`; the ``densedet
+predict`` command: :mod:`densedet.commands.predict`.
 """
 
 from __future__ import annotations

@@ -14,15 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from densedet.cli import main
 from densedet.config import to_dict
 from densedet.data import load_coco, load_image
-from densedet.deploy import (DeployError, DeployFileError, MissingExtraError, export_deployable, load_deployed,
-                             read_sidecar)
+from densedet.deploy import DeployError, DeployFileError, MissingExtraError, load_deployed, read_sidecar
 from densedet.deploy.quantize import body_and_head_outputs, cpu_has_vnni
 from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, model_from_checkpoint
 from densedet.export import sidecar_path
@@ -175,6 +173,10 @@ def test_missing_extra_names_the_extra(exported, monkeypatch, capsys):
                  "--backend", "openvino", "--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert "densedet[deploy]" in err and "Traceback" not in err
+    assert main(["export", "--weights", str(exported["openvino"].parent / "model.pt"), "--format", "openvino",
+                 "--out", str(exported["openvino"].parent / "unused.xml")]) == 2
+    err = capsys.readouterr().err
+    assert "'openvino'" in err and "densedet[deploy]" in err and "Traceback" not in err
 
 
 def test_bad_files_are_refused_clearly(exported, tmp_path, capsys):

@@ -107,6 +107,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.backend != "torch" and args.tta != "none":
         raise UsageError(f"--tta {args.tta}: test-time augmentation needs --backend torch, not {args.backend}")
+    if args.backend != "torch" and args.device not in (None, "cpu"):
+        raise UsageError(f"--device {args.device}: --backend {args.backend} runs on the CPU")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: must be >= 1, got {args.threads}")
 
