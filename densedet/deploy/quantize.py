@@ -171,19 +171,15 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequ
         _inline_shared_weights(fp32_path, inlined)
         _, post, last_convs = body_and_head_outputs(inlined)
         exclude = post + ([] if quantize_head_outputs else last_convs)
-        _quantize_static(ortq, inlined, out_path, _Reader(), per_channel, reduce_range, exclude, methods[method])
+        ortq.quantize_static(
+            str(inlined), str(out_path), _Reader(), quant_format=ortq.QuantFormat.QDQ, per_channel=per_channel,
+            reduce_range=reduce_range, activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
+            nodes_to_exclude=exclude, calibrate_method=methods[method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8",
             "weights": "int8 per-channel" if per_channel else "int8", "calibration_method": method,
             "calibration_images": len(calibration), "reduce_range": reduce_range,
             "quantize_head_outputs": bool(quantize_head_outputs), "excluded_nodes": len(exclude)}
-
-
-def _quantize_static(ortq, model_path, out_path, reader, per_channel, reduce_range, exclude, method) -> None:
-    ortq.quantize_static(
-        str(model_path), str(out_path), reader, quant_format=ortq.QuantFormat.QDQ, per_channel=per_channel,
-        reduce_range=reduce_range, activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
-        nodes_to_exclude=exclude, calibrate_method=method,
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
 def quantize_openvino(ov_model, fp32_onnx_path: str | Path, calibration: Sequence[dict[str, np.ndarray]],
@@ -194,13 +190,7 @@ def quantize_openvino(ov_model, fp32_onnx_path: str | Path, calibration: Sequenc
     nncf = require("nncf", "int8 quantization with OpenVINO")
     nncf.set_log_level(logging.ERROR)     # one INFO line per post-processing op it leaves alone
     _, post, last_convs = body_and_head_outputs(fp32_onnx_path)
-    excluded = set(post) | (set() if quantize_head_outputs else set(last_convs))
-    # OpenVINO keeps the ONNX node names; a Conv with bias becomes "<name>/WithoutBiases" + "<name>" (Add)
-    ignored = [op.get_friendly_name() for op in ov_model.get_ordered_ops()
-               if op.get_type_name() not in ("Constant", "Parameter", "Result")
-               and (op.get_friendly_name() in excluded
-                    or op.get_friendly_name().rsplit("/", 1)[0] in excluded
-                    or not (op.get_friendly_name().startswith("/") and op.get_friendly_name().count("/") >= 2))]
+    ignored = _openvino_ops_named(ov_model, set(post) | (set() if quantize_head_outputs else set(last_convs)))
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     if preset not in presets:
         raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
@@ -210,3 +200,18 @@ def quantize_openvino(ov_model, fp32_onnx_path: str | Path, calibration: Sequenc
     return quantized, {"tool": "nncf.quantize", "preset": preset, "fast_bias_correction": fast_bias_correction,
                        "calibration_images": len(calibration), "quantize_head_outputs": bool(quantize_head_outputs),
                        "ignored_ops": len(ignored)}
+
+
+def _openvino_ops_named(ov_model, onnx_names: set[str]) -> list[str]:
+    """The computing ops of an ``openvino.Model`` that come from the ONNX nodes ``onnx_names``, or
+    from no module scope at all. OpenVINO keeps the ONNX node names as friendly names, and splits a
+    Conv with bias into ``<name>/WithoutBiases`` (Convolution) and ``<name>`` (Add)."""
+    names = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() in ("Constant", "Parameter", "Result"):
+            continue
+        name = op.get_friendly_name()
+        in_scope = name.startswith("/") and name.count("/") >= 2
+        if name in onnx_names or name.rsplit("/", 1)[0] in onnx_names or not in_scope:
+            names.append(name)
+    return names
