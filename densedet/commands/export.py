@@ -41,11 +41,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--calib-images", type=int, default=100, help="calibration images for --int8 (100)")
     p.add_argument("--calib-split", choices=["train", "val", "tune"], default="train",
                    help="the config split the calibration images come from (train)")
-    p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax",
-                   help="onnx --int8: ONNX Runtime's calibration method (minmax)")
     p.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
                    help="onnx --int8: 7-bit weights, for CPUs without VNNI (auto: on unless this CPU has "
                         "AVX512-VNNI/AVX-VNNI/AMX; say 'on' when exporting for an AVX2-only CPU)")
+    p.add_argument("--nncf-preset", choices=["performance", "mixed"], default="performance",
+                   help="openvino --int8: NNCF's preset (performance: symmetric activations; mixed: asymmetric)")
     p.add_argument("--fp32-head-outputs", action="store_true",
                    help="--int8: keep the heads' last convolutions (logits, box deltas) in fp32 "
                         "(default: int8 like the rest of the body; the post-processing is fp32 either way)")
@@ -89,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
     out = export_deployable(model, args.out, fmt=args.format, image_size=args.size, int8=args.int8,
                             calibration=calibration, batch_size=args.batch_size, opset=args.opset,
                             dynamic_batch=not args.static_batch, class_names=ckpt.get("class_names"),
-                            sidecar_extra=extra, calib_method=args.calib_method,
+                            sidecar_extra=extra,
                             reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
-                            quantize_head_outputs=not args.fp32_head_outputs)
+                            quantize_head_outputs=not args.fp32_head_outputs, nncf_preset=args.nncf_preset)
     side = json.loads(sidecar_path(out).read_text())
     size_mb = sum(f.stat().st_size for f in (out, out.with_suffix(".bin")) if f.is_file()) / 1e6
     print(f"wrote {out} ({size_mb:.1f} MB, {side['precision']}) and {sidecar_path(out)}: {side['arch']}, input "

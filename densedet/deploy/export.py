@@ -40,7 +40,7 @@ def calibration_images(data, count: int, seed: int = 0) -> list[Tensor]:
 def export_deployable(model: nn.Module, path: str | Path, fmt: str = "onnx", image_size: Sequence[int] | None = None,
                       int8: bool = False, calibration: Sequence[Tensor] | None = None, batch_size: int = 1,
                       opset: int = 17, dynamic_batch: bool = True, class_names: list[str] | None = None,
-                      sidecar_extra: dict | None = None, calib_method: str = "minmax",
+                      sidecar_extra: dict | None = None,
                       reduce_range: bool | None = None, quantize_head_outputs: bool = True,
                       nncf_preset: str = "performance") -> Path:
     """Export ``model`` as ``fmt`` ("onnx": ``path`` is a ``.onnx``; "openvino": a ``.xml`` beside
@@ -78,8 +78,7 @@ def export_deployable(model: nn.Module, path: str | Path, fmt: str = "onnx", ima
         meta = read_sidecar(onnx_path)
         feeds = calibration_inputs(calibration, meta) if int8 else []
         if fmt == "onnx":
-            meta["quantization"] = quantize_onnx(onnx_path, path, feeds, method=calib_method,
-                                                 reduce_range=reduce_range,
+            meta["quantization"] = quantize_onnx(onnx_path, path, feeds, reduce_range=reduce_range,
                                                  quantize_head_outputs=quantize_head_outputs)
         else:
             ov = require("openvino", "the openvino export")

@@ -37,10 +37,7 @@ from torch import Tensor
 
 from .common import preprocess_images, require
 
-__all__ = ["cpu_has_vnni", "calibration_inputs", "body_and_head_outputs", "quantize_onnx", "quantize_openvino",
-           "CALIBRATION_METHODS"]
-
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+__all__ = ["cpu_has_vnni", "calibration_inputs", "body_and_head_outputs", "quantize_onnx", "quantize_openvino"]
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -145,16 +142,18 @@ def _quiet_root_logger():
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequence[dict[str, np.ndarray]],
-                  method: str = "minmax", reduce_range: bool | None = None, quantize_head_outputs: bool = True,
+                  reduce_range: bool | None = None, quantize_head_outputs: bool = True,
                   per_channel: bool = True) -> dict:
     """ONNX Runtime static quantization (QDQ: uint8 asymmetric activations, int8 symmetric weights,
-    per output channel) of the body of ``fp32_path``, written to ``out_path``.
+    per output channel, MinMax calibration) of the body of ``fp32_path``, written to ``out_path``.
+
+    MinMax only: ORT's histogram calibrators (Percentile, Entropy) record every float tensor of the
+    graph and stack them across images, which fails on the post-processing's data-dependent shapes
+    (after NMS); MinMax already stays within 0.005 AP on the demo (module docstring).
 
     Returns the settings used (recorded in the sidecar)."""
     require("onnx", "int8 quantization")
     ortq = require("onnxruntime.quantization", "int8 quantization with onnxruntime")
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     reduce_range = (not cpu_has_vnni()) if reduce_range is None else bool(reduce_range)
 
     class _Reader(ortq.CalibrationDataReader):
@@ -164,8 +163,6 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequ
         def get_next(self):
             return next(self._items, None)
 
-    methods = {"minmax": ortq.CalibrationMethod.MinMax, "percentile": ortq.CalibrationMethod.Percentile,
-               "entropy": ortq.CalibrationMethod.Entropy}
     with tempfile.TemporaryDirectory(prefix="densedet-quant-") as tmp, _quiet_root_logger():
         inlined = Path(tmp) / "inlined.onnx"
         _inline_shared_weights(fp32_path, inlined)
@@ -174,10 +171,10 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequ
         ortq.quantize_static(
             str(inlined), str(out_path), _Reader(), quant_format=ortq.QuantFormat.QDQ, per_channel=per_channel,
             reduce_range=reduce_range, activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
-            nodes_to_exclude=exclude, calibrate_method=methods[method],
+            nodes_to_exclude=exclude, calibrate_method=ortq.CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8",
-            "weights": "int8 per-channel" if per_channel else "int8", "calibration_method": method,
+            "weights": "int8 per-channel" if per_channel else "int8", "calibration_method": "minmax",
             "calibration_images": len(calibration), "reduce_range": reduce_range,
             "quantize_head_outputs": bool(quantize_head_outputs), "excluded_nodes": len(exclude)}
 
