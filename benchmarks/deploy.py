@@ -30,6 +30,19 @@ throwaway venv of vs_torchvision.py (torch 2.14.1 + torchvision 0.29.1), after::
 
 (``--skip-accuracy`` / ``--skip-speed`` run one half; ``.venv/bin/python benchmarks/deploy.py``
 works too, with the densedet torch baseline.) Not in CI. Timings need an otherwise idle machine.
+
+Recorded accuracy (December 2026, this project's Xeon with VNNI; the ``make demo`` checkpoint,
+100 validation scenes, single scale, 100 calibration images; AP):
+  torch fp32 0.5530; onnxruntime fp32 0.5530; openvino fp32 0.5530
+  onnxruntime int8, MinMax, per-channel, whole body (default)     0.5511  (-0.0019)
+    ... reduce_range on (what an AVX2-only CPU gets)              0.5506  (-0.0024)
+    ... heads' last convs fp32 (--fp32-head-outputs)              0.5489  (-0.0041)
+    ... heads' last convs fp32, reduce_range on                   0.5508  (-0.0022)
+  openvino int8, NNCF performance preset, fast bias correction    0.5488  (-0.0042)
+    ... heads' last convs fp32                                    0.5512  (-0.0018)
+    ... mixed preset                                              0.5497  (-0.0033)
+  Every variant stays within the 0.01 target; ORT's Percentile / Entropy calibration could not be
+  tried (its histogram collector fails on the post-processing's data-dependent shapes).
 """
 
 from __future__ import annotations
