@@ -186,8 +186,11 @@ def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, clas
         "arch": model.arch,
         "input_size": list(image_size),
         # warp: stretch to exactly (H, W), as fixed_size models do; fit: keep the aspect ratio,
-        # scale to fit inside (H, W) and pad bottom/right with zeros after normalising.
+        # scale as the model does (shorter side to min_size, longer side at most max_size), or less
+        # where that would not fit inside (H, W), and pad bottom/right with zeros after normalising.
         "resize": "warp" if fixed else "fit",
+        "min_size": int(pre.min_size[-1]),
+        "max_size": int(pre.max_size),
         "mean": [float(v) for v in pre.mean.flatten()],
         "std": [float(v) for v in pre.std.flatten()],
         "class_names": list(names),

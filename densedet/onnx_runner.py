@@ -107,8 +107,13 @@ class OnnxDetectorRunner:
             nh, nw = self.height, self.width
         else:
             # fit: one scale for both sides in Python floats, floored, as ImagePreprocessor and
-            # F.interpolate(recompute_scale_factor=True) do, so sizes agree to the pixel
+            # F.interpolate(recompute_scale_factor=True) do, so sizes agree to the pixel: the
+            # model's own (min_size / max_size) where its result fits the export size
             scale = min(self.height / h, self.width / w)
+            if "min_size" in self.meta:
+                own = min(self.meta["min_size"] / min(h, w), self.meta["max_size"] / max(h, w))
+                if np.floor(h * own) <= self.height and np.floor(w * own) <= self.width:
+                    scale = own
             nh, nw = min(self.height, int(np.floor(h * scale))), min(self.width, int(np.floor(w * scale)))
         x = resize_bilinear(x, nh, nw)
         padded = np.zeros((3, self.height, self.width), np.float32)

@@ -20,7 +20,8 @@ import torch
 from densedet.cli import main
 from densedet.config import to_dict
 from densedet.data import load_coco, load_image
-from densedet.deploy import DeployError, DeployFileError, MissingExtraError, load_deployed, read_sidecar
+from densedet.deploy import (DeployError, DeployFileError, MissingExtraError, export_deployable, load_deployed,
+                             read_sidecar)
 from densedet.deploy.quantize import body_and_head_outputs, cpu_has_vnni
 from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, model_from_checkpoint
 from densedet.export import sidecar_path
@@ -117,6 +118,26 @@ def test_predictor_tiles_and_raises_the_threshold_with_a_backend(checkpoint, exp
     assert 0 < len(high["scores"]) < len(got["scores"]) and (high["scores"] > thresh).all()
     with pytest.raises(DeployError, match="below"):
         Predictor(exported["onnxruntime"], backend="onnxruntime", score_thresh=0.01)
+
+
+def test_fit_resize_follows_the_models_min_and_max_size(digit_scenes, tmp_path):
+    """A model whose resized images are smaller than the export size (min_size = max_size = 100,
+    padded to 128 like deepforest's 400 -> 448): the backend resizes as the model does, not up to
+    the export size, so it gives PyTorch's detections."""
+    import densedet
+    torch.manual_seed(0)
+    model = densedet.build_model("retinanet_r18_fpn", num_classes=3, min_size=100, max_size=100, size_divisible=64,
+                                 fpn_channels=32, head_convs=1, score_thresh=0.05, detections_per_img=50).eval()
+    scene = _images(digit_scenes)[0]
+    images = [scene[:, :100, :], scene[:, 10:110, 20:120]]                # 100 x 128 and 100 x 100
+    _spread_scores(model, images, _calibrate_retinanet, per_image=40)
+    path = export_deployable(model, tmp_path / "fit.onnx")
+    meta = read_sidecar(path)
+    assert meta["input_size"] == [128, 128] and (meta["min_size"], meta["max_size"]) == (100, 100)
+    with torch.no_grad():
+        refs = model(images)
+    assert all(len(r["scores"]) > 5 for r in refs)
+    _assert_same(refs, load_deployed(path)(images))
 
 
 def test_runtimes_use_torchs_thread_count(exported):

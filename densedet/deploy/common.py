@@ -28,7 +28,7 @@ from ..errors import DensedetError
 from ..export import SIDECAR_FORMAT, sidecar_path
 
 __all__ = ["BACKENDS", "DeployError", "MissingExtraError", "DeployFileError", "require", "read_sidecar",
-           "default_threads", "preprocess_images", "DeployedDetector"]
+           "default_threads", "fit_scale", "preprocess_images", "DeployedDetector"]
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 EXTRA = "pip install 'densedet[deploy]'"
@@ -82,14 +82,27 @@ def read_sidecar(model_path: str | Path) -> dict:
     return meta
 
 
+def fit_scale(h: int, w: int, meta: dict) -> float:
+    """The ``fit`` resize factor of an ``h x w`` image: the model's own (Python floats, as
+    :class:`~densedet.models.preprocess.ImagePreprocessor`: shorter side to ``min_size``, longer
+    side at most ``max_size``), lowered where the result would not fit inside the export size.
+    A sidecar without ``min_size`` (older exports) fits the export size exactly."""
+    height, width = (int(s) for s in meta["input_size"])
+    inside = min(height / h, width / w)
+    if "min_size" not in meta:
+        return inside
+    scale = min(meta["min_size"] / min(h, w), meta["max_size"] / max(h, w))
+    return scale if math.floor(h * scale) <= height and math.floor(w * scale) <= width else inside
+
+
 def preprocess_images(images: Sequence[Tensor], meta: dict) -> tuple[Tensor, list[tuple[int, int]]]:
     """Float ``[3, H_i, W_i]`` images in [0, 1] → (``[B, 3, H, W]`` float32 at the export size, resized
     ``(h_i, w_i)``), as the sidecar says: normalise, then ``warp`` (stretch to exactly ``(H, W)``) or
-    ``fit`` (one scale ``min(H/h, W/w)``, floored sides, bottom/right zero padding).
+    ``fit`` (one scale, :func:`fit_scale`; floored sides, bottom/right zero padding).
 
     The arithmetic is :class:`~densedet.models.preprocess.ImagePreprocessor`'s (Python-float scale,
-    ``F.interpolate`` bilinear with ``recompute_scale_factor``), so a model exported with
-    ``min_size == max_size ==`` the export side gets the tensor PyTorch feeds itself.
+    ``F.interpolate`` bilinear with ``recompute_scale_factor``), so wherever the model's resized image
+    fits the export size the backend gets the tensor PyTorch feeds itself.
     """
     height, width = (int(s) for s in meta["input_size"])
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(3, 1, 1)
@@ -103,7 +116,7 @@ def preprocess_images(images: Sequence[Tensor], meta: dict) -> tuple[Tensor, lis
             if (h, w) != (height, width):
                 x = F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         else:
-            scale = min(height / h, width / w)
+            scale = fit_scale(h, w, meta)
             if scale != 1.0:
                 nh, nw = max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
                 if math.floor(h * scale) >= 1 and math.floor(w * scale) >= 1:
