@@ -24,8 +24,9 @@ mode's speed-up over the baseline. Target: int8 >= 2.5x torchvision fp32.
 torchvision cannot live next to densedet's CPU torch, so the speed baseline runs from the
 throwaway venv of vs_torchvision.py (torch 2.14.1 + torchvision 0.29.1), after::
 
-    /tmp/tvenv/bin/pip install --no-deps -e /work/main
-    /tmp/tvenv/bin/pip install pyyaml pycocotools matplotlib tqdm jinja2 onnx onnxruntime openvino nncf
+    /tmp/tvenv/bin/pip install --no-deps -e /work/main          # (done there already)
+    /tmp/tvenv/bin/pip install pyyaml pycocotools matplotlib tqdm jinja2   # densedet's own (done already)
+    /tmp/tvenv/bin/pip install onnx==1.23.2 onnxruntime==1.32.0 openvino==2026.4.1 nncf==3.4.0   # none pulls torch
     /tmp/tvenv/bin/python benchmarks/deploy.py --digits runs/demo/model_final.pt --trees runs/trees/model_final.pt
 
 (``--skip-accuracy`` / ``--skip-speed`` run one half; ``.venv/bin/python benchmarks/deploy.py``
@@ -59,7 +60,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_torchvision import CLS_BIAS, cpu_line, densedet_model, images, torchvision_model  # noqa: E402
 
-from densedet.deploy import calibration_images, export_deployable, load_deployed  # noqa: E402
+from densedet.deploy import MissingExtraError, calibration_images, export_deployable, load_deployed  # noqa: E402
+from densedet.deploy.common import require  # noqa: E402
 from densedet.deploy.quantize import cpu_has_vnni  # noqa: E402
 
 # (backend, format, precision): "int8" quantizes the whole body (the default of densedet export --int8),
@@ -184,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        for module in ("onnx", "onnxruntime", "openvino", "nncf"):
+            require(module, "benchmarks/deploy.py")
+    except MissingExtraError as err:
+        print(err, file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="densedet-deploy-bench-") as tmp:
