@@ -137,7 +137,7 @@ class OnnxDetector(nn.Module):
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m = self.model
-        outputs = m.head_outputs(m.features(images))
+        outputs = m.head_outputs(m.features(m.network_layout(images)))
         candidates = m.decode(outputs, list(self.anchors.split(self.level_sizes)), image_sizes)
         boxes, scores, labels, keep = candidates
         # per-class score planes [B, K, N]: a candidate scores only in its own class's plane

@@ -636,7 +636,8 @@ def test_predict_dataset_with_tta_returns_the_tta_detections(tiny_config, restor
 
 def test_load_split_reads_the_digit_tune_split_and_refuses_it_elsewhere(tmp_path, tiny_config):
     """``tune`` is the digit scenes held out for choosing test-time settings: its own scenes, of
-    data.num_tune; other formats have no such split and say so, as does num_tune 0."""
+    data.num_tune; other formats have one only when data.tune_fraction carves it from data.train, and
+    say so, as does num_tune 0."""
     from densedet.config import DataConfig
     data = DataConfig(format="digits", root=str(tmp_path / "digits"), num_train=1, num_val=1, num_tune=2)
     tune, val = load_split(data, "tune"), load_split(data, "val")
@@ -645,7 +646,7 @@ def test_load_split_reads_the_digit_tune_split_and_refuses_it_elsewhere(tmp_path
     data.num_tune = 0
     with pytest.raises(ConfigError, match="data.num_tune"):
         load_split(data, "tune")
-    with pytest.raises(ConfigError, match="digits only"):
+    with pytest.raises(ConfigError, match="no tune split: set data.tune_fraction"):
         load_split(tiny_config().data, "tune")
 
 

@@ -202,9 +202,6 @@ class DenseDetector(nn.Module):
             check_targets(targets, len(images), self.num_classes)
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, image_sizes, targets = self.preprocessor(images, targets, min_size=min_size)
-        if (self.inference_channels_last and not self.training and not torch.is_grad_enabled()
-                and batch.device.type == "cpu"):
-            batch = batch.contiguous(memory_format=torch.channels_last)
         outputs, anchors = self.dense_forward(batch)
         if self.training:
             return self.losses(outputs, anchors, targets)
@@ -213,9 +210,17 @@ class DenseDetector(nn.Module):
 
     def dense_forward(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         """``batch [B, 3, Hp, Wp]`` → (:meth:`head_outputs`, per-level :meth:`anchors`)."""
-        features = self.features(batch)
+        features = self.features(self.network_layout(batch))
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         return self.head_outputs(features), self.anchors(tuple(batch.shape[-2:]), sizes, batch.device)
+
+    def network_layout(self, batch: Tensor) -> Tensor:
+        """``batch`` in the memory layout the network runs fastest in: channels_last for detection on
+        a CPU with gradients off (:attr:`inference_channels_last`), as it is otherwise."""
+        if (self.inference_channels_last and not self.training and not torch.is_grad_enabled()
+                and batch.device.type == "cpu" and not torch.jit.is_tracing()):
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
 
     def grid_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Feature map sizes for a padded input, without running the network: every stride-2
