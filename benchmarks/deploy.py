@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_torchvision import CLS_BIAS, cpu_line, densedet_model, images, torchvision_model  # noqa: E402
+from vs_torchvision import calibrate_scores, cpu_line, densedet_model, images, torchvision_model  # noqa: E402
 
 from densedet.deploy import MissingExtraError, calibration_images, export_deployable, load_deployed  # noqa: E402
 from densedet.deploy.common import require  # noqa: E402
@@ -130,11 +130,7 @@ def _seeded_densedet_r50():
     from densedet.models import build_model
     torch.manual_seed(0)
     model = build_model("retinanet_r50_fpn_torchvision", min_size=512, max_size=512)
-    with torch.no_grad():
-        cls = model.head.classification_head.cls_logits
-        cls.weight.normal_(0, 0.05)
-        cls.bias.fill_(CLS_BIAS)
-    return model.eval()
+    return calibrate_scores(model.eval(), images(512, 512, 1))
 
 
 def speed(rounds: int, iters: int, tmp: Path) -> None:
