@@ -336,7 +336,8 @@ def training_windows(max_side_px: float, median_px: float, image_short_px: float
     floor = max(MIN_WINDOW, 32 * math.ceil(2 * median_px / 32))
     model_px = sorted({largest} | {w for w in (32 * round(f * largest / 32) for f in (0.6, 0.4)) if w >= floor})
     windows = sorted({max(16, int(round(w / upscale))) for w in model_px})
-    return windows, (f"objects are small against the {image_short_px:.0f} px image: windows of {model_px} px "
+    scale = "" if upscale == 1 else f" ({windows} px of the original images, cut before the {upscale:.2f}x upscale)"
+    return windows, (f"objects are small against the {image_short_px:.0f} px image: windows of {model_px} px{scale} "
                      f"centred on objects (the largest holds the p98 object, {max_side_px:.0f} px, with margin)")
 
 
