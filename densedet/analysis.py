@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .boxes import box_iou
 from .config import Config, ConfigError, ModelConfig, with_model_options
-from .data import DatasetError, DetectionData, image_size
+from .data import DetectionData, record_size
 from .engine.data import load_split  # re-exported: analysis needs the same splits as training
 from .matching import BACKGROUND, IGNORE, PaddedTargets, pad_targets
 from .models import build_from_config
@@ -48,17 +48,6 @@ SIZE_BINS: tuple[float, ...] = (0.0, 16.0, 32.0, 64.0, 96.0, 128.0, 256.0, 512.0
 
 
 # -- data ----------------------------------------------------------------------------------------
-
-def _record_size(record, source: str) -> tuple[int, int]:
-    """(height, width) of a record, from the annotations or else the image header."""
-    if record.height is not None and record.width is not None:
-        return int(record.height), int(record.width)
-    size = image_size(record.file_name)
-    if size is None:
-        raise DatasetError(f"{source}: image {record.file_name!r} (id {record.image_id}) has no width/height in "
-                           f"the annotations and its file cannot be read")
-    return int(size[0]), int(size[1])
-
 
 def _quantiles(values: np.ndarray, qs: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)) -> dict[str, float]:
     if values.size == 0:
@@ -157,7 +146,7 @@ def prepare_images(data: DetectionData, preprocessor, indices: Sequence[int] | N
     out = []
     for i in (range(len(data.records)) if indices is None else indices):
         record = data.records[i]
-        h, w = _record_size(record, data.source)
+        h, w = record_size(record, data.source)
         nh, nw = resized_image_size(preprocessor, h, w)
         ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float32)
         boxes = torch.from_numpy(record.boxes).float() * ratio

@@ -46,16 +46,15 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-import copy
-
 from .config import Config, from_dict, to_dict, validate
-from .data import DatasetError, DetectionData, image_size
+from .data import DetectionData, record_size
 from .errors import UsageError
 from .models import PRESETS
 
@@ -97,7 +96,7 @@ class DataSummary:
     @classmethod
     def from_data(cls, train: DetectionData, evaluation: DetectionData | None = None) -> "DataSummary":
         """From the training split and the split evaluated on (``None``: the training split)."""
-        hw = np.array([_hw(r) for r in train.records], dtype=np.float64).reshape(-1, 2)
+        hw = np.array([record_size(r, train.source) for r in train.records], dtype=np.float64).reshape(-1, 2)
         boxes, owner, labels = [], [], []
         for i, r in enumerate(train.records):
             keep = ~r.iscrowd
@@ -109,7 +108,7 @@ class DataSummary:
                    np.concatenate(boxes).astype(np.float64) if boxes else np.zeros((0, 4)),
                    np.concatenate(owner).astype(np.int64) if owner else np.zeros(0, np.int64),
                    np.concatenate(labels) if labels else np.zeros(0, np.int64),
-                   np.array([_hw(r) for r in ev.records], dtype=np.float64).reshape(-1, 2),
+                   np.array([record_size(r, ev.source) for r in ev.records], dtype=np.float64).reshape(-1, 2),
                    np.array([int((~r.iscrowd).sum()) for r in ev.records]),
                    sum(1 for r in train.records if len(r) == 0))
 
@@ -117,15 +116,6 @@ class DataSummary:
     def box_sizes(self) -> np.ndarray:
         wh = self.boxes[:, 2:] - self.boxes[:, :2]
         return np.sqrt(wh[:, 0] * wh[:, 1])
-
-
-def _hw(record) -> tuple[int, int]:
-    if record.height is not None and record.width is not None:
-        return int(record.height), int(record.width)
-    size = image_size(record.file_name)
-    if size is None:
-        raise DatasetError(f"{record.file_name}: no width/height in the annotations and the image cannot be read")
-    return int(size[0]), int(size[1])
 
 
 @dataclass

@@ -19,7 +19,6 @@ import torch
 
 from densedet.cli import main
 from densedet.config import to_dict
-from densedet.data import load_coco, load_image
 from densedet.deploy import (DeployError, DeployFileError, MissingExtraError, export_deployable, load_deployed,
                              read_sidecar)
 from densedet.deploy.quantize import body_and_head_outputs, cpu_has_vnni
@@ -35,16 +34,10 @@ openvino = pytest.importorskip("openvino", reason="openvino not installed (pip i
 pytest.importorskip("nncf", reason="nncf not installed (pip install 'densedet[deploy]')")
 
 from test_export import _calibrate_retinanet, _match, _spread_scores  # noqa: E402
+from test_main_paths_export import _images  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FP32_FILES = {"onnxruntime": "fp32.onnx", "openvino": "fp32.xml"}
-
-
-def _images(digit_scenes) -> list[torch.Tensor]:
-    """Two 128 px validation scenes and a 128x96 crop of one ("fit" pads it on the right)."""
-    data = load_coco(digit_scenes["val_json"], digit_scenes["val_images"])
-    scenes = [load_image(r.file_name).float() / 255 for r in data.records[:2]]
-    return scenes + [scenes[1][:, :, :96].contiguous()]
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,8 @@ __all__ = ["conv_norm", "ConvNorm", "folded_weights", "is_constant_norm"]
 
 def is_constant_norm(norm: nn.Module) -> bool:
     """Whether ``norm`` is a fixed per-channel affine map: a frozen BatchNorm, or a BatchNorm in
-    eval mode that tracks running statistics."""
-    from .resnet import FrozenBatchNorm2d
-    if isinstance(norm, FrozenBatchNorm2d):
+    eval mode that tracks running statistics (a norm class says it is frozen by ``is_constant = True``)."""
+    if getattr(norm, "is_constant", False):
         return True
     return (isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats
             and norm.running_mean is not None)

@@ -39,6 +39,8 @@ class FrozenBatchNorm2d(nn.Module):
     ``FrozenBatchNorm2d`` so its checkpoints load unchanged. ``eps`` is 1e-5 as torchvision's.
     """
 
+    is_constant = True      # a fixed affine map: folded into the conv before it at inference (folding.py)
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps

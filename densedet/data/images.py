@@ -62,6 +62,18 @@ def load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(chw)
 
 
+def record_size(record, source: str = "") -> tuple[int, int]:
+    """(height, width) of an image record: from the annotations, else from the image file's header.
+    A record with neither is a :class:`DatasetError` naming ``source`` and the file."""
+    if record.height is not None and record.width is not None:
+        return int(record.height), int(record.width)
+    size = image_size(record.file_name)
+    if size is None:
+        raise DatasetError(f"{source + ': ' if source else ''}image {record.file_name!r} (id {record.image_id}) "
+                           f"has no width/height in the annotations and its file cannot be read")
+    return int(size[0]), int(size[1])
+
+
 def image_size(path: str) -> tuple[int, int] | None:
     """(height, width) of an image file after EXIF rotation, reading only its header.
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..boxes import box_iou
 from ..config import Config
-from ..data import DetectionDataset, image_size
+from ..data import DetectionDataset, record_size
 from ..data.records import DetectionData
 from ..device import autocast as autocast_context
 from ..device import fused_adam_ok
@@ -124,7 +124,7 @@ def background_windows(g: torch.Generator, count: int, data: DetectionData, side
     windows = torch.zeros(count, 4)
     for n, i in enumerate(images.tolist()):
         record = data.records[i]
-        height, width = _image_hw(record)
+        height, width = record_size(record, data.source)
         boxes = torch.from_numpy(record.boxes).float()
         for _ in range(BACKGROUND_TRIES):
             side = float(sides[int(torch.randint(len(sides), (), generator=g))])
@@ -135,16 +135,6 @@ def background_windows(g: torch.Generator, count: int, data: DetectionData, side
             if not len(boxes) or float(box_iou(windows[n:n + 1], boxes).max()) < BACKGROUND_MAX_IOU:
                 break
     return images, windows
-
-
-def _image_hw(record) -> tuple[int, int]:
-    if record.height is not None and record.width is not None:
-        return int(record.height), int(record.width)
-    size = image_size(record.file_name)
-    if size is None:
-        raise ValueError(f"{record.file_name}: cannot read the image size for background crops")
-    record.height, record.width = int(size[0]), int(size[1])
-    return record.height, record.width
 
 
 def _crop_batch(g: torch.Generator, items: tuple[Tensor, Tensor, Tensor], load_image: Callable[[int], Tensor],
