@@ -160,6 +160,18 @@ def test_the_first_step_is_not_part_of_the_speed():
     assert "1.00 s/iteration" in line
 
 
+def test_the_speed_is_the_steady_state_after_the_slow_first_steps():
+    """The first 20 steps take 0.5 s, the rest 0.2 s (kernel choices, warm caches): the window
+    spans 3% of the 10 minutes and its second half gives 0.2 s, so the run spends its budget
+    instead of ending minutes early as a fit on steps 2-11 (0.5 s/step) did."""
+    clock = FakeClock()
+    budget = TimeBudget(minutes=10.0, max_iters=100_000, clock=clock)
+    lrs, plans, end, lines = simulate(budget, clock, lambda i: 0.5 if i < 20 else 0.2, cosine())
+    assert lines and "0.20 s/iteration" in lines[0]
+    assert 0.97 * 600 <= budget.spent <= 600 and end == budget.max_iters
+    assert len(set(plans)) == 2 and all(b <= a for a, b in zip(lrs, lrs[1:]))
+
+
 def test_the_fit_never_exceeds_the_configured_count():
     clock = FakeClock()
     budget = TimeBudget(minutes=10.0, max_iters=50, clock=clock)
