@@ -482,6 +482,8 @@ def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
     rows += optimisation(o, arch, k, batch)
     rows.append(Derived("data.hflip_prob", 0.5 if o.flip else 0.0,
                         "horizontal flips (off with --no-flip)" if o.flip else "--no-flip"))
+    rows.append(Derived("data.photometric", True, "random brightness, contrast, saturation and hue (SSD's): "
+                        "light and colour differ between photos, sites and cameras"))
     rows += detections_per_image(s)
     return rows
 

@@ -132,6 +132,24 @@ def test_batch_stream_flips_are_seeded_per_sample(tiny_config):
     assert 0 < flipped < 16
 
 
+def test_photometric_distortion_is_seeded_per_sample_and_keeps_the_boxes(tiny_config):
+    """data.photometric: sample k's colours change, the same in every stream; its boxes do not."""
+    cfg = tiny_config()
+    cfg.data.photometric, cfg.data.hflip_prob = True, 0.0
+    data = load_split(cfg.data, "train")
+    stream, again = (BatchStream(build_train_dataset(cfg, data), 2, seed=0) for _ in range(2))
+    plain = build_train_dataset(cfg, data)
+    plain.transforms = None
+    changed = 0
+    for k in range(8):
+        (image, target), (image2, _) = stream.sample(k), again.sample(k)
+        original, original_target = plain[stream._index(k)]
+        assert torch.equal(image, image2) and torch.equal(target["boxes"], original_target["boxes"])
+        assert image.shape == original.shape and 0 <= float(image.min()) and float(image.max()) <= 1
+        changed += not torch.equal(image, original)
+    assert changed >= 6                                  # 1 - 0.5^4: almost every sample is distorted
+
+
 def test_batch_stream_crops_are_seeded_per_sample_windows_of_the_image(tiny_config):
     """data.crop_size: sample k is the same window whatever stream draws it, cut from the image."""
     cfg = tiny_config()

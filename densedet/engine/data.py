@@ -15,7 +15,7 @@ import random
 import torch
 
 from ..config import Config, ConfigError, DataConfig
-from ..data.ssd_augment import SSDAugmentation
+from ..data.ssd_augment import PhotometricDistort, SSDAugmentation
 from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop,
                     TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
 from ..data.split import split_by_image
@@ -112,7 +112,7 @@ def _read(data: DataConfig, split: str) -> DetectionData:
 
 
 def build_train_dataset(cfg: Config, data: DetectionData):
-    """The training dataset with its augmentation (flip, multi-scale; SSD's for RefineDet)."""
+    """The training dataset with its augmentation (flip, windows, photometric, multi-scale; SSD's for RefineDet)."""
     d = cfg.data
     transforms = []
     if d.augment == "ssd":
@@ -125,6 +125,8 @@ def build_train_dataset(cfg: Config, data: DetectionData):
         if d.crop_size > 0 or d.crop_sizes:
             # With data.crop_sizes the stream sets the window size of each batch (BatchStream).
             transforms.append(RandomObjectCrop(d.crop_size or max(d.crop_sizes), d.crop_min_visibility))
+        if d.photometric:
+            transforms.append(PhotometricDistort())     # after the crop: on the window's pixels only
     transform = Compose(transforms) if transforms else None
     if d.tile_size > 0:
         return TiledDataset(data, d.tile_size, d.tile_overlap, transforms=transform,
