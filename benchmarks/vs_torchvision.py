@@ -92,8 +92,6 @@ def calibrate_scores(model, sample: list[torch.Tensor]):
         cls.weight.div_(float(z.std()))
         cls.bias.fill_(CLS_MEAN - float(z.mean() / z.std()))
     return model
-    model.transform.min_size, model.transform.max_size = (min(height, width),), max(height, width)
-    return model.eval()
 
 
 def densedet_model(depth: int, height: int, width: int, state_dict: dict):
@@ -116,8 +114,8 @@ def images(height: int, width: int, batch: int) -> list[torch.Tensor]:
     return [torch.rand(3, height, width, generator=gen) for _ in range(batch)]
 
 
-def worker(row: str, mode: str, weights: str, iters: int) -> dict:
-    """Build one mode's model, warm up, time ``iters`` calls; the median in ms."""
+def worker(row: str, mode: str, weights: str, iters: int, warmup: int) -> dict:
+    """Build one mode's model, make ``warmup`` untimed calls, time ``iters`` calls; the median in ms."""
     from densedet.device import autocast, cpu_has_fast_bf16
     from densedet.export import optimize_for_inference
     torch.set_num_threads(THREADS)
@@ -139,7 +137,8 @@ def worker(row: str, mode: str, weights: str, iters: int) -> dict:
     def call():
         with torch.inference_mode(), autocast(torch.device("cpu"), torch.bfloat16 if bf16 else None):
             return model(inputs)
-    out = call()
+    for _ in range(warmup):   # oneDNN creates its kernels per shape and dtype on the first calls
+        out = call()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -193,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=3, help="timed calls per process (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per process first")
     parser.add_argument("--layout", action="store_true", help="also time densedet's default in NCHW")
     parser.add_argument("--worker", nargs=3, metavar=("ROW", "MODE", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.iters)))
+        print(json.dumps(worker(*args.worker, args.iters, max(1, args.warmup))))
         return 0
     import torchvision
     from densedet.device import cpu_has_fast_bf16
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
              (["tv_bf16", "dd_bf16"] if cpu_has_fast_bf16() else []))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {THREADS} threads")
     print(f"CPU: {cpu_line()}")
-    print(f"modes: {', '.join(modes)}; {args.rounds} rounds, each mode a fresh process, median of "
-          f"{args.iters} calls per process, median over rounds\n")
+    print(f"modes: {', '.join(modes)}; {args.rounds} rounds, each mode a fresh process, {args.warmup} "
+          f"untimed calls then the median of {args.iters} per process, median over rounds\n")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for row in args.rows:
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for mode in modes:
                     out = subprocess.run([sys.executable, __file__, "--worker", row, mode, weights,
-                                          "--iters", str(args.iters)], capture_output=True, text=True)
+                                          "--iters", str(args.iters), "--warmup", str(args.warmup)],
+                                         capture_output=True, text=True)
                     if out.returncode != 0:
                         raise SystemExit(f"{row} {mode} failed:\n{out.stderr[-3000:]}")
                     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -436,7 +436,9 @@ def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
                             for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
         up = 1.0
     boxes = _model_boxes(s, factors)
-    stored_ratios = ratios if arch == "retinanet" else sorted(1.0 / r for r in ratios)
+    # RefineDet's are w/h in Caffe's order (1, 2, 1/2, then wider pairs): its default warns on any other
+    stored_ratios = ratios if arch == "retinanet" else sorted((1.0 / r for r in ratios),
+                                                              key=lambda r: (abs(math.log(r)), r < 1))
     rows.append(Derived("model.aspect_ratios", stored_ratios, ratio_why +
                         ("" if arch == "retinanet" else " (RefineDet's are w/h)")))
     _, anchor_rows = choose_anchors(boxes, arch, ratios)

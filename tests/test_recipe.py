@@ -194,6 +194,7 @@ def test_derived_values_make_a_valid_config(model):
     assert cfg.model.num_classes == 2 and cfg.model.arch == model.split("_")[0].rstrip("0123456789")
     if cfg.model.arch == "refinedet":
         assert cfg.model.refinedet.image_size == 320 and len(cfg.model.anchor_sizes) == 4
+        assert cfg.model.aspect_ratios == [1.0, 2.0, 0.5]          # Caffe's w/h in Caffe's order: no warning
 
 
 # -- format detection ---------------------------------------------------------------------------------
