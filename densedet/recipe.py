@@ -60,7 +60,7 @@ from .models import PRESETS
 
 __all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "recipe_config", "format_table", "parse_model_name",
            "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "tiling", "training_windows",
-           "batch_size_for", "holdout", "optimisation", "detections_per_image"]
+           "batch_size_for", "holdout", "optimisation", "augmentation", "detections_per_image"]
 
 MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
 MAX_UPSCALE = 2.0
