@@ -114,7 +114,7 @@ def images(height: int, width: int, batch: int) -> list[torch.Tensor]:
     return [torch.rand(3, height, width, generator=gen) for _ in range(batch)]
 
 
-def worker(row: str, mode: str, weights: str, iters: int, warmup: int) -> dict:
+def worker(row: str, mode: str, weights: str, iters: int, warmup: int, profile: bool = False) -> dict:
     """Build one mode's model, make ``warmup`` untimed calls, time ``iters`` calls; the median in ms."""
     from densedet.device import autocast, cpu_has_fast_bf16
     from densedet.export import optimize_for_inference
@@ -144,7 +144,14 @@ def worker(row: str, mode: str, weights: str, iters: int, warmup: int) -> dict:
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return {"ms": 1000 * statistics.median(times), "detections": [len(o["boxes"]) for o in out]}
+    result = {"ms": 1000 * statistics.median(times), "detections": [len(o["boxes"]) for o in out]}
+    if profile:   # one more warm call under torch.profiler: how much of it the convolutions take
+        with torch.profiler.profile() as prof:
+            call()
+        events = prof.key_averages()
+        result["total_ms"] = sum(e.self_cpu_time_total for e in events) / 1000
+        result["conv_ms"] = sum(e.self_cpu_time_total for e in events if "conv" in e.key) / 1000
+    return result
 
 
 def check_same_detections(row: str, weights: str) -> str:
@@ -193,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=3, help="timed calls per process (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per process first")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one warm call per process: the convolutions' share of its time")
     parser.add_argument("--layout", action="store_true", help="also time densedet's default in NCHW")
     parser.add_argument("--worker", nargs=3, metavar=("ROW", "MODE", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.iters, max(1, args.warmup))))
+        print(json.dumps(worker(*args.worker, args.iters, max(1, args.warmup), args.profile)))
         return 0
     import torchvision
     from densedet.device import cpu_has_fast_bf16
@@ -215,18 +224,27 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(torchvision_model(depth, height, width).state_dict(), weights)
             print(f"{row}: {check_same_detections(row, weights)}", flush=True)
             times = {m: [] for m in modes}
+            shares = {m: [] for m in modes}
             detections = None
             for _ in range(args.rounds):
                 for mode in modes:
                     out = subprocess.run([sys.executable, __file__, "--worker", row, mode, weights,
-                                          "--iters", str(args.iters), "--warmup", str(args.warmup)],
+                                          "--iters", str(args.iters), "--warmup", str(args.warmup)]
+                                         + (["--profile"] if args.profile else []),
                                          capture_output=True, text=True)
                     if out.returncode != 0:
                         raise SystemExit(f"{row} {mode} failed:\n{out.stderr[-3000:]}")
                     result = json.loads(out.stdout.strip().splitlines()[-1])
                     times[mode].append(result["ms"])
+                    if "conv_ms" in result:
+                        shares[mode].append((result["conv_ms"], result["total_ms"]))
                     detections = detections or result["detections"]
             results[row] = ({m: statistics.median(v) for m, v in times.items()}, detections)
+            for mode, pairs in shares.items():
+                if pairs:
+                    conv, total = (statistics.median(x) for x in zip(*pairs))
+                    print(f"  {row} {mode}: convolutions {conv:.0f} of {total:.0f} ms profiled "
+                          f"({100 * conv / total:.0f}%)", flush=True)
     pairs = [("dd", "tv"), ("dd_best", "tv_best")] + ([("dd_bf16", "tv_bf16")] if "dd_bf16" in modes else [])
     print("\n| row | detections/img | " + " | ".join(f"{m} ms" for m in modes) + " | " +
           " | ".join(f"{b} / {a}" for a, b in [(d, t) for d, t in pairs]) + " | dd_best vs tv |")
