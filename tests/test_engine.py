@@ -218,16 +218,16 @@ def test_lr_factor_warmup_steps_and_cosine(tiny_config):
     cfg = tiny_config()
     s = cfg.solver
     s.warmup_iters, s.warmup_factor, s.steps, s.gamma = 10, 0.1, [20, 30], 0.5
-    assert lr_factor(0, 40, cfg) == pytest.approx(0.1)
-    assert lr_factor(5, 40, cfg) == pytest.approx(0.1 * 0.5 + 0.5)        # linear from 0.1 to 1
-    assert lr_factor(10, 40, cfg) == 1.0
-    assert lr_factor(19, 40, cfg) == 1.0
-    assert lr_factor(20, 40, cfg) == pytest.approx(0.5)
-    assert lr_factor(35, 40, cfg) == pytest.approx(0.25)
+    assert lr_factor(0, 0 / 40, cfg) == pytest.approx(0.1)
+    assert lr_factor(5, 5 / 40, cfg) == pytest.approx(0.1 * 0.5 + 0.5)        # linear from 0.1 to 1
+    assert lr_factor(10, 10 / 40, cfg) == 1.0
+    assert lr_factor(19, 19 / 40, cfg) == 1.0
+    assert lr_factor(20, 20 / 40, cfg) == pytest.approx(0.5)
+    assert lr_factor(35, 35 / 40, cfg) == pytest.approx(0.25)
     s.schedule, s.warmup_iters, s.min_lr_factor = "cosine", 0, 0.1
-    assert lr_factor(0, 40, cfg) == pytest.approx(1.0)
-    assert lr_factor(20, 40, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_factor(40, 40, cfg) == pytest.approx(0.1)
+    assert lr_factor(0, 0 / 40, cfg) == pytest.approx(1.0)
+    assert lr_factor(20, 20 / 40, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(40, 40 / 40, cfg) == pytest.approx(0.1)
 
 
 # -- determinism and resume -----------------------------------------------------------------------

@@ -110,7 +110,7 @@ def simulate(budget: TimeBudget, clock: FakeClock, step_seconds, cfg: Config, st
     """The trainer's loop around a budget: LR of each step, the max_iters it used, the end."""
     lrs, plans, iteration, lines = [], [], start, []
     while iteration < budget.max_iters:
-        lrs.append(lr_factor(iteration, budget.max_iters, cfg))
+        lrs.append(lr_factor(iteration, budget.progress(iteration), cfg))
         plans.append(budget.max_iters)
         with budget.timed():
             clock.advance(step_seconds(iteration))
@@ -122,24 +122,32 @@ def simulate(budget: TimeBudget, clock: FakeClock, step_seconds, cfg: Config, st
     return lrs, plans, iteration, lines
 
 
-def test_the_lr_never_moves_backwards_when_the_speed_changes_after_the_fit():
-    """Steps take 1 s, then 0.25 s from step 30 on: the old every-10-steps re-fit stretched
-    max_iters again and again and the cosine jumped back up; now the count is fitted once, the LR
-    after warm-up never rises, and the faster steps end the run early at the planned count."""
+def test_a_run_that_speeds_up_is_re_planned_with_the_lr_continuous_and_never_rising():
+    """Steps take 1 s, then 0.25 s from step 30 on. The first plan (1 s/step) ends at 59; a single
+    plan would end the run there, at 38 s of its 60. The re-plans stretch it to the budget, and
+    each continues the schedule's progress from where it stands: the LR never jumps up (the old
+    every-10-steps re-fit restarted the cosine at iteration / max_iters and did)."""
     clock = FakeClock()
     cfg = cosine(warmup=5)
     budget = TimeBudget(minutes=1.0, max_iters=10_000, clock=clock)
     lrs, plans, end, lines = simulate(budget, clock, lambda i: 1.0 if i < 30 else 0.25, cfg)
-    assert budget.fitted and lines == ["time budget 1 min: 1.00 s/iteration -> 59 iterations"]
-    assert sorted(set(plans)) == [59, 10_000]                    # the configured count, then one fit
+    assert lines[0] == "time budget 1 min: 1.00 s/iteration -> 59 iterations"
     assert plans.index(59) == 11                                 # after 1 + 10 measured steps
-    assert end == 59 and budget.spent < 60                       # faster than measured: ends at the plan
+    # 25% of the time at step 21 (1 s/step: the same 59, nothing said), 50% at step 31 (steps
+    # 21-30: nine of 1 s and one of 0.25 s), then 75% of the schedule at step 49 (0.25 s/step)
+    assert lines[1].startswith("time budget re-planned at iteration 31 (50% of the time")
+    assert lines[1].endswith("0.93 s/iteration -> 62 iterations")
+    assert lines[2].startswith("time budget re-planned at iteration 49")
+    assert lines[2].endswith("0.25 s/iteration -> 147 iterations") and len(lines) == 3
+    assert end == 147 and 0.98 * 60 <= budget.spent <= 60        # the budget spent, not 38 s of it
     after_warmup = lrs[5:]
     assert all(b <= a for a, b in zip(after_warmup, after_warmup[1:])), after_warmup
-    assert lrs[-1] < 0.01                                        # and reaches the end of the cosine
+    steps = [a - b for a, b in zip(after_warmup, after_warmup[1:])]
+    assert max(steps) < 0.05                                     # no jump down at a re-plan either
+    assert lrs[-1] < 0.001                                       # and the cosine reaches its end
 
 
-def test_a_slower_run_stops_on_time_with_the_plan_unchanged():
+def test_a_run_that_slows_down_too_soon_to_re_plan_stops_on_time():
     clock = FakeClock()
     budget = TimeBudget(minutes=0.5, max_iters=1000, clock=clock)
     lrs, plans, end, _ = simulate(budget, clock, lambda i: 1.0 if i < 11 else 3.0, cosine())
@@ -169,7 +177,7 @@ def test_the_speed_is_the_steady_state_after_the_slow_first_steps():
     lrs, plans, end, lines = simulate(budget, clock, lambda i: 0.5 if i < 20 else 0.2, cosine())
     assert lines and "0.20 s/iteration" in lines[0]
     assert 0.97 * 600 <= budget.spent <= 600 and end == budget.max_iters
-    assert len(set(plans)) == 2 and all(b <= a for a, b in zip(lrs, lrs[1:]))
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
 
 
 def test_the_fit_never_exceeds_the_configured_count():
@@ -189,12 +197,23 @@ def test_no_budget_is_a_fixed_count():
 
 def test_a_resumed_budget_keeps_its_plan_or_measures_again_when_it_had_none():
     clock = FakeClock()
-    fixed = TimeBudget(minutes=1.0, max_iters=40, spent=30.0, fitted=True, clock=clock)
-    lrs, plans, end, lines = simulate(fixed, clock, lambda i: 0.5, cosine(), start=25)
-    assert set(plans) == {40} and end == 40 and lines == []      # never re-fitted, however fast
-    assert fixed.state_dict() == {"max_iters": 40, "elapsed": 37.5, "plan_fitted": True}
+    # a checkpoint from before re-planning: its one plan stands, however fast the steps
+    old = TimeBudget(minutes=1.0, max_iters=1000, plan={"max_iters": 40, "elapsed": 30.0, "plan_fitted": True},
+                     clock=clock)
+    lrs, plans, end, lines = simulate(old, clock, lambda i: 0.5, cosine(), start=25)
+    assert set(plans) == {40} and end == 40 and lines == []
+    assert old.state_dict() == {"max_iters": 40, "elapsed": 37.5, "plan_fitted": True, "plan_anchor": [0, 0.0],
+                                "plan_replans": 3}
 
-    unfitted = TimeBudget(minutes=1.0, max_iters=1000, spent=30.0, fitted=False, clock=clock)
+    # a plan with re-plans left continues from its anchor, and its progress is the saved one
+    plan = {"max_iters": 100, "elapsed": 20.0, "plan_fitted": True, "plan_anchor": [20, 0.2], "plan_replans": 1}
+    resumed = TimeBudget(minutes=1.0, max_iters=1000, plan=plan, clock=clock)
+    assert resumed.progress(60) == pytest.approx(0.2 + 0.8 * 40 / 80) and resumed.cap == 1000
+    _, plans, end, lines = simulate(resumed, clock, lambda i: 0.5, cosine(), start=30)
+    assert plans[0] == 100 and len(lines) >= 1 and end > 100     # faster than planned: re-planned longer
+
+    unfitted = TimeBudget(minutes=1.0, max_iters=1000, plan={"max_iters": 1000, "elapsed": 30.0,
+                                                             "plan_fitted": False}, clock=clock)
     _, plans, end, lines = simulate(unfitted, clock, lambda i: 1.0, cosine(), start=5)
     assert len(lines) == 1 and plans[:11] == [1000] * 11       # measured again: 1 + 10 steps of this process
     assert plans[11] == end == 16 + int((60 - 41) * 0.98)      # then fitted to the 19 s left
@@ -272,12 +291,14 @@ def test_last_pt_holds_what_a_resume_needs_and_restores_it(tmp_path):
     checkpoints = toy_checkpointer(tmp_path)
     assert checkpoints.describe_last().startswith("No checkpoint was written yet")
     state = RunState(iteration=8, best_ap=0.3, skipped_steps=1, pretrain={"seconds": 2.0})
-    budget = TimeBudget(1.0, 40, spent=12.5, fitted=True)
+    budget = TimeBudget(1.0, 1000, plan={"max_iters": 40, "elapsed": 12.5, "plan_fitted": True,
+                                         "plan_anchor": [5, 0.1], "plan_replans": 1})
     ema = ModelEMA(model, 0.9)
     checkpoints.save_last(model, optimizer, state, budget, ema)
     assert checkpoints.describe_last() == f"The last good checkpoint is {tmp_path / 'last.pt'} (iteration 8)"
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert (ckpt["iteration"], ckpt["max_iters"], ckpt["elapsed"], ckpt["plan_fitted"]) == (8, 40, 12.5, True)
+    assert (ckpt["plan_anchor"], ckpt["plan_replans"]) == ([5, 0.1], 1)
     assert ckpt["class_names"] == ["a", "b"] and ckpt["ema"]["decay"] == 0.9 and "rng" in ckpt
     assert RunState.from_checkpoint(ckpt) == state
 

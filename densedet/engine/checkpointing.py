@@ -4,10 +4,10 @@ how ``--resume`` takes ``last.pt`` back.
 Every file is written with :func:`~densedet.engine.checkpoint.atomic_save` (never half a file)
 and holds the config, class names and category ids, so ``--weights FILE`` alone rebuilds the
 model. ``last.pt`` also holds what continues the run bit for bit: the optimizer, the RNG states,
-the iteration, the time budget's plan (``max_iters``, ``elapsed``, ``plan_fitted``), the best AP so
-far, the skipped steps, the warm-up's statistics and the weight average. ``model_best.pt`` holds the
-weights of the best periodic evaluation (the average when there is one); ``model_final.pt`` the
-final weights (the average when there is one), without optimizer or RNG states.
+the iteration, the time budget's plan (``max_iters``, ``elapsed``, ``plan_fitted``, ``plan_anchor``,
+``plan_replans``), the best AP so far, the skipped steps, the warm-up's statistics and the weight
+average. ``model_best.pt`` holds the weights of the best periodic evaluation (the average when
+there is one); ``model_final.pt`` the final weights (the average when there is one), without optimizer or RNG states.
 """
 
 from __future__ import annotations

@@ -15,15 +15,16 @@ Guarantees:
   ``output_dir/last.pt``; batches and augmentation are functions of the iteration
   (``engine.data.BatchStream``), so the resumed run continues as if never stopped (bit for bit
   with a fixed ``max_iters`` and the same thread count; a time-budgeted run continues the same
-  plan, its ``max_iters`` saved in the checkpoint, and spends the budget left);
+  plan, saved in the checkpoint, and spends the budget left);
 - a worker group that torchrun restarts (``--max-restarts``: a worker was killed) resumes by itself:
   when ``TORCHELASTIC_RESTART_COUNT`` > 0 and ``output_dir/last.pt`` exists, ``train`` behaves as
   ``resume=True`` (rank 0 decides and tells the others, so all read the same last.pt, which only
   rank 0 writes); without a last.pt yet it starts from scratch, as the first attempt did (the
   restarted group meets under a store prefix of its own: ``distributed.init_distributed``);
-- under a time budget the learning rate never moves backwards: the iteration count is fitted once,
-  after a calibration window, never above ``train.max_iters``, and the run stops on time if it must
-  (the rule: ``budget.TimeBudget``);
+- under a time budget the learning rate never jumps and never moves backwards: the iteration count
+  is planned after a calibration window and again as the speed drifts, never above
+  ``train.max_iters``, each plan continuing the schedule from where it stands, and the run stops on
+  time if it must (the rule: ``budget.TimeBudget``);
 - a non-finite loss or gradient never reaches the weights: the step is skipped and counted, and
   ``train.max_bad_steps`` in a row stop the run with the last good checkpoint intact; with several
   processes all agree to skip, before backward (DDP reduces gradients inside it);
@@ -95,11 +96,12 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=s.lr, fused=fused_adam_ok(decay + no_decay))
 
 
-def lr_factor(iteration: int, max_iters: int, cfg: Config) -> float:
-    """Multiplier of the base LR: linear warm-up from ``warmup_factor``, then steps or cosine."""
+def lr_factor(iteration: int, progress: float, cfg: Config) -> float:
+    """Multiplier of the base LR: linear warm-up from ``warmup_factor`` over the first iterations, then
+    steps (at iterations) or a cosine over the schedule's ``progress`` (0 to 1: ``TimeBudget.progress``)."""
     s = cfg.solver
     if s.schedule == "cosine":
-        progress = min(1.0, iteration / max(1, max_iters))
+        progress = min(1.0, progress)
         factor = s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     else:
         factor = s.gamma ** sum(iteration >= step for step in s.steps)
@@ -209,7 +211,7 @@ def _train_one_iteration(run: _Run) -> None:
     """Set the LR, take iteration ``run.state.iteration``'s batch and step on it (timed), count a skip."""
     iteration, cfg = run.state.iteration, run.cfg
     for group in run.step.optimizer.param_groups:
-        group["lr"] = cfg.solver.lr * lr_factor(iteration, run.budget.max_iters, cfg)
+        group["lr"] = cfg.solver.lr * lr_factor(iteration, run.budget.progress(iteration), cfg)
     # Multi-scale: one shorter side for the whole batch, a function of the iteration alone
     # (the same on every process and after a resume).
     min_size = run.stream.min_size(iteration, cfg.data.train_min_sizes) if cfg.data.train_min_sizes else None
@@ -312,7 +314,7 @@ def _prepare(cfg: Config, resume: bool, log: Callable[[str], None], init_weights
             say(f"restarted by torchrun (restart {restart}): resuming from {checkpoints.last_path} "
                 f"at iteration {saved['iteration']}")
         state = RunState.from_checkpoint(saved)
-        budget = new_budget(saved["max_iters"], spent=saved.get("elapsed", 0.0), fitted=saved.get("plan_fitted", True))
+        budget = new_budget(cfg.train.max_iters, plan=saved)
         metrics_log.start(resumed_at=state.iteration)
     else:
         saved, state, budget = {}, RunState(), new_budget(cfg.train.max_iters)
