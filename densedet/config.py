@@ -472,8 +472,8 @@ def _train_checks(cfg: Config) -> list[Check]:
          f"must be -1 (auto) or a share in [0, 1), got {t.pretrain_background}"),
     ]
     if t.pretrain_minutes > 0 or t.pretrain_iters > 0:
-        checks.append((m.arch == "retinanet", "train.pretrain_minutes",
-                       "the box-crop warm-up is implemented for RetinaNet's ResNet trunk only"))
+        checks.append((m.backbone.startswith("resnet"), "train.pretrain_minutes",
+                       f"the box-crop warm-up needs a ResNet trunk, model.backbone is {m.backbone}"))
         checks.append((t.max_minutes <= 0 or t.pretrain_minutes < t.max_minutes, "train.pretrain_minutes",
                        f"({t.pretrain_minutes}) must leave part of train.max_minutes ({t.max_minutes}) for detection"))
     return checks

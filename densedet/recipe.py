@@ -34,7 +34,8 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
   256 and 4.
 - **from random weights**: the demo's measured recipe: trainable BatchNorm, a GroupNorm head,
   AdamW 2e-3 with cosine decay, focal gamma 1 for budgets up to ``SHORT_BUDGET_MIN`` minutes (2,
-  the paper's, beyond), class cross-entropy 0.5 with two classes or more, and (RetinaNet) a box-crop
+  the paper's, beyond), class cross-entropy 0.5 with two classes or more, and (any ResNet trunk,
+  RetinaNet's or RefineDet's) a box-crop
   warm-up of the trunk for 15% of the budget at 3x the rate, then the stem and layer1 frozen. With
   one class the warm-up adds background crops as a second class (``train.pretrain_background``).
 - **from pretrained weights** (``--weights``): an ImageNet trunk gets the paper's fine-tuning
@@ -361,6 +362,7 @@ def optimisation(o: RecipeOptions, arch: str, num_classes: int, batch: int) -> l
                      Derived("model.retinanet.class_ce_weight", 0.5 if num_classes > 1 else 0.0,
                              "teaches the classes apart early (demo)" if num_classes > 1
                              else "one class: nothing to tell apart")]
+        if parse_model_name(o.model)[1].startswith("resnet"):
             warm = round(0.15 * o.minutes, 4)
             rows += [Derived("train.pretrain_minutes", warm, "15% of the budget teaches the trunk the objects on "
                              "box crops first (the demo's ~1.5 of 10 min)"),

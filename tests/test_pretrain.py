@@ -184,3 +184,48 @@ def test_warm_up_at_its_own_rate_then_frozen_stages_keep_its_weights_and_statist
     assert _resume_to(cfg, 3)["iterations"] == 3      # a third step, resumed: frozen again
     body = body_after_training()
     assert all(torch.equal(body[k], warmed[k]) for k in early)
+
+
+def test_refinedet_with_a_resnet_trunk_warms_up_and_keeps_its_frozen_stages(
+        make_tiny_config, tmp_path, restore_torch_globals, monkeypatch):
+    """The warm-up works on any ResNet trunk: RefineDet R18's ``backbone.body`` learns on the crops,
+    then its stem and layer1 stay as the warm-up left them while the rest trains."""
+    import copy
+
+    import densedet.engine.pretrain as pretrain_module
+    from densedet.models import PRESETS
+    cfg = make_tiny_config(tmp_path / "run")
+    cfg.model = copy.deepcopy(PRESETS["refinedet320_vgg16"])
+    m = cfg.model
+    m.backbone, m.num_classes, m.norm, m.frozen_stages = "resnet18", 10, "bn", 0
+    m.refinedet.image_size, m.refinedet.tcb_channels = 128, 32
+    m.anchor_sizes = [16.0, 32.0, 64.0, 128.0]
+    cfg.data.train_min_sizes = []
+    cfg.train.pretrain_iters, cfg.train.pretrain_batch_size, cfg.train.max_iters = 3, 8, 2
+    cfg.train.pretrain_freeze_stages = 2
+    real, warmed = pretrain_module.pretrain_backbone, {}
+
+    def spy(trunk, *args, **kwargs):
+        before = {k: v.clone() for k, v in trunk.state_dict().items()}
+        stats = real(trunk, *args, **kwargs)
+        warmed.update({k: v.clone() for k, v in trunk.state_dict().items()})
+        assert not torch.equal(before["layer2.0.conv1.weight"], warmed["layer2.0.conv1.weight"])
+        return stats
+
+    monkeypatch.setattr(pretrain_module, "pretrain_backbone", spy)
+    summary = train(cfg, log=lambda _: None)
+    assert summary["pretrain"]["iterations"] == 3 and summary["iterations"] == 2
+    state = load_checkpoint(Path(cfg.train.output_dir) / "model_final.pt")["model"]
+    body = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
+    early = [k for k in body if k.startswith(("conv1.", "bn1.", "layer1."))]
+    assert len(early) > 20 and all(torch.equal(body[k], warmed[k]) for k in early)
+    assert not torch.equal(body["layer3.0.conv1.weight"], warmed["layer3.0.conv1.weight"])
+
+
+def test_the_warm_up_needs_a_resnet_trunk():
+    from densedet.config import Config, ConfigError, validate
+    cfg = Config()
+    cfg.model.arch, cfg.model.backbone = "refinedet", "vgg16"
+    cfg.train.pretrain_iters = 3
+    with pytest.raises(ConfigError, match="train.pretrain_minutes.*ResNet trunk.*vgg16"):
+        validate(cfg)

@@ -172,6 +172,11 @@ def test_fine_tuning_recipe_from_imagenet_weights():
     scratch = derived(make_data([squares(rng, 3, 20, 40) for _ in range(12)]))
     assert scratch["model.norm"] == "bn" and scratch["solver.optimizer"] == "adamw"
     assert scratch["model.retinanet.head_norm"] == "gn" and scratch["train.pretrain_freeze_stages"] == 2
+    # the box-crop warm-up goes with a ResNet trunk, whichever family: RefineDet R18 too, not VGG16
+    assert derived(make_data([squares(rng, 3, 20, 40) for _ in range(12)]),
+                   model="refinedet320_r18")["train.pretrain_minutes"] == 1.5
+    assert "train.pretrain_minutes" not in derived(make_data([squares(rng, 3, 20, 40) for _ in range(12)]),
+                                                   model="refinedet320_vgg16")
 
 
 def test_flip_and_model_names():
