@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("no_plots")
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
+        self.step_seconds = step_seconds         # a test may give another
 
     def __call__(self) -> float:
         return self.now
@@ -39,7 +40,7 @@ def fake_time(monkeypatch):
     drawn = BatchStream.batch
 
     def batch(self, iteration):
-        clock.now += step_seconds(iteration)
+        clock.now += clock.step_seconds(iteration)
         return drawn(self, iteration)
 
     monkeypatch.setattr(BatchStream, "batch", batch)
@@ -99,3 +100,43 @@ def test_a_budgeted_run_plans_once_stops_on_time_and_resumes_to_the_same_weights
              for name, c in (("straight", straight), ("resumed", resumed))}
     differ = [k for k in final["straight"] if not torch.equal(final["straight"][k], final["resumed"][k])]
     assert not differ, differ[:5]
+
+
+def test_a_re_planned_run_resumes_on_its_plan_to_the_same_weights(
+        tiny_config, stop_training_at, fake_time, restore_torch_globals):
+    """30 s of training; 1 s steps until iteration 11, then 0.5 s. The first plan (1 s/step) ends
+    at 29; the re-plan at 50% of the time (iteration 21) stretches it to 48, the cosine continuing
+    from where it stood. A run killed at 30 resumes on that plan (the progress anchor is in
+    last.pt) and ends exactly as the straight run."""
+    fake_time.step_seconds = lambda iteration: 1.0 if iteration < 11 else 0.5
+
+    def thirty_seconds(cfg):
+        cfg = budgeted(cfg)
+        cfg.train.max_minutes = 0.5
+        return cfg
+
+    straight = thirty_seconds(tiny_config("straight"))
+    lines: list[str] = []
+    summary = train(straight, log=lines.append, clock=fake_time)
+    assert "time budget 0.5 min: 1.00 s/iteration -> 29 iterations" in lines
+    assert any(line.startswith("time budget re-planned at iteration 21") and line.endswith("-> 48 iterations")
+               for line in lines), lines
+    assert summary["iterations"] == 48 and summary["train_minutes"] * 60 == 29.5
+    lrs = [r["lr"] for r in records(straight)][2:]                       # after the 2 warm-up steps
+    assert all(b < a for a, b in zip(lrs, lrs[1:])), lrs                 # never up, not even at the re-plan
+    assert lrs[-1] < 1e-3 * straight.solver.lr                           # the cosine ends at the budget's end
+
+    resumed = thirty_seconds(tiny_config("resumed"))
+    stop_training_at(30)                                                 # last.pt at 30: after the re-plan
+    fake_time.now = 0.0
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, log=lambda _: None, clock=fake_time)
+    last = load_checkpoint(Path(resumed.train.output_dir) / "last.pt")
+    assert (last["iteration"], last["max_iters"], last["plan_anchor"][0], last["plan_replans"]) == (30, 48, 21, 2)
+    stop_training_at(None)
+    fake_time.now = 0.0
+    summary = train(resumed, resume=True, log=lambda _: None, clock=fake_time)
+    assert summary["iterations"] == 48 and records(resumed) == records(straight)
+    final = {name: load_checkpoint(Path(c.train.output_dir) / "model_final.pt")["model"]
+             for name, c in (("straight", straight), ("resumed", resumed))}
+    assert all(torch.equal(final["straight"][k], final["resumed"][k]) for k in final["straight"])

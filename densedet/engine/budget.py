@@ -117,7 +117,8 @@ class TimeBudget:
         fits = iteration + int((self.seconds - self.spent) / per_step * self.margin)
         planned = int(self.agree(min(self.cap, max(iteration + 1, fits))))
         changed = not self.fitted or planned != self.max_iters
-        self.anchor = (iteration, self.progress(iteration))
+        if changed:             # an unchanged plan keeps its anchor: the same LRs to the last bit
+            self.anchor = (iteration, self.progress(iteration))
         self.max_iters, self.fitted = planned, True
         self.replans, self._since = int(self.agree(self._passed(iteration))), len(self._step_seconds)
         if not changed:
