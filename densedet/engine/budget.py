@@ -57,17 +57,17 @@ class TimeBudget:
     process): the plans and the time stop are decided once for all processes.
     """
 
-    def __init__(self, minutes: float, max_iters: int, *, spent: float = 0.0, plan: dict | None = None,
+    def __init__(self, minutes: float, max_iters: int, *, plan: dict | None = None,
                  calibration_steps: int = 10, calibration_share: float = 0.03, margin: float = 0.98,
                  clock: Callable[[], float] = time.perf_counter, agree: Callable[[float], float] = _same) -> None:
         self.seconds = max(0.0, minutes * 60.0)
         self.cap = self.max_iters = int(max_iters)
-        self.spent = float(spent)
+        self.spent = 0.0
         self.fitted = self.seconds == 0                   # nothing to plan without a budget
         self.anchor: tuple[int, float] = (0, 0.0)         # (iteration, progress) where the current plan starts
         self.replans = 0                                  # how many of REPLAN_AT are behind
         if plan is not None:
-            self.max_iters, self.spent = int(plan["max_iters"]), float(plan.get("elapsed", spent))
+            self.max_iters, self.spent = int(plan["max_iters"]), float(plan.get("elapsed", 0.0))
             self.fitted = self.fitted or plan.get("plan_fitted", True)
             self.anchor = tuple(plan.get("plan_anchor", (0, 0.0)))
             # a checkpoint from before re-planning keeps its single plan
