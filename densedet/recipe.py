@@ -337,8 +337,9 @@ def batch_size_for(pixels_per_image: float) -> int:
     return int(min(32, max(2, round(BATCH_PIXELS / max(pixels_per_image, 1.0)))))
 
 
-def optimisation(o: RecipeOptions, arch: str, num_classes: int, batch: int) -> list[Derived]:
-    """Norms, optimiser, loss settings and warm-up for the starting point (random, ImageNet, detection)."""
+def optimisation(o: RecipeOptions, arch: str, backbone: str, num_classes: int, batch: int) -> list[Derived]:
+    """Norms, optimiser, loss settings and warm-up for the starting point (random, ImageNet, detection);
+    the box-crop warm-up goes with a ResNet trunk, whichever the family."""
     short = o.minutes <= SHORT_BUDGET_MIN
     rows = [Derived("train.max_minutes", o.minutes, "the time budget (--minutes) decides the step count"),
             Derived("train.max_iters", 1_000_000, "a cap only: the budget sets the steps")]
@@ -362,7 +363,7 @@ def optimisation(o: RecipeOptions, arch: str, num_classes: int, batch: int) -> l
                      Derived("model.retinanet.class_ce_weight", 0.5 if num_classes > 1 else 0.0,
                              "teaches the classes apart early (demo)" if num_classes > 1
                              else "one class: nothing to tell apart")]
-        if parse_model_name(o.model)[1].startswith("resnet"):
+        if backbone.startswith("resnet"):
             warm = round(0.15 * o.minutes, 4)
             rows += [Derived("train.pretrain_minutes", warm, "15% of the budget teaches the trunk the objects on "
                              "box crops first (the demo's ~1.5 of 10 min)"),
@@ -492,7 +493,7 @@ def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
         else:
             rows.append(Derived("model.refinedet.tcb_channels", 128 if short else 256,
                                 f"budget {o.minutes:g} min: " + ("a lighter TCB" if short else "the paper's width")))
-    rows += optimisation(o, arch, k, batch)
+    rows += optimisation(o, arch, backbone, k, batch)
     rows += augmentation(o) + detections_per_image(s)
     return rows
 

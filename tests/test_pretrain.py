@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import pytest
 import torch
 
 from densedet.backbones.resnet import ResNet
+from densedet.config import Config, ConfigError, validate
 from densedet.data import DetectionDataset
 from densedet.data.records import DetectionData, ImageRecord
 from densedet.engine.checkpoint import load_checkpoint
 from densedet.engine.data import load_split
 from densedet.engine.pretrain import box_items, crop_boxes, pretrain_backbone
 from densedet.engine.trainer import train
+from densedet.models import PRESETS
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
@@ -190,10 +193,7 @@ def test_refinedet_with_a_resnet_trunk_warms_up_and_keeps_its_frozen_stages(
         make_tiny_config, tmp_path, restore_torch_globals, monkeypatch):
     """The warm-up works on any ResNet trunk: RefineDet R18's ``backbone.body`` learns on the crops,
     then its stem and layer1 stay as the warm-up left them while the rest trains."""
-    import copy
-
     import densedet.engine.pretrain as pretrain_module
-    from densedet.models import PRESETS
     cfg = make_tiny_config(tmp_path / "run")
     cfg.model = copy.deepcopy(PRESETS["refinedet320_vgg16"])
     m = cfg.model
@@ -223,7 +223,6 @@ def test_refinedet_with_a_resnet_trunk_warms_up_and_keeps_its_frozen_stages(
 
 
 def test_the_warm_up_needs_a_resnet_trunk():
-    from densedet.config import Config, ConfigError, validate
     cfg = Config()
     cfg.model.arch, cfg.model.backbone = "refinedet", "vgg16"
     cfg.train.pretrain_iters = 3

@@ -7,7 +7,8 @@ model. ``last.pt`` also holds what continues the run bit for bit: the optimizer,
 the iteration, the time budget's plan (``max_iters``, ``elapsed``, ``plan_fitted``, ``plan_anchor``,
 ``plan_replans``), the best AP so far, the skipped steps, the warm-up's statistics and the weight
 average. ``model_best.pt`` holds the weights of the best periodic evaluation (the average when
-there is one); ``model_final.pt`` the final weights (the average when there is one), without optimizer or RNG states.
+there is one); ``model_final.pt`` the final weights (the average when there is one), without
+optimizer or RNG states.
 """
 
 from __future__ import annotations
