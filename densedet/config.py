@@ -197,6 +197,7 @@ class DataConfig:
     seed: int = 0
     strict: bool = False                    # turn every skipped/repaired record into an error
     hflip_prob: float = 0.5
+    rotate90: bool = False                  # random quarter turns (images seen from above: aerial, microscopy)
     photometric: bool = False               # basic augment: SSD's random brightness, contrast, saturation and hue
     train_min_sizes: list[int] | None = None  # multi-scale training, one shorter side per batch; None: model.min_size
     augment: str = "basic"                  # basic (flip, multi-scale) | ssd (RefineDet)

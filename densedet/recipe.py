@@ -137,6 +137,7 @@ class RecipeOptions:
     weights: str | None = None
     weights_kind: str | None = None     # None (random) | imagenet | detection
     flip: bool = True
+    top_down: bool = False              # images seen from above: quarter turns too (--top-down)
     has_val: bool = False
     num_train_images: int = 0           # before any holdout (for the holdout rule)
 
@@ -399,6 +400,8 @@ def augmentation(o: RecipeOptions) -> list[Derived]:
     0.10 -> 0.26; digit scenes unchanged)."""
     return [Derived("data.hflip_prob", 0.5 if o.flip else 0.0,
                     "horizontal flips (off with --no-flip)" if o.flip else "--no-flip"),
+            Derived("data.rotate90", o.top_down, "--top-down: quarter turns too, any direction can be up"
+                    if o.top_down else "images taken from the side have an up (--top-down for aerial and the like)"),
             Derived("data.photometric", True, "random brightness, contrast, saturation and hue (SSD's): "
                     "light and colour differ between photos, sites and cameras")]
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from densedet.data import (Compose, RandomHorizontalFlip, RandomObjectCrop, ResizeFixed, ResizeShortestEdge,
-                           tile_image)
+from densedet.data import (Compose, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90, ResizeFixed,
+                           ResizeShortestEdge, tile_image)
 from densedet.data.transforms import crop_target, tile_grid, tile_starts
 
 
@@ -49,6 +49,20 @@ def test_flip_probability_uses_torch_generator():
     assert 0.4 < sum(flips) / 400 < 0.6
     torch.manual_seed(0)
     assert flips == [flip(image, target)[1]["boxes"][0, 0].item() == 70 for _ in range(400)]
+
+
+def test_quarter_turns_move_boxes_with_pixels():
+    image, target = rectangle_scene()                 # 120 wide, 90 high; box (20, 10, 50, 40)
+    seen = {}
+    torch.manual_seed(0)
+    for _ in range(40):
+        turned, out = RandomRotate90()(image, target)
+        assert_box_on_pixels(turned, out, tol=0.0)
+        seen[tuple(out["boxes"][0].tolist())] = tuple(turned.shape[1:])
+    # one quarter turn counter-clockwise: (x, y) -> (y, 120 - x), the image 120 high and 90 wide
+    assert seen == {(20, 10, 50, 40): (90, 120), (10, 70, 40, 100): (120, 90),
+                    (70, 50, 100, 80): (90, 120), (50, 20, 80, 50): (120, 90)}
+    assert target["boxes"].tolist() == [[20, 10, 50, 40]]   # input target untouched
 
 
 @pytest.mark.parametrize("transform, size", [

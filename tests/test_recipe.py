@@ -183,6 +183,7 @@ def test_flip_and_model_names():
     rng = np.random.default_rng(10)
     data = make_data([squares(rng, 3, 20, 40) for _ in range(12)])
     assert derived(data, flip=False)["data.hflip_prob"] == 0.0
+    assert derived(data)["data.rotate90"] is False and derived(data, top_down=True)["data.rotate90"] is True
     assert derived(data)["data.photometric"] is True and derived(data, model="refinedet320_r18")["data.photometric"]
     assert parse_model_name("refinedet320_vgg16") == ("refinedet", "vgg16", 320)
     assert parse_model_name("retinanet_r50_fpn") == ("retinanet", "resnet50", 0)

@@ -41,7 +41,7 @@ def write_coco_set(folder, n_images: int = 12, size: int = 96, seed: int = 0) ->
 def test_train_from_data_alone_writes_a_config_that_train_config_reruns(tmp_path, capsys):
     data = write_coco_set(tmp_path / "set")
     run = tmp_path / "run"
-    code = main(["train", "--data", data, "--minutes", "0.1", "--output-dir", str(run),
+    code = main(["train", "--data", data, "--minutes", "0.1", "--top-down", "--output-dir", str(run),
                  "train.max_iters=2", "train.pretrain_minutes=0", "train.pretrain_iters=2",
                  "train.pretrain_batch_size=8", "test.num_vis=0", "train.precision=fp32"])
     assert code == 0
@@ -51,6 +51,7 @@ def test_train_from_data_alone_writes_a_config_that_train_config_reruns(tmp_path
     assert saved.model.num_classes == 2 and saved.data.format == "coco"
     assert saved.data.val_fraction == 0.1 and saved.data.tune_fraction == 0.1 and saved.test.tta_choose
     assert saved.train.max_iters == 2                                     # overrides on top of the derived values
+    assert saved.data.rotate90                                            # --top-down: quarter turns
     metrics = json.loads((run / "metrics.json").read_text())
     assert "tta_choice" in metrics                                        # the TTA chosen on the tune split
     chosen = metrics["tta_choice"]["chosen"]
@@ -78,6 +79,8 @@ def test_data_with_a_config_is_refused(tmp_path, capsys):
     data = write_coco_set(tmp_path / "set", n_images=4)
     assert main(["train", "demo_digits", "--data", data]) == 2
     assert "not both" in capsys.readouterr().err
+    assert main(["train", "demo_digits", "--top-down"]) == 2
+    assert "data.rotate90=true" in capsys.readouterr().err
 
 
 @pytest.mark.slow

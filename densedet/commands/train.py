@@ -1,6 +1,6 @@
 """``densedet train`` (a YAML config with overrides, or ``--data`` alone) and ``densedet demo`` (the digit-scene main job).
 
-``densedet train --data TRAIN [--val VAL] [--minutes N] [--weights W] [--model NAME] [--no-flip] [--images DIR]``
+``densedet train --data TRAIN [--val VAL] [--minutes N] [--weights W] [--model NAME] [--no-flip] [--top-down] [--images DIR]``
 needs no config: it reads the annotations (COCO json, Pascal VOC xml folder or glob, or CSV; the
 format is detected), derives every setting from them (:mod:`densedet.recipe`), prints each value with
 its reason, writes the config to the run folder (``densedet train RUN/config.yaml`` reruns it) and
@@ -48,6 +48,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag} goes with --data (a config names its data and model itself)")
     if args.no_flip:
         raise UsageError("--no-flip goes with --data (with a config: data.hflip_prob=0)")
+    if args.top_down:
+        raise UsageError("--top-down goes with --data (with a config: data.rotate90=true)")
     cfg = load_config(find_config(args.config), args.overrides)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
@@ -124,7 +126,8 @@ def _train_from_data(args: argparse.Namespace) -> int:
     kind_of_weights = weights_kind(args.weights) if args.weights else None
     options = RecipeOptions(model=args.model or "retinanet_r18_fpn", minutes=args.minutes or 10.0,
                             weights=args.weights, weights_kind=kind_of_weights, flip=not args.no_flip,
-                            has_val=val_data is not None, num_train_images=len(train_data.records))
+                            top_down=args.top_down, has_val=val_data is not None,
+                            num_train_images=len(train_data.records))
     base = base_config(options.model)
     if kind_of_weights == "detection":
         base.model = _checkpoint_model(args.weights, base)
@@ -237,6 +240,8 @@ def add_parser(subparsers: Any) -> None:
                    "refinedet320_r18, refinedet320_vgg16, refinedet512_...")
     p.add_argument("--no-flip", action="store_true", help="with --data: no horizontal flips (objects whose mirror "
                    "is another thing: digits, text)")
+    p.add_argument("--top-down", action="store_true", help="with --data: images seen from above (aerial, satellite, "
+                   "microscopy): also train on quarter turns")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt exactly where it stopped")
     p.add_argument("--weights", help="initialise the model from a checkpoint or state dict (fine-tuning); with "
                    "--data: an ImageNet trunk or a detection checkpoint, and the fine-tuning recipe")

@@ -54,6 +54,32 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class RandomRotate90:
+    """Rotate by a random multiple of 90 degrees (counter-clockwise, each with probability 1/4).
+
+    For images seen from above (aerial, satellite, microscopy), where no direction is "up": with
+    :class:`RandomHorizontalFlip` it draws from all eight symmetries of the square. A quarter turn
+    maps a point (x, y) of a W-wide image to (y, W - x), so a box becomes
+    (y1, W - x2, y2, W - x1), and the image's height and width swap.
+    """
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        turns = int(torch.randint(4, ()).item())
+        if turns == 0:
+            return image, target
+        boxes = target["boxes"]
+        for _ in range(turns):
+            width = image.shape[-1]
+            boxes = torch.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], dim=1)
+            image = image.rot90(1, (-2, -1))
+        target = dict(target)
+        target["boxes"] = boxes
+        return image, target
+
+    def __repr__(self) -> str:
+        return "RandomRotate90()"
+
+
 def resize(image: torch.Tensor, target: Target | None, height: int, width: int
            ) -> tuple[torch.Tensor, Target | None]:
     """Resize image [3, H, W] to [3, height, width] (bilinear, antialiased when shrinking).

@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config, ConfigError, DataConfig
 from ..data.ssd_augment import PhotometricDistort, SSDAugmentation
-from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop,
+from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90,
                     TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
 from ..data.split import split_by_image
 
@@ -112,7 +112,8 @@ def _read(data: DataConfig, split: str) -> DetectionData:
 
 
 def build_train_dataset(cfg: Config, data: DetectionData):
-    """The training dataset with its augmentation (flip, windows, photometric, multi-scale; SSD's for RefineDet)."""
+    """The training dataset with its augmentation (flip, windows, photometric, multi-scale; SSD's for RefineDet;
+    quarter turns)."""
     d = cfg.data
     transforms = []
     if d.augment == "ssd":
@@ -127,6 +128,8 @@ def build_train_dataset(cfg: Config, data: DetectionData):
             transforms.append(RandomObjectCrop(d.crop_size or max(d.crop_sizes), d.crop_min_visibility))
         if d.photometric:
             transforms.append(PhotometricDistort())     # after the crop: on the window's pixels only
+    if d.rotate90:
+        transforms.append(RandomRotate90())                 # last: square windows and SSD's warp keep their size
     transform = Compose(transforms) if transforms else None
     if d.tile_size > 0:
         return TiledDataset(data, d.tile_size, d.tile_overlap, transforms=transform,
