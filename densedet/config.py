@@ -264,6 +264,7 @@ class TestConfig:
     tta_scales: list[int] = field(default_factory=list)  # test-time augmentation of the final evaluation and of
                                             # `densedet eval`: one pass per input size (shorter side); [] = none
     tta_flip: bool = False                  # also each pass's horizontal mirror
+    tta_rotate: bool = False                # also each pass's quarter turns (models trained with data.rotate90)
     tta_merge: str = "vote"                 # nms | vote | soft_vote | soft_nms_linear | soft_nms_gaussian
     tta_choose: bool = False                # after training, choose tta_scales / tta_flip on the tune split
                                             # (data.tune_fraction) among candidate sets; [] when none beats single scale

@@ -35,8 +35,8 @@ from .boxes import batched_nms, box_voting, soft_nms
 from .config import TTA_MERGE_METHODS
 from .engine.checkpoint import model_from_checkpoint
 
-__all__ = ["TTAConfig", "REFINEDET320_SCALES", "FLIP_ONLY", "refinedet_tta", "tta_from_config", "tta_preset",
-           "tta_inference",
+__all__ = ["TTAConfig", "REFINEDET320_SCALES", "FLIP_ONLY", "TURNS", "refinedet_tta", "tta_from_config",
+           "tta_preset", "tta_inference",
            "apply_soft_nms", "merge_detections", "size_range_mask", "detect_resized", "model_input_size",
            "pass_preprocessor", "MERGE_METHODS"]
 
@@ -52,6 +52,8 @@ class TTAConfig:
         scales: input size of each pass (see the module docstring for warp vs resize models);
             ``0`` means the model's own input size.
         flip: also run the horizontal mirror of every scale.
+        rotate: also run the three quarter turns of every pass (and of its mirror): the eight
+            symmetries of the square with ``flip``, for models trained on them (``data.rotate90``).
         ranges: per scale ``(min_px, max_px)``, either ``None`` for no bound. A box (original
             pixels) is kept from that scale when its **longer** side is ``> min_px`` and its
             **shorter** side is ``< max_px`` (``size_rule="sides"``, the authors' script: a
@@ -72,6 +74,7 @@ class TTAConfig:
 
     scales: tuple[int, ...] = (0,)
     flip: bool = True
+    rotate: bool = False
     ranges: tuple[SizeRange, ...] | None = None
     merge: str = "vote"
     iou_threshold: float = 0.45
@@ -102,7 +105,13 @@ class TTAConfig:
 
     def describe(self) -> str:
         """One line for logs: ``scales [320, 384], flip, merged by vote``."""
-        return f"scales {list(self.scales)}{', flip' if self.flip else ''}, merged by {self.merge}"
+        views = (", flip" if self.flip else "") + (", quarter turns" if self.rotate else "")
+        return f"scales {list(self.scales)}{views}, merged by {self.merge}"
+
+    def views(self) -> list[tuple[bool, int]]:
+        """The (mirrored, quarter turns) of each pass at one scale, the plain image first."""
+        return [(flipped, turns) for flipped in ((False, True) if self.flip else (False,))
+                for turns in (range(4) if self.rotate else (0,))]
 
     def range_of(self, i: int) -> SizeRange:
         return (None, None) if self.ranges is None else self.ranges[i]
@@ -119,6 +128,9 @@ REFINEDET320_SCALES = TTAConfig(
 
 # The model's own size and its mirror, merged by voting.
 FLIP_ONLY = TTAConfig(scales=(0,), flip=True, merge="vote")
+
+# The model's own size in the eight symmetries of the square (images seen from above), merged by voting.
+TURNS = TTAConfig(scales=(0,), flip=True, rotate=True, merge="vote")
 
 _REFINEDET_RATIOS = (1.0, 0.6, 1.2, 1.4, 1.6, 1.8, 2.2)
 
@@ -138,26 +150,30 @@ def refinedet_tta(base_size: int, multiple: int = 64, merge: str = "vote") -> TT
 
 
 def tta_from_config(test) -> TTAConfig | None:
-    """The TTA a config's ``test`` section asks for (``tta_scales``, ``tta_flip``, ``tta_merge``), or None."""
+    """The TTA a config's ``test`` section asks for (``tta_scales``, ``tta_flip``, ``tta_rotate``,
+    ``tta_merge``), or None."""
     if not test.tta_scales:
         return None
-    return TTAConfig(scales=tuple(test.tta_scales), flip=test.tta_flip, merge=test.tta_merge)
+    return TTAConfig(scales=tuple(test.tta_scales), flip=test.tta_flip, rotate=test.tta_rotate, merge=test.tta_merge)
 
 
 def tta_preset(name: str, model: nn.Module | None = None) -> TTAConfig | None:
-    """A named TTA setting: ``none`` (None), ``flip``, ``refinedet320`` (the SPEC set, absolute
-    sizes for a 320 model), ``refinedet`` (the same ratios around ``model``'s own input size)."""
+    """A named TTA setting: ``none`` (None), ``flip``, ``turns`` (the eight symmetries of the square),
+    ``refinedet320`` (the SPEC set, absolute sizes for a 320 model), ``refinedet`` (the same ratios
+    around ``model``'s own input size)."""
     if name == "none":
         return None
     if name == "flip":
         return FLIP_ONLY
+    if name == "turns":
+        return TURNS
     if name == "refinedet320":
         return REFINEDET320_SCALES
     if name == "refinedet":
         if model is None:
             raise ValueError("tta preset 'refinedet' needs the model (its input size is the base scale)")
         return refinedet_tta(model_input_size(model))
-    raise ValueError(f"unknown TTA preset {name!r}; choose none, flip, refinedet320 or refinedet")
+    raise ValueError(f"unknown TTA preset {name!r}; choose none, flip, turns, refinedet320 or refinedet")
 
 
 # -- one pass -------------------------------------------------------------------------------------
@@ -189,17 +205,29 @@ def detect_resized(model: nn.Module, batch: Tensor, image_sizes: list[tuple[int,
     return model.postprocess(outputs, anchors, image_sizes)
 
 
-def _map_back(boxes: Tensor, resized: tuple[int, int], original: tuple[int, int], flipped: bool) -> Tensor:
-    """Boxes ``[N, 4]`` in the resized (and possibly mirrored) image → original pixels.
+def _view(image: Tensor, flipped: bool, turns: int) -> Tensor:
+    """The image mirrored (if ``flipped``), then turned ``turns`` quarter turns counter-clockwise."""
+    image = image.flip(-1) if flipped else image
+    return image.rot90(turns, (-2, -1)) if turns else image
 
-    Scale: multiply by original / resized per axis (the factors the preprocessor used, from the
-    sizes it produced, computed as ``ImagePreprocessor.postprocess`` does so a plain pass is
-    bit-identical to ``model(images)``). Flip: ``x1 = W - x2``, ``x2 = W - x1``.
+
+def _map_back(boxes: Tensor, resized: tuple[int, int], original: tuple[int, int], flipped: bool,
+              turns: int = 0) -> Tensor:
+    """Boxes ``[N, 4]`` in the resized view (:func:`_view`) of an image → its original pixels.
+
+    Scale: multiply by the view's size / resized per axis (the factors the preprocessor used, from
+    the sizes it produced, computed as ``ImagePreprocessor.postprocess`` does so a plain pass is
+    bit-identical to ``model(images)``). Each quarter turn undone: a view ``h`` high maps
+    ``(x1, y1, x2, y2)`` to ``(h - y2, x1, h - y1, x2)``. Flip: ``x1 = W - x2``, ``x2 = W - x1``.
     """
     (h, w), (oh, ow) = resized, original
-    if (h, w) != (oh, ow):
-        ratio = torch.tensor([ow / w, oh / h, ow / w, oh / h], dtype=torch.float32, device=boxes.device)
+    vh, vw = (ow, oh) if turns % 2 else (oh, ow)
+    if (h, w) != (vh, vw):
+        ratio = torch.tensor([vw / w, vh / h, vw / w, vh / h], dtype=torch.float32, device=boxes.device)
         boxes = boxes * ratio
+    for _ in range(turns):
+        boxes = torch.stack([vh - boxes[:, 3], boxes[:, 0], vh - boxes[:, 1], boxes[:, 2]], dim=1)
+        vh, vw = vw, vh
     if flipped:
         boxes = torch.stack([ow - boxes[:, 2], boxes[:, 1], ow - boxes[:, 0], boxes[:, 3]], dim=1)
     return boxes
@@ -291,7 +319,8 @@ def tta_inference(model: nn.Module | str | Path, images: Sequence[Tensor], cfg: 
         per image ``{"boxes": [D, 4] (x1, y1, x2, y2, original pixels), "scores": [D],
         "labels": [D]}``, ``D <= cfg.detections_per_img``, by decreasing score.
 
-    For each scale one batch holds the images and (with ``cfg.flip``) their mirrors; each pass
+    For each scale one batch holds the images and their views (``cfg.flip``: mirrors; ``cfg.rotate``:
+    quarter turns); each pass
     keeps the model's own per-pass post-processing (score threshold, NMS, per-image cap), as
     RefineDet's script merges the outputs of its ``DetectionOutput`` layer.
     """
@@ -308,12 +337,13 @@ def tta_inference(model: nn.Module | str | Path, images: Sequence[Tensor], cfg: 
     pooled: list[list[dict[str, Tensor]]] = [[] for _ in range(n)]
     with torch.inference_mode():
         for i, scale in enumerate(cfg.scales):
-            batch_images = images + ([im.flip(-1) for im in images] if cfg.flip else [])
+            views = cfg.views()
+            batch_images = [_view(im, flipped, turns) for flipped, turns in views for im in images]
             batch, image_sizes, _ = pass_preprocessor(transform, scale)(batch_images)
             dets = detect_resized(model, batch, image_sizes)
             for j, det in enumerate(dets):
-                k, flipped = j % n, j >= n
-                boxes = _map_back(det["boxes"].float(), image_sizes[j], original_sizes[k], flipped)
+                k, (flipped, turns) = j % n, views[j // n]
+                boxes = _map_back(det["boxes"].float(), image_sizes[j], original_sizes[k], flipped, turns)
                 keep = size_range_mask(boxes, cfg.range_of(i), cfg.size_rule)
                 pooled[k].append({"boxes": boxes[keep], "scores": det["scores"][keep].float(),
                                   "labels": det["labels"][keep]})

@@ -17,6 +17,7 @@ from densedet.data.records import DatasetError, DetectionData, ImageRecord
 from densedet.data.split import split_by_image
 from densedet.engine.pretrain import background_share, background_windows, pretrain_backbone
 from densedet.engine.tune import candidate_sets, choose_tta
+from densedet.tta import TTAConfig
 from densedet.errors import UsageError
 from densedet.recipe import (DataSummary, RecipeOptions, base_config, choose_anchors, choose_ratios, derive,
                              grid_best_iou, parse_model_name, recipe_config)
@@ -259,6 +260,10 @@ def test_tta_choice_keeps_single_scale_when_no_set_beats_it():
 def test_tta_choice_picks_the_best_set():
     candidates = candidate_sets(320, flip=False)
     assert all(not c.flip for c in candidates) and candidates[0].scales == (320, 384)
+    assert not any(c.rotate for c in candidates)
+    # a model trained on quarter turns (--top-down) is also tried on them, with the mirrors it learnt too
+    turns = [c for c in candidate_sets(320, flip=True, rotate=True) if c.rotate]
+    assert turns == [TTAConfig(scales=(320,), flip=True, rotate=True, merge="vote")]
     best = candidates[1]
     chosen, _ = choose_tta(lambda tta: {"AP": 0.5 if tta is best else 0.3}, candidates)
     assert chosen is best

@@ -116,6 +116,24 @@ def test_flip_pass_alone_is_the_mirror_formula():
     assert det["boxes"].tolist() == [[0.0, 8.0, 16.0, 56.0]]
 
 
+@pytest.mark.parametrize("scale", [0, 32, 128])
+@pytest.mark.parametrize("model, height, width, rects", [
+    (BrightBoxModel(min_size=64), 64, 96, RECTS),
+    (BrightBoxModel(fixed_size=(64, 64)), 32, 64, {0: (8, 4, 40, 20), 2: (48, 8, 60, 28)}),
+], ids=["resize", "warp"])
+def test_quarter_turn_passes_map_boxes_back_exactly(scale, model, height, width, rects):
+    # a landscape image: its odd turns are portrait, so each view's size and scale factors differ
+    model.eval().calls.clear()
+    cfg = TTAConfig(scales=(scale,), flip=True, rotate=True, merge="vote")
+    assert cfg.views() == [(False, 0), (False, 1), (False, 2), (False, 3), (True, 0), (True, 1), (True, 2), (True, 3)]
+    (det,) = tta_inference(model, [scene(height, width, rects)], cfg)
+    # voting averages the eight views' boxes: one view mapped back wrongly would move or add a box
+    assert det["labels"].tolist() == list(rects)
+    assert torch.allclose(det["boxes"], torch.tensor(list(rects.values()), dtype=torch.float32), atol=1e-4)
+    assert model.calls == [model.calls[0]] and model.calls[0][0] == 8   # one batch holds every view
+    assert tta_preset("turns") == TTAConfig(scales=(0,), flip=True, rotate=True, merge="vote")
+
+
 def test_all_passes_vote_to_the_true_boxes():
     model = BrightBoxModel(min_size=64).eval()
     images = [scene(64, 96, RECTS), scene(64, 96, {2: (16, 16, 48, 32)})]

@@ -84,8 +84,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--score-thresh", type=float, default=None,
                    help="model score threshold for saved detections (default: the checkpoint's)")
     p.add_argument("--score-thresh-draw", type=float, default=0.3, help="draw boxes scoring at least this (0.3)")
-    p.add_argument("--tta", default="none", choices=["none", "flip", "refinedet320", "refinedet"],
-                   help="test-time augmentation: flip = image + mirror; refinedet320 = RefineDet's 7 scales for a "
+    p.add_argument("--tta", default="none", choices=["none", "flip", "turns", "refinedet320", "refinedet"],
+                   help="test-time augmentation: flip = image + mirror; turns = the eight symmetries of the square "
+                        "(models trained with --top-down); refinedet320 = RefineDet's 7 scales for a "
                         "320 model (SPEC); refinedet = the same ratios around the model's own input size")
     p.add_argument("--tta-merge", choices=list(MERGE_METHODS), default=None,
                    help="how TTA passes are merged (default: vote)")

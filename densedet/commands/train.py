@@ -1,10 +1,11 @@
 """``densedet train`` (a YAML config with overrides, or ``--data`` alone) and ``densedet demo`` (the digit-scene main job).
 
-``densedet train --data TRAIN [--val VAL] [--minutes N] [--weights W] [--model NAME] [--no-flip] [--top-down] [--images DIR]``
-needs no config: it reads the annotations (COCO json, Pascal VOC xml folder or glob, or CSV; the
-format is detected), derives every setting from them (:mod:`densedet.recipe`), prints each value with
-its reason, writes the config to the run folder (``densedet train RUN/config.yaml`` reruns it) and
-trains. ``key.sub=value`` overrides apply on top of the derived values.
+``densedet train --data TRAIN [--val VAL] [--minutes N] [--weights W] [--model NAME] [--no-flip]
+[--top-down] [--images DIR]`` needs no config: it reads the annotations (COCO json, Pascal VOC xml
+folder or glob, or CSV; the format is detected), derives every setting from them
+(:mod:`densedet.recipe`), prints each value with its reason, writes the config to the run folder
+(``densedet train RUN/config.yaml`` reruns it) and trains. ``key.sub=value`` overrides apply on top
+of the derived values.
 """
 
 from __future__ import annotations

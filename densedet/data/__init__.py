@@ -23,8 +23,8 @@ __all__ = [
     "load_coco", "save_coco", "to_coco_dict", "load_voc", "load_csv", "load_detection_data",
     "make_digit_scenes", "DIGIT_CLASS_NAMES",
     "load_image", "image_size", "record_size", "DetectionDataset", "TiledDataset", "collate", "record_target",
-    "Compose", "RandomHorizontalFlip", "RandomRotate90", "RandomObjectCrop", "ResizeShortestEdge", "ResizeFixed", "resize",
-    "tile_image", "tile_grid", "crop_target",
+    "Compose", "RandomHorizontalFlip", "RandomRotate90", "RandomObjectCrop", "ResizeShortestEdge", "ResizeFixed",
+    "resize", "tile_image", "tile_grid", "crop_target",
 ]
 
 

@@ -81,7 +81,7 @@ def finish_run(cfg: Config, model: nn.Module, val_data: DetectionData, device: t
                "train_minutes": totals.train_seconds / 60, "images_per_s": totals.images_per_s,
                "skipped_steps": totals.skipped_steps, "precision": str(dtype or "fp32")}
     if tta is not None:
-        summary["tta"] = {"scales": list(tta.scales), "flip": tta.flip, "merge": tta.merge}
+        summary["tta"] = {"scales": list(tta.scales), "flip": tta.flip, "rotate": tta.rotate, "merge": tta.merge}
         summary["single_scale"] = scalars(single)
     if totals.pretrain:
         summary["pretrain"] = totals.pretrain

@@ -32,12 +32,15 @@ CHOICE_FILE = "tta_choice.json"
 SCALE_SETS = ((1.0, 1.2), (1.0, 1.1, 1.2, 1.3, 1.4), (0.8, 1.0, 1.2))
 
 
-def candidate_sets(base: int, flip: bool, multiple: int = 32) -> list[TTAConfig]:
-    """The sets tried: :data:`SCALE_SETS` around ``base`` (rounded to ``multiple``), merged by box voting,
-    with each pass's mirror when the model was trained with flips (``flip``), and the mirror alone."""
+def candidate_sets(base: int, flip: bool, multiple: int = 32, rotate: bool = False) -> list[TTAConfig]:
+    """The sets tried: :data:`SCALE_SETS` around ``base`` (rounded to ``multiple``), merged by box voting;
+    the mirror alone when the model was trained with flips (``flip``), and the quarter turns (with
+    their mirrors) when it was trained with them (``rotate``)."""
     out = []
     if flip:
         out.append(TTAConfig(scales=(base,), flip=True, merge="vote"))
+    if rotate:
+        out.append(TTAConfig(scales=(base,), flip=flip, rotate=True, merge="vote"))
     for ratios in SCALE_SETS:
         scales = tuple(dict.fromkeys(max(multiple, int(round(base * r / multiple)) * multiple) for r in ratios))
         out.append(TTAConfig(scales=scales, flip=False, merge="vote"))
@@ -72,7 +75,7 @@ def choose_test_time(cfg: Config, model: nn.Module, device: torch.device, dtype:
     def evaluate(tta: TTAConfig | None) -> dict:
         return evaluate_model(model, tune, cfg.test.batch_size, device, dtype, cfg.test.max_dets, tta=tta)
 
-    chosen, rows = choose_tta(evaluate, candidate_sets(base, cfg.data.hflip_prob > 0, multiple))
+    chosen, rows = choose_tta(evaluate, candidate_sets(base, cfg.data.hflip_prob > 0, multiple, cfg.data.rotate90))
     say(f"test-time augmentation chosen on {len(tune.records)} tune images: "
         f"{chosen.describe() if chosen else 'none (no set beats single scale)'}")
     for row in rows:
@@ -80,11 +83,13 @@ def choose_test_time(cfg: Config, model: nn.Module, device: torch.device, dtype:
     out = copy.deepcopy(cfg)
     out.test.tta_scales = list(chosen.scales) if chosen else []
     out.test.tta_flip = bool(chosen.flip) if chosen else False
+    out.test.tta_rotate = bool(chosen.rotate) if chosen else False
     out.test.tta_merge = chosen.merge if chosen else cfg.test.tta_merge
     if not dist.is_initialized() or dist.get_rank() == 0:
         run = Path(cfg.train.output_dir)
         save_config(out, run / "config.yaml")
-        record = {"chosen": {"scales": out.test.tta_scales, "flip": out.test.tta_flip, "merge": out.test.tta_merge}
+        record = {"chosen": {"scales": out.test.tta_scales, "flip": out.test.tta_flip,
+                             "rotate": out.test.tta_rotate, "merge": out.test.tta_merge}
                   if chosen else None, "tune_images": len(tune.records), "evaluations": rows}
         (run / CHOICE_FILE).write_text(json.dumps(record, indent=2))
     return out
