@@ -190,7 +190,8 @@ def metrics_table(summary: dict) -> dict:
 def _tta_name(tta: dict | None) -> str:
     if not tta:
         return "test-time augmentation"
-    return f"TTA {'/'.join(str(s) for s in tta.get('scales', []))}{' flip' if tta.get('flip') else ''} " \
+    views = (" flip" if tta.get("flip") else "") + (" turns" if tta.get("rotate") else "")
+    return f"TTA {'/'.join(str(s) for s in tta.get('scales', []))}{views} " \
            f"{tta.get('merge', '')}".strip()
 
 

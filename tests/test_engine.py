@@ -617,7 +617,7 @@ def test_final_evaluation_with_tta_reports_it_beside_single_scale(tiny_config, r
     cfg.test.tta_scales = [128, 192]
     train(cfg, log=lambda msg: None)
     saved = json.loads((Path(cfg.train.output_dir) / "metrics.json").read_text())
-    assert saved["tta"] == {"scales": [128, 192], "flip": False, "merge": "vote"}
+    assert saved["tta"] == {"scales": [128, 192], "flip": False, "rotate": False, "merge": "vote"}
     assert [tta for tta, _ in calls] == [None, TTAConfig(scales=(128, 192), flip=False, merge="vote")]
     (_, plain), (_, with_tta) = calls
     keys = ["AP", "AP50", "AP75", "AR1", "AR10", "AR100"]

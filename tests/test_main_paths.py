@@ -106,7 +106,7 @@ def test_demo_prints_one_row_per_evaluation_with_the_numbers_of_metrics_json(dem
     assert header == ["evaluation", *DEMO_METRICS, "train min", "img/s"]
     saved = json.loads((demo_run["out"] / "metrics.json").read_text())
     assert [r[0] for r in rows] == ["single scale", "TTA 96/128 vote"]
-    assert saved["tta"] == {"scales": [96, 128], "flip": False, "merge": "vote"}
+    assert saved["tta"] == {"scales": [96, 128], "flip": False, "rotate": False, "merge": "vote"}
     for row, numbers in zip(rows, (saved["single_scale"], saved)):
         assert len(row) == len(header)
         assert row[1:len(DEMO_METRICS) + 1] == [f"{numbers[k]:.3f}" for k in DEMO_METRICS]

@@ -254,7 +254,8 @@ def test_the_run_report_reads_the_run_folder_and_shows_single_scale_beside_tta(t
     run = tmp_path / "run"
     shutil.copytree(tiny_checkpoint.parent, run)
     (run / "metrics.json").write_text(json.dumps({"AP": 0.5, "single_scale": {"AP": 0.25}, "per_class": {"0": 0.1},
-                                                  "tta": {"scales": [96, 128], "flip": True, "merge": "vote"}}))
+                                                  "tta": {"scales": [96, 128], "flip": True, "rotate": True,
+                                                          "merge": "vote"}}))
     lines: list[str] = []
     data = load_coco(digit_scenes["val_json"], digit_scenes["val_images"])
     html = report.write_run_report(cfg, model, data, torch.device("cpu"), None, run, lines.append,
@@ -263,7 +264,7 @@ def test_the_run_report_reads_the_run_folder_and_shows_single_scale_beside_tta(t
     page = assert_self_contained(html)
     assert len(page.gallery) == 2 and f"{REPORT_FOLDER}/curves.png" in page.links
     text = html.read_text()
-    assert "<th>single scale</th><th>TTA 96/128 flip vote</th>" in text
+    assert "<th>single scale</th><th>TTA 96/128 flip turns vote</th>" in text
     assert "<td>0.250</td><td>0.500</td>" in text
 
 
