@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from densedet.data import image_size, load_voc, to_coco_dict
+from densedet.data.transforms import turn_boxes
 from densedet.engine.data import resolve_paths
 from densedet.evaluation import detections_to_coco, evaluate_coco
 from densedet.predict import Predictor, to_image_tensor
@@ -52,7 +53,7 @@ def turned(data, turns: int):
         height, width = image_size(record.file_name)
         boxes = torch.from_numpy(record.boxes)
         for _ in range(turns):
-            boxes = torch.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], dim=1)
+            boxes = turn_boxes(boxes, width)
             width, height = height, width
         records.append(dataclasses.replace(record, boxes=boxes.numpy(), height=height, width=width))
     return dataclasses.replace(data, records=records)

@@ -54,13 +54,17 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+def turn_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """Boxes ``[N, 4]`` of an image ``width`` wide after a quarter turn counter-clockwise: (x, y) → (y, W - x)."""
+    return torch.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], dim=1)
+
+
 class RandomRotate90:
     """Rotate by a random multiple of 90 degrees (counter-clockwise, each with probability 1/4).
 
     For images seen from above (aerial, satellite, microscopy), where no direction is "up": with
-    :class:`RandomHorizontalFlip` it draws from all eight symmetries of the square. A quarter turn
-    maps a point (x, y) of a W-wide image to (y, W - x), so a box becomes
-    (y1, W - x2, y2, W - x1), and the image's height and width swap.
+    :class:`RandomHorizontalFlip` it draws from all eight symmetries of the square. Each turn
+    moves the boxes by :func:`turn_boxes` and swaps the image's height and width.
     """
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
@@ -69,8 +73,7 @@ class RandomRotate90:
             return image, target
         boxes = target["boxes"]
         for _ in range(turns):
-            width = image.shape[-1]
-            boxes = torch.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], dim=1)
+            boxes = turn_boxes(boxes, image.shape[-1])
             image = image.rot90(1, (-2, -1))
         target = dict(target)
         target["boxes"] = boxes
