@@ -75,19 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", nargs="+", default=["none"], help="none and/or densedet predict --tta presets")
     parser.add_argument("--turned", action="store_true", help="also score each photo turned by 90, 180, 270 degrees")
     args = parser.parse_args(argv)
+    predictor = Predictor(args.weights, tile_size=TILE, tile_overlap=OVERLAP, precision="fp32")
     print("| site | crowns | TTA | AP | AP50 | AR (100, or 1.5x the crowns) |\n|---|---|---|---|---|---|")
     for site, spec in SITES.items():
         data = one_class(spec)
         crowns = sum(len(r.boxes) for r in data.records)
-        for name in args.tta:
-            predictor = Predictor(args.weights, tile_size=TILE, tile_overlap=OVERLAP, precision="fp32")
+        rows = [(site, name, 0) for name in args.tta]
+        rows += [(f"{site}, turned {90 * turns} degrees", "none", turns) for turns in ((1, 2, 3) if args.turned else ())]
+        for label, name, turns in rows:
             predictor.tta = tta_preset(name, predictor.model)
-            ap, ap50, ar = score(predictor, data)
-            print(f"| {site} | {crowns} | {name} | {ap:.3f} | {ap50:.3f} | {ar:.3f} |")
-        for turns in (1, 2, 3) if args.turned else ():
-            predictor = Predictor(args.weights, tile_size=TILE, tile_overlap=OVERLAP, precision="fp32")
             ap, ap50, ar = score(predictor, data, turns)
-            print(f"| {site}, turned {90 * turns} degrees | {crowns} | none | {ap:.3f} | {ap50:.3f} | {ar:.3f} |")
+            print(f"| {label} | {crowns} | {name} | {ap:.3f} | {ap50:.3f} | {ar:.3f} |")
     return 0
 
 
