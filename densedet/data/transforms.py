@@ -71,13 +71,12 @@ class RandomRotate90:
         turns = int(torch.randint(4, ()).item())
         if turns == 0:
             return image, target
-        boxes = target["boxes"]
+        boxes, width, height = target["boxes"], image.shape[-1], image.shape[-2]
         for _ in range(turns):
-            boxes = turn_boxes(boxes, image.shape[-1])
-            image = image.rot90(1, (-2, -1))
+            boxes, width, height = turn_boxes(boxes, width), height, width
         target = dict(target)
         target["boxes"] = boxes
-        return image, target
+        return image.rot90(turns, (-2, -1)), target
 
     def __repr__(self) -> str:
         return "RandomRotate90()"
