@@ -188,6 +188,10 @@ class DataConfig:
                                             # (at least 1), drawn by image with data.seed and left out of training
     tune_fraction: float = 0.0              # >0: a tune split of this share of data.train's images (at least 1), also
                                             # left out of training, on which test.tta_choose picks the test-time scales
+    holdout: str = "image"                  # how val/tune are carved: image (whole images) | region (a band at the end
+                                            # of each large photo, the fractions of its longer side; few photos)
+    holdout_gap: int = 0                    # region: pixels between a training part and a held-out band, dropped
+    holdout_piece: int = 0                  # region: held-out bands cut into pieces about this long (0: about square)
     class_names: list[str] | None = None
     root: str = "data_cache/digits"         # digits: where scenes are generated
     num_train: int = 500
@@ -495,6 +499,9 @@ def _data_checks(cfg: Config) -> list[Check]:
         (0 <= d.val_fraction < 1 and 0 <= d.tune_fraction < 1 and d.val_fraction + d.tune_fraction < 1,
          "data.val_fraction", f"val_fraction and tune_fraction must be shares in [0, 1) leaving images to train on, "
          f"got {d.val_fraction} and {d.tune_fraction}"),
+        (d.holdout in ("image", "region"), "data.holdout", f"must be image or region, got {d.holdout!r}"),
+        (d.holdout_gap >= 0 and d.holdout_piece >= 0, "data.holdout_gap",
+         f"holdout_gap and holdout_piece must be >= 0, got {d.holdout_gap} and {d.holdout_piece}"),
         (d.tile_scale_as is None or (len(d.tile_scale_as) == 2 and min(d.tile_scale_as) > 0), "data.tile_scale_as",
          f"must be [height, width], got {d.tile_scale_as}"),
         (not cfg.test.tta_choose or d.tune_fraction > 0 or (d.format == "digits" and d.num_tune > 0),

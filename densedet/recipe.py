@@ -8,7 +8,10 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
 - **classes**: the annotations' class names and count.
 - **holdout**: without a validation file, 10% of the training images (at least 1) are the
   validation split; with at least ``MIN_TUNE_IMAGES`` images, another 10% are a ``tune`` split on
-  which the test-time scales are chosen after training (never on the validation images).
+  which the test-time scales are chosen after training (never on the validation images). With fewer
+  images, each photo large against its objects (a band of 10% of its longer side holds two of the
+  largest) gives up such a band at its far end instead, for each held-out split, behind a gap as wide
+  as the largest objects (:func:`~densedet.data.split.split_by_region`).
 - **input scale**: the model sees the evaluation images (val, or train when val is carved out) at
   their own size: shorter side to their median shorter side, longer side capped at their largest
   longer side; so one size of evaluation image is never resized. Only when the 2nd percentile of
@@ -56,12 +59,13 @@ import numpy as np
 
 from .config import Config, from_dict, to_dict, validate
 from .data import DetectionData, record_size
+from .data.split import region_layout
 from .errors import UsageError
 from .models import PRESETS
 
 __all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "recipe_config", "format_table", "parse_model_name",
            "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "tiling", "training_windows",
-           "batch_size_for", "holdout", "optimisation", "augmentation", "detections_per_image"]
+           "batch_size_for", "holdout", "region_holdout", "optimisation", "augmentation", "detections_per_image"]
 
 MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
 MAX_UPSCALE = 2.0
@@ -139,7 +143,6 @@ class RecipeOptions:
     flip: bool = True
     top_down: bool = False              # images seen from above: quarter turns too (--top-down)
     has_val: bool = False
-    num_train_images: int = 0           # before any holdout (for the holdout rule)
 
 
 # -- models by name -------------------------------------------------------------------------------
@@ -163,15 +166,21 @@ def parse_model_name(name: str) -> tuple[str, str, int]:
 
 # -- the rules ------------------------------------------------------------------------------------
 
-def holdout(num_images: int, has_val: bool) -> list[Derived]:
-    """Validation and tune slices of the training images (see the module docstring)."""
+def holdout(s: DataSummary, has_val: bool) -> list[Derived]:
+    """Validation and tune slices of the training images (see the module docstring); ``s``: all the
+    training images, ``s.eval_hw`` the validation file's when ``has_val``."""
+    num_images = len(s.image_hw)
+    if num_images < MIN_TUNE_IMAGES:
+        by_region = region_holdout(s, has_val)
+        if by_region:
+            return by_region
     out = []
     if has_val:
         out.append(Derived("data.val_fraction", 0.0, "a validation file is given: it is the validation split"))
     else:
         if num_images < 3:
-            raise UsageError(f"only {num_images} training image(s): too few to hold out a validation split; "
-                             f"give one with --val")
+            raise UsageError(f"only {num_images} training image(s), too small against their objects to hold part "
+                             f"of one out: too few to hold out a validation split; give one with --val")
         n = max(1, round(HOLDOUT_SHARE * num_images))
         out.append(Derived("data.val_fraction", HOLDOUT_SHARE,
                            f"no --val: {n} of {num_images} training images (10%, by image, seeded) are held out "
@@ -188,6 +197,35 @@ def holdout(num_images: int, has_val: bool) -> list[Derived]:
                         f"spared to choose test-time scales on"),
                 Derived("test.tta_choose", False, "no tune split: single-scale evaluation")]
     return out
+
+
+def region_holdout(s: DataSummary, has_val: bool) -> list[Derived] | None:
+    """Few images (< ``MIN_TUNE_IMAGES``): hold out a band at the end of each photo that is large
+    against its objects (:func:`~densedet.data.split.region_layout`) rather than whole photos; None
+    when no photo is."""
+    if not len(s.boxes):
+        return None
+    sides = s.boxes[:, 2:] - s.boxes[:, :2]
+    gap = int(math.ceil(np.percentile(sides.max(axis=1), 98)))
+    val = 0.0 if has_val else HOLDOUT_SHARE
+    shared = sum(region_layout(int(h), int(w), val, HOLDOUT_SHARE, gap) is not None for h, w in s.image_hw)
+    if not shared:
+        return None
+    piece = int(s.eval_hw.max()) if has_val else 0
+    what = "the tune split" if has_val else "the validation split, and the 10% before it the tune split"
+    return [Derived("data.holdout", "region", f"{len(s.image_hw)} training images (< {MIN_TUNE_IMAGES}), {shared} "
+                    f"of them large against their objects: the last 10% of each such photo's longer side is {what} "
+                    f"(the rest of the photos is trained on)"),
+            Derived("data.holdout_gap", gap, f"p98 of the boxes' longer sides: no pixel of a held-out object is "
+                    f"trained on"),
+            Derived("data.holdout_piece", piece, "held-out bands cut into pieces as long as the validation images"
+                    if has_val else "held-out bands cut into about square pieces"),
+            Derived("data.val_fraction", val, "a validation file is given: it is the validation split" if has_val
+                    else "no --val: the last band of each large photo validates"),
+            Derived("data.tune_fraction", HOLDOUT_SHARE, "the test-time scales are chosen on the tune band, never on "
+                    "the validation images"),
+            Derived("test.tta_choose", True, "after training, keep the TTA set that beats single scale on the tune "
+                    "split, or none")]
 
 
 def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
@@ -421,8 +459,9 @@ def _model_boxes(s: DataSummary, scale_of_image: np.ndarray) -> np.ndarray:
     return s.boxes * np.stack([f[:, 1], f[:, 0], f[:, 1], f[:, 0]], axis=1)
 
 
-def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
-    """Every derived setting for the data ``s`` and options ``o``, in the order they are printed."""
+def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = ()) -> list[Derived]:
+    """Every derived setting for the data ``s`` (the images trained on) and options ``o``, in the order
+    they are printed; ``held_out``: the :func:`holdout` rows, decided on all the training images."""
     arch, backbone, rd_size = parse_model_name(o.model)
     if not len(s.boxes):
         raise UsageError("the training annotations hold no boxes: nothing to learn from")
@@ -431,7 +470,7 @@ def derive(s: DataSummary, o: RecipeOptions) -> list[Derived]:
             Derived("model.num_classes", k, f"classes in the annotations: {', '.join(s.class_names[:8])}"
                     f"{'…' if k > 8 else ''}; {len(s.boxes)} boxes in {len(s.image_hw)} images "
                     f"({s.images_without_boxes} without boxes, kept as negatives)")]
-    rows += holdout(o.num_train_images or len(s.image_hw), o.has_val)
+    rows += list(held_out)
     ratios, ratio_why = choose_ratios(s.boxes[:, 2:] - s.boxes[:, :2])
     if arch == "retinanet":
         up, min_size, max_size, scale_rows = input_scale(s)

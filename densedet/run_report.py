@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from .config import Config, to_dict
@@ -253,7 +253,9 @@ def _gallery(images: Sequence[ImageResult], per_image: Sequence[dict], class_nam
     for rank, entry in enumerate(gallery_entries(images, per_image, options.gallery_size)):
         image = entry["image"]
         with Image.open(image.file_name) as pil:
-            pil = pil.convert("RGB")
+            pil = ImageOps.exif_transpose(pil).convert("RGB")
+            if image.region is not None:
+                pil = pil.crop(image.region)
             width, height = pil.size
             pil.thumbnail((_GALLERY_SIDE, _GALLERY_SIDE))
             picture = folder / f"{rank:03d}_{Path(image.file_name).stem}.jpg"

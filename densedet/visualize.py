@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from .data import DetectionData, load_image
+from .data import DetectionData, load_record_image
 
 __all__ = ["draw_detections", "draw_ground_truth", "side_by_side", "draw_predictions", "PALETTE"]
 
@@ -114,9 +114,10 @@ def draw_predictions(model: nn.Module, data: DetectionData, out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     for record in data.records[:num]:
-        pixels = load_image(record.file_name)
+        pixels = load_record_image(record)
         det = model([pixels.float().div(255).to(device)])[0]
         det = {k: v.cpu() for k, v in det.items()}
         truth = draw_ground_truth(pixels, record.boxes, record.labels, data.class_names)
         drawn = side_by_side(truth, draw_detections(pixels, det, data.class_names, score_thresh))
-        drawn.save(out_dir / f"{Path(record.file_name).stem}.png")
+        stem = Path(record.file_name).stem + ("" if record.region is None else f"_{record.image_id}")
+        drawn.save(out_dir / f"{stem}.png")

@@ -11,16 +11,16 @@ from PIL import Image
 from densedet.backbones.resnet import ResNet
 from densedet.boxes import box_iou
 from densedet.config import Config, ConfigError, apply_overrides
-from densedet.data import TiledDataset
+from densedet.data import DetectionDataset, TiledDataset
 from densedet.data.formats import detect_format
 from densedet.data.records import DatasetError, DetectionData, ImageRecord
-from densedet.data.split import split_by_image
+from densedet.data.split import region_layout, split_by_image, split_by_region
 from densedet.engine.pretrain import background_share, background_windows, pretrain_backbone
 from densedet.engine.tune import candidate_sets, choose_tta
 from densedet.tta import TTAConfig
 from densedet.errors import UsageError
 from densedet.recipe import (DataSummary, RecipeOptions, base_config, choose_anchors, choose_ratios, derive,
-                             grid_best_iou, parse_model_name, recipe_config)
+                             grid_best_iou, holdout, parse_model_name, recipe_config)
 
 
 def make_data(boxes_per_image, hw=(320, 320), labels=None, names=("thing",)) -> DetectionData:
@@ -48,8 +48,9 @@ def values(rows) -> dict:
 
 
 def derived(data, val=None, **options) -> dict:
-    opts = RecipeOptions(has_val=val is not None, num_train_images=len(data.records), **options)
-    return values(derive(DataSummary.from_data(data, val), opts))
+    summary = DataSummary.from_data(data, val)
+    opts = RecipeOptions(has_val=val is not None, **options)
+    return values(derive(summary, opts, holdout(summary, val is not None)))
 
 
 # -- anchors and levels --------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def test_one_class_gets_the_background_warm_up_and_no_class_cross_entropy():
 def test_images_without_boxes_are_kept_and_counted():
     rng = np.random.default_rng(7)
     data = make_data([squares(rng, 3, 20, 40) for _ in range(8)] + [[] for _ in range(4)])
-    rows = derive(DataSummary.from_data(data), RecipeOptions(num_train_images=12))
+    rows = derive(DataSummary.from_data(data), RecipeOptions())
     assert "4 without boxes" in next(r.reason for r in rows if r.key == "model.num_classes")
 
 
@@ -196,7 +197,7 @@ def test_flip_and_model_names():
 def test_derived_values_make_a_valid_config(model):
     rng = np.random.default_rng(11)
     data = make_data([squares(rng, 3, 10, 60) for _ in range(12)], labels=[[0, 1, 1]] * 12, names=("a", "b"))
-    rows = derive(DataSummary.from_data(data), RecipeOptions(model=model, num_train_images=12))
+    rows = derive(DataSummary.from_data(data), RecipeOptions(model=model))
     cfg = recipe_config(rows, base_config(model))
     assert cfg.model.num_classes == 2 and cfg.model.arch == model.split("_")[0].rstrip("0123456789")
     if cfg.model.arch == "refinedet":
@@ -245,6 +246,63 @@ def test_splits_are_by_image_disjoint_and_seeded():
 def test_split_refuses_to_leave_nothing_to_train_on():
     with pytest.raises(DatasetError, match="train on"):
         split_by_image(make_data([[[0, 0, 10, 10]] for _ in range(2)]), 0.5, 0.4, seed=0)
+
+
+def test_region_layout_puts_the_bands_at_the_far_end_behind_a_gap():
+    # taller than wide: bands across the width at the bottom; val last, tune before it, the gap before both
+    assert region_layout(3000, 1000, 0.1, 0.1, gap=50) == {
+        "train": (0, 0, 1000, 2350), "tune": (0, 2400, 1000, 2700), "val": (0, 2700, 1000, 3000)}
+    assert region_layout(1000, 3000, 0.0, 0.1, gap=50) == {"train": (0, 0, 2650, 1000), "tune": (2700, 0, 3000, 1000)}
+    assert region_layout(1000, 900, 0.1, 0.1, gap=60) is None        # a 100 px band cannot hold two 60 px objects
+
+
+def test_split_by_region_trains_on_no_pixel_of_a_held_out_object(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 255, (1200, 500, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    boxes = [[x, y, x + 20, y + 24] for y in range(0, 1170, 30) for x in range(5, 480, 37)]
+    big = ImageRecord(str(tmp_path / "big.png"), 7, 1200, 500, np.array(boxes, np.float32), np.zeros(len(boxes)))
+    small = ImageRecord("small.png", 8, 300, 300, np.array([[0, 0, 20, 24]], np.float32), np.zeros(1))
+    data = DetectionData([big, small], ["thing"], None, "grid")
+    parts = split_by_region(data, 0.1, 0.1, gap=24, piece=160)
+    train, tune, val = parts["train"].records, parts["tune"].records, parts["val"].records
+    assert train[1] is small and train[0].region == (0, 0, 500, 936)        # too small to share: trained on whole
+    assert [r.region for r in val] == [(0, 1080, 167, 1200), (167, 1080, 333, 1200), (333, 1080, 500, 1200)]
+    assert len({r.image_id for r in train + tune + val}) == len(train + tune + val) and 7 not in {r.image_id for r in tune}
+    trained = train[0].region
+    scored = 0
+    for record in tune + val:
+        x0, y0, x1, y1 = record.region
+        assert (record.height, record.width) == (y1 - y0, x1 - x0) and y0 >= trained[3] + 24    # behind the gap
+        for box, crowd in zip(record.boxes + [x0, y0, x0, y0], record.iscrowd):
+            whole = any(np.allclose(box, b) for b in boxes)
+            assert crowd != whole                                        # cut by the border: ignored, not scored
+            scored += not crowd
+    inside = [b for b in boxes if b[1] >= 936 + 24 and any(
+        r.region[0] <= b[0] and b[2] <= r.region[2] and r.region[1] <= b[1] and b[3] <= r.region[3] for r in tune + val)]
+    assert scored == len(inside) > 0
+    # the pixels are the region's, the boxes in its coordinates
+    image, target = DetectionDataset(parts["val"])[1]
+    assert torch.equal((image * 255).round().byte(), torch.from_numpy(pixels[1080:1200, 167:333]).permute(2, 0, 1))
+    assert float(target["boxes"][:, 0].min()) >= 0 and float(target["boxes"][:, 2].max()) <= 166
+    with pytest.raises(DatasetError, match="--val"):
+        split_by_region(DetectionData([small], ["thing"], None, "one"), 0.1, 0.1, gap=24)
+
+
+def test_holdout_by_region_for_few_large_photos():
+    rng = np.random.default_rng(12)
+    photos = make_data([squares(rng, 60, 20, 40, size=2000) for _ in range(3)], hw=(2000, 2000))
+    v = derived(photos)
+    assert v["data.holdout"] == "region" and v["data.val_fraction"] == 0.1 and v["data.tune_fraction"] == 0.1
+    assert 38 <= v["data.holdout_gap"] <= 40 and v["data.holdout_piece"] == 0 and v["test.tta_choose"]
+    # with a validation file: only the tune band, cut into pieces the size of the validation images
+    v = derived(photos, make_data([squares(rng, 5, 20, 40, size=500)], hw=(400, 500)))
+    assert v["data.holdout"] == "region" and v["data.val_fraction"] == 0.0 and v["data.holdout_piece"] == 500
+    # many images, or photos small against their objects: whole images, as before
+    assert "data.holdout" not in derived(make_data([squares(rng, 3, 20, 40, size=2000) for _ in range(12)],
+                                                   hw=(2000, 2000)))
+    assert "data.holdout" not in derived(make_data([squares(rng, 3, 100, 150, size=600) for _ in range(5)],
+                                                   hw=(600, 600)))
 
 
 # -- choosing the TTA on the tune split ------------------------------------------------------------------

@@ -11,6 +11,7 @@ of the derived values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,8 +22,7 @@ from ..analysis import dataset_statistics
 from ..config import ModelConfig, apply_overrides, find_config, from_dict, load_config, save_config, upgrade_config_dict
 from ..data import DetectionData, load_coco, load_csv, load_voc
 from ..data.formats import detect_format
-from ..data.split import split_by_image
-from ..engine.data import resolve_paths
+from ..engine.data import carve, resolve_paths
 from ..engine.trainer import train
 from ..engine.tune import record_choice
 from ..errors import UsageError
@@ -127,16 +127,16 @@ def _train_from_data(args: argparse.Namespace) -> int:
     kind_of_weights = weights_kind(args.weights) if args.weights else None
     options = RecipeOptions(model=args.model or "retinanet_r18_fpn", minutes=args.minutes or 10.0,
                             weights=args.weights, weights_kind=kind_of_weights, flip=not args.no_flip,
-                            top_down=args.top_down, has_val=val_data is not None,
-                            num_train_images=len(train_data.records))
+                            top_down=args.top_down, has_val=val_data is not None)
     base = base_config(options.model)
     if kind_of_weights == "detection":
         base.model = _checkpoint_model(args.weights, base)
-    # the statistics are those of the images trained on: a held-out val / tune split is left out
-    fractions = {r.key: r.value for r in holdout(len(train_data.records), val_data is not None)}
-    parts = split_by_image(train_data, fractions["data.val_fraction"], fractions["data.tune_fraction"],
-                           base.data.seed)
-    rows = derive(DataSummary.from_data(parts["train"], val_data or parts.get("val")), options)
+    # the held-out splits are decided on all the training images; the other rules see the images trained on
+    held_out = holdout(DataSummary.from_data(train_data, val_data), val_data is not None)
+    split_config = dataclasses.replace(base.data, **{r.key[len("data."):]: r.value for r in held_out
+                                                    if r.key.startswith("data.")})
+    parts = carve(split_config, train_data)
+    rows = derive(DataSummary.from_data(parts["train"], val_data or parts.get("val")), options, held_out)
     if kind_of_weights == "detection":     # the checkpoint's architecture and anchors are tied to its weights
         rows = [r for r in rows if not r.key.startswith("model.") or r.key in DETECTION_CHECKPOINT_KEEPS]
     cfg = recipe_config(rows, base)

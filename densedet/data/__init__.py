@@ -12,7 +12,7 @@ from .csv import load_csv
 from .dataset import DetectionDataset, TiledDataset, collate, record_target
 from .digits import CLASS_NAMES as DIGIT_CLASS_NAMES
 from .digits import make_digit_scenes
-from .images import image_size, load_image, record_size
+from .images import image_size, load_image, load_record_image, record_size
 from .records import DataReport, DatasetError, DetectionData, ImageRecord
 from .transforms import (Compose, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90, ResizeFixed,
                          ResizeShortestEdge, crop_target, resize, tile_grid, tile_image)
@@ -22,7 +22,7 @@ __all__ = [
     "DataReport", "DatasetError", "DetectionData", "ImageRecord",
     "load_coco", "save_coco", "to_coco_dict", "load_voc", "load_csv", "load_detection_data",
     "make_digit_scenes", "DIGIT_CLASS_NAMES",
-    "load_image", "image_size", "record_size", "DetectionDataset", "TiledDataset", "collate", "record_target",
+    "load_image", "load_record_image", "image_size", "record_size", "DetectionDataset", "TiledDataset", "collate", "record_target",
     "Compose", "RandomHorizontalFlip", "RandomRotate90", "RandomObjectCrop", "ResizeShortestEdge", "ResizeFixed",
     "resize", "tile_image", "tile_grid", "crop_target",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import image_size, load_image
+from .images import image_size, load_image, load_record_image
 from .records import DatasetError, DetectionData, ImageRecord
 from .transforms import Target, crop_target, tile_grid
 
@@ -79,7 +79,7 @@ class DetectionDataset(Dataset):
         cached = self._cache.get(index)
         if cached is not None:
             return cached
-        image = load_image(self.data.records[index].file_name)
+        image = load_record_image(self.data.records[index])
         if self.cache_images:
             self._cache[index] = image
         return image

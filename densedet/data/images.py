@@ -62,6 +62,19 @@ def load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(chw)
 
 
+def load_record_image(record) -> torch.Tensor:
+    """The pixels of an image record as uint8 [3, H, W]: its file, or the rectangle of it that the
+    record's ``region`` names (a :class:`DatasetError` when the file is smaller than that)."""
+    image = load_image(record.file_name)
+    if record.region is None:
+        return image
+    x0, y0, x1, y1 = record.region
+    if x1 > image.shape[-1] or y1 > image.shape[-2]:
+        raise DatasetError(f"{record.file_name}: region {list(record.region)} lies outside the "
+                           f"{image.shape[-1]}x{image.shape[-2]} image")
+    return image[:, y0:y1, x0:x1].clone()       # a copy: a view would keep the whole photo alive
+
+
 def record_size(record, source: str = "") -> tuple[int, int]:
     """(height, width) of an image record: from the annotations, else from the image file's header.
     A record with neither is a :class:`DatasetError` naming ``source`` and the file."""

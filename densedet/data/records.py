@@ -35,6 +35,9 @@ class ImageRecord:
     `height`/`width` are None when the annotation file does not give them; the dataset then takes
     them from the decoded image. Arrays: boxes [N, 4] float32 (x1, y1, x2, y2, continuous pixel
     coordinates), labels [N] int64 in 0..K-1, iscrowd [N] bool, difficult [N] bool.
+    `region` (x0, y0, x1, y1), when set, is the part of the file this record stands for (a held-out
+    band of a large photo, :func:`~densedet.data.split.split_by_region`): its size, boxes and pixels
+    (:func:`~densedet.data.load_record_image`) are that rectangle's.
     """
 
     file_name: str
@@ -45,6 +48,7 @@ class ImageRecord:
     labels: np.ndarray
     iscrowd: np.ndarray | None = None
     difficult: np.ndarray | None = None
+    region: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
         # Normalise dtypes/shapes once here so that code downstream never has to guess.

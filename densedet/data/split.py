@@ -1,21 +1,29 @@
-"""Held-out slices of one annotated set, by image: a validation split and a ``tune`` split.
+"""Held-out slices of one annotated set: a validation split and a ``tune`` split.
 
 When no validation file is given, ``densedet train --data`` carves one out of the training
 annotations, and a ``tune`` slice besides, on which the test-time scales are chosen after training
-(never on the validation images, whose numbers are then reported). Both are drawn by image, so no
-image, and no object of it, is in two splits; the draw is a seeded permutation of the images'
-order, so the same seed gives the same split on every machine.
+(never on the validation images, whose numbers are then reported).
+
+- :func:`split_by_image`: whole images, drawn by a seeded permutation of the images' order, so no
+  image, and no object of it, is in two splits, and the same seed gives the same split on every machine.
+- :func:`split_by_region`: for a few large photos (two orthophotos hold hundreds of objects, and
+  holding one of them out would halve the training set), a band at the end of each photo's longer
+  side is held out instead, with a gap as wide as the largest objects between it and the part that
+  is trained on: no pixel of a held-out object is ever trained on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
 import torch
 
-from .records import DataReport, DatasetError, DetectionData
+from .images import record_size
+from .records import DataReport, DatasetError, DetectionData, ImageRecord
 
-__all__ = ["holdout_counts", "split_by_image"]
+__all__ = ["holdout_counts", "split_by_image", "region_layout", "split_by_region"]
 
 SPLIT_SALT = 7_919          # the split's generator is seeded by (seed, this), not by the training seed alone
 
@@ -47,6 +55,109 @@ def split_by_image(data: DetectionData, val_fraction: float, tune_fraction: floa
             continue
         records = [data.records[i] for i in indices]
         report = DataReport(source=f"{data.source} ({name}: {len(records)} of {n} images, seed {seed})")
+        for record in records:
+            report.count_record(record)
+        out[name] = dataclasses.replace(data, records=records, source=report.source, report=report)
+    return out
+
+
+# -- by region ------------------------------------------------------------------------------------
+
+Rect = tuple[int, int, int, int]
+
+
+def region_layout(height: int, width: int, val_fraction: float, tune_fraction: float, gap: int
+                  ) -> dict[str, Rect] | None:
+    """Where the parts of one ``height x width`` photo lie: ``{"train", "tune", "val"}`` rectangles
+    ``(x0, y0, x1, y1)`` (a part is absent when its fraction is 0).
+
+    Along the longer side: the training part first, then ``gap`` pixels that no split uses, then the
+    tune band, then the val band at the far end; each band ``ceil(fraction x longer side)`` thick and
+    as long as the shorter side. None when a band would be thinner than ``2 x gap`` (the photo is too
+    small against its objects to share) or the training part thinner than that.
+    """
+    longer = max(height, width)
+    bands = {name: math.ceil(f * longer) for name, f in (("tune", tune_fraction), ("val", val_fraction)) if f > 0}
+    if not bands or min(bands.values()) < max(1, 2 * gap):
+        return None
+    end = longer - sum(bands.values()) - gap
+    if end < max(1, 2 * gap):
+        return None
+    spans, start = {"train": (0, end)}, end + gap
+    for name, thickness in bands.items():
+        spans[name] = (start, start + thickness)
+        start += thickness
+    along_height = height >= width
+    return {name: (0, a, width, b) if along_height else (a, 0, b, height) for name, (a, b) in spans.items()}
+
+
+def _pieces(rect: Rect, piece: int) -> list[Rect]:
+    """``rect`` (a band) cut across its length into parts about ``piece`` long (0: as long as the band
+    is thick, so about square)."""
+    x0, y0, x1, y1 = rect
+    along_x = x1 - x0 >= y1 - y0
+    length, thickness = ((x1 - x0), (y1 - y0)) if along_x else ((y1 - y0), (x1 - x0))
+    n = max(1, round(length / (piece or thickness)))
+    cuts = [round(i * length / n) for i in range(n + 1)]
+    return [(x0 + a, y0, x0 + b, y1) if along_x else (x0, y0 + a, x1, y0 + b) for a, b in zip(cuts, cuts[1:])]
+
+
+def _region_record(record: ImageRecord, rect: Rect, image_id: int, held_out: bool,
+                   min_visibility: float = 0.5) -> ImageRecord:
+    """The part ``rect`` of ``record``'s photo as a record of its own, boxes in its coordinates.
+
+    Training part: boxes clipped to it, kept when at least ``min_visibility`` of them is inside (as
+    tiles keep them). Held-out part: every box wholly inside is scored; a box cut by the border is
+    kept clipped as a crowd region, on which detections count neither way.
+    """
+    x0, y0, x1, y1 = rect
+    boxes = record.boxes.astype(np.float64)
+    clipped = np.stack([boxes[:, 0].clip(x0, x1), boxes[:, 1].clip(y0, y1),
+                        boxes[:, 2].clip(x0, x1), boxes[:, 3].clip(y0, y1)], axis=1)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    if held_out:
+        keep = inside > 0
+        crowd = record.iscrowd | (inside < area)
+    else:
+        keep = (inside > 0) & (inside >= min_visibility * area)
+        crowd = record.iscrowd
+    ox, oy = (record.region or (0, 0))[:2]
+    return ImageRecord(record.file_name, image_id, y1 - y0, x1 - x0,
+                       (clipped[keep] - [x0, y0, x0, y0]).astype(np.float32), record.labels[keep],
+                       crowd[keep], record.difficult[keep], region=(ox + x0, oy + y0, ox + x1, oy + y1))
+
+
+def split_by_region(data: DetectionData, val_fraction: float, tune_fraction: float, gap: int, piece: int = 0
+                    ) -> dict[str, DetectionData]:
+    """``{"train", "val", "tune"}`` of a few large photos: each photo that :func:`region_layout` can
+    share gives a training part and held-out bands, cut into pieces about ``piece`` long (to look like
+    the evaluation images; 0: about square); the others are trained on whole. Parts are
+    records with a ``region`` and new image ids. A :class:`DatasetError` when no photo can be shared."""
+    parts: dict[str, list[ImageRecord]] = {"train": [], "val": [], "tune": []}
+    next_id = 1 + max((r.image_id for r in data.records), default=0)   # never the id of a whole photo
+    shared = 0
+    for record in data.records:
+        layout = region_layout(*record_size(record, data.source), val_fraction, tune_fraction, gap)
+        if layout is None:
+            parts["train"].append(record)
+            continue
+        shared += 1
+        for name, rect in layout.items():
+            for part in ([rect] if name == "train" else _pieces(rect, piece)):
+                parts[name].append(_region_record(record, part, next_id, held_out=name != "train"))
+                next_id += 1
+    if not shared:
+        raise DatasetError(f"{data.source}: no image is large enough against its objects (a band of "
+                           f"{max(val_fraction, tune_fraction):.0%} of its longer side at least {2 * gap} px) to "
+                           f"hold part of it out; give a validation file (--val)")
+    out = {}
+    for name, records in parts.items():
+        if not records:
+            continue
+        what = "images and parts" if name == "train" else "parts"
+        report = DataReport(source=f"{data.source} ({name}: {len(records)} {what} of {len(data.records)} images, "
+                                   f"by region)")
         for record in records:
             report.count_record(record)
         out[name] = dataclasses.replace(data, records=records, source=report.source, report=report)

@@ -30,11 +30,11 @@ FORMATS = ("onnx", "openvino")
 def calibration_images(data, count: int, seed: int = 0) -> list[Tensor]:
     """``count`` images of a :class:`~densedet.data.DetectionData` split (a seeded sample, in file
     order), as float ``[3, H, W]`` in [0, 1]."""
-    from ..data import load_image
+    from ..data import load_record_image
     if count < 1:
         raise ValueError(f"the number of calibration images must be >= 1, got {count}")
     picked = sorted(random.Random(seed).sample(range(len(data.records)), min(count, len(data.records))))
-    return [load_image(data.records[i].file_name).float() / 255 for i in picked]
+    return [load_record_image(data.records[i]).float() / 255 for i in picked]
 
 
 def export_deployable(model: nn.Module, path: str | Path, fmt: str = "onnx", image_size: Sequence[int] | None = None,

@@ -18,9 +18,9 @@ from ..config import Config, ConfigError, DataConfig
 from ..data.ssd_augment import PhotometricDistort, SSDAugmentation
 from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90,
                     TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
-from ..data.split import split_by_image
+from ..data.split import split_by_image, split_by_region
 
-__all__ = ["load_split", "build_train_dataset", "BatchStream"]
+__all__ = ["load_split", "carve", "build_train_dataset", "BatchStream"]
 
 
 def resolve_path(path: str) -> str:
@@ -60,8 +60,7 @@ def _load_split(data: DataConfig, split: str = "train") -> DetectionData:
     """Read the ``train``, ``val`` or ``tune`` split a :class:`DataConfig` describes.
 
     With ``data.val_fraction`` (and no ``data.val``) or ``data.tune_fraction``, those splits are
-    images of ``data.train`` held out by :func:`~densedet.data.split.split_by_image` (seeded by
-    ``data.seed``), and the train split is what is left.
+    held out of ``data.train`` (:func:`carve`), and the train split is what is left.
 
     ``coco``/``csv``/``voc`` read ``data.<split>`` (annotation file, or folder of VOC XML) with
     images under ``data.<split>_images`` (default: next to the annotations); ``digits`` generates
@@ -80,12 +79,20 @@ def _load_split(data: DataConfig, split: str = "train") -> DetectionData:
                           f"but data.val is given too ({data.val}); set one of them")
     carved = {"val": data.val_fraction > 0, "tune": data.tune_fraction > 0}
     if split == "train" and any(carved.values()) or carved.get(split):
-        parts = split_by_image(_read(data, "train"), data.val_fraction, data.tune_fraction, data.seed)
-        return parts[split]
+        return carve(data, _read(data, "train"))[split]
     if split == "tune":
         raise ConfigError(f"no tune split: set data.tune_fraction to hold out part of data.train (data.format "
                           f"{data.format!r}); evaluate another annotation file with data.val=FILE")
     return _read(data, split)
+
+
+def carve(data: DataConfig, train: DetectionData) -> dict[str, DetectionData]:
+    """``{"train", "val", "tune"}`` of the training annotations, as ``data.holdout`` says: whole images
+    (:func:`~densedet.data.split.split_by_image`, seeded by ``data.seed``) or bands of large photos
+    (:func:`~densedet.data.split.split_by_region`)."""
+    if data.holdout == "region":
+        return split_by_region(train, data.val_fraction, data.tune_fraction, data.holdout_gap, data.holdout_piece)
+    return split_by_image(train, data.val_fraction, data.tune_fraction, data.seed)
 
 
 def _read(data: DataConfig, split: str) -> DetectionData:

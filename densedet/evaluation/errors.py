@@ -45,7 +45,8 @@ _TP = "true positive"
 @dataclass
 class ImageResult:
     """One image's ground truth ``gt_boxes [G, 4]``, ``gt_labels [G]`` and detections ``boxes [D, 4]``,
-    ``scores [D]``, ``labels [D]`` (contiguous labels, boxes ``x1, y1, x2, y2`` pixels)."""
+    ``scores [D]``, ``labels [D]`` (contiguous labels, boxes ``x1, y1, x2, y2`` pixels); ``region``: the
+    rectangle of ``file_name`` the image is, when it is part of a photo (:class:`~densedet.data.ImageRecord`)."""
 
     image_id: int
     gt_boxes: np.ndarray
@@ -54,14 +55,16 @@ class ImageResult:
     scores: np.ndarray
     labels: np.ndarray
     file_name: str = ""
+    region: tuple[int, int, int, int] | None = None
 
     @staticmethod
-    def make(image_id: int, gt_boxes, gt_labels, boxes, scores, labels, file_name: str = "") -> "ImageResult":
+    def make(image_id: int, gt_boxes, gt_labels, boxes, scores, labels, file_name: str = "",
+             region: tuple[int, int, int, int] | None = None) -> "ImageResult":
         """An :class:`ImageResult` from any array-likes (lists included), with the dtypes fixed."""
         return ImageResult(int(image_id), np.asarray(gt_boxes, np.float64).reshape(-1, 4),
                            np.asarray(gt_labels, np.int64).reshape(-1), np.asarray(boxes, np.float64).reshape(-1, 4),
                            np.asarray(scores, np.float64).reshape(-1), np.asarray(labels, np.int64).reshape(-1),
-                           file_name)
+                           file_name, None if region is None else tuple(int(v) for v in region))
 
 
 @dataclass
@@ -123,7 +126,7 @@ def image_results(data, results: Sequence[dict]) -> list[ImageResult]:
         keep = ~_on_crowd(boxes, gt_boxes[crowd])      # detections on a crowd region are neither right nor wrong
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         out.append(ImageResult.make(rec.image_id, gt_boxes[~crowd], np.asarray(rec.labels)[~crowd], boxes, scores,
-                                    labels, str(rec.file_name)))
+                                    labels, str(rec.file_name), getattr(rec, "region", None)))
     return out
 
 
