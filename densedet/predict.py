@@ -5,7 +5,7 @@
 
 Large images (aerial photos, e.g. deepforest's 2299x2472 orchards) are cut into overlapping tiles
 that each go through the model at its own input size, so small objects are not resized away; the
-boxes are shifted back and merged across tiles (:func:`merge_tiles`). Inference runs in fp32 under
+boxes are shifted back and merged across tiles (:mod:`densedet.tiling`). Inference runs in fp32 under
 ``torch.inference_mode`` with channels-last weights; bf16 autocast is used only where the hardware
 multiplies bf16 natively (:func:`fast_autocast`). ``backend="onnxruntime"`` or ``"openvino"`` runs an
 exported model instead (``densedet export``; :mod:`densedet.deploy`), with the same tiling and
@@ -16,19 +16,18 @@ predict`` command: :mod:`densedet.commands.predict`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from .boxes import batched_nms, box_area
 from .data.images import _to_rgb_array, load_image
-from .data.transforms import tile_grid
 # One definition of "where is bf16 fast" for the whole library (densedet.device), re-exported here.
 from .device import cpu_has_fast_bf16, fast_autocast, flush_denormals
 from .engine.checkpoint import model_from_checkpoint
+from .tiling import detect_tiled, merge_tiles
 from .tta import TTAConfig, tta_inference
 
 __all__ = ["Predictor", "fast_autocast", "cpu_has_fast_bf16", "merge_tiles", "to_image_tensor"]
@@ -72,58 +71,6 @@ def _as_model_input(image: Tensor, device: torch.device) -> Tensor:
 
 
 # -- tiling ---------------------------------------------------------------------------------------
-
-def merge_tiles(detections: Sequence[dict[str, Tensor]], windows: Sequence[tuple[int, int, int, int]],
-                image_size: tuple[int, int], iou_threshold: float = 0.5, contain_threshold: float = 0.8,
-                border_tolerance: float = 2.0) -> dict[str, Tensor]:
-    """Merge per-tile detections into one image's detections.
-
-    Args:
-        detections: per tile ``{"boxes": [D_t, 4] (tile pixels), "scores", "labels"}``.
-        windows: per tile ``(x0, y0, x1, y1)`` in the image (``densedet.data.tile_grid``).
-        image_size: ``(H, W)`` of the whole image.
-        iou_threshold: class-wise NMS across tiles (duplicates of an object seen whole twice).
-        contain_threshold: a box touching an inner tile border (within ``border_tolerance`` px,
-            on a side where the tile does not end at the image border) is the visible part of a
-            cut object; it is removed when a larger box of the same class from another tile
-            covers at least this fraction of its area, so an object split by a border is reported
-            once. (An object larger than the tile overlap is seen whole by no tile; its parts stay.)
-
-    Returns:
-        ``{"boxes": [D, 4] (image pixels), "scores", "labels"}`` by decreasing score.
-    """
-    height, width = image_size
-    parts_boxes, parts_tile, parts_cut = [], [], []
-    for t, (det, (x0, y0, x1, y1)) in enumerate(zip(detections, windows)):
-        boxes = det["boxes"].float()
-        boxes = boxes + torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=boxes.device)
-        tol = border_tolerance
-        # a side counts only where the tile ends inside the image (x0 > 0 ...), not at its border
-        cut = ((x0 > 0) & (boxes[:, 0] - x0 <= tol)) | ((x1 < width) & (x1 - boxes[:, 2] <= tol))
-        cut |= ((y0 > 0) & (boxes[:, 1] - y0 <= tol)) | ((y1 < height) & (y1 - boxes[:, 3] <= tol))
-        parts_boxes.append(boxes)
-        parts_tile.append(torch.full((boxes.shape[0],), t, dtype=torch.int64, device=boxes.device))
-        parts_cut.append(cut)
-    boxes = torch.cat(parts_boxes)
-    scores = torch.cat([d["scores"].float() for d in detections])
-    labels = torch.cat([d["labels"] for d in detections])
-    tile = torch.cat(parts_tile)
-    cut = torch.cat(parts_cut)
-    keep = torch.ones_like(cut)
-    cut_idx = cut.nonzero().squeeze(1)
-    if cut_idx.numel():
-        c = boxes[cut_idx]                                                          # [C, 4]
-        lt = torch.maximum(c[:, None, :2], boxes[None, :, :2])
-        rb = torch.minimum(c[:, None, 2:], boxes[None, :, 2:])
-        inter = (rb - lt).clamp(min=0).prod(-1)                                     # [C, N]
-        area = box_area(boxes)
-        covered = ((inter >= contain_threshold * area[cut_idx, None]) & (area[None, :] > area[cut_idx, None])
-                   & (labels[None, :] == labels[cut_idx, None]) & (tile[None, :] != tile[cut_idx, None]))
-        keep[cut_idx[covered.any(1)]] = False
-    idx = keep.nonzero().squeeze(1)
-    kept = idx[batched_nms(boxes[idx], scores[idx], labels[idx], iou_threshold)]
-    return {"boxes": boxes[kept], "scores": scores[kept], "labels": labels[kept]}
-
 
 # -- the predictor --------------------------------------------------------------------------------
 
@@ -216,29 +163,10 @@ class Predictor:
         return [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(), "labels": d["labels"].cpu()}
                 for d in out]
 
-    def _windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
-        if self.tile_size and (height > self.tile_size or width > self.tile_size):
-            return tile_grid(height, width, self.tile_size, self.tile_overlap)
-        return [(0, 0, width, height)]
-
     def __call__(self, images: Any) -> list[dict[str, Tensor]]:
         if not isinstance(images, (list, tuple)):
             images = [images]
         tensors = [to_image_tensor(image, i) for i, image in enumerate(images)]
-        # every (image, window) is one work item, so tiles of several images share batches
-        work = [(i, w) for i, t in enumerate(tensors) for w in self._windows(*t.shape[-2:])]
-        per_image: list[list[tuple[dict, tuple[int, int, int, int]]]] = [[] for _ in tensors]
-        for start in range(0, len(work), self.batch_size):
-            chunk = work[start:start + self.batch_size]
-            crops = [_as_model_input(tensors[i][:, y0:y1, x0:x1], self.device) for i, (x0, y0, x1, y1) in chunk]
-            for (i, window), det in zip(chunk, self.detect(crops)):
-                per_image[i].append((det, window))
-        results = []
-        nms_thresh = float(getattr(self.model, "nms_thresh", 0.5))
-        for tensor, parts in zip(tensors, per_image):
-            if len(parts) == 1:
-                results.append(parts[0][0])
-            else:
-                results.append(merge_tiles([d for d, _ in parts], [w for _, w in parts],
-                                           tuple(tensor.shape[-2:]), iou_threshold=nms_thresh))
-        return results
+        return detect_tiled(lambda crops: self.detect([_as_model_input(c, self.device) for c in crops]), tensors,
+                            self.tile_size, self.tile_overlap, self.batch_size,
+                            float(getattr(self.model, "nms_thresh", 0.5)))

@@ -41,7 +41,7 @@ from torch import nn
 
 from .config import Config, to_dict
 from .data import DetectionData, to_coco_dict
-from .engine.evaluate import predict_dataset
+from .engine.evaluate import eval_tiles, predict_dataset
 from .engine.metrics_log import scalars
 from .evaluation import evaluate_coco
 from .evaluation.errors import (KINDS, SIZES, ImageResult, confusion_matrix, error_breakdown, image_results,
@@ -76,7 +76,7 @@ def write_run_report(cfg: Config, model: nn.Module, val_data: DetectionData, dev
     ``out/metrics.jsonl``, the detections of the final ``model`` on ``val_data`` at single scale
     (one more pass over the split: the final evaluation keeps only its numbers)."""
     start = time.perf_counter()
-    results = predict_dataset(model, val_data, cfg.test.batch_size, device, dtype)
+    results = predict_dataset(model, val_data, cfg.test.batch_size, device, dtype, tiles=eval_tiles(cfg.data))
     metrics_json = out / "metrics.json"
     summary = json.loads(metrics_json.read_text()) if metrics_json.is_file() else None
     path = write_report(out, cfg, val_data, results, summary, command=sys.argv, run_dir=out,

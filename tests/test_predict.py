@@ -20,12 +20,14 @@ from densedet.tta import FLIP_ONLY, TTAConfig
 from test_tta import BrightBoxModel, scene
 
 
-def tiny_checkpoint(path, category_ids=None, num_classes=3):
-    """A small random-weight RetinaNet R18 checkpoint whose scores start near 0.1 (so it detects things)."""
+def tiny_checkpoint(path, category_ids=None, num_classes=3, tiles=(0, 128)):
+    """A small random-weight RetinaNet R18 checkpoint whose scores start near 0.1 (so it detects things),
+    trained (so its config says) on ``tiles`` = (data.tile_size, data.tile_overlap)."""
     from densedet.config import Config, to_dict
     from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
     from densedet.models import build_from_config
     cfg = Config()
+    cfg.data.tile_size, cfg.data.tile_overlap = tiles
     m = cfg.model
     m.backbone, m.num_classes, m.retinanet.fpn_channels, m.retinanet.head_convs = "resnet18", num_classes, 16, 1
     m.min_size, m.max_size, m.retinanet.prior_prob, m.score_thresh, m.detections_per_img = 64, 128, 0.1, 0.05, 20
@@ -141,6 +143,44 @@ def test_object_split_by_a_tile_border_is_reported_once_in_image_coordinates():
     assert got == {c: list(map(float, r)) for c, r in rects.items()}
     assert all(call[-2:] == (128, 128) for call in model.calls)      # tiles at their own size
     assert sum(call[0] for call in model.calls) == 12                  # 4 x 3 tiles
+
+
+def test_evaluation_tiles_an_image_larger_than_the_training_tiles(tmp_path):
+    """A model trained on tiles (data.tile_size) is scored as it predicts: the same tiles, merged."""
+    from densedet.config import DataConfig
+    from densedet.data import DetectionData, ImageRecord
+    from densedet.engine.evaluate import eval_tiles, evaluate_model, predict_dataset
+    rects = {0: (100, 30, 150, 60), 1: (10, 140, 40, 180), 2: (260, 170, 300, 200)}
+    Image.fromarray((scene(200, 300, rects) * 255).byte().permute(1, 2, 0).numpy()).save(tmp_path / "photo.png")
+    boxes = np.array(list(rects.values()), np.float32)
+    data = DetectionData([ImageRecord(str(tmp_path / "photo.png"), 1, 200, 300, boxes, np.arange(3))],
+                         ["r", "g", "b"], None, "scene")
+    assert eval_tiles(DataConfig()) is None and eval_tiles(DataConfig(tile_size=128, tile_overlap=64)) == (128, 64)
+    model = BrightBoxModel(min_size=128, max_size=128)
+    results = predict_dataset(model, data, batch_size=5, tiles=(128, 64))
+    assert {r["category_id"] - 1: [x1, y1, x1 + w, y1 + h] for r in results           # category ids 1..3
+            for x1, y1, w, h in [r["bbox"]]} == {c: list(map(float, b)) for c, b in rects.items()}
+    assert all(call[-2:] == (128, 128) for call in model.calls)      # never the whole photo, shrunk
+    assert evaluate_model(model, data, batch_size=5, tiles=(128, 64))["AP"] == pytest.approx(1.0)
+    whole = predict_dataset(BrightBoxModel(min_size=128, max_size=128), data, batch_size=5)
+    assert {r["category_id"]: r["bbox"] for r in whole} != {r["category_id"]: r["bbox"] for r in results}
+
+
+def test_cli_predict_tiles_as_the_model_was_trained(tmp_path, capsys):
+    from densedet.commands.predict import _resolve_tiles
+    tiled = tiny_checkpoint(tmp_path / "tiled.pt", tiles=(96, 24))
+    whole = tiny_checkpoint(tmp_path / "whole.pt")
+
+    def resolved(weights, *flags):
+        parser = argparse.ArgumentParser()
+        add_parser(parser.add_subparsers())
+        args = parser.parse_args(["predict", "x.png", "--weights", str(weights), "--out", str(tmp_path), *flags])
+        _resolve_tiles(args)
+        return args.tile, args.tile_overlap
+
+    assert resolved(tiled) == (96, 24) and "tiles as trained: 96 px" in capsys.readouterr().err
+    assert resolved(tiled, "--tile", "0") == (0, 128) and resolved(tiled, "--tile-overlap", "40") == (96, 40)
+    assert resolved(whole) == (0, 128) and resolved(whole, "--tile", "64") == (64, 128)
 
 
 def test_merge_tiles_needs_the_containment_step():

@@ -20,7 +20,7 @@ from ..data import DetectionData, to_coco_dict
 from ..device import default_device, resolve_precision
 from ..engine.checkpoint import model_from_checkpoint
 from ..engine.data import load_split
-from ..engine.evaluate import predict_dataset
+from ..engine.evaluate import eval_tiles, predict_dataset
 from ..engine.metrics_log import scalars
 from ..errors import UsageError
 from ..evaluation import (evaluate_coco, evaluate_voc_from_coco, format_table, format_voc_table,
@@ -145,7 +145,7 @@ def eval_checkpoint(args: argparse.Namespace) -> int:
     if tta is not None:
         print(f"test-time augmentation (test.tta_*): {tta.describe()}; test.tta_scales=[] evaluates single-scale",
               file=sys.stderr)
-    results = predict_dataset(model, data, cfg.test.batch_size, device, dtype, tta=tta)
+    results = predict_dataset(model, data, cfg.test.batch_size, device, dtype, tta=tta, tiles=eval_tiles(cfg.data))
     gt = to_coco_dict(data)
     if args.metric == "coco":
         metrics = evaluate_coco(results, gt, max_dets=tuple(args.max_dets), class_names=data.class_names)

@@ -24,7 +24,7 @@ from ..evaluation import format_table
 from ..tta import tta_from_config
 from . import report
 from .checkpointing import Checkpointer
-from .evaluate import evaluate_model
+from .evaluate import eval_tiles, evaluate_model
 from .metrics_log import scalars
 
 __all__ = ["RunTotals", "finish_run"]
@@ -64,7 +64,7 @@ def finish_run(cfg: Config, model: nn.Module, val_data: DetectionData, device: t
     Returns the summary written to metrics.json (``{}`` on the other processes)."""
     say(totals.done_line())
     evaluate = functools.partial(evaluate_model, model, val_data, cfg.test.batch_size, device, dtype,
-                                 cfg.test.max_dets)
+                                 cfg.test.max_dets, tiles=eval_tiles(cfg.data))
     metrics = single = evaluate()
     from .tune import choose_test_time     # test.tta_choose: the TTA chosen on the tune split (engine/tune.py)
     cfg = choose_test_time(cfg, model, device, dtype, say)

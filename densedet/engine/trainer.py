@@ -63,7 +63,7 @@ from .checkpointing import Checkpointer, RunState
 from .data import BatchStream, build_train_dataset, load_split
 from .distributed import all_agree, init_distributed, value_of_rank0
 from .ema import ModelEMA
-from .evaluate import evaluate_model
+from .evaluate import eval_tiles, evaluate_model
 from .finish import RunTotals, finish_run
 from .metrics_log import MetricsLog, scalars
 from .pretrain import warm_up_trunk
@@ -273,7 +273,7 @@ def _evaluate(run: _Run) -> None:
     step, it = run.step, run.state.iteration
     with step.ema.applied(step.model) if step.ema is not None else contextlib.nullcontext():
         metrics = evaluate_model(step.model, run.val_data, run.cfg.test.batch_size, step.device, step.dtype,
-                                 run.cfg.test.max_dets)
+                                 run.cfg.test.max_dets, tiles=eval_tiles(run.cfg.data))
         if run.is_main and metrics["AP"] > run.state.best_ap:     # saves the evaluated weights
             run.state.best_ap = metrics["AP"]
             run.checkpoints.save_best(step.model, step.optimizer, it, run.budget.max_iters, scalars(metrics))

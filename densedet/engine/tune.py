@@ -22,7 +22,7 @@ from torch import nn
 from ..config import Config, save_config
 from ..tta import TTAConfig, model_input_size
 from .data import load_split
-from .evaluate import evaluate_model
+from .evaluate import eval_tiles, evaluate_model
 
 __all__ = ["candidate_sets", "choose_tta", "choose_test_time", "record_choice", "CHOICE_FILE"]
 
@@ -73,7 +73,8 @@ def choose_test_time(cfg: Config, model: nn.Module, device: torch.device, dtype:
     multiple = 64 if cfg.model.arch == "refinedet" else 32
 
     def evaluate(tta: TTAConfig | None) -> dict:
-        return evaluate_model(model, tune, cfg.test.batch_size, device, dtype, cfg.test.max_dets, tta=tta)
+        return evaluate_model(model, tune, cfg.test.batch_size, device, dtype, cfg.test.max_dets, tta=tta,
+                              tiles=eval_tiles(cfg.data))
 
     chosen, rows = choose_tta(evaluate, candidate_sets(base, cfg.data.hflip_prob > 0, multiple, cfg.data.rotate90))
     say(f"test-time augmentation chosen on {len(tune.records)} tune images: "
