@@ -11,7 +11,8 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
   which the test-time scales are chosen after training (never on the validation images). With fewer
   images, each photo large against its objects (a band of 10% of its longer side holds two of the
   largest) gives up such a band at its far end instead, for each held-out split, behind a gap as wide
-  as the largest objects (:func:`~densedet.data.split.split_by_region`).
+  as the largest objects (:func:`~densedet.data.split.split_by_region`); a tune band only when the
+  bands would hold at least ``MIN_TUNE_OBJECTS`` whole objects.
 - **input scale**: the model sees the evaluation images (val, or train when val is carved out) at
   their own size: shorter side to their median shorter side, longer side capped at their largest
   longer side; so one size of evaluation image is never resized. Only when the 2nd percentile of
@@ -75,6 +76,7 @@ MIN_WINDOW = 64
 BATCH_PIXELS = 8 * 160 * 160
 SHORT_BUDGET_MIN = 60.0
 MIN_TUNE_IMAGES = 10
+MIN_TUNE_OBJECTS = 100      # a tune band with fewer whole objects cannot tell test-time sets apart (AP moves by 1/N)
 HOLDOUT_SHARE = 0.1
 IOU = 0.5                   # the paper's foreground IoU: coverage is measured at it
 RETINANET_LEVELS = (3, 4, 5, 6, 7)
@@ -179,8 +181,8 @@ def holdout(s: DataSummary, has_val: bool) -> list[Derived]:
         out.append(Derived("data.val_fraction", 0.0, "a validation file is given: it is the validation split"))
     else:
         if num_images < 3:
-            raise UsageError(f"only {num_images} training image(s), too small against their objects to hold part "
-                             f"of one out: too few to hold out a validation split; give one with --val")
+            raise UsageError(f"only {num_images} training image(s), none large enough against its objects to give up "
+                             f"a band: too few to hold out a validation split; give one with --val")
         n = max(1, round(HOLDOUT_SHARE * num_images))
         out.append(Derived("data.val_fraction", HOLDOUT_SHARE,
                            f"no --val: {n} of {num_images} training images (10%, by image, seeded) are held out "
@@ -201,31 +203,51 @@ def holdout(s: DataSummary, has_val: bool) -> list[Derived]:
 
 def region_holdout(s: DataSummary, has_val: bool) -> list[Derived] | None:
     """Few images (< ``MIN_TUNE_IMAGES``): hold out a band at the end of each photo that is large
-    against its objects (:func:`~densedet.data.split.region_layout`) rather than whole photos; None
-    when no photo is."""
+    against its objects (:func:`~densedet.data.split.region_layout`) rather than whole photos; a tune
+    band only when it would hold at least ``MIN_TUNE_OBJECTS`` whole objects. None when there is
+    nothing to hold out that way (no photo large enough, or only a tune band too small to tell)."""
     if not len(s.boxes):
         return None
     sides = s.boxes[:, 2:] - s.boxes[:, :2]
     gap = int(math.ceil(np.percentile(sides.max(axis=1), 98)))
     val = 0.0 if has_val else HOLDOUT_SHARE
-    shared = sum(region_layout(int(h), int(w), val, HOLDOUT_SHARE, gap) is not None for h, w in s.image_hw)
+    layouts = [region_layout(int(h), int(w), val, HOLDOUT_SHARE, gap) for h, w in s.image_hw]
+    shared = sum(layout is not None for layout in layouts)
     if not shared:
         return None
+    in_tune = sum(int(_inside(s.boxes[s.box_image == i], layout["tune"]).sum())
+                  for i, layout in enumerate(layouts) if layout is not None)
+    tune = HOLDOUT_SHARE if in_tune >= MIN_TUNE_OBJECTS else 0.0
+    if not tune and has_val:
+        return None
     piece = int(s.eval_hw.max()) if has_val else 0
-    what = "the tune split" if has_val else "the validation split, and the 10% before it the tune split"
-    return [Derived("data.holdout", "region", f"{len(s.image_hw)} training images (< {MIN_TUNE_IMAGES}), {shared} "
+    what = {(True, True): "the tune split", (False, True): "the validation split, and the 10% before it the tune split",
+            (False, False): "the validation split"}[(has_val, bool(tune))]
+    rows = [Derived("data.holdout", "region", f"{len(s.image_hw)} training images (< {MIN_TUNE_IMAGES}), {shared} "
                     f"of them large against their objects: the last 10% of each such photo's longer side is {what} "
                     f"(the rest of the photos is trained on)"),
-            Derived("data.holdout_gap", gap, f"p98 of the boxes' longer sides: no pixel of a held-out object is "
-                    f"trained on"),
+            Derived("data.holdout_gap", gap, "p98 of the boxes' longer sides: no pixel of a held-out object is "
+                    "trained on"),
             Derived("data.holdout_piece", piece, "held-out bands cut into pieces as long as the validation images"
                     if has_val else "held-out bands cut into about square pieces"),
             Derived("data.val_fraction", val, "a validation file is given: it is the validation split" if has_val
-                    else "no --val: the last band of each large photo validates"),
-            Derived("data.tune_fraction", HOLDOUT_SHARE, "the test-time scales are chosen on the tune band, never on "
-                    "the validation images"),
+                    else "no --val: the last band of each large photo validates")]
+    if tune:
+        return rows + [
+            Derived("data.tune_fraction", tune, f"a tune band holds {in_tune} whole objects (>= {MIN_TUNE_OBJECTS}): "
+                    f"the test-time scales are chosen there, never on the validation images"),
             Derived("test.tta_choose", True, "after training, keep the TTA set that beats single scale on the tune "
                     "split, or none")]
+    return rows + [
+        Derived("data.tune_fraction", 0.0, f"a tune band would hold {in_tune} whole objects (< {MIN_TUNE_OBJECTS}): "
+                f"too few to tell test-time sets apart, trained on instead"),
+        Derived("test.tta_choose", False, "no tune split: single-scale evaluation")]
+
+
+def _inside(boxes: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """``[N]`` bool: the boxes wholly inside ``rect`` (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = rect
+    return (boxes[:, 0] >= x0) & (boxes[:, 1] >= y0) & (boxes[:, 2] <= x1) & (boxes[:, 3] <= y1)
 
 
 def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:

@@ -291,13 +291,19 @@ def test_split_by_region_trains_on_no_pixel_of_a_held_out_object(tmp_path):
 
 def test_holdout_by_region_for_few_large_photos():
     rng = np.random.default_rng(12)
-    photos = make_data([squares(rng, 60, 20, 40, size=2000) for _ in range(3)], hw=(2000, 2000))
+    photos = make_data([squares(rng, 600, 20, 40, size=2000) for _ in range(3)], hw=(2000, 2000))
     v = derived(photos)
     assert v["data.holdout"] == "region" and v["data.val_fraction"] == 0.1 and v["data.tune_fraction"] == 0.1
     assert 38 <= v["data.holdout_gap"] <= 40 and v["data.holdout_piece"] == 0 and v["test.tta_choose"]
     # with a validation file: only the tune band, cut into pieces the size of the validation images
     v = derived(photos, make_data([squares(rng, 5, 20, 40, size=500)], hw=(400, 500)))
     assert v["data.holdout"] == "region" and v["data.val_fraction"] == 0.0 and v["data.holdout_piece"] == 500
+    # a tune band of fewer than 100 whole objects cannot tell test-time sets apart: only the val band
+    sparse = make_data([squares(rng, 60, 20, 40, size=2000) for _ in range(3)], hw=(2000, 2000))
+    v = derived(sparse)
+    assert v["data.holdout"] == "region" and v["data.val_fraction"] == 0.1 and v["data.tune_fraction"] == 0.0
+    assert not v["test.tta_choose"]
+    assert "data.holdout" not in derived(sparse, make_data([squares(rng, 5, 20, 40, size=500)], hw=(400, 500)))
     # many images, or photos small against their objects: whole images, as before
     assert "data.holdout" not in derived(make_data([squares(rng, 3, 20, 40, size=2000) for _ in range(12)],
                                                    hw=(2000, 2000)))
@@ -313,6 +319,11 @@ def test_tta_choice_keeps_single_scale_when_no_set_beats_it():
     assert chosen is None and rows[0] == {"tta": "single scale", "AP": 0.40} and len(rows) == len(candidates) + 1
     chosen, _ = choose_tta(lambda tta: {"AP": 0.40 if tta is None else 0.40}, candidates)
     assert chosen is None                                          # a tie is no gain
+    # on a small tune split a gain below the resolution of AP (1/N for N objects) is no gain either
+    chosen, _ = choose_tta(lambda tta: {"AP": 0.40 if tta is None else 0.41}, candidates, margin=1 / 40)
+    assert chosen is None
+    chosen, _ = choose_tta(lambda tta: {"AP": 0.40 if tta is None else 0.43}, candidates, margin=1 / 40)
+    assert chosen is candidates[0]
 
 
 def test_tta_choice_picks_the_best_set():

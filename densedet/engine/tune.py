@@ -3,7 +3,8 @@
 The rule: evaluate the trained model single-scale and with each candidate set (:func:`candidate_sets`)
 on the tune images (a slice of the training annotations left out of training, ``data.tune_fraction``;
 never the validation images, whose numbers are the run's result); keep the set with the highest AP
-if it beats single scale, and no TTA at all otherwise. The choice is written to the run folder's
+if it beats single scale by more than the resolution of AP on the tune split (``1 / N`` for its N
+scored objects: one detection more or less moves AP by about that much), and no TTA at all otherwise. The choice is written to the run folder's
 ``config.yaml`` (``test.tta_scales`` / ``tta_flip`` / ``tta_merge``, so ``densedet eval`` applies it)
 and to ``tta_choice.json``, which ``densedet train`` adds to ``metrics.json`` as ``tta_choice``.
 """
@@ -48,12 +49,13 @@ def candidate_sets(base: int, flip: bool, multiple: int = 32, rotate: bool = Fal
 
 
 def choose_tta(evaluate: Callable[[TTAConfig | None], dict], candidates: list[TTAConfig],
-               metric: str = "AP") -> tuple[TTAConfig | None, list[dict]]:
+               metric: str = "AP", margin: float = 0.0) -> tuple[TTAConfig | None, list[dict]]:
     """The candidate whose ``evaluate(tta)[metric]`` is highest if it beats ``evaluate(None)`` (single
-    scale), else None. Returns it and the table of every evaluation (``{"tta", metric}`` rows)."""
+    scale) by more than ``margin``, else None. Returns it and the table of every evaluation
+    (``{"tta", metric}`` rows)."""
     single = float(evaluate(None)[metric])
     rows = [{"tta": "single scale", metric: single}]
-    best, best_value = None, single
+    best, best_value = None, single + margin
     for candidate in candidates:
         value = float(evaluate(candidate)[metric])
         rows.append({"tta": candidate.describe(), metric: value})
@@ -76,9 +78,13 @@ def choose_test_time(cfg: Config, model: nn.Module, device: torch.device, dtype:
         return evaluate_model(model, tune, cfg.test.batch_size, device, dtype, cfg.test.max_dets, tta=tta,
                               tiles=eval_tiles(cfg.data))
 
-    chosen, rows = choose_tta(evaluate, candidate_sets(base, cfg.data.hflip_prob > 0, multiple, cfg.data.rotate90))
-    say(f"test-time augmentation chosen on {len(tune.records)} tune images: "
-        f"{chosen.describe() if chosen else 'none (no set beats single scale)'}")
+    objects = sum(int((~r.iscrowd).sum()) for r in tune.records)
+    margin = 1.0 / max(1, objects)
+    chosen, rows = choose_tta(evaluate, candidate_sets(base, cfg.data.hflip_prob > 0, multiple, cfg.data.rotate90),
+                              margin=margin)
+    say(f"test-time augmentation chosen on {len(tune.records)} tune images ({objects} objects: a set must beat "
+        f"single scale by more than 1/{objects} = {margin:.4f} AP): "
+        f"{chosen.describe() if chosen else 'none (no set beats single scale by that)'}")
     for row in rows:
         say(f"  tune AP {row['AP']:.4f}  {row['tta']}")
     out = copy.deepcopy(cfg)
@@ -91,7 +97,8 @@ def choose_test_time(cfg: Config, model: nn.Module, device: torch.device, dtype:
         save_config(out, run / "config.yaml")
         record = {"chosen": {"scales": out.test.tta_scales, "flip": out.test.tta_flip,
                              "rotate": out.test.tta_rotate, "merge": out.test.tta_merge}
-                  if chosen else None, "tune_images": len(tune.records), "evaluations": rows}
+                  if chosen else None, "tune_images": len(tune.records), "tune_objects": objects,
+                  "margin": margin, "evaluations": rows}
         (run / CHOICE_FILE).write_text(json.dumps(record, indent=2))
     return out
 
