@@ -9,7 +9,9 @@ as one tree class. A rule that helps at one site and not at the other is a rule 
 The YELL row scores the training photos themselves: the gap to the other sites is what the model
 did not carry from one site to another.
 
-Every photo is cut into 400 px tiles as in training (``densedet predict --tile 400``), fp32. Prints
+Every photo is cut into the tiles the checkpoint was trained on (its ``data.tile_size`` and
+``tile_overlap``, as ``densedet predict`` does by default; 400 px overlapping by 90 for a
+checkpoint trained on whole images), fp32. Prints
 one markdown row per site and test-time setting (``none``, or a ``densedet predict --tta`` preset);
 ``--turned`` adds a row per quarter turn of the photo (and of its boxes), single scale: how much
 the model depends on the orientation it was trained in.
@@ -26,6 +28,7 @@ import torch
 
 from densedet.data import image_size, load_voc, to_coco_dict
 from densedet.data.transforms import turn_boxes
+from densedet.engine.checkpoint import load_checkpoint
 from densedet.engine.data import resolve_paths
 from densedet.evaluation import detections_to_coco, evaluate_coco
 from densedet.predict import Predictor, to_image_tensor
@@ -34,7 +37,7 @@ from densedet.tta import tta_preset
 SITES = {"2019_YELL (training)": "pkg://deepforest/data/2019_YELL*.xml",
          "OSBS_029": "pkg://deepforest/data/OSBS_029.xml",
          "SOAP_061": "pkg://deepforest/data/SOAP_061.xml"}
-TILE, OVERLAP = 400, 90
+TILE, OVERLAP = 400, 90     # for a checkpoint trained without tiles
 
 
 def one_class(spec: str):
@@ -75,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", nargs="+", default=["none"], help="none and/or densedet predict --tta presets")
     parser.add_argument("--turned", action="store_true", help="also score each photo turned by 90, 180, 270 degrees")
     args = parser.parse_args(argv)
-    predictor = Predictor(args.weights, tile_size=TILE, tile_overlap=OVERLAP, precision="fp32")
+    trained = (load_checkpoint(args.weights).get("config") or {}).get("data") or {}
+    tile, overlap = (trained["tile_size"], trained["tile_overlap"]) if trained.get("tile_size") else (TILE, OVERLAP)
+    predictor = Predictor(args.weights, tile_size=tile, tile_overlap=overlap, precision="fp32")
+    print(f"tiles of {tile} px, overlapping by {overlap}", file=sys.stderr)
     print("| site | crowns | TTA | AP | AP50 | AR (100, or 1.5x the crowns) |\n|---|---|---|---|---|---|")
     for site, spec in SITES.items():
         data = one_class(spec)
