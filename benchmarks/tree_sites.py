@@ -28,7 +28,6 @@ import torch
 
 from densedet.data import image_size, load_voc, to_coco_dict
 from densedet.data.transforms import turn_boxes
-from densedet.engine.checkpoint import load_checkpoint
 from densedet.engine.data import resolve_paths
 from densedet.evaluation import detections_to_coco, evaluate_coco
 from densedet.predict import Predictor, to_image_tensor
@@ -78,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", nargs="+", default=["none"], help="none and/or densedet predict --tta presets")
     parser.add_argument("--turned", action="store_true", help="also score each photo turned by 90, 180, 270 degrees")
     args = parser.parse_args(argv)
-    trained = (load_checkpoint(args.weights).get("config") or {}).get("data") or {}
-    tile, overlap = (trained["tile_size"], trained["tile_overlap"]) if trained.get("tile_size") else (TILE, OVERLAP)
-    predictor = Predictor(args.weights, tile_size=tile, tile_overlap=overlap, precision="fp32")
-    print(f"tiles of {tile} px, overlapping by {overlap}", file=sys.stderr)
+    predictor = Predictor(args.weights, precision="fp32")          # tiles as trained
+    if not predictor.tile_size:
+        predictor.tile_size, predictor.tile_overlap = TILE, OVERLAP
+    print(f"tiles of {predictor.tile_size} px, overlapping by {predictor.tile_overlap}", file=sys.stderr)
     print("| site | crowns | TTA | AP | AP50 | AR (100, or 1.5x the crowns) |\n|---|---|---|---|---|---|")
     for site, spec in SITES.items():
         data = one_class(spec)

@@ -83,8 +83,11 @@ class Predictor:
         device: where to run.
         score_thresh: the model's candidate score threshold (None: the checkpoint's).
         tta: test-time augmentation (:class:`~densedet.tta.TTAConfig`), or None.
-        tile_size: > 0: images larger than this on a side are cut into tiles of this size.
-        tile_overlap: overlap between neighbouring tiles (should exceed the largest object).
+        tile_size: > 0: images larger than this on a side are cut into tiles of this size; 0: never;
+            None: the tiles the model was trained on (the checkpoint's or exported model's
+            ``data.tile_size``), else never.
+        tile_overlap: overlap between neighbouring tiles (should exceed the largest object); None:
+            the training tiles' (``data.tile_overlap``) with ``tile_size=None``, else 128.
         batch_size: images (or tiles) per forward pass.
         precision: ``auto`` (bf16 only where fast, :func:`fast_autocast`), ``fp32`` or ``bf16``.
         channels_last: store conv weights channels-last (faster convolutions on CPU and GPU).
@@ -99,22 +102,22 @@ class Predictor:
     """
 
     def __init__(self, checkpoint_or_model: str | Path | nn.Module, device: str | torch.device = "cpu",
-                 score_thresh: float | None = None, tta: TTAConfig | None = None, tile_size: int = 0,
-                 tile_overlap: int = 128, batch_size: int = 4, precision: str = "auto",
+                 score_thresh: float | None = None, tta: TTAConfig | None = None, tile_size: int | None = None,
+                 tile_overlap: int | None = None, batch_size: int = 4, precision: str = "auto",
                  channels_last: bool = True, backend: str = "torch", threads: int | None = None) -> None:
-        if tile_size < 0 or (tile_size > 0 and not 0 <= tile_overlap < tile_size):
-            raise ValueError(f"need tile_size >= 0 and 0 <= tile_overlap < tile_size, got tile_size={tile_size}, "
-                             f"tile_overlap={tile_overlap}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         flush_denormals()
         self.backend = backend
+        trained: dict = {}          # the training config's data section, where the model file carries it
         if backend != "torch":
             model = self._deployed(checkpoint_or_model, device, score_thresh, tta, threads)
             channels_last, precision = False, "fp32"
+            trained = (model.meta.get("config") or {}).get("data") or {}
         elif isinstance(checkpoint_or_model, (str, Path)):
             overrides = {} if score_thresh is None else {"score_thresh": float(score_thresh)}
-            model = model_from_checkpoint(checkpoint_or_model, **overrides)[0]
+            model, cfg, _ = model_from_checkpoint(checkpoint_or_model, **overrides)
+            trained = {"tile_size": cfg.data.tile_size, "tile_overlap": cfg.data.tile_overlap}
         else:
             model = checkpoint_or_model
             if score_thresh is not None:
@@ -126,6 +129,13 @@ class Predictor:
         fast_autocast(self.device, precision)  # validates precision now rather than on the first image
         self.precision = precision
         self.tta = tta
+        if tile_size is None:
+            tile_size = int(trained.get("tile_size") or 0)
+            tile_overlap = int(trained.get("tile_overlap") or 0) if tile_overlap is None and tile_size else tile_overlap
+        tile_overlap = 128 if tile_overlap is None else tile_overlap
+        if tile_size < 0 or (tile_size > 0 and not 0 <= tile_overlap < tile_size):
+            raise ValueError(f"need tile_size >= 0 and 0 <= tile_overlap < tile_size, got tile_size={tile_size}, "
+                             f"tile_overlap={tile_overlap}")
         self.tile_size, self.tile_overlap, self.batch_size = int(tile_size), int(tile_overlap), int(batch_size)
         num_classes = int(getattr(model, "num_classes", 0))
         self.class_names = list(getattr(model, "class_names", None) or [str(i) for i in range(num_classes)])

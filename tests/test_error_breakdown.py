@@ -106,7 +106,7 @@ def test_average_precision_is_cocos_101_point_envelope():
 
 def test_image_results_map_categories_to_labels_and_leave_crowd_regions_out():
     record = SimpleNamespace(image_id=5, file_name="a.png", labels=np.array([1, 0]), iscrowd=np.array([False, True]),
-                             boxes=np.array([[0, 0, 10, 10], [50, 50, 100, 100]], np.float32))
+                             boxes=np.array([[0, 0, 10, 10], [50, 50, 100, 100]], np.float32), region=None)
     data = SimpleNamespace(records=[record], category_ids=[7, 9], num_classes=2)
     results = [{"image_id": 5, "category_id": 9, "bbox": [0, 0, 10, 10], "score": 0.9},
                {"image_id": 5, "category_id": 7, "bbox": [60, 60, 20, 20], "score": 0.8},   # inside the crowd

@@ -166,21 +166,25 @@ def test_evaluation_tiles_an_image_larger_than_the_training_tiles(tmp_path):
     assert {r["category_id"]: r["bbox"] for r in whole} != {r["category_id"]: r["bbox"] for r in results}
 
 
-def test_cli_predict_tiles_as_the_model_was_trained(tmp_path, capsys):
-    from densedet.commands.predict import _resolve_tiles
+def test_predictor_tiles_as_the_model_was_trained(tmp_path, capsys):
     tiled = tiny_checkpoint(tmp_path / "tiled.pt", tiles=(96, 24))
     whole = tiny_checkpoint(tmp_path / "whole.pt")
 
-    def resolved(weights, *flags):
-        parser = argparse.ArgumentParser()
-        add_parser(parser.add_subparsers())
-        args = parser.parse_args(["predict", "x.png", "--weights", str(weights), "--out", str(tmp_path), *flags])
-        _resolve_tiles(args)
-        return args.tile, args.tile_overlap
+    def tiles(weights, **kwargs):
+        predictor = Predictor(weights, **kwargs)
+        return predictor.tile_size, predictor.tile_overlap
 
-    assert resolved(tiled) == (96, 24) and "tiles as trained: 96 px" in capsys.readouterr().err
-    assert resolved(tiled, "--tile", "0") == (0, 128) and resolved(tiled, "--tile-overlap", "40") == (96, 40)
-    assert resolved(whole) == (0, 128) and resolved(whole, "--tile", "64") == (64, 128)
+    assert tiles(tiled) == (96, 24) and tiles(tiled, tile_size=0) == (0, 128)
+    assert tiles(tiled, tile_overlap=40) == (96, 40) and tiles(tiled, tile_size=256) == (256, 128)
+    assert tiles(whole) == (0, 128) and tiles(whole, tile_size=64, tile_overlap=8) == (64, 8)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        Predictor(tiled, tile_overlap=96)
+    Image.fromarray(rgb(40, 40)).save(tmp_path / "x.png")
+    assert run_cli(["predict", str(tmp_path / "x.png"), "--weights", str(tiled), "--out", str(tmp_path / "out")]) == 0
+    assert "tiles as trained: 96 px (data.tile_size), overlap 24 px" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--tile-overlap"):
+        run_cli(["predict", str(tmp_path / "x.png"), "--weights", str(tiled), "--out", str(tmp_path / "out"),
+                 "--tile-overlap", "100"])
 
 
 def test_merge_tiles_needs_the_containment_step():

@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_image
-from ..engine.checkpoint import load_checkpoint
 from ..errors import UsageError
 from ..evaluation import detections_to_coco
 from ..predict import Predictor
@@ -103,41 +102,11 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _trained_tiles(args: argparse.Namespace) -> tuple[int, int]:
-    """``(data.tile_size, data.tile_overlap)`` of the config the model was trained with ((0, 0): none)."""
-    if args.backend != "torch":
-        from ..deploy import read_sidecar
-        config = read_sidecar(args.weights).get("config") or {}
-    else:
-        config = load_checkpoint(args.weights).get("config") or {}
-    data = config.get("data") or {}
-    return int(data.get("tile_size") or 0), int(data.get("tile_overlap") or 0)
-
-
-def _resolve_tiles(args: argparse.Namespace) -> None:
-    """``--tile`` / ``--tile-overlap`` left unset: the model's training tiles (images larger than a
-    tile are then predicted tile by tile, as they were trained and evaluated)."""
-    trained_size, trained_overlap = _trained_tiles(args) if args.tile is None else (0, 0)
-    if args.tile is None:
-        args.tile = trained_size
-        if trained_size:
-            print(f"tiles as trained: {trained_size} px (data.tile_size), overlap "
-                  f"{args.tile_overlap if args.tile_overlap is not None else trained_overlap} px; --tile 0 turns "
-                  f"tiling off", file=sys.stderr)
-    if args.tile_overlap is None:
-        args.tile_overlap = trained_overlap if trained_size else 128
-
-
-def _check_tiles(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace) -> None:
     overlap = 128 if args.tile_overlap is None else args.tile_overlap
-    if args.tile < 0 or (args.tile > 0 and not 0 <= overlap < args.tile):
+    if args.tile is not None and (args.tile < 0 or (args.tile > 0 and not 0 <= overlap < args.tile)):
         raise UsageError(f"--tile-overlap: need 0 <= --tile-overlap < --tile, got --tile {args.tile} "
                          f"--tile-overlap {overlap}")
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if args.tile is not None:
-        _check_tiles(args)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.backend != "torch" and args.tta != "none":
@@ -191,9 +160,15 @@ def run(args: argparse.Namespace) -> int:
     """``densedet predict``: returns the exit code."""
     _check_args(args)
     files = expand_inputs(args.inputs)
-    _resolve_tiles(args)
-    _check_tiles(args)
-    predictor = _predictor(args)
+    try:
+        predictor = _predictor(args)
+    except ValueError as err:         # --tile-overlap against the size of the training tiles
+        if "tile_size" not in str(err):
+            raise
+        raise UsageError(f"--tile / --tile-overlap: {err}") from None
+    if args.tile is None and predictor.tile_size:
+        print(f"tiles as trained: {predictor.tile_size} px (data.tile_size), overlap {predictor.tile_overlap} px; "
+              f"--tile 0 turns tiling off", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, image_records = _predict_files(predictor, files, args, out)

@@ -126,7 +126,7 @@ def image_results(data, results: Sequence[dict]) -> list[ImageResult]:
         keep = ~_on_crowd(boxes, gt_boxes[crowd])      # detections on a crowd region are neither right nor wrong
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         out.append(ImageResult.make(rec.image_id, gt_boxes[~crowd], np.asarray(rec.labels)[~crowd], boxes, scores,
-                                    labels, str(rec.file_name), getattr(rec, "region", None)))
+                                    labels, str(rec.file_name), rec.region))
     return out
 
 
