@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import torch
 
+from .dataset import record_target
 from .images import record_size
 from .records import DataReport, DatasetError, DetectionData, ImageRecord
+from .transforms import crop_target
 
 __all__ = ["holdout_counts", "split_by_image", "region_layout", "split_by_region"]
 
@@ -49,16 +50,16 @@ def split_by_image(data: DetectionData, val_fraction: float, tune_fraction: floa
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * SPLIT_SALT + 1)).tolist()
     parts = {"val": sorted(order[:n_val]), "tune": sorted(order[n_val:n_val + n_tune]),
              "train": sorted(order[n_val + n_tune:])}
-    out = {}
-    for name, indices in parts.items():
-        if not indices:
-            continue
-        records = [data.records[i] for i in indices]
-        report = DataReport(source=f"{data.source} ({name}: {len(records)} of {n} images, seed {seed})")
-        for record in records:
-            report.count_record(record)
-        out[name] = dataclasses.replace(data, records=records, source=report.source, report=report)
-    return out
+    return {name: _part(data, [data.records[i] for i in indices], f"{name}: {len(indices)} of {n} images, seed {seed}")
+            for name, indices in parts.items() if indices}
+
+
+def _part(data: DetectionData, records: list[ImageRecord], what: str) -> DetectionData:
+    """``data`` with ``records`` only, its source naming the part (``what``) and its report recounted."""
+    report = DataReport(source=f"{data.source} ({what})")
+    for record in records:
+        report.count_record(record)
+    return dataclasses.replace(data, records=records, source=report.source, report=report)
 
 
 # -- by region ------------------------------------------------------------------------------------
@@ -102,30 +103,19 @@ def _pieces(rect: Rect, piece: int) -> list[Rect]:
     return [(x0 + a, y0, x0 + b, y1) if along_x else (x0, y0 + a, x1, y0 + b) for a, b in zip(cuts, cuts[1:])]
 
 
-def _region_record(record: ImageRecord, rect: Rect, image_id: int, held_out: bool,
-                   min_visibility: float = 0.5) -> ImageRecord:
-    """The part ``rect`` of ``record``'s photo as a record of its own, boxes in its coordinates.
-
-    Training part: boxes clipped to it, kept when at least ``min_visibility`` of them is inside (as
-    tiles keep them). Held-out part: every box wholly inside is scored; a box cut by the border is
-    kept clipped as a crowd region, on which detections count neither way.
-    """
+def _region_record(record: ImageRecord, rect: Rect, image_id: int, held_out: bool) -> ImageRecord:
+    """The part ``rect`` of ``record``'s photo as a record of its own, boxes in its coordinates
+    (:func:`~densedet.data.transforms.crop_target`). Training part: boxes kept when half of them is
+    inside, as tiles keep them. Held-out part: every box wholly inside is scored; a box cut by the
+    border is kept clipped as a crowd region, on which detections count neither way."""
+    height, width = record_size(record)
+    target = crop_target(record_target(record, height, width), *rect,
+                         min_visibility=1.0 if held_out else 0.5, ignore_partial=held_out)
     x0, y0, x1, y1 = rect
-    boxes = record.boxes.astype(np.float64)
-    clipped = np.stack([boxes[:, 0].clip(x0, x1), boxes[:, 1].clip(y0, y1),
-                        boxes[:, 2].clip(x0, x1), boxes[:, 3].clip(y0, y1)], axis=1)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-    if held_out:
-        keep = inside > 0
-        crowd = record.iscrowd | (inside < area)
-    else:
-        keep = (inside > 0) & (inside >= min_visibility * area)
-        crowd = record.iscrowd
     ox, oy = (record.region or (0, 0))[:2]
-    return ImageRecord(record.file_name, image_id, y1 - y0, x1 - x0,
-                       (clipped[keep] - [x0, y0, x0, y0]).astype(np.float32), record.labels[keep],
-                       crowd[keep], record.difficult[keep], region=(ox + x0, oy + y0, ox + x1, oy + y1))
+    return ImageRecord(record.file_name, image_id, y1 - y0, x1 - x0, target["boxes"].numpy(),
+                       target["labels"].numpy(), target["iscrowd"].numpy(), target["difficult"].numpy(),
+                       region=(ox + x0, oy + y0, ox + x1, oy + y1))
 
 
 def split_by_region(data: DetectionData, val_fraction: float, tune_fraction: float, gap: int, piece: int = 0
@@ -151,14 +141,6 @@ def split_by_region(data: DetectionData, val_fraction: float, tune_fraction: flo
         raise DatasetError(f"{data.source}: no image is large enough against its objects (a band of "
                            f"{max(val_fraction, tune_fraction):.0%} of its longer side at least {2 * gap} px) to "
                            f"hold part of it out; give a validation file (--val)")
-    out = {}
-    for name, records in parts.items():
-        if not records:
-            continue
-        what = "images and parts" if name == "train" else "parts"
-        report = DataReport(source=f"{data.source} ({name}: {len(records)} {what} of {len(data.records)} images, "
-                                   f"by region)")
-        for record in records:
-            report.count_record(record)
-        out[name] = dataclasses.replace(data, records=records, source=report.source, report=report)
-    return out
+    return {name: _part(data, records, f"{name}: {len(records)} {'images and parts' if name == 'train' else 'parts'} "
+                                       f"of {len(data.records)} images, by region")
+            for name, records in parts.items() if records}
