@@ -469,7 +469,8 @@ def augmentation(o: RecipeOptions) -> list[Derived]:
 def detections_per_image(s: DataSummary) -> list[Derived]:
     most = int(s.eval_boxes.max()) if s.eval_boxes.size else 0
     dets = max(100, int(math.ceil(1.5 * most)))
-    return [Derived("model.detections_per_img", dets, f"the most boxes in an evaluation image: {most}"),
+    return [Derived("model.detections_per_img", dets, f"1.5x the most boxes in an evaluation image ({most}), "
+                    f"at least COCO's 100"),
             Derived("test.max_dets", [1, 10, dets], "AP counts up to that many detections")]
 
 
