@@ -16,7 +16,7 @@ from densedet.data import DetectionDataset
 from densedet.data.records import DetectionData, ImageRecord
 from densedet.engine.checkpoint import load_checkpoint
 from densedet.engine.data import load_split
-from densedet.engine.pretrain import box_items, crop_boxes, pretrain_backbone
+from densedet.engine.pretrain import CropClassifier, box_items, crop_boxes, pretrain_backbone
 from densedet.engine.trainer import train
 from densedet.models import PRESETS
 
@@ -81,6 +81,21 @@ def test_warm_up_learns_the_classes_of_real_digits_and_is_repeatable(make_tiny_c
     assert stats["iterations"] == 60 and stats["boxes"] == len(box_items(data)[0])
     # 10 classes: chance is 0.1; the last 10 steps classify the (training) crops far better.
     assert stats["accuracy"] > 0.5, stats
+
+
+def test_warm_up_trains_the_classifier_it_is_given_and_refuses_one_on_another_trunk(make_tiny_config, tmp_path):
+    cfg = make_tiny_config(tmp_path)
+    data = load_split(cfg.data, "train")
+    images = DetectionDataset(data, cache_images=True)
+    trunk = _trunk()
+    classifier = CropClassifier(trunk, list(trunk.out_channels), data.num_classes)
+    heads = copy.deepcopy(classifier.heads.state_dict())
+    pretrain_backbone(trunk, images.load_uint8, data, torch.zeros(3), torch.ones(3), lr=1e-3, weight_decay=0.0,
+                      batch_size=4, iterations=2, classifier=classifier)
+    assert not torch.equal(classifier.heads[-1].weight, heads["2.weight"])     # the caller's heads were trained
+    with pytest.raises(ValueError, match="CropClassifier on this trunk"):
+        pretrain_backbone(_trunk(), images.load_uint8, data, torch.zeros(3), torch.ones(3), lr=1e-3,
+                          weight_decay=0.0, batch_size=4, iterations=1, classifier=classifier)
 
 
 def test_warm_up_draws_one_of_the_given_crop_sizes_per_step(make_tiny_config, tmp_path, monkeypatch):

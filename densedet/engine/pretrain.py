@@ -51,8 +51,8 @@ from ..device import autocast as autocast_context
 from ..device import fused_adam_ok
 from .distributed import broadcast_state, value_of_rank0
 
-__all__ = ["box_items", "crop_boxes", "background_windows", "background_share", "pretrain_backbone",
-           "warm_up_trunk", "CROP_SIZES"]
+__all__ = ["box_items", "crop_boxes", "background_windows", "background_share", "CropClassifier",
+           "pretrain_backbone", "warm_up_trunk", "CROP_SIZES"]
 
 CROP_SIZES = (32, 48, 64, 96)
 CONTEXT = (1.1, 1.6)
@@ -104,7 +104,10 @@ def crop_boxes(image: Tensor, boxes: Tensor, size: int, context: Tensor, shift: 
                          padding_mode="zeros", align_corners=False)
 
 
-class _CropClassifier(nn.Module):
+class CropClassifier(nn.Module):
+    """A trunk with a linear classifier on the global average of each of its outputs; ``forward``
+    gives their logits, the last one C5's."""
+
     def __init__(self, trunk: nn.Module, channels: list[int], num_classes: int) -> None:
         super().__init__()
         self.trunk = trunk
@@ -173,12 +176,14 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
                       seed: int = 0, channels_last: bool = True, background: float = -1.0,
                       device: torch.device | None = None, autocast: Callable = contextlib.nullcontext,
                       log: Callable[[str], None] = lambda _: None,
-                      clock: Callable[[], float] = time.perf_counter) -> dict:
+                      clock: Callable[[], float] = time.perf_counter,
+                      classifier: CropClassifier | None = None) -> dict:
     """Train ``trunk`` (a module returning a list of feature maps with ``out_channels``) to classify
     the crops of ``data``'s boxes, for ``iterations`` steps or, when 0, for ``minutes``.
     ``load_image(i)`` gives image i as uint8 [3, H, W]; ``autocast()`` is the precision context;
     ``clock`` (seconds) times the run and the ``minutes`` budget. ``background``: the share of
-    background crops (:func:`background_share`; -1 auto).
+    background crops (:func:`background_share`; -1 auto). ``classifier``: the :class:`CropClassifier`
+    on ``trunk`` to train, for a caller that uses it afterwards (default: a new one, thrown away).
     Returns statistics of the run: iterations, seconds, crops_per_s, loss (last step), accuracy (C5
     classifier, last ``ACCURACY_WINDOW`` steps, on the training crops), boxes, background (the share),
     chance_loss (the cross-entropy of guessing by the label frequencies, for comparison)."""
@@ -192,7 +197,9 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
     if not 0.0 <= share < 1.0:
         raise ValueError(f"train.pretrain_background: the share of background crops must be in [0, 1), got {share}")
     outputs = data.num_classes + (1 if share > 0 else 0)
-    model = _CropClassifier(trunk, list(trunk.out_channels), outputs).to(device)
+    if classifier is not None and (classifier.trunk is not trunk or classifier.heads[0].out_features != outputs):
+        raise ValueError(f"classifier: needs a CropClassifier on this trunk with {outputs} outputs")
+    model = (classifier or CropClassifier(trunk, list(trunk.out_channels), outputs)).to(device)
     model.train()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused_adam_ok(params))
