@@ -27,6 +27,7 @@ from .data.images import _to_rgb_array, load_image
 # One definition of "where is bf16 fast" for the whole library (densedet.device), re-exported here.
 from .device import cpu_has_fast_bf16, fast_autocast, flush_denormals
 from .engine.checkpoint import model_from_checkpoint
+from .errors import UsageError
 from .tiling import detect_tiled, merge_tiles
 from .tta import TTAConfig, tta_inference
 
@@ -134,8 +135,9 @@ class Predictor:
             tile_overlap = int(trained.get("tile_overlap") or 0) if tile_overlap is None and tile_size else tile_overlap
         tile_overlap = 128 if tile_overlap is None else tile_overlap
         if tile_size < 0 or (tile_size > 0 and not 0 <= tile_overlap < tile_size):
-            raise ValueError(f"need tile_size >= 0 and 0 <= tile_overlap < tile_size, got tile_size={tile_size}, "
-                             f"tile_overlap={tile_overlap}")
+            # a UsageError (a ValueError) names the command's options too: they reach it unchanged
+            raise UsageError(f"tile_overlap (--tile-overlap): need tile_size >= 0 and 0 <= tile_overlap < tile_size "
+                             f"(--tile), got tile_size={tile_size}, tile_overlap={tile_overlap}")
         self.tile_size, self.tile_overlap, self.batch_size = int(tile_size), int(tile_overlap), int(batch_size)
         num_classes = int(getattr(model, "num_classes", 0))
         self.class_names = list(getattr(model, "class_names", None) or [str(i) for i in range(num_classes)])

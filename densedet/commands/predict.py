@@ -160,12 +160,7 @@ def run(args: argparse.Namespace) -> int:
     """``densedet predict``: returns the exit code."""
     _check_args(args)
     files = expand_inputs(args.inputs)
-    try:
-        predictor = _predictor(args)
-    except ValueError as err:         # --tile-overlap against the size of the training tiles
-        if "tile_size" not in str(err):
-            raise
-        raise UsageError(f"--tile / --tile-overlap: {err}") from None
+    predictor = _predictor(args)      # --tile-overlap against the training tiles: Predictor's UsageError
     if args.tile is None and predictor.tile_size:
         print(f"tiles as trained: {predictor.tile_size} px (data.tile_size), overlap {predictor.tile_overlap} px; "
               f"--tile 0 turns tiling off", file=sys.stderr)
