@@ -24,7 +24,7 @@ import torch
 from densedet.commands.train import read_annotations
 from densedet.data import DetectionDataset
 from densedet.device import fast_autocast
-from densedet.engine.pretrain import CropClassifier, _crop_batch, background_share, box_items, pretrain_backbone
+from densedet.engine.pretrain import CropClassifier, background_share, box_items, crop_batch, pretrain_backbone
 from densedet.models import build_model
 
 LR, WEIGHT_DECAY, BATCH, SIZE = 0.006, 1e-4, 64, 48
@@ -37,7 +37,7 @@ def accuracy(classifier: CropClassifier, data, background: float, mean, std, bat
     classifier.eval()
     for b in range(batches):
         g = torch.Generator().manual_seed(1_000 + b)
-        crops, labels = _crop_batch(g, items, images.load_uint8, BATCH, (SIZE,), data, background)
+        crops, labels = crop_batch(g, items, images.load_uint8, BATCH, (SIZE,), data, background)
         chance += torch.bincount(labels, minlength=len(chance))
         for name, x in (("as is", crops), ("mirrored", crops.flip(-1))):
             with torch.no_grad(), precision():

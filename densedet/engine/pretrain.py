@@ -51,7 +51,7 @@ from ..device import autocast as autocast_context
 from ..device import fused_adam_ok
 from .distributed import broadcast_state, value_of_rank0
 
-__all__ = ["box_items", "crop_boxes", "background_windows", "background_share", "CropClassifier",
+__all__ = ["box_items", "crop_boxes", "crop_batch", "background_windows", "background_share", "CropClassifier",
            "pretrain_backbone", "warm_up_trunk", "CROP_SIZES"]
 
 CROP_SIZES = (32, 48, 64, 96)
@@ -140,7 +140,7 @@ def background_windows(g: torch.Generator, count: int, data: DetectionData, side
     return images, windows
 
 
-def _crop_batch(g: torch.Generator, items: tuple[Tensor, Tensor, Tensor], load_image: Callable[[int], Tensor],
+def crop_batch(g: torch.Generator, items: tuple[Tensor, Tensor, Tensor], load_image: Callable[[int], Tensor],
                 batch_size: int, crop_sizes: tuple[int, ...], data: DetectionData | None = None,
                 background: float = 0.0) -> tuple[Tensor, Tensor]:
     """One step's crops in [0, 1] and their labels, every draw from ``g``; ``items`` is :func:`box_items`'.
@@ -215,7 +215,7 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         # differ from step to step: a step count fitted from the first steps would miss the budget).
         progress = iteration / planned if planned is not None else (clock() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
-        batch, labels = _crop_batch(g, (image_of, box_of, label_of), load_image, batch_size, crop_sizes,
+        batch, labels = crop_batch(g, (image_of, box_of, label_of), load_image, batch_size, crop_sizes,
                                     data, share)
         batch = ((batch - mean) / std).to(device)
         if channels_last:
