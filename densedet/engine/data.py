@@ -191,7 +191,7 @@ class BatchStream:
         """Sample k of the run; the RNGs are seeded from k, so the result does not depend on the
         number of processes or on where a run was resumed. The augmentations draw on the CPU, so only
         its generator is seeded (``torch.manual_seed`` would also queue a seed for every accelerator
-        and format a stack trace for each: about 0.1 ms a sample)."""
+        and format a stack trace for each, on every sample)."""
         torch.default_generator.manual_seed(self.seed * 1_000_033 + k)
         random.seed(self.seed * 1_000_033 + k)
         return self.dataset[self._index(k)]
