@@ -8,6 +8,11 @@ both (never the project's; not in CI)::
     /tmp/tvenv/bin/pip install --no-deps -e . && /tmp/tvenv/bin/pip install pyyaml pycocotools matplotlib tqdm
     /tmp/tvenv/bin/python benchmarks/vs_torchvision.py [--rounds 3] [--iters 3] [--rows r50_512 ...]
 
+On a GPU (``--device cuda``; any environment with torch and torchvision built for CUDA, such as
+``benchmarks/gpu_check.sh`` uses) the same modes run on the GPU, each call timed between two
+``torch.cuda.synchronize()``; bf16 is autocast on CUDA, and the rows default to 800x1216 at batch 1
+and 8.
+
 For each row, torchvision's model is built as a user builds it
 (``retinanet_resnet50_fpn(weights=None, weights_backbone=None)``, which has BatchNorm2d in eval
 mode; R18 through torchvision's own ``_resnet_fpn_extractor`` with the same P6/P7), given seeded
@@ -24,7 +29,7 @@ Modes (each timed in a fresh process, the modes alternating, ``--rounds`` rounds
   dd          densedet default: ``model.eval()``, ``inference_mode`` (folded norms, thresholded top-k)
   dd_nchw     (with --layout) densedet's default with the network in NCHW, what channels_last buys
   dd_best     densedet's best fp32 CPU path: ``optimize_for_inference`` (folded, channels_last)
-and where this CPU multiplies bf16 natively (AMX / AVX512-BF16; ``densedet.device``):
+and where this CPU multiplies bf16 natively (AMX / AVX512-BF16; ``densedet.device``), or on CUDA:
   tv_bf16     tv_best under bf16 autocast
   dd_bf16     dd_best under bf16 autocast (densedet's ``precision: auto`` choice on this CPU)
 Ratios: dd / tv, dd_best / tv_best, dd_bf16 / tv_bf16 (and each against tv).
@@ -49,7 +54,10 @@ ROWS = {   # name: (trunk depth, height, width, batch)
     "r50_512_b1": (50, 512, 512, 1),
     "r18_320_b8": (18, 320, 320, 8),
     "r50_800x1216_b1": (50, 800, 1216, 1),
+    "r50_800x1216_b8": (50, 800, 1216, 8),
 }
+CPU_ROWS = ["r50_512_b1", "r18_320_b8", "r50_800x1216_b1"]
+GPU_ROWS = ["r50_800x1216_b1", "r50_800x1216_b8"]
 CLS_MEAN = -6.0          # mean classification logit (sigmoid 0.0025); 0.11% of the scores pass 0.05
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 
@@ -114,11 +122,13 @@ def images(height: int, width: int, batch: int) -> list[torch.Tensor]:
     return [torch.rand(3, height, width, generator=gen) for _ in range(batch)]
 
 
-def worker(row: str, mode: str, weights: str, iters: int, warmup: int, profile: bool = False) -> dict:
+def worker(row: str, mode: str, weights: str, iters: int, warmup: int, profile: bool = False,
+           device: str = "cpu") -> dict:
     """Build one mode's model, make ``warmup`` untimed calls, time ``iters`` calls; the median in ms."""
     from densedet.device import autocast, cpu_has_fast_bf16
     from densedet.export import optimize_for_inference
     torch.set_num_threads(THREADS)
+    dev = torch.device(device)
     depth, height, width, batch = ROWS[row]
     if mode.startswith("tv"):
         model = torchvision_model(depth, height, width)
@@ -131,18 +141,25 @@ def worker(row: str, mode: str, weights: str, iters: int, warmup: int, profile: 
         if mode not in ("dd", "dd_nchw"):
             model = optimize_for_inference(model, inplace=True)
     bf16 = mode.endswith("bf16")
-    assert not bf16 or cpu_has_fast_bf16()
-    inputs = images(height, width, batch)
+    assert not bf16 or dev.type == "cuda" or cpu_has_fast_bf16()
+    model = model.to(dev)
+    inputs = [image.to(dev) for image in images(height, width, batch)]
 
     def call():
-        with torch.inference_mode(), autocast(torch.device("cpu"), torch.bfloat16 if bf16 else None):
+        with torch.inference_mode(), autocast(dev, torch.bfloat16 if bf16 else None):
             return model(inputs)
-    for _ in range(warmup):   # oneDNN creates its kernels per shape and dtype on the first calls
+
+    def sync():   # CUDA runs asynchronously: a call has ended when the GPU has
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    for _ in range(warmup):   # oneDNN / cuDNN create their kernels per shape and dtype on the first calls
         out = call()
     times = []
     for _ in range(iters):
+        sync()
         start = time.perf_counter()
         call()
+        sync()
         times.append(time.perf_counter() - start)
     result = {"ms": 1000 * statistics.median(times), "detections": [len(o["boxes"]) for o in out]}
     if profile:   # one more warm call under torch.profiler: how much of it the convolutions take
@@ -196,7 +213,9 @@ def cpu_line() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS),
+                        help=f"default: {' '.join(CPU_ROWS)}; with --device cuda: {' '.join(GPU_ROWS)}")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=3, help="timed calls per process (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per process first")
@@ -206,19 +225,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", nargs=3, metavar=("ROW", "MODE", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.iters, max(1, args.warmup), args.profile)))
+        print(json.dumps(worker(*args.worker, args.iters, max(1, args.warmup), args.profile, args.device)))
         return 0
     import torchvision
     from densedet.device import cpu_has_fast_bf16
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA device")
+    rows = args.rows or (GPU_ROWS if gpu else CPU_ROWS)
     modes = (["tv", "dd"] + (["dd_nchw"] if args.layout else []) + ["tv_best", "dd_best"] +
-             (["tv_bf16", "dd_bf16"] if cpu_has_fast_bf16() else []))
+             (["tv_bf16", "dd_bf16"] if gpu or cpu_has_fast_bf16() else []))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {THREADS} threads")
     print(f"CPU: {cpu_line()}")
+    if gpu:
+        print(f"GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
     print(f"modes: {', '.join(modes)}; {args.rounds} rounds, each mode a fresh process, {args.warmup} "
           f"untimed calls then the median of {args.iters} per process, median over rounds\n")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for row in args.rows:
+        for row in rows:
             depth, height, width, batch = ROWS[row]
             weights = str(Path(tmp) / f"{row}.pt")
             torch.save(torchvision_model(depth, height, width).state_dict(), weights)
@@ -229,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for mode in modes:
                     out = subprocess.run([sys.executable, __file__, "--worker", row, mode, weights,
-                                          "--iters", str(args.iters), "--warmup", str(args.warmup)]
+                                          "--iters", str(args.iters), "--warmup", str(args.warmup),
+                                          "--device", args.device]
                                          + (["--profile"] if args.profile else []),
                                          capture_output=True, text=True)
                     if out.returncode != 0:
