@@ -72,10 +72,10 @@ def choose_tta(evaluate: Callable[[TTAConfig | None], dict], candidates: list[TT
     for candidate, value in scored:
         if value > best_value:
             best, best_value = candidate, value
-    symmetries = [(c, v) for c, v in scored if len(c.scales) == 1 and (c.flip or c.rotate) and v > single + margin]
-    if best is not None and len(best.scales) > 1 and symmetries:
-        turned = max(symmetries, key=lambda cv: cv[1])[0]
-        both = dataclasses.replace(best, flip=turned.flip, rotate=turned.rotate)
+    helped = [(c, v) for c, v in scored if len(c.scales) == 1 and (c.flip or c.rotate) and v > single + margin]
+    if best is not None and len(best.scales) > 1 and helped:
+        symmetry = max(helped, key=lambda cv: cv[1])[0]
+        both = dataclasses.replace(best, flip=symmetry.flip, rotate=symmetry.rotate)
         if score(both) > best_value + margin:
             best = both
     return best, rows
