@@ -338,11 +338,11 @@ def test_tta_choice_picks_the_best_set():
     assert chosen is best
 
 
-def test_tta_choice_adds_the_symmetries_that_helped_to_the_best_scale_set():
+def test_tta_choice_adds_the_mirror_to_the_best_scale_set_when_it_helped():
     candidates = candidate_sets(320, flip=True, rotate=True)
     mirror, turns, scales = candidates[0], candidates[1], candidates[3]
     assert (mirror.scales, mirror.flip, mirror.rotate) == ((320,), True, False) and turns.rotate
-    combined = TTAConfig(scales=scales.scales, flip=True, rotate=True, merge="vote")
+    with_mirror = TTAConfig(scales=scales.scales, flip=True, merge="vote")
 
     def tune(values):
         asked = []
@@ -352,16 +352,16 @@ def test_tta_choice_adds_the_symmetries_that_helped_to_the_best_scale_set():
             return {"AP": values.get(tta, 0.40) if tta is not None else 0.40}
         chosen, rows = choose_tta(evaluate, candidates, margin=0.01)
         return chosen, rows, asked
-    # both helped: the scale set with the better symmetry set's passes (the turns, which hold the mirror)
-    chosen, rows, asked = tune({mirror: 0.43, turns: 0.45, scales: 0.50, combined: 0.52})
-    assert chosen == combined and rows[-1] == {"tta": combined.describe(), "AP": 0.52}
-    # the combination must beat the scale set by the margin, as any set must beat single scale
-    chosen, _, _ = tune({mirror: 0.43, turns: 0.45, scales: 0.50, combined: 0.505})
+    chosen, rows, asked = tune({mirror: 0.43, turns: 0.45, scales: 0.50, with_mirror: 0.52})
+    assert chosen == with_mirror and rows[-1] == {"tta": with_mirror.describe(), "AP": 0.52}
+    assert not any(tta is not None and tta.rotate and len(tta.scales) > 1 for tta in asked)   # never 8x the passes
+    # the scale set with the mirror must beat the scale set by the margin, as any set must beat single scale
+    chosen, _, _ = tune({mirror: 0.43, scales: 0.50, with_mirror: 0.505})
     assert chosen is scales
-    # no symmetry set beat single scale by the margin: no combination is tried
-    chosen, _, asked = tune({mirror: 0.405, turns: 0.41, scales: 0.50})
+    # the mirror alone did not beat single scale by the margin (the turns did): nothing is added
+    chosen, _, asked = tune({mirror: 0.405, turns: 0.45, scales: 0.50})
     assert chosen is scales and len(asked) == len(candidates) + 1
-    # the winner is a symmetry set itself: nothing to combine
+    # the winner is not a scale set: nothing to add to
     chosen, _, asked = tune({mirror: 0.43, turns: 0.55, scales: 0.50})
     assert chosen is turns and len(asked) == len(candidates) + 1
 

@@ -5,8 +5,8 @@ on the tune images (a slice of the training annotations left out of training, ``
 never the validation images, whose numbers are the run's result); keep the set with the highest AP
 if it beats single scale by more than the resolution of AP on the tune split (``1 / N`` for its N
 scored objects: one detection more or less moves AP by about that much), and no TTA at all otherwise.
-When the winner is a scale set and a symmetry set (the mirror, the turns) beat single scale too, the
-two are also tried together, and kept if that beats the winner by the same margin.
+When the winner is a scale set and the mirror alone beat single scale too, the scale set with the
+mirror added is also tried, and kept if it beats the winner by the same margin.
 
 The choice is written to the run folder's ``config.yaml`` (``test.tta_scales`` / ``tta_flip`` /
 ``tta_rotate`` / ``tta_merge``, so ``densedet eval`` applies it) and to ``tta_choice.json``, which
@@ -56,9 +56,9 @@ def candidate_sets(base: int, flip: bool, multiple: int = 32, rotate: bool = Fal
 def choose_tta(evaluate: Callable[[TTAConfig | None], dict], candidates: list[TTAConfig],
                metric: str = "AP", margin: float = 0.0) -> tuple[TTAConfig | None, list[dict]]:
     """The candidate whose ``evaluate(tta)[metric]`` is highest if it beats ``evaluate(None)`` (single
-    scale) by more than ``margin``, else None; then, when that is a scale set and a set of symmetries
-    alone (one scale, with the mirror or the turns) beat single scale by more than ``margin`` too, the
-    scale set with the best such set's symmetries, if it beats the first choice by more than ``margin``.
+    scale) by more than ``margin``, else None; then, when that is a scale set and the mirror alone (one
+    scale) beat single scale by more than ``margin`` too, the scale set with the mirror added, if that
+    beats the first choice by more than ``margin``.
     Returns the choice and the table of every evaluation (``{"tta", metric}`` rows)."""
     single = float(evaluate(None)[metric])
     rows = [{"tta": "single scale", metric: single}]
@@ -72,10 +72,10 @@ def choose_tta(evaluate: Callable[[TTAConfig | None], dict], candidates: list[TT
     for candidate, value in scored:
         if value > best_value:
             best, best_value = candidate, value
-    helped = [(c, v) for c, v in scored if len(c.scales) == 1 and (c.flip or c.rotate) and v > single + margin]
-    if best is not None and len(best.scales) > 1 and helped:
-        symmetry = max(helped, key=lambda cv: cv[1])[0]
-        both = dataclasses.replace(best, flip=symmetry.flip, rotate=symmetry.rotate)
+    # the mirror doubles a scale set's passes; the turns would multiply them by eight, so they stay a set alone
+    mirror_helped = any(c.flip and not c.rotate and len(c.scales) == 1 and v > single + margin for c, v in scored)
+    if best is not None and len(best.scales) > 1 and not best.flip and mirror_helped:
+        both = dataclasses.replace(best, flip=True)
         if score(both) > best_value + margin:
             best = both
     return best, rows
