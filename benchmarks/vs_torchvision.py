@@ -8,8 +8,8 @@ both (never the project's; not in CI)::
     /tmp/tvenv/bin/pip install --no-deps -e . && /tmp/tvenv/bin/pip install pyyaml pycocotools matplotlib tqdm
     /tmp/tvenv/bin/python benchmarks/vs_torchvision.py [--rounds 3] [--iters 3] [--rows r50_512 ...]
 
-On a GPU (``--device cuda``; any environment with torch and torchvision built for CUDA, such as
-``benchmarks/gpu_check.sh`` uses) the same modes run on the GPU, each call timed between two
+On a GPU (``--device cuda``; any environment with torch and torchvision built for CUDA, such as the
+one ``benchmarks/gpu_check.sh`` runs in) the same modes run on the GPU, each call timed between two
 ``torch.cuda.synchronize()``; bf16 is autocast on CUDA, and the rows default to 800x1216 at batch 1
 and 8.
 
