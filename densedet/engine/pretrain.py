@@ -141,8 +141,8 @@ def background_windows(g: torch.Generator, count: int, data: DetectionData, side
 
 
 def crop_batch(g: torch.Generator, items: tuple[Tensor, Tensor, Tensor], load_image: Callable[[int], Tensor],
-                batch_size: int, crop_sizes: tuple[int, ...], data: DetectionData | None = None,
-                background: float = 0.0) -> tuple[Tensor, Tensor]:
+               batch_size: int, crop_sizes: tuple[int, ...], data: DetectionData | None = None,
+               background: float = 0.0) -> tuple[Tensor, Tensor]:
     """One step's crops in [0, 1] and their labels, every draw from ``g``; ``items`` is :func:`box_items`'.
     With ``background`` > 0 that share of the batch is background windows of ``data`` labelled
     ``data.num_classes``."""
@@ -216,7 +216,7 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         progress = iteration / planned if planned is not None else (clock() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
         batch, labels = crop_batch(g, (image_of, box_of, label_of), load_image, batch_size, crop_sizes,
-                                    data, share)
+                                   data, share)
         batch = ((batch - mean) / std).to(device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
