@@ -256,6 +256,7 @@ class TrainConfig:
     pretrain_crop_sizes: list[int] = field(default_factory=lambda: [32, 48, 64, 96])  # crop side, one drawn per step
     pretrain_lr: float = 0.0                # AdamW learning rate of the warm-up; 0: solver.lr
     pretrain_freeze_stages: int = 0         # >0: after the warm-up, freeze these stages as model.frozen_stages does
+    pretrain_augment: bool = False          # the warm-up crops get data's flips, quarter turns and photometric distortion
     pretrain_background: float = -1.0       # share of warm-up crops taken away from boxes, as one extra class;
                                             # -1 auto: 0.5 with one class (else the warm-up has nothing to learn), 0 else
 

@@ -16,7 +16,8 @@ from densedet.data import DetectionDataset
 from densedet.data.records import DetectionData, ImageRecord
 from densedet.engine.checkpoint import load_checkpoint
 from densedet.engine.data import load_split
-from densedet.engine.pretrain import CropClassifier, box_items, crop_boxes, pretrain_backbone
+from densedet.engine.pretrain import (CropAugment, CropClassifier, box_items, crop_batch, crop_boxes,
+                                      pretrain_backbone)
 from densedet.engine.trainer import train
 from densedet.models import PRESETS
 
@@ -53,6 +54,65 @@ def test_box_items_skip_crowd_boxes_and_keep_each_boxs_image():
     image_of, boxes, labels = box_items(data)
     assert image_of.tolist() == [0, 2]
     assert boxes.tolist() == [[0.0, 0.0, 5.0, 5.0], [2.0, 2.0, 4.0, 6.0]] and labels.tolist() == [3, 4]
+
+
+def _corner_data():
+    """One 40 x 40 image whose only box holds a white top-left quadrant: every turn and mirror differs."""
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    image[:, 10:20, 10:20] = 255
+    record = ImageRecord(file_name="0.png", image_id=0, height=40, width=40,
+                         boxes=np.array([[10, 10, 30, 30]], np.float32), labels=np.array([0], np.int64),
+                         iscrowd=np.zeros(1, bool), difficult=np.zeros(1, bool))
+    data = DetectionData(records=[record], class_names=["a"], category_ids=[1], source="test")
+    return data, lambda i: image
+
+
+def _crops(augment, data, load, seed=0, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return crop_batch(g, box_items(data), load, 64, (size,), augment=augment)[0]
+
+
+def test_warm_up_crops_get_the_mirror_and_the_quarter_turns_of_the_detection_windows():
+    data, load = _corner_data()
+    plain = _crops(CropAugment(), data, load)
+    assert torch.equal(_crops(CropAugment(hflip_prob=1.0), data, load), plain.flip(-1))
+    turned = _crops(CropAugment(rotate90=True), data, load)
+    seen = set()
+    for crop, original in zip(turned, plain):
+        matches = [k for k in range(4) if torch.equal(crop, original.rot90(k, (-2, -1)))]
+        assert len(matches) == 1                      # each crop is one turn of its unaugmented self
+        seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}                       # and 64 crops draw every turn
+    both = _crops(CropAugment(hflip_prob=0.5, rotate90=True), data, load)
+    corners = {tuple((torch.nonzero(c[0] > 0.5).float().mean(0) < 8).tolist()) for c in both}
+    assert len(corners) == 4                          # the bright corner lands in each of the four corners
+
+
+def test_warm_up_crops_get_the_photometric_distortion_with_the_geometry_unchanged():
+    data, load = _corner_data()
+    plain = _crops(CropAugment(), data, load)
+    distorted = _crops(CropAugment(photometric=True), data, load)
+    assert distorted.min() >= 0 and distorted.max() <= 1
+    changed = (distorted - plain).abs().amax(dim=(1, 2, 3)) > 1e-3
+    assert 0 < changed.sum() < len(plain)            # each step applied with probability 1/2: some crops untouched
+    bright, dark = plain > 0.5, plain < 0.01          # no pixel moves: the white quadrant stays the brighter part
+    for crop, b, d in zip(distorted, bright, dark):
+        assert crop[b].mean() > crop[d].mean() + 0.2
+    assert torch.equal(_crops(CropAugment(photometric=True), data, load), distorted)   # the same generator, the same crops
+
+
+def test_warm_up_augmentation_when_switched_on_follows_the_detection_windows():
+    cfg = Config()
+    cfg.data.hflip_prob, cfg.data.rotate90, cfg.data.photometric = 0.5, True, True
+    assert CropAugment.of(cfg) == CropAugment()       # off by default
+    cfg.train.pretrain_augment = True
+    assert CropAugment.of(cfg) == CropAugment(0.5, True, True)
+    cfg.data.hflip_prob, cfg.data.rotate90, cfg.data.photometric = 0.0, False, False
+    assert CropAugment.of(cfg) == CropAugment()
+    cfg.data.augment = "ssd"                          # SSD's pipeline mirrors and distorts by itself
+    assert CropAugment.of(cfg) == CropAugment(0.5, False, True)
+    cfg.train.pretrain_augment = False
+    assert CropAugment.of(cfg) == CropAugment()
 
 
 def _trunk():

@@ -28,6 +28,12 @@ IoU >= ``BACKGROUND_MAX_IOU``; images without boxes are background anywhere. Ada
 (or ``solver.lr``), 20 warm-up steps, cosine to zero over the planned iterations. Every random
 draw comes from a generator seeded by (seed, iteration), so a fixed ``iterations`` run is
 repeatable.
+
+With ``train.pretrain_augment`` the crops see what the detection windows see (:class:`CropAugment`):
+the flips, quarter turns and photometric distortion that ``data.hflip_prob``, ``data.rotate90`` and
+``data.photometric`` give the detector. It is off by default: it was meant to keep the stages frozen
+after the warm-up from learning one photo's orientation and colours, and on the tree crowns it did
+not lift the other site (docs/own-data.md).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import collections
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -47,12 +54,13 @@ from ..boxes import box_iou
 from ..config import Config
 from ..data import DetectionDataset, record_size
 from ..data.records import DetectionData
+from ..data.ssd_augment import PhotometricDistort
 from ..device import autocast as autocast_context
 from ..device import fused_adam_ok
 from .distributed import broadcast_state, value_of_rank0
 
-__all__ = ["box_items", "crop_boxes", "crop_batch", "background_windows", "background_share", "CropClassifier",
-           "pretrain_backbone", "warm_up_trunk", "CROP_SIZES"]
+__all__ = ["box_items", "crop_boxes", "crop_batch", "CropAugment", "background_windows", "background_share",
+           "CropClassifier", "pretrain_backbone", "warm_up_trunk", "CROP_SIZES"]
 
 CROP_SIZES = (32, 48, 64, 96)
 CONTEXT = (1.1, 1.6)
@@ -140,12 +148,45 @@ def background_windows(g: torch.Generator, count: int, data: DetectionData, side
     return images, windows
 
 
+@dataclass(frozen=True)
+class CropAugment:
+    """The augmentation of warm-up crops: a mirror with probability ``hflip_prob``, a random quarter
+    turn (``rotate90``), SSD's photometric distortion (``photometric``); each crop draws its own."""
+
+    hflip_prob: float = 0.0
+    rotate90: bool = False
+    photometric: bool = False
+
+    @classmethod
+    def of(cls, cfg: Config) -> "CropAugment":
+        """The detection windows' augmentation (``cfg.data``), or none without ``train.pretrain_augment``."""
+        d = cfg.data
+        if not cfg.train.pretrain_augment:
+            return cls()
+        if d.augment == "ssd":                  # SSD's pipeline: its photometric distortion and mirror (p 0.5)
+            return cls(0.5, d.rotate90, True)
+        return cls(d.hflip_prob, d.rotate90, d.photometric)
+
+    def __call__(self, g: torch.Generator, crops: Tensor) -> Tensor:
+        """``crops`` [N, 3, S, S] in [0, 1], augmented, every draw from ``g``."""
+        if self.hflip_prob > 0:
+            mirror = torch.rand(len(crops), generator=g) < self.hflip_prob
+            crops = torch.where(mirror[:, None, None, None], crops.flip(-1), crops)
+        if self.rotate90:
+            turns = torch.randint(4, (len(crops),), generator=g)
+            crops = torch.stack([c.rot90(int(k), (-2, -1)) for c, k in zip(crops, turns)])
+        if self.photometric:
+            distort = PhotometricDistort(generator=g)
+            crops = torch.stack([distort(c, None)[0] for c in crops])
+        return crops
+
+
 def crop_batch(g: torch.Generator, items: tuple[Tensor, Tensor, Tensor], load_image: Callable[[int], Tensor],
                batch_size: int, crop_sizes: tuple[int, ...], data: DetectionData | None = None,
-               background: float = 0.0) -> tuple[Tensor, Tensor]:
+               background: float = 0.0, augment: CropAugment = CropAugment()) -> tuple[Tensor, Tensor]:
     """One step's crops in [0, 1] and their labels, every draw from ``g``; ``items`` is :func:`box_items`'.
     With ``background`` > 0 that share of the batch is background windows of ``data`` labelled
-    ``data.num_classes``."""
+    ``data.num_classes``. ``augment`` transforms the crops, background ones too."""
     image_of, box_of, label_of = items
     n_bg = int(round(batch_size * background)) if data is not None else 0
     n_obj = batch_size - n_bg
@@ -167,7 +208,7 @@ def crop_batch(g: torch.Generator, items: tuple[Tensor, Tensor, Tensor], load_im
     counts = counts.tolist()
     crops = [crop_boxes(load_image(i).float().div_(255.0), b, size, c, d)
              for i, b, c, d in zip(ids.tolist(), boxes.split(counts), context.split(counts), shift.split(counts))]
-    return torch.cat(crops), labels
+    return augment(g, torch.cat(crops)), labels
 
 
 def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], data: DetectionData,
@@ -177,13 +218,14 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
                       device: torch.device | None = None, autocast: Callable = contextlib.nullcontext,
                       log: Callable[[str], None] = lambda _: None,
                       clock: Callable[[], float] = time.perf_counter,
-                      classifier: CropClassifier | None = None) -> dict:
+                      classifier: CropClassifier | None = None, augment: CropAugment = CropAugment()) -> dict:
     """Train ``trunk`` (a module returning a list of feature maps with ``out_channels``) to classify
     the crops of ``data``'s boxes, for ``iterations`` steps or, when 0, for ``minutes``.
     ``load_image(i)`` gives image i as uint8 [3, H, W]; ``autocast()`` is the precision context;
     ``clock`` (seconds) times the run and the ``minutes`` budget. ``background``: the share of
     background crops (:func:`background_share`; -1 auto). ``classifier``: the :class:`CropClassifier`
     on ``trunk`` to train, for a caller that uses it afterwards (default: a new one, thrown away).
+    ``augment``: the crops' augmentation (:class:`CropAugment`; default none).
     Returns statistics of the run: iterations, seconds, crops_per_s, loss (last step), accuracy (C5
     classifier, last ``ACCURACY_WINDOW`` steps, on the training crops), boxes, background (the share),
     chance_loss (the cross-entropy of guessing by the label frequencies, for comparison)."""
@@ -216,7 +258,7 @@ def pretrain_backbone(trunk: nn.Module, load_image: Callable[[int], Tensor], dat
         progress = iteration / planned if planned is not None else (clock() - start) / budget
         g = torch.Generator().manual_seed(seed * 1_000_039 + iteration)
         batch, labels = crop_batch(g, (image_of, box_of, label_of), load_image, batch_size, crop_sizes,
-                                   data, share)
+                                   data, share, augment)
         batch = ((batch - mean) / std).to(device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -270,11 +312,13 @@ def warm_up_trunk(model: nn.Module, dataset, data: DetectionData, cfg: Config, d
     if rank == 0:
         images = dataset if isinstance(dataset, DetectionDataset) else DetectionDataset(
             data, cache_images=cfg.data.cache_images)
-        stats = pretrain_backbone(trunk, images.load_uint8, data, model.preprocessor.mean, model.preprocessor.std,
-                                  t.pretrain_lr or cfg.solver.lr, cfg.solver.weight_decay, t.pretrain_batch_size,
+        # images.data: the records its pixels match (shrunk with them under data.shrink_at_load)
+        stats = pretrain_backbone(trunk, images.load_uint8, images.data, model.preprocessor.mean,
+                                  model.preprocessor.std, t.pretrain_lr or cfg.solver.lr, cfg.solver.weight_decay,
+                                  t.pretrain_batch_size,
                                   crop_sizes=tuple(t.pretrain_crop_sizes), minutes=t.pretrain_minutes,
                                   iterations=t.pretrain_iters, seed=t.seed, channels_last=t.channels_last,
-                                  background=t.pretrain_background,
+                                  background=t.pretrain_background, augment=CropAugment.of(cfg),
                                   device=device, autocast=lambda: autocast_context(device, dtype), log=log,
                                   clock=clock)
     broadcast_state(trunk)
