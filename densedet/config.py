@@ -203,6 +203,7 @@ class DataConfig:
     hflip_prob: float = 0.5
     rotate90: bool = False                  # random quarter turns (images seen from above: aerial, microscopy)
     photometric: bool = False               # basic augment: SSD's random brightness, contrast, saturation and hue
+    shrink_at_load: bool = False            # training images the model would shrink are shrunk once, when loaded
     train_min_sizes: list[int] | None = None  # multi-scale training, one shorter side per batch; None: model.min_size
     augment: str = "basic"                  # basic (flip, multi-scale) | ssd (RefineDet)
     crop_size: int = 0                      # >0: train on object-centred crop_size windows at the image's scale
@@ -515,6 +516,11 @@ def _data_checks(cfg: Config) -> list[Check]:
                        "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
     if d.crop_size or d.crop_sizes:
         checks.append((not ssd, "data.crop_size", "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
+    if d.shrink_at_load:
+        one_scale = not d.train_min_sizes or max(d.train_min_sizes) <= cfg.model.min_size
+        checks.append((not ssd and d.tile_size == 0 and one_scale, "data.shrink_at_load",
+                       "shrinks to the model's min_size / max_size: needs RetinaNet's resize, no tiles "
+                       "(data.tile_size 0) and no training scale above model.min_size"))
     return checks
 
 

@@ -15,9 +15,13 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
   bands would hold at least ``MIN_TUNE_OBJECTS`` whole objects.
 - **input scale**: the model sees the evaluation images (val, or train when val is carved out) at
   their own size: shorter side to their median shorter side, longer side capped at their largest
-  longer side; so one size of evaluation image is never resized. Only when the 2nd percentile of
-  box size (sqrt area) is below ``MIN_OBJECT_PX`` is everything upscaled, to bring it there (at most
-  ``MAX_UPSCALE``): an anchor grid of stride 8 cannot reach IoU 0.5 with smaller boxes.
+  longer side; so one size of evaluation image is never resized. When the 2nd percentile of box
+  size (sqrt area) is below ``MIN_OBJECT_PX``, everything is upscaled to bring it there (at most
+  ``MAX_UPSCALE``): an anchor grid of stride 8 cannot reach IoU 0.5 with smaller boxes. When even
+  the small objects are large, everything is shrunk, until that percentile is ``SHRINK_OBJECT_PX``
+  (the paper's smallest anchor) or the shorter side ``SHRINK_IMAGE_PX`` (SSD's and RefineDet320's
+  input), whichever comes first: large objects in large photos otherwise cost whole images of
+  millions of pixels per step and outgrow the largest anchors.
 - **tiles**: a training image more than ``TILE_ABOVE`` times the evaluation images' longer side is
   cut into tiles of that side (overlap: the 98th percentile of the boxes' longer sides, so nearly
   every object is whole in some tile), each resized as an evaluation image: large photos are tiled,
@@ -70,6 +74,8 @@ __all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "
 
 MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
 MAX_UPSCALE = 2.0
+SHRINK_OBJECT_PX = 32.0     # large objects are shrunk, the smallest (p2) down to the paper's smallest anchor
+SHRINK_IMAGE_PX = 320       # and the images' shorter side no further than SSD's and RefineDet320's input
 TILE_ABOVE = 1.5            # a training image this much larger than the evaluation images is tiled
 WINDOW_SHARE = 0.6          # windows only when the largest object fits in this share of the image
 MIN_WINDOW = 64
@@ -251,21 +257,32 @@ def _inside(boxes: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
-    """``(upscale, min_size, max_size, derived)`` for a resizing model (RetinaNet)."""
+    """``(scale, min_size, max_size, derived)`` for a resizing model (RetinaNet); ``scale`` multiplies the
+    evaluation images' sizes (> 1: small objects upscaled, < 1: large objects shrunk)."""
     sizes = s.box_sizes
     p2 = float(np.percentile(sizes, 2)) if sizes.size else MIN_OBJECT_PX
-    up = min(MAX_UPSCALE, MIN_OBJECT_PX / p2) if p2 < MIN_OBJECT_PX else 1.0
     short = float(np.median(s.eval_hw.min(axis=1)))
     long_ = float(s.eval_hw.max(axis=1).max())
-    min_size, max_size = int(round(up * short)), int(round(up * long_))
     uniform = len({tuple(hw) for hw in s.eval_hw.astype(int).tolist()}) == 1
     what = (f"the evaluation images are all {int(s.eval_hw[0, 1])}x{int(s.eval_hw[0, 0])}" if uniform else
             f"evaluation images: median shorter side {short:.0f}, largest longer side {long_:.0f} px")
-    why = (f"{what}; box sizes p2 {p2:.1f} px" +
-           (f" < {MIN_OBJECT_PX:g}: upscaled {up:.2f}x so small objects reach the anchors" if up > 1
-            else " >= 12: native scale, nothing shrunk"))
-    return up, min_size, max_size, [Derived("model.min_size", min_size, why),
-                                    Derived("model.max_size", max_size, "the largest evaluation image is not shrunk")]
+    if p2 < MIN_OBJECT_PX:
+        scale = min(MAX_UPSCALE, MIN_OBJECT_PX / p2)
+        why = f"box sizes p2 {p2:.1f} px < {MIN_OBJECT_PX:g}: upscaled {scale:.2f}x so small objects reach the anchors"
+    else:
+        scale = min(1.0, max(SHRINK_OBJECT_PX / p2, SHRINK_IMAGE_PX / short))
+        if scale < 1:
+            why = (f"box sizes p2 {p2:.0f} px: shrunk {scale:.2f}x, the small objects to {scale * p2:.0f} px "
+                   f"(>= {SHRINK_OBJECT_PX:g}) and the shorter side to {scale * short:.0f} px (>= {SHRINK_IMAGE_PX}): "
+                   f"large objects need no more pixels, and whole large photos would cost many per step")
+        else:
+            why = (f"box sizes p2 {p2:.1f} px: native scale (shrinking would take the small objects below "
+                   f"{SHRINK_OBJECT_PX:g} px or the shorter side below {SHRINK_IMAGE_PX} px)")
+    min_size, max_size = int(round(scale * short)), int(round(scale * long_))
+    return scale, min_size, max_size, [
+        Derived("model.min_size", min_size, f"{what}; {why}"),
+        Derived("model.max_size", max_size, "the largest evaluation image, at the same scale" if scale != 1
+                else "the largest evaluation image is not shrunk")]
 
 
 def tiling(s: DataSummary) -> tuple[np.ndarray, list[Derived]]:
@@ -377,7 +394,7 @@ def choose_anchors(boxes: np.ndarray, arch: str, ratios: list[float]) -> tuple[d
     return {"anchor_sizes": base, "min_level": final[0], "max_level": final[-1], "coverage": coverage}, rows
 
 
-def training_windows(max_side_px: float, median_px: float, image_short_px: float, upscale: float
+def training_windows(max_side_px: float, median_px: float, image_short_px: float, scale: float
                      ) -> tuple[list[int], str]:
     """Object-centred window sides (original pixels) for the largest objects' longer side ``max_side_px``
     (p98), the median box size, the image's (or tile's) shorter side, all in model pixels; [] for whole images."""
@@ -387,9 +404,9 @@ def training_windows(max_side_px: float, median_px: float, image_short_px: float
                     f"{WINDOW_SHARE:.0%} of the {image_short_px:.0f} px image: whole images")
     floor = max(MIN_WINDOW, 32 * math.ceil(2 * median_px / 32))
     model_px = sorted({largest} | {w for w in (32 * round(f * largest / 32) for f in (0.6, 0.4)) if w >= floor})
-    windows = sorted({max(16, int(round(w / upscale))) for w in model_px})
-    scale = "" if upscale == 1 else f" ({windows} px of the original images, cut before the {upscale:.2f}x upscale)"
-    return windows, (f"objects are small against the {image_short_px:.0f} px image: windows of {model_px} px{scale} "
+    windows = sorted({max(16, int(round(w / scale))) for w in model_px})
+    original = "" if scale == 1 else f" ({windows} px of the original images, cut before the {scale:.2f}x resize)"
+    return windows, (f"objects are small against the {image_short_px:.0f} px image: windows of {model_px} px{original} "
                      f"centred on objects (the largest holds the p98 object, {max_side_px:.0f} px, with margin)")
 
 
@@ -501,6 +518,10 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
         tiled, tile_rows = tiling(s)
         rows += tile_rows
         ref = tile_rows[-1].value if tiled.any() else None
+        at_load = up < 1 and not tiled.any()    # shrunk once when loaded: training pixels are model pixels
+        if at_load:
+            rows.append(Derived("data.shrink_at_load", True, "the training images are shrunk once, when loaded, "
+                                "not augmented and resized at full size at every step"))
         factors = np.array([_resize_factor(ref if t else hw, min_size, max_size)
                             for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
     else:
@@ -511,7 +532,7 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
         ref = tile_rows[-1].value if tiled.any() else None
         factors = np.array([(rd_size / (ref if t else hw)[0], rd_size / (ref if t else hw)[1])
                             for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
-        up = 1.0
+        up, at_load = 1.0, False
     boxes = _model_boxes(s, factors)
     # RefineDet's are w/h in Caffe's order (1, 2, 1/2, then wider pairs): its default warns on any other
     stored_ratios = ratios if arch == "retinanet" else sorted((1.0 / r for r in ratios),
@@ -525,13 +546,14 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
         sides = boxes[:, 2:] - boxes[:, :2]
         image_px = float(np.median(np.minimum(*(factors * s.image_hw).T))) if not tiled.any() else \
             float(min(ref) * factors[tiled][0, 0])
+        train_scale = 1.0 if at_load else up     # model pixels per training-image pixel
         windows, why = training_windows(float(np.percentile(sides.max(axis=1), 98)),
-                                        float(np.median(np.sqrt(sides[:, 0] * sides[:, 1]))), image_px, up)
+                                        float(np.median(np.sqrt(sides[:, 0] * sides[:, 1]))), image_px, train_scale)
         rows.append(Derived("data.crop_sizes", windows, why))
         if windows:
             rows.append(Derived("data.train_min_sizes", [min_size], "one training scale: a smaller one would pad "
                                 "the windows"))
-            pixels = (max(windows) * up) ** 2
+            pixels = (max(windows) * train_scale) ** 2
         elif tiled.any():
             pixels = float((np.array(ref) * factors[tiled][0]).prod())
         else:

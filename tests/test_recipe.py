@@ -10,13 +10,15 @@ from PIL import Image
 
 from densedet.backbones.resnet import ResNet
 from densedet.boxes import box_iou
-from densedet.config import Config, ConfigError, apply_overrides
+from densedet.config import Config, ConfigError, apply_overrides, validate
 from densedet.data import DetectionDataset, TiledDataset
 from densedet.data.formats import detect_format
 from densedet.data.records import DatasetError, DetectionData, ImageRecord
 from densedet.data.split import region_layout, split_by_image, split_by_region
+from densedet.engine.data import shrink_to_input
 from densedet.engine.pretrain import background_share, background_windows, pretrain_backbone
 from densedet.engine.tune import candidate_sets, choose_tta
+from densedet.models.preprocess import ImagePreprocessor
 from densedet.tta import TTAConfig
 from densedet.errors import UsageError
 from densedet.recipe import (DataSummary, RecipeOptions, base_config, choose_anchors, choose_ratios, derive,
@@ -66,7 +68,7 @@ def test_small_boxes_get_small_anchors_and_no_empty_level():
 
 def test_boxes_of_every_size_use_the_paper_anchors_up_to_p7():
     rng = np.random.default_rng(1)
-    data = make_data([squares(rng, 4, 40, 600, size=800) for _ in range(30)], hw=(800, 800))
+    data = make_data([squares(rng, 4, 12, 600, size=800) for _ in range(30)], hw=(800, 800))
     v = derived(data)
     assert v["model.retinanet.max_level"] == 7 and v["model.anchor_sizes"][0] in (16.0, 32.0)
     assert v["model.min_size"] == 800                             # native scale
@@ -129,6 +131,52 @@ def test_windows_need_room_in_the_image():
     rng = np.random.default_rng(5)
     data = make_data([squares(rng, 2, 100, 150, size=256) for _ in range(20)], hw=(256, 256))
     assert derived(data)["data.crop_sizes"] == []
+
+
+def test_large_photos_of_large_objects_are_shrunk_to_the_smallest_anchor_or_320_px():
+    rng = np.random.default_rng(8)
+    big = [squares(rng, 3, 480, 1600, size=3000) for _ in range(20)]
+    v = derived(make_data(big, hw=(3000, 4000)))
+    # p2 of the boxes ~480 px: shrinking them to 32 px would take the images below 320 px, so 320 px it is
+    assert v["model.min_size"] == 320 and v["model.max_size"] == round(4000 * 320 / 3000)
+    assert v["data.shrink_at_load"] is True
+    rows = {r.key: r for r in derive(DataSummary.from_data(make_data(big, hw=(3000, 4000))), RecipeOptions())}
+    assert "100.0% of boxes have an anchor" in rows["model.anchor_sizes"].reason   # natively: over P7's reach
+    # objects of 64 px and more in 2000 px images: shrunk until the smallest are 32 px
+    data = make_data([squares(rng, 6, 64, 200, size=2000) for _ in range(20)], hw=(2000, 2000))
+    p2 = np.percentile(DataSummary.from_data(data).box_sizes, 2)
+    assert derived(data)["model.min_size"] == round(2000 * 32 / p2)
+    # small objects in the same photos: nothing is shrunk, nothing is shrunk at load
+    v = derived(make_data([squares(rng, 6, 20, 200, size=2000) for _ in range(20)], hw=(2000, 2000)))
+    assert v["model.min_size"] == 2000 and "data.shrink_at_load" not in v
+
+
+def test_shrink_at_load_resizes_pixels_and_boxes_as_the_model_would(tmp_path):
+    pixels = np.zeros((600, 800, 3), np.uint8)
+    pixels[200:400, 400:600] = 255                                   # a white square under the box
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(tmp_path / "small.png")
+    data = make_data([[[400, 200, 600, 400]], [[10, 10, 50, 50]]], hw=[(600, 800), (200, 300)])
+    data.records[0].file_name, data.records[1].file_name = str(tmp_path / "big.png"), str(tmp_path / "small.png")
+    shrunk = shrink_to_input(data, 300, 1000)
+    big, small = shrunk.records
+    assert (big.height, big.width, big.resize) == (300, 400, (300, 400))
+    assert big.boxes.tolist() == [[200.0, 100.0, 300.0, 200.0]]
+    assert small is data.records[1]                                  # the model would not shrink it: untouched
+    image, target = DetectionDataset(shrunk)[0]
+    assert image.shape == (3, 300, 400)
+    assert torch.equal(target["boxes"], torch.tensor([[200.0, 100.0, 300.0, 200.0]]))
+    inside, outside = image[:, 105:195, 205:295], image[:, :, :190]
+    assert inside.min() == 1.0 and outside.max() == 0.0              # the square stays under its box
+    preprocess = ImagePreprocessor(min_size=300, max_size=1000).eval()
+    _, sizes, _ = preprocess([image])
+    assert tuple(sizes[0]) == (300, 400)                              # the model's resize leaves it as it is
+
+
+def test_shrink_at_load_needs_the_models_one_scale_and_no_tiles():
+    for overrides in (["data.tile_size=400"], ["data.train_min_sizes=[800,1000]"], ["model.arch=refinedet"]):
+        with pytest.raises(ConfigError, match="shrink_at_load"):
+            validate(apply_overrides(Config(), ["data.shrink_at_load=true", "model.min_size=800"] + overrides))
 
 
 # -- classes, images without boxes, the holdout, the starting point ----------------------------------

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .records import DatasetError
@@ -64,15 +65,20 @@ def load_image(path: str) -> torch.Tensor:
 
 def load_record_image(record) -> torch.Tensor:
     """The pixels of an image record as uint8 [3, H, W]: its file, or the rectangle of it that the
-    record's ``region`` names (a :class:`DatasetError` when the file is smaller than that)."""
+    record's ``region`` names (a :class:`DatasetError` when the file is smaller than that), resized
+    to the record's ``resize`` when it has one."""
     image = load_image(record.file_name)
-    if record.region is None:
-        return image
-    x0, y0, x1, y1 = record.region
-    if x1 > image.shape[-1] or y1 > image.shape[-2]:
-        raise DatasetError(f"{record.file_name}: region {list(record.region)} lies outside the "
-                           f"{image.shape[-1]}x{image.shape[-2]} image")
-    return image[:, y0:y1, x0:x1].clone()       # a copy: a view would keep the whole photo alive
+    if record.region is not None:
+        x0, y0, x1, y1 = record.region
+        if x1 > image.shape[-1] or y1 > image.shape[-2]:
+            raise DatasetError(f"{record.file_name}: region {list(record.region)} lies outside the "
+                               f"{image.shape[-1]}x{image.shape[-2]} image")
+        image = image[:, y0:y1, x0:x1].clone()  # a copy: a view would keep the whole photo alive
+    if record.resize is not None and tuple(record.resize) != tuple(image.shape[-2:]):
+        # as the model's preprocessor resizes (bilinear, antialiased), rounded back to uint8
+        image = F.interpolate(image[None].float(), size=tuple(record.resize), mode="bilinear",
+                              align_corners=False, antialias=True)[0].round_().clamp_(0, 255).to(torch.uint8)
+    return image
 
 
 def record_size(record, source: str = "") -> tuple[int, int]:

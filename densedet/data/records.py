@@ -37,7 +37,9 @@ class ImageRecord:
     coordinates), labels [N] int64 in 0..K-1, iscrowd [N] bool, difficult [N] bool.
     `region` (x0, y0, x1, y1), when set, is the part of the file this record stands for (a held-out
     band of a large photo, :func:`~densedet.data.split.split_by_region`): its size, boxes and pixels
-    (:func:`~densedet.data.load_record_image`) are that rectangle's.
+    (:func:`~densedet.data.load_record_image`) are that rectangle's. `resize` (height, width), when
+    set, is the size its pixels are resized to when loaded (after `region`); `height`, `width` and
+    the boxes are then that size's (``data.shrink_at_load``).
     """
 
     file_name: str
@@ -49,6 +51,7 @@ class ImageRecord:
     iscrowd: np.ndarray | None = None
     difficult: np.ndarray | None = None
     region: tuple[int, int, int, int] | None = None
+    resize: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # Normalise dtypes/shapes once here so that code downstream never has to guess.

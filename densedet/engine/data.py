@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import dataclasses
 import os
 import random
 
+import numpy as np
 import torch
 
 from ..config import Config, ConfigError, DataConfig
 from ..data.ssd_augment import PhotometricDistort, SSDAugmentation
 from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90,
-                    TiledDataset, DatasetError, load_coco, load_csv, load_voc, make_digit_scenes)
+                    ResizeShortestEdge, TiledDataset, DatasetError, load_coco, load_csv, load_voc,
+                    make_digit_scenes, record_size)
 from ..data.split import split_by_image, split_by_region
 
-__all__ = ["load_split", "carve", "build_train_dataset", "BatchStream"]
+__all__ = ["load_split", "carve", "build_train_dataset", "shrink_to_input", "BatchStream"]
 
 
 def resolve_path(path: str) -> str:
@@ -118,10 +121,31 @@ def _read(data: DataConfig, split: str) -> DetectionData:
     raise ConfigError(f"data.format: must be coco, voc, csv or digits, got {data.format!r}")
 
 
+def shrink_to_input(data: DetectionData, min_size: int, max_size: int) -> DetectionData:
+    """``data`` with each image that the model's resize (shorter side ``min_size``, longer side at most
+    ``max_size``) would shrink resized to that size when it is loaded, its boxes with it; the model's
+    own resize then leaves it as it is. Large photos are decoded and shrunk once (into the image cache),
+    not augmented and resized at full size at every step (``data.shrink_at_load``)."""
+    resize = ResizeShortestEdge(min_size, max_size)
+    records = []
+    for record in data.records:
+        height, width = record_size(record, data.source)
+        new_h, new_w = resize.output_size(height, width, min_size)
+        if new_h * new_w >= height * width:
+            records.append(record)
+            continue
+        scale = np.array([new_w / width, new_h / height] * 2, dtype=np.float32)
+        records.append(dataclasses.replace(record, height=new_h, width=new_w, boxes=record.boxes * scale,
+                                           resize=(new_h, new_w)))
+    return dataclasses.replace(data, records=records)
+
+
 def build_train_dataset(cfg: Config, data: DetectionData):
     """The training dataset with its augmentation (flip, windows, photometric, multi-scale; SSD's for RefineDet;
-    quarter turns)."""
+    quarter turns); with ``data.shrink_at_load``, over the training images shrunk to the model's input."""
     d = cfg.data
+    if d.shrink_at_load:
+        data = shrink_to_input(data, cfg.model.min_size, cfg.model.max_size)
     transforms = []
     if d.augment == "ssd":
         transforms.append(SSDAugmentation(cfg.model.refinedet.image_size))
