@@ -518,9 +518,9 @@ def _data_checks(cfg: Config) -> list[Check]:
         checks.append((not ssd, "data.crop_size", "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
     if d.shrink_at_load:
         one_scale = not d.train_min_sizes or max(d.train_min_sizes) <= cfg.model.min_size
-        checks.append((not ssd and d.tile_size == 0 and one_scale, "data.shrink_at_load",
-                       "shrinks to the model's min_size / max_size: needs RetinaNet's resize, no tiles "
-                       "(data.tile_size 0) and no training scale above model.min_size"))
+        checks.append((d.augment != "ssd" and d.tile_size == 0 and one_scale, "data.shrink_at_load",
+                       "shrinks to the model's input size: needs no tiles (data.tile_size 0), no training scale "
+                       "above model.min_size and not SSD's augmentation (its crops zoom into the full image)"))
     return checks
 
 

@@ -533,6 +533,9 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
         factors = np.array([(rd_size / (ref if t else hw)[0], rd_size / (ref if t else hw)[1])
                             for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
         up, at_load = 1.0, False
+        if not tiled.any() and (s.image_hw > rd_size).all(axis=1).any():
+            rows.append(Derived("data.shrink_at_load", True, f"training images over the {rd_size} px warp are warped "
+                                "once, when loaded, not augmented at full size at every step"))
     boxes = _model_boxes(s, factors)
     # RefineDet's are w/h in Caffe's order (1, 2, 1/2, then wider pairs): its default warns on any other
     stored_ratios = ratios if arch == "retinanet" else sorted((1.0 / r for r in ratios),

@@ -171,10 +171,23 @@ def test_shrink_at_load_resizes_pixels_and_boxes_as_the_model_would(tmp_path):
     preprocess = ImagePreprocessor(min_size=300, max_size=1000).eval()
     _, sizes, _ = preprocess([image])
     assert tuple(sizes[0]) == (300, 400)                              # the model's resize leaves it as it is
+    warped = shrink_to_input(data, 300, 1000, fixed_size=250)         # RefineDet's warp, to 250 x 250
+    assert (warped.records[0].resize, warped.records[1].resize) == ((250, 250), None)   # 200 px high: kept
+    assert np.allclose(warped.records[0].boxes, [[125.0, 250 / 3, 187.5, 500 / 3]])
+    assert DetectionDataset(warped)[0][0].shape == (3, 250, 250)
+
+
+def test_refinedet_warps_large_photos_once_when_loaded_and_leaves_small_ones():
+    rng = np.random.default_rng(9)
+    big = derived(make_data([squares(rng, 3, 40, 400, size=1200) for _ in range(20)], hw=(1200, 1600)),
+                  model="refinedet320_r18")
+    assert big["data.shrink_at_load"] is True
+    small = derived(make_data([squares(rng, 3, 20, 100, size=320) for _ in range(20)]), model="refinedet320_r18")
+    assert "data.shrink_at_load" not in small
 
 
 def test_shrink_at_load_needs_the_models_one_scale_and_no_tiles():
-    for overrides in (["data.tile_size=400"], ["data.train_min_sizes=[800,1000]"], ["model.arch=refinedet"]):
+    for overrides in (["data.tile_size=400"], ["data.train_min_sizes=[800,1000]"], ["data.augment=ssd"]):
         with pytest.raises(ConfigError, match="shrink_at_load"):
             validate(apply_overrides(Config(), ["data.shrink_at_load=true", "model.min_size=800"] + overrides))
 

@@ -121,17 +121,19 @@ def _read(data: DataConfig, split: str) -> DetectionData:
     raise ConfigError(f"data.format: must be coco, voc, csv or digits, got {data.format!r}")
 
 
-def shrink_to_input(data: DetectionData, min_size: int, max_size: int) -> DetectionData:
+def shrink_to_input(data: DetectionData, min_size: int, max_size: int,
+                    fixed_size: int | None = None) -> DetectionData:
     """``data`` with each image that the model's resize (shorter side ``min_size``, longer side at most
-    ``max_size``) would shrink resized to that size when it is loaded, its boxes with it; the model's
-    own resize then leaves it as it is. Large photos are decoded and shrunk once (into the image cache),
-    not augmented and resized at full size at every step (``data.shrink_at_load``)."""
+    ``max_size``; or a warp to ``fixed_size`` squared, RefineDet's) would shrink resized to that size
+    when it is loaded, its boxes with it; the model's own resize then leaves it as it is. Large photos
+    are decoded and shrunk once (into the image cache), not augmented and resized at full size at every
+    step (``data.shrink_at_load``)."""
     resize = ResizeShortestEdge(min_size, max_size)
     records = []
     for record in data.records:
         height, width = record_size(record, data.source)
-        new_h, new_w = resize.output_size(height, width, min_size)
-        if new_h * new_w >= height * width:
+        new_h, new_w = (fixed_size, fixed_size) if fixed_size else resize.output_size(height, width, min_size)
+        if new_h > height or new_w > width or (new_h, new_w) == (height, width):
             records.append(record)
             continue
         scale = np.array([new_w / width, new_h / height] * 2, dtype=np.float32)
@@ -145,7 +147,8 @@ def build_train_dataset(cfg: Config, data: DetectionData):
     quarter turns); with ``data.shrink_at_load``, over the training images shrunk to the model's input."""
     d = cfg.data
     if d.shrink_at_load:
-        data = shrink_to_input(data, cfg.model.min_size, cfg.model.max_size)
+        warp = cfg.model.refinedet.image_size if cfg.model.arch == "refinedet" else None
+        data = shrink_to_input(data, cfg.model.min_size, cfg.model.max_size, warp)
     transforms = []
     if d.augment == "ssd":
         transforms.append(SSDAugmentation(cfg.model.refinedet.image_size))
