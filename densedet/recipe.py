@@ -69,7 +69,8 @@ from .errors import UsageError
 from .models import PRESETS
 
 __all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "recipe_config", "format_table", "parse_model_name",
-           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "tiling", "training_windows",
+           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "classes", "load_shrink", "tiling",
+           "training_windows",
            "batch_size_for", "holdout", "region_holdout", "optimisation", "augmentation", "detections_per_image"]
 
 MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
@@ -283,6 +284,30 @@ def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
         Derived("model.min_size", min_size, f"{what}; {why}"),
         Derived("model.max_size", max_size, "the largest evaluation image, at the same scale" if scale != 1
                 else "the largest evaluation image is not shrunk")]
+
+
+def classes(s: DataSummary) -> Derived:
+    """The class count, with the names and the box and image counts as its reason."""
+    k = len(s.class_names)
+    return Derived("model.num_classes", k, f"classes in the annotations: {', '.join(s.class_names[:8])}"
+                   f"{'…' if k > 8 else ''}; {len(s.boxes)} boxes in {len(s.image_hw)} images "
+                   f"({s.images_without_boxes} without boxes, kept as negatives)")
+
+
+def load_shrink(s: DataSummary, tiled: np.ndarray, scale: float = 1.0, warp: int = 0) -> list[Derived]:
+    """``data.shrink_at_load`` when the model shrinks whole (untiled) training images: RetinaNet's input
+    ``scale`` below 1, or RefineDet's square ``warp`` smaller than some image on both sides."""
+    if tiled.any():
+        return []
+    if warp:
+        if not (s.image_hw > warp).all(axis=1).any():
+            return []
+        return [Derived("data.shrink_at_load", True, f"training images over the {warp} px warp are warped once, "
+                        "when loaded, not augmented at full size at every step")]
+    if scale >= 1:
+        return []
+    return [Derived("data.shrink_at_load", True, "the training images are shrunk once, when loaded, not augmented "
+                    "and resized at full size at every step")]
 
 
 def tiling(s: DataSummary) -> tuple[np.ndarray, list[Derived]]:
@@ -507,35 +532,25 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
         raise UsageError("the training annotations hold no boxes: nothing to learn from")
     k = len(s.class_names)
     rows = [Derived("model.arch", arch, f"--model {o.model}"), Derived("model.backbone", backbone, f"--model {o.model}"),
-            Derived("model.num_classes", k, f"classes in the annotations: {', '.join(s.class_names[:8])}"
-                    f"{'…' if k > 8 else ''}; {len(s.boxes)} boxes in {len(s.image_hw)} images "
-                    f"({s.images_without_boxes} without boxes, kept as negatives)")]
-    rows += list(held_out)
+            classes(s)] + list(held_out)
     ratios, ratio_why = choose_ratios(s.boxes[:, 2:] - s.boxes[:, :2])
+    tiled, tile_rows = tiling(s)
+    ref = tile_rows[-1].value if tiled.any() else None
     if arch == "retinanet":
         up, min_size, max_size, scale_rows = input_scale(s)
         rows += scale_rows + [Derived("model.size_divisible", 32, "C5's stride: P6/P7 come from stride-2 convs")]
-        tiled, tile_rows = tiling(s)
-        rows += tile_rows
-        ref = tile_rows[-1].value if tiled.any() else None
-        at_load = up < 1 and not tiled.any()    # shrunk once when loaded: training pixels are model pixels
-        if at_load:
-            rows.append(Derived("data.shrink_at_load", True, "the training images are shrunk once, when loaded, "
-                                "not augmented and resized at full size at every step"))
+        load_rows = load_shrink(s, tiled, scale=up)
+        rows += tile_rows + load_rows
+        at_load = bool(load_rows)               # shrunk once when loaded: training pixels are model pixels
         factors = np.array([_resize_factor(ref if t else hw, min_size, max_size)
                             for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
     else:
         rows.append(Derived("model.refinedet.image_size", rd_size, f"--model {o.model}: every image is warped to "
                             f"{rd_size} x {rd_size}"))
-        tiled, tile_rows = tiling(s)
-        rows += tile_rows
-        ref = tile_rows[-1].value if tiled.any() else None
+        rows += tile_rows + load_shrink(s, tiled, warp=rd_size)
         factors = np.array([(rd_size / (ref if t else hw)[0], rd_size / (ref if t else hw)[1])
                             for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
         up, at_load = 1.0, False
-        if not tiled.any() and (s.image_hw > rd_size).all(axis=1).any():
-            rows.append(Derived("data.shrink_at_load", True, f"training images over the {rd_size} px warp are warped "
-                                "once, when loaded, not augmented at full size at every step"))
     boxes = _model_boxes(s, factors)
     # RefineDet's are w/h in Caffe's order (1, 2, 1/2, then wider pairs): its default warns on any other
     stored_ratios = ratios if arch == "retinanet" else sorted((1.0 / r for r in ratios),
