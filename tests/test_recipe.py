@@ -177,6 +177,17 @@ def test_shrink_at_load_resizes_pixels_and_boxes_as_the_model_would(tmp_path):
     assert DetectionDataset(warped)[0][0].shape == (3, 250, 250)
 
 
+def test_shrink_at_load_clips_the_boxes_of_an_image_whose_size_came_from_its_file(tmp_path):
+    Image.fromarray(np.zeros((600, 800, 3), np.uint8)).save(tmp_path / "big.png")
+    record = ImageRecord(str(tmp_path / "big.png"), 1, None, None,                # a CSV row: no size given
+                         np.array([[400, 200, 600, 400], [790, 590, 900, 700], [850, 10, 900, 50]], np.float32),
+                         np.array([0, 1, 2]))
+    shrunk = shrink_to_input(DetectionData([record], ["a", "b", "c"], None, "test.csv"), 300, 1000).records[0]
+    assert shrunk.boxes.tolist() == [[200.0, 100.0, 300.0, 200.0], [395.0, 295.0, 400.0, 300.0]]
+    assert shrunk.labels.tolist() == [0, 1]                           # the box wholly outside is dropped
+    assert DetectionDataset(DetectionData([shrunk], ["a", "b", "c"], None, "test.csv"))[0][0].shape == (3, 300, 400)
+
+
 def test_refinedet_warps_large_photos_once_when_loaded_and_leaves_small_ones():
     rng = np.random.default_rng(9)
     big = derived(make_data([squares(rng, 3, 40, 400, size=1200) for _ in range(20)], hw=(1200, 1600)),

@@ -7,9 +7,9 @@ A resumed run therefore sees exactly the batches an uninterrupted run would, wit
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
-import dataclasses
 import os
 import random
 
@@ -136,9 +136,14 @@ def shrink_to_input(data: DetectionData, min_size: int, max_size: int,
         if new_h > height or new_w > width or (new_h, new_w) == (height, width):
             records.append(record)
             continue
+        boxes, keep = record.boxes, slice(None)
+        if record.height is None or record.width is None:    # sizes from the file: clip as record_target would
+            boxes = np.clip(boxes, 0, [width, height, width, height])
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         scale = np.array([new_w / width, new_h / height] * 2, dtype=np.float32)
-        records.append(dataclasses.replace(record, height=new_h, width=new_w, boxes=record.boxes * scale,
-                                           resize=(new_h, new_w)))
+        records.append(dataclasses.replace(record, height=new_h, width=new_w, boxes=boxes[keep] * scale,
+                                           labels=record.labels[keep], iscrowd=record.iscrowd[keep],
+                                           difficult=record.difficult[keep], resize=(new_h, new_w)))
     return dataclasses.replace(data, records=records)
 
 
