@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .records import DatasetError
+from .transforms import resize
 
 # EXIF orientations 5..8 swap width and height when applied.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -76,8 +76,7 @@ def load_record_image(record) -> torch.Tensor:
         image = image[:, y0:y1, x0:x1].clone()  # a copy: a view would keep the whole photo alive
     if record.resize is not None and tuple(record.resize) != tuple(image.shape[-2:]):
         # as the model's preprocessor resizes (bilinear, antialiased), rounded back to uint8
-        image = F.interpolate(image[None].float(), size=tuple(record.resize), mode="bilinear",
-                              align_corners=False, antialias=True)[0].round_().clamp_(0, 255).to(torch.uint8)
+        image = resize(image.float().div_(255.0), None, *record.resize)[0].mul_(255.0).round_().to(torch.uint8)
     return image
 
 

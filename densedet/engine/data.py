@@ -20,7 +20,7 @@ from ..config import Config, ConfigError, DataConfig
 from ..data.ssd_augment import PhotometricDistort, SSDAugmentation
 from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90,
                     ResizeShortestEdge, TiledDataset, DatasetError, load_coco, load_csv, load_voc,
-                    make_digit_scenes, record_size)
+                    make_digit_scenes, record_size, record_target)
 from ..data.split import split_by_image, split_by_region
 
 __all__ = ["load_split", "carve", "build_train_dataset", "shrink_to_input", "BatchStream"]
@@ -136,14 +136,11 @@ def shrink_to_input(data: DetectionData, min_size: int, max_size: int,
         if new_h > height or new_w > width or (new_h, new_w) == (height, width):
             records.append(record)
             continue
-        boxes, keep = record.boxes, slice(None)
-        if record.height is None or record.width is None:    # sizes from the file: clip as record_target would
-            boxes = np.clip(boxes, 0, [width, height, width, height])
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = record_target(record, height, width)          # boxes clipped when the size came from the file
         scale = np.array([new_w / width, new_h / height] * 2, dtype=np.float32)
-        records.append(dataclasses.replace(record, height=new_h, width=new_w, boxes=boxes[keep] * scale,
-                                           labels=record.labels[keep], iscrowd=record.iscrowd[keep],
-                                           difficult=record.difficult[keep], resize=(new_h, new_w)))
+        records.append(dataclasses.replace(record, height=new_h, width=new_w, boxes=target["boxes"].numpy() * scale,
+                                           labels=target["labels"].numpy(), iscrowd=target["iscrowd"].numpy(),
+                                           difficult=target["difficult"].numpy(), resize=(new_h, new_w)))
     return dataclasses.replace(data, records=records)
 
 

@@ -174,7 +174,9 @@ class CropAugment:
             crops = torch.where(mirror[:, None, None, None], crops.flip(-1), crops)
         if self.rotate90:
             turns = torch.randint(4, (len(crops),), generator=g)
-            crops = torch.stack([c.rot90(int(k), (-2, -1)) for c, k in zip(crops, turns)])
+            crops = crops.clone()
+            for k in (1, 2, 3):                 # one batched turn per angle, not one per crop
+                crops[turns == k] = crops[turns == k].rot90(k, (-2, -1))
         if self.photometric:
             distort = PhotometricDistort(generator=g)
             crops = torch.stack([distort(c, None)[0] for c in crops])
