@@ -33,7 +33,7 @@ With ``train.pretrain_augment`` the crops see what the detection windows see (:c
 the flips, quarter turns and photometric distortion that ``data.hflip_prob``, ``data.rotate90`` and
 ``data.photometric`` give the detector. It is off by default: it was meant to keep the stages frozen
 after the warm-up from learning one photo's orientation and colours, and on the tree crowns it did
-not lift the other site (docs/own-data.md).
+not lift the other site, nor the digits (docs/own-data-measurements.md).
 """
 
 from __future__ import annotations
