@@ -184,6 +184,7 @@ class DataConfig:
     train_images: str = ""
     val: str = ""
     val_images: str = ""
+    val_format: str = ""                    # the val file's format when it differs from data.format's (coco | voc | csv)
     val_fraction: float = 0.0               # >0 and no data.val: the val split is this share of data.train's images
                                             # (at least 1), drawn by image with data.seed and left out of training
     tune_fraction: float = 0.0              # >0: a tune split of this share of data.train's images (at least 1), also
@@ -492,6 +493,8 @@ def _data_checks(cfg: Config) -> list[Check]:
     checks: list[Check] = [
         (d.format in ("coco", "voc", "csv", "digits"), "data.format",
          f"must be coco, voc, csv or digits, got {d.format!r}"),
+        (d.val_format in ("", "coco", "voc", "csv"), "data.val_format",
+         f"must be empty (data.format's), coco, voc or csv, got {d.val_format!r}"),
         (d.crop_size >= 0, "data.crop_size", f"must be >= 0, got {d.crop_size}"),
         (all(s >= 16 for s in d.crop_sizes), "data.crop_sizes", f"must be sizes >= 16, got {d.crop_sizes}"),
         (not (d.crop_sizes and d.crop_size), "data.crop_sizes",

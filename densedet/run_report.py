@@ -104,8 +104,7 @@ def write_report(out_dir: str | Path, cfg: Config, data: DetectionData, results:
     out_dir = Path(out_dir)
     pictures = out_dir / REPORT_FOLDER
     pictures.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_coco(list(results), to_coco_dict(data), max_dets=tuple(cfg.test.max_dets),
-                            class_names=data.class_names)
+    metrics = evaluate_coco(list(results), to_coco_dict(data), max_dets=tuple(cfg.test.max_dets))
     images = image_results(data, results)
     errors = _errors(images, data.num_classes, options.score_thresh)
     page = {

@@ -195,15 +195,23 @@ def test_eval_of_a_checkpoint_that_does_not_fit_its_overrides_exits_2(untrained_
     assert "cls_logits.weight" in err and "shape mismatch" in err
 
 
-def test_eval_of_a_checkpoint_on_data_with_another_class_count_exits_2(untrained_checkpoint, digit_scenes, tmp_path,
-                                                                       capsys):
-    """A validation set with 3 of the 10 digit classes: the error names model.num_classes and both
-    counts instead of failing later on a label outside the data's categories."""
+def test_eval_of_a_checkpoint_on_some_of_its_classes_scores_them_by_name(untrained_checkpoint, digit_scenes,
+                                                                         tmp_path, capsys):
+    """A validation set with 3 of the 10 digit classes, listed in another order: its labels are matched
+    to the model's by name and only those 3 are scored. A class the model does not have is an error
+    that names the file and the class."""
     gt = json.loads(Path(digit_scenes["val_json"]).read_text())
-    gt["categories"] = [c for c in gt["categories"] if c["id"] <= 3]
+    gt["categories"] = [c for c in gt["categories"] if c["id"] <= 3][::-1]
     gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] <= 3]
     three = tmp_path / "val3.json"
     three.write_text(json.dumps(gt))
+    out = tmp_path / "m.json"
+    assert main(["eval", "--weights", str(untrained_checkpoint), f"data.val={three}", "--out", str(out)]) == 0
+    per_class = json.loads(out.read_text())["per_class"]
+    names = [c["name"] for c in gt["categories"]]
+    assert sorted(k for k, v in per_class.items() if v is not None and v >= 0) == sorted(names)
+    gt["categories"].append({"id": 99, "name": "ten"})
+    three.write_text(json.dumps(gt))
     assert main(["eval", "--weights", str(untrained_checkpoint), f"data.val={three}"]) == 2
     err = capsys.readouterr().err
-    assert "model.num_classes" in err and "is 10 but the val data has 3 classes" in err
+    assert "val3.json: classes 'ten' are not among the 10 training classes" in err

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, apply_overrides
-from ..data import DetectionData, to_coco_dict
+from ..data import DetectionData, align_classes, to_coco_dict
 from ..device import default_device, resolve_precision
 from ..engine.checkpoint import model_from_checkpoint
 from ..engine.data import load_split
@@ -116,9 +116,12 @@ def _deployed_model_and_config(args: argparse.Namespace) -> tuple[nn.Module, Con
     return load_deployed(args.weights, args.backend), cfg
 
 
-def _split_for(cfg: Config, args: argparse.Namespace) -> DetectionData:
-    """The split to evaluate on; its class count must be the model's."""
+def _split_for(cfg: Config, args: argparse.Namespace, class_names: list[str] | None) -> DetectionData:
+    """The split to evaluate on, its labels matched by name to the model's ``class_names`` (when the
+    checkpoint has them); its class count must be the model's."""
     data = load_split(cfg.data, args.split)
+    if class_names:
+        data = align_classes(data, class_names)
     if data.num_classes != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes of {args.weights} is {cfg.model.num_classes} but the {args.split} data "
                           f"has {data.num_classes} classes ({', '.join(data.class_names[:12])})")
@@ -140,7 +143,7 @@ def eval_checkpoint(args: argparse.Namespace) -> int:
     device = torch.device("cpu") if deployed else default_device()
     dtype = None if deployed else resolve_precision(args.precision, device)
     model.to(device)
-    data = _split_for(cfg, args)
+    data = _split_for(cfg, args, getattr(model, "class_names", None))
     tta = None if deployed else tta_from_config(cfg.test)
     if tta is not None:
         print(f"test-time augmentation (test.tta_*): {tta.describe()}; test.tta_scales=[] evaluates single-scale",
@@ -148,7 +151,7 @@ def eval_checkpoint(args: argparse.Namespace) -> int:
     results = predict_dataset(model, data, cfg.test.batch_size, device, dtype, tta=tta, tiles=eval_tiles(cfg.data))
     gt = to_coco_dict(data)
     if args.metric == "coco":
-        metrics = evaluate_coco(results, gt, max_dets=tuple(args.max_dets), class_names=data.class_names)
+        metrics = evaluate_coco(results, gt, max_dets=tuple(args.max_dets))
         print(format_table(metrics))
     else:
         metrics = evaluate_voc_from_coco(results, gt, use_07_metric=args.metric == "voc07")

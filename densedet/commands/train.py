@@ -20,7 +20,7 @@ from typing import Any
 
 from ..analysis import dataset_statistics
 from ..config import ModelConfig, apply_overrides, find_config, from_dict, load_config, save_config, upgrade_config_dict
-from ..data import DetectionData, load_coco, load_csv, load_voc
+from ..data import DetectionData, align_classes, load_coco, load_csv, load_voc
 from ..data.formats import detect_format
 from ..engine.data import carve, resolve_paths
 from ..engine.trainer import train
@@ -116,16 +116,15 @@ def _train_from_data(args: argparse.Namespace) -> int:
     """Derive the config from ``--data`` (:mod:`densedet.recipe`), print and save it, then train."""
     if args.config:
         raise UsageError(f"give either a config ({args.config}) or --data, not both")
+    if args.minutes is not None and not args.minutes > 0:
+        raise UsageError(f"--minutes {args.minutes:g}: the training time budget must be more than 0 minutes")
     train_data, kind, paths, train_images = read_annotations(args.data, args.images)
     val_data = None
     if args.val:
-        val_data, _, val_paths, val_images = read_annotations(args.val, args.images,
-                                                              None if kind == "coco" else train_data.class_names)
-        if val_data.class_names != train_data.class_names:
-            raise UsageError(f"{args.val}: its classes {val_data.class_names[:10]} differ from the training "
-                             f"annotations' {train_data.class_names[:10]}")
+        val_data, val_kind, val_paths, val_images = read_annotations(args.val, args.images)
+        val_data = align_classes(val_data, train_data.class_names)     # matched by name, in the training order
     kind_of_weights = weights_kind(args.weights) if args.weights else None
-    options = RecipeOptions(model=args.model or "retinanet_r18_fpn", minutes=args.minutes or 10.0,
+    options = RecipeOptions(model=args.model or "retinanet_r18_fpn", minutes=10.0 if args.minutes is None else args.minutes,
                             weights=args.weights, weights_kind=kind_of_weights, flip=not args.no_flip,
                             top_down=args.top_down, has_val=val_data is not None)
     base = base_config(options.model)
@@ -145,6 +144,7 @@ def _train_from_data(args: argparse.Namespace) -> int:
     cfg.data.train_images = train_images
     if val_data is not None:
         cfg.data.val, cfg.data.val_images = ",".join(val_paths), val_images
+        cfg.data.val_format = val_kind if val_kind != kind else ""
     if kind != "coco":
         cfg.data.class_names = list(train_data.class_names)
     cfg.train.output_dir = args.output_dir or cfg.train.output_dir

@@ -13,13 +13,13 @@ from .dataset import DetectionDataset, TiledDataset, collate, record_target
 from .digits import CLASS_NAMES as DIGIT_CLASS_NAMES
 from .digits import make_digit_scenes
 from .images import image_size, load_image, load_record_image, record_size
-from .records import DataReport, DatasetError, DetectionData, ImageRecord
+from .records import DataReport, DatasetError, DetectionData, ImageRecord, align_classes
 from .transforms import (Compose, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90, ResizeFixed,
                          ResizeShortestEdge, crop_target, resize, tile_grid, tile_image)
 from .voc import load_voc
 
 __all__ = [
-    "DataReport", "DatasetError", "DetectionData", "ImageRecord",
+    "DataReport", "DatasetError", "DetectionData", "ImageRecord", "align_classes",
     "load_coco", "save_coco", "to_coco_dict", "load_voc", "load_csv", "load_detection_data",
     "make_digit_scenes", "DIGIT_CLASS_NAMES",
     "load_image", "load_record_image", "image_size", "record_size", "DetectionDataset", "TiledDataset", "collate", "record_target",

@@ -16,7 +16,9 @@ With `strict=True` every one of these raises a `DatasetError` instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -67,6 +69,22 @@ class ImageRecord:
         return len(self.boxes)
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def sorted_class_names(names: Iterable[str]) -> list[str]:
+    """Class names found in the data, in label order: numerically when every name is an integer
+    ("1", "2", "10", not the text order "1", "10", "2"), else as text. Shared by the CSV and VOC readers."""
+    names = set(names)
+    if names and all(_INTEGER.fullmatch(n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))   # "7" and "07" both stay, in a fixed order
+    return sorted(names)
+
+
+# The DataReport counters of what a reader repaired or dropped (the rest count what it kept).
+REPAIR_COUNTERS = ("clipped", "dropped_degenerate", "dropped_outside", "dropped_nonfinite")
+
+
 @dataclass
 class DataReport:
     """Counts of what a reader repaired or skipped, printable at the start of training."""
@@ -107,8 +125,8 @@ class DataReport:
         lines = [
             f"{self.source}: {self.images} images ({self.negative_images} without boxes), "
             f"{self.boxes} boxes ({self.crowd_boxes} crowd, {self.difficult_boxes} difficult)",
-            f"  repaired: {self.clipped} boxes clipped to the image",
-            f"  dropped: {self.dropped_degenerate} with zero/negative width or height, "
+            f"  repaired in the annotation file: {self.clipped} boxes clipped to the image",
+            f"  dropped from it: {self.dropped_degenerate} with zero/negative width or height, "
             f"{self.dropped_outside} wholly outside the image, "
             f"{self.dropped_nonfinite} with NaN/inf coordinates",
         ]
@@ -198,3 +216,31 @@ def make_record(file_name: str, image_id: int, height: int | None, width: int | 
         difficult=np.asarray(difficult, dtype=bool).reshape(-1)[keep])
     report.count_record(record)
     return record
+
+
+def align_classes(data: DetectionData, class_names: Sequence[str]) -> DetectionData:
+    """``data`` with its labels renumbered to ``class_names``' order, matched by name.
+
+    A validation file may list the training classes in another order (COCO categories with other
+    ids), in another format, or lack some of them: its labels must still mean what the model's
+    labels mean. A COCO file keeps its own category ids for the names it has (results are written
+    with them); a training class it lacks gets an unused id, so that detections of that class are
+    scored as false positives, as in any image without such objects. A class of ``data`` that
+    ``class_names`` lacks is an error naming ``data.source``: no model of these classes detects it.
+    """
+    names = [str(name) for name in class_names]
+    if list(data.class_names) == names:
+        return data
+    unknown = [name for name in data.class_names if name not in names]
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise DatasetError(f"{data.source}: classes {shown} are not among the {len(names)} training classes "
+                           f"({', '.join(names[:10])}{', …' if len(names) > 10 else ''})")
+    label_map = np.array([names.index(name) for name in data.class_names], dtype=np.int64)
+    records = [replace(record, labels=label_map[record.labels]) for record in data.records]
+    category_ids = None
+    if data.category_ids is not None:
+        own = dict(zip(data.class_names, data.category_ids))
+        spare = iter(range(max(data.category_ids, default=0) + 1, 1 << 62))
+        category_ids = [own[name] if name in own else next(spare) for name in names]
+    return replace(data, records=records, class_names=names, category_ids=category_ids)

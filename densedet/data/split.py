@@ -21,7 +21,7 @@ import torch
 
 from .dataset import record_target
 from .images import record_size
-from .records import DataReport, DatasetError, DetectionData, ImageRecord
+from .records import REPAIR_COUNTERS, DataReport, DatasetError, DetectionData, ImageRecord
 from .transforms import crop_target
 
 __all__ = ["holdout_counts", "split_by_image", "region_layout", "split_by_region"]
@@ -55,8 +55,10 @@ def split_by_image(data: DetectionData, val_fraction: float, tune_fraction: floa
 
 
 def _part(data: DetectionData, records: list[ImageRecord], what: str) -> DetectionData:
-    """``data`` with ``records`` only, its source naming the part (``what``) and its report recounted."""
-    report = DataReport(source=f"{data.source} ({what})")
+    """``data`` with ``records`` only, its source naming the part (``what``) and its report recounted; the
+    reader's repairs, counted over the whole annotation file, are kept (they are not lost by a split)."""
+    repairs = {name: getattr(data.report, name) for name in REPAIR_COUNTERS}
+    report = DataReport(source=f"{data.source} ({what})", examples=list(data.report.examples), **repairs)
     for record in records:
         report.count_record(record)
     return dataclasses.replace(data, records=records, source=report.source, report=report)
@@ -141,6 +143,10 @@ def split_by_region(data: DetectionData, val_fraction: float, tune_fraction: flo
         raise DatasetError(f"{data.source}: no image is large enough against its objects (a band of "
                            f"{max(val_fraction, tune_fraction):.0%} of its longer side at least {2 * gap} px) to "
                            f"hold part of it out; give a validation file (--val)")
-    return {name: _part(data, records, f"{name}: {len(records)} {'images and parts' if name == 'train' else 'parts'} "
-                                       f"of {len(data.records)} images, by region")
+    def counted(n: int, one: str, many: str) -> str:
+        return f"{n} {one if n == 1 else many}"
+
+    return {name: _part(data, records, f"{name}: " + (counted(len(records), "image or part", "images and parts")
+                                                      if name == "train" else counted(len(records), "part", "parts"))
+                        + f" of {counted(len(data.records), 'image', 'images')}, by region")
             for name, records in parts.items() if records}

@@ -19,11 +19,12 @@ import torch
 from ..config import Config, ConfigError, DataConfig
 from ..data.ssd_augment import PhotometricDistort, SSDAugmentation
 from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90,
-                    ResizeShortestEdge, TiledDataset, DatasetError, load_coco, load_csv, load_voc,
-                    make_digit_scenes, record_size, record_target)
+                    ResizeShortestEdge, TiledDataset, DatasetError, align_classes, load_coco, load_csv, load_voc,
+                    image_size, load_image, make_digit_scenes, record_size, record_target)
+from ..data.images import missing_image_hint
 from ..data.split import split_by_image, split_by_region
 
-__all__ = ["load_split", "carve", "build_train_dataset", "shrink_to_input", "BatchStream"]
+__all__ = ["load_split", "carve", "build_train_dataset", "check_image_files", "shrink_to_input", "BatchStream"]
 
 
 def resolve_path(path: str) -> str:
@@ -99,26 +100,47 @@ def carve(data: DataConfig, train: DetectionData) -> dict[str, DetectionData]:
 
 
 def _read(data: DataConfig, split: str) -> DetectionData:
-    """The annotation file(s) ``data.<split>`` names, read by ``data.format``'s reader."""
+    """The annotation file(s) ``data.<split>`` names, read by the reader of its format (``data.format``,
+    or ``data.val_format`` for a validation file of another format). With ``data.class_names`` a
+    COCO file's categories are matched to them by name (:func:`~densedet.data.align_classes`)."""
     path = getattr(data, split)
     images = resolve_path(getattr(data, f"{split}_images")) or None
+    kind = data.val_format if split == "val" and data.val_format else data.format
     if not path:
         raise ConfigError(f"data.{split}: no annotation path given (data.format is {data.format!r})")
     paths = resolve_paths(path, f"data.{split}")
-    if data.format == "voc" and (len(paths) > 1 or os.path.isfile(paths[0])):
+    if kind == "voc" and (len(paths) > 1 or os.path.isfile(paths[0])):
         return load_voc(paths, image_dir=images, class_names=data.class_names, strict=data.strict)
     path = paths[0]
     if len(paths) > 1:
-        raise ConfigError(f"data.{split}: {data.format} takes one annotation file, got {len(paths)}")
-    if data.format == "coco":
-        if data.class_names is not None:
-            raise ConfigError("data.class_names: a COCO file names its own categories; leave it unset")
-        return load_coco(path, images if images is not None else os.path.dirname(path), strict=data.strict)
-    if data.format == "csv":
+        raise ConfigError(f"data.{split}: {kind} takes one annotation file, got {len(paths)}")
+    if kind == "coco":
+        coco = load_coco(path, images if images is not None else os.path.dirname(path), strict=data.strict)
+        return coco if data.class_names is None else align_classes(coco, data.class_names)
+    if kind == "csv":
         return load_csv(path, image_root=images, class_names=data.class_names, strict=data.strict)
-    if data.format == "voc":
+    if kind == "voc":
         return load_voc(path, image_dir=images, class_names=data.class_names, strict=data.strict)
-    raise ConfigError(f"data.format: must be coco, voc, csv or digits, got {data.format!r}")
+    raise ConfigError(f"data.format: must be coco, voc, csv or digits, got {kind!r}")
+
+
+def check_image_files(data: DetectionData) -> None:
+    """Every image of ``data`` can be opened and, where the annotations give its size, has that size;
+    from the files' headers alone. A :class:`DatasetError` names the first one that fails."""
+    for record in data.records:
+        if not os.path.isfile(record.file_name):
+            raise DatasetError(f"{record.file_name}: image file not found (image id {record.image_id} of "
+                               f"{data.source}){missing_image_hint(record.file_name, _annotation_path(data))}")
+        # a header PIL cannot read: decoding raises the error that says why
+        size = image_size(record.file_name) or tuple(load_image(record.file_name).shape[-2:])
+        if record.region is None and record.resize is None and record.height is not None:
+            record_target(record, *size)        # raises when the annotated size is not the file's
+
+
+def _annotation_path(data: DetectionData) -> str | None:
+    """The annotation file or folder a reader's ``source`` names (a split appends " (val: ...)")."""
+    path = data.source.split(" (")[0].split(",")[0]
+    return path if os.path.exists(path) else None
 
 
 def shrink_to_input(data: DetectionData, min_size: int, max_size: int,
@@ -132,11 +154,14 @@ def shrink_to_input(data: DetectionData, min_size: int, max_size: int,
     records = []
     for record in data.records:
         height, width = record_size(record, data.source)
+        if record.region is None and record.height is not None:
+            height, width = image_size(record.file_name) or (height, width)
         new_h, new_w = (fixed_size, fixed_size) if fixed_size else resize.output_size(height, width, min_size)
         if new_h > height or new_w > width or (new_h, new_w) == (height, width):
             records.append(record)
             continue
-        target = record_target(record, height, width)          # boxes clipped when the size came from the file
+        # boxes clipped when the size came from the file; a size the file disagrees with is an error
+        target = record_target(record, height, width)
         scale = np.array([new_w / width, new_h / height] * 2, dtype=np.float32)
         records.append(dataclasses.replace(record, height=new_h, width=new_w, boxes=target["boxes"].numpy() * scale,
                                            labels=target["labels"].numpy(), iscrowd=target["iscrowd"].numpy(),

@@ -71,6 +71,7 @@ def evaluate_model(model: nn.Module, data: DetectionData, batch_size: int = 8, d
         gathered: list = [None] * world
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
-    metrics = evaluate_coco(results, to_coco_dict(data), max_dets=tuple(max_dets), class_names=data.class_names)
+    # class names come from the ground truth's categories, each with its id (a file's ids need not follow the labels)
+    metrics = evaluate_coco(results, to_coco_dict(data), max_dets=tuple(max_dets))
     metrics.pop("curves", None)
     return metrics

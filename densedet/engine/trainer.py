@@ -55,12 +55,12 @@ from torch import nn
 from .. import conv_grad
 from ..errors import DensedetError
 from ..config import Config, ConfigError, save_config
-from ..data import DetectionData
+from ..data import DetectionData, align_classes
 from ..device import autocast, default_device, flush_denormals, fused_adam_ok, resolve_precision
 from ..models import DenseDetector, build_from_config, load_weights
 from .budget import TimeBudget
 from .checkpointing import Checkpointer, RunState
-from .data import BatchStream, build_train_dataset, load_split
+from .data import BatchStream, build_train_dataset, check_image_files, load_split
 from .distributed import all_agree, init_distributed, value_of_rank0
 from .ema import ModelEMA
 from .evaluate import eval_tiles, evaluate_model
@@ -243,7 +243,10 @@ def _after_step(run: _Run) -> None:
     iteration, t, budget = run.state.iteration, run.cfg.train, run.budget
     done = iteration >= budget.max_iters
     if not done and budget.out_of_time():
-        run.say(f"time budget reached at iteration {iteration}")
+        warming = iteration < run.cfg.solver.warmup_iters
+        run.say(f"time budget reached at iteration {iteration}" + (
+            f", inside the learning rate's warm-up ({run.cfg.solver.warmup_iters} steps): too short to learn to "
+            f"detect; give it more time (train.max_minutes, or --minutes)" if warming else ""))
         budget.stop_at(iteration)
         done = True
     planned = None if done else budget.fit(iteration)
@@ -382,13 +385,21 @@ def _device_and_precision(cfg: Config, world: int,
 
 
 def _load_data(cfg: Config, say: Callable[[str], None]) -> tuple[DetectionData, DetectionData]:
+    """The train and val splits, the val labels matched to the training classes by name. Every image file
+    is checked (from its header) before training starts: the held-out ones (val, and tune when the
+    test-time set is chosen) are otherwise first opened by the first evaluation, after the budget."""
     train_data = load_split(cfg.data, "train")
-    val_data = load_split(cfg.data, "val")
+    val_data = align_classes(load_split(cfg.data, "val"), train_data.class_names)
     say(f"train data: {train_data.report}".rstrip())
+    say(f"val data: {val_data.report}".rstrip())
     if train_data.num_classes != cfg.model.num_classes:
         names = ", ".join(train_data.class_names[:12]) + ("…" if train_data.num_classes > 12 else "")
         raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the training data has "
                           f"{train_data.num_classes} classes ({names})")
+    check_image_files(train_data)
+    check_image_files(val_data)
+    if cfg.test.tta_choose:
+        check_image_files(load_split(cfg.data, "tune"))
     return train_data, val_data
 
 
