@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -148,12 +149,19 @@ def _coco_holds(text: str):
     return check
 
 
+def _label_order(names: set[str]) -> list[str]:
+    """The readers' documented class order: by number when every name is an integer, else as text."""
+    if names and all(re.fullmatch(r"[+-]?\d+", name, flags=re.ASCII) for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
+
+
 def _voc_holds(text: str, class_names: list[str] | None):
     def check(data):
         root = ET.fromstring(text)  # a reader that returned data has read well-formed XML
         objects = root.findall("object")
         names = (list(class_names) if class_names is not None
-                 else sorted({obj.findtext("name").strip() for obj in objects}))
+                 else _label_order({obj.findtext("name").strip() for obj in objects}))
         assert data.class_names == names
         boxes = []
         for obj in objects:
@@ -189,7 +197,7 @@ def _csv_holds(path, sizes: dict | None = None):
             boxes = per_image.setdefault(row[0].strip(), [])
             if any(fields):  # all empty: an image without boxes
                 boxes.append(([float(v) for v in fields], row[5].strip()))
-        names = sorted({label for boxes in per_image.values() for _, label in boxes})
+        names = _label_order({label for boxes in per_image.values() for _, label in boxes})
         assert data.class_names == names
         _check_records_hold(data, [(name, *sizes.get(name, (None, None)),
                                     [(box, names.index(label)) for box, label in boxes])

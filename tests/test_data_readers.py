@@ -214,6 +214,25 @@ def test_box_repairs_clip_and_drop(tmp_path):
         load_coco(path, ".", strict=True)
 
 
+def test_coco_one_picture_listed_under_two_image_ids_is_refused(tmp_path):
+    """Two entries for one file would split its boxes between two records (and a random split
+    could put the picture in both training and validation)."""
+    doc = coco_doc()
+    doc["images"] = [{"id": 3, "file_name": "a/x.jpg"}, {"id": 5, "file_name": "b.png"},
+                     {"id": 17, "file_name": "a/./x.jpg"}]
+    doc["annotations"] = [{"id": 1, "image_id": 3, "category_id": 5, "bbox": [1, 2, 3, 4]},
+                          {"id": 2, "image_id": 17, "category_id": 9, "bbox": [5, 6, 7, 8]}]
+    with pytest.raises(DatasetError, match=r"^\S*ann\.json: images 3 and 17 both name a/x\.jpg "
+                                           r"\(as 'a/x\.jpg' and 'a/\./x\.jpg'\); an image must be listed "
+                                           r"once \(merge their annotations under one id\)$"):
+        load_coco(write_json(tmp_path, doc), ".")
+    doc["images"][2]["file_name"] = "a/x.jpg"  # the same spelling twice: no "(as ...)"
+    with pytest.raises(DatasetError, match=r"ann\.json: images 3 and 17 both name a/x\.jpg; an image"):
+        load_coco(write_json(tmp_path, doc), ".")
+    doc["images"][2]["file_name"] = "b/x.jpg"  # same base name in another folder: another picture
+    assert [r.image_id for r in load_coco(write_json(tmp_path, doc), ".").records] == [3, 5, 17]
+
+
 # ---- VOC ------------------------------------------------------------------------------------
 
 VOC_XML = """<annotation>
@@ -269,6 +288,25 @@ def test_voc_field_errors_name_the_object(tmp_path):
         load_voc(str(path))
 
 
+def write_voc_names(path, names):
+    objects = "".join(f"<object><name>{name}</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
+                      f"<ymax>5</ymax></bndbox></object>" for name in names)
+    path.write_text(f"<annotation><filename>{path.stem}.jpg</filename>{objects}</annotation>")
+    return str(path)
+
+
+def test_voc_integer_class_names_sort_numerically(tmp_path):
+    write_voc_names(tmp_path / "a.xml", ["10", "2"])
+    write_voc_names(tmp_path / "b.xml", ["1", "2"])
+    data = load_voc(str(tmp_path))
+    assert data.class_names == ["1", "2", "10"]  # not the text order 1, 10, 2
+    assert [r.labels.tolist() for r in data.records] == [[2, 1], [0, 1]]
+    write_voc_names(tmp_path / "c.xml", ["cat"])
+    assert load_voc(str(tmp_path)).class_names == ["1", "10", "2", "cat"]  # not all integers: text
+    given = load_voc(str(tmp_path / "a.xml"), class_names=["10", "2"])
+    assert given.class_names == ["10", "2"] and given.records[0].labels.tolist() == [0, 1]
+
+
 # ---- CSV ------------------------------------------------------------------------------------
 
 def write_csv(tmp_path, text, name="boxes.csv"):
@@ -288,6 +326,35 @@ def test_csv_grouping_negatives_and_no_header(tmp_path):
     assert len(data.records[1]) == 0 and data.report.negative_images == 1
     assert data.records[0].height is None  # no such image file: size unknown, nothing clipped
     assert load_csv(path, image_root="/x").records[0].file_name == os.path.join("/x", "a.png")
+
+
+def test_csv_spellings_of_one_path_are_one_image(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    path = write_csv(tmp_path, "x.png,1,2,3,4,cat\ny.png,,,,,\n./x.png,5,6,50,8,cat\n"
+                               "sub/../x.png,9,10,11,12,dog\n./y.png,,,,,\n")
+    data = load_csv(path)
+    assert [r.image_id for r in data.records] == [1, 2]
+    x, y = data.records
+    assert x.file_name == os.path.join(str(tmp_path), "x.png")  # the first spelling
+    assert x.boxes.tolist() == [[1, 2, 3, 4], [5, 6, 40, 8], [9, 10, 11, 12]]  # all three, clipped
+    assert x.labels.tolist() == [0, 0, 1] and (x.height, x.width) == (30, 40)
+    assert len(y) == 0 and y.file_name == os.path.join(str(tmp_path), "y.png")
+    assert data.report.images == 2 and data.report.boxes == 3 and data.report.clipped == 1
+    first = load_csv(write_csv(tmp_path, "./x.png,1,2,3,4,cat\nx.png,5,6,7,8,cat\n")).records
+    assert len(first) == 1 and first[0].file_name == os.path.join(str(tmp_path), "./x.png")
+
+
+def test_csv_integer_labels_sort_numerically(tmp_path):
+    data = load_csv(write_csv(tmp_path, "a.png,1,2,3,4,10\na.png,1,2,3,4,2\nb.png,1,2,3,4,1\n"))
+    assert data.class_names == ["1", "2", "10"]  # not the text order 1, 10, 2
+    assert data.records[0].labels.tolist() == [2, 1] and data.records[1].labels.tolist() == [0]
+    mixed = load_csv(write_csv(tmp_path, "a.png,1,2,3,4,10\na.png,1,2,3,4,2\nb.png,1,2,3,4,b\n"))
+    assert mixed.class_names == ["10", "2", "b"]  # not all integers: text order
+    signed = load_csv(write_csv(tmp_path, "a.png,1,2,3,4,-3\na.png,1,2,3,4,12\nb.png,1,2,3,4,+4\n"))
+    assert signed.class_names == ["-3", "+4", "12"]
+    given = load_csv(write_csv(tmp_path, "a.png,1,2,3,4,10\na.png,1,2,3,4,2\n"), class_names=["10", "2"])
+    assert given.class_names == ["10", "2"] and given.records[0].labels.tolist() == [0, 1]
 
 
 def test_csv_header_both_spellings(tmp_path):

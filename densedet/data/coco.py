@@ -63,7 +63,8 @@ def load_coco(json_path: str, image_root: str, strict: bool = False) -> Detectio
     Every image is kept, images without annotations as negatives; `iscrowd` annotations are kept
     with iscrowd=True (the matcher ignores them). A file without an "annotations" key (a COCO
     test-set info file) gives images without boxes. Raises `DatasetError` for malformed JSON
-    (with the error position), missing keys, duplicate image or category ids, annotations whose
+    (with the error position), missing keys, duplicate image or category ids, two images with the
+    same file name (after normalising the path), annotations whose
     image or category does not exist (naming the annotation id), and bad bbox values. Box repairs
     (clipping, dropping degenerate / outside / NaN boxes) follow `records.sanitize_boxes` and
     are counted in the returned data's `report`.
@@ -118,8 +119,12 @@ def _read_categories(categories: list, json_path: str) -> dict[int, str]:
 
 
 def _read_images(images: list, json_path: str) -> dict[int, tuple[dict, int | None, int | None]]:
-    """``{image id: (entry, height, width)}``; ids must be distinct integers, file names non-empty."""
+    """``{image id: (entry, height, width)}``; ids must be distinct integers, file names non-empty
+    and distinct after ``os.path.normpath`` (``a/x.jpg`` and ``a/./x.jpg`` are one picture: listed
+    twice, its boxes would be split between two records, and a random split could put it in both
+    training and validation)."""
     out = {}
+    id_of_name: dict[str, int] = {}
     for i, img in enumerate(images):
         _require(img, ("id", "file_name"), f"{json_path}: images[{i}]")
         where = f"{json_path}: image id {img['id']!r}"
@@ -129,9 +134,22 @@ def _read_images(images: list, json_path: str) -> dict[int, tuple[dict, int | No
             raise DatasetError(f"{where}: duplicate image id (images[{i}])")
         if not isinstance(img["file_name"], str) or not img["file_name"]:
             raise DatasetError(f"{where}: 'file_name' must be a non-empty string, got {img['file_name']!r}")
+        name = os.path.normpath(img["file_name"])
+        if name in id_of_name:
+            raise _listed_twice(out[id_of_name[name]][0], img, json_path)
+        id_of_name[name] = img["id"]
         out[img["id"]] = (img, _optional_size(img.get("height"), where, "height"),
                           _optional_size(img.get("width"), where, "width"))
     return out
+
+
+def _listed_twice(first: dict, second: dict, json_path: str) -> DatasetError:
+    """The error for two ``images`` entries naming one file (each spelling shown when they differ)."""
+    a, b = first["file_name"], second["file_name"]
+    spellings = "" if a == b else f" (as {a!r} and {b!r})"
+    return DatasetError(f"{json_path}: images {first['id']} and {second['id']} both name "
+                        f"{os.path.normpath(a)}{spellings}; an image must be listed once (merge their "
+                        f"annotations under one id)")
 
 
 def _annotations_per_image(annotations: list, images: dict, label_of: dict, json_path: str

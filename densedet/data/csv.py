@@ -5,6 +5,8 @@
 - Coordinates are continuous pixel coordinates (no 1-based conversion).
 - A row whose four box fields are empty marks an image without objects (a negative).
 - Rows of the same image are grouped, in order of first appearance; image ids are 1, 2, ...
+  Paths are compared after `os.path.normpath` (`x.jpg`, `./x.jpg` and `sub/../x.jpg` are one
+  image); the record keeps the first spelling.
 
 deepforest note: its CSVs copy the integers of its VOC xml files verbatim (OSBS_029.csv and
 OSBS_029.xml hold the same numbers), so the CSV boxes equal `load_voc(...)` boxes plus
@@ -18,7 +20,7 @@ import os
 from collections.abc import Sequence
 
 from .images import image_size
-from .records import DataReport, DatasetError, DetectionData, make_record
+from .records import DataReport, DatasetError, DetectionData, make_record, sorted_class_names
 
 HEADER = ("image_path", "x1", "y1", "x2", "y2", "label")
 _SYNONYMS = {"xmin": "x1", "ymin": "y1", "xmax": "x2", "ymax": "y2"}
@@ -48,15 +50,52 @@ def _check_header(row: list[str], path: str) -> None:
                        f"(or xmin,ymin,xmax,ymax for x1,y1,x2,y2), or no header")
 
 
+def _group_rows(rows: list[list[str]], csv_path: str) -> dict[str, tuple[str, list]]:
+    """``{normalised image path: (its first spelling, [(box, label, where), ...])}`` in order of first
+    appearance, every row checked. Paths are grouped after ``os.path.normpath``: ``x.jpg``,
+    ``./x.jpg`` and ``sub/../x.jpg`` are one image with all its boxes, not three partial ones."""
+    grouped: dict[str, tuple[str, list]] = {}
+    for line, row in enumerate(rows, start=1):
+        if not row or all(not field.strip() for field in row):
+            continue  # blank line
+        where = f"{csv_path}: row {line}"
+        if line == 1 and _is_header(row):
+            _check_header(row, csv_path)
+            continue
+        if len(row) != len(HEADER):
+            raise DatasetError(f"{where}: expected {len(HEADER)} fields "
+                               f"({','.join(HEADER)}), got {len(row)}: {row!r}")
+        image_path = row[0].strip()
+        if not image_path:
+            raise DatasetError(f"{where}: empty image_path")
+        _, boxes = grouped.setdefault(os.path.normpath(image_path), (image_path, []))
+        fields = [f.strip() for f in row[1:5]]
+        if not any(fields):
+            continue  # negative image marker
+        if not all(fields):
+            raise DatasetError(f"{where}: box fields must be all filled or all empty, got "
+                               f"{row[1:5]!r}")
+        try:
+            box = [float(v) for v in fields]
+        except ValueError:
+            raise DatasetError(f"{where}: box fields are not numbers: {row[1:5]!r}") from None
+        label = row[5].strip()
+        if not label:
+            raise DatasetError(f"{where}: box without a label")
+        boxes.append((box, label, where))
+    return grouped
+
+
 def load_csv(csv_path: str, image_root: str | None = None,
              class_names: Sequence[str] | None = None, strict: bool = False) -> DetectionData:
     """Read a box-per-row CSV (see the module docstring for the format).
 
     Image paths are joined with `image_root` (default: the CSV's directory). Image sizes are
     read from the image headers when the files exist (so that boxes can be clipped), else left
-    None. `class_names` None -> the sorted set of labels found. Raises `DatasetError` naming the
-    file and the row (1-based line number) for a wrong field count, non-numeric or partly empty
-    box fields, a missing label, an unknown label, and a wrong header.
+    None. `class_names` None -> the sorted set of labels found (numerically when every label is an
+    integer: 1, 2, 10; see `sorted_class_names`). Raises `DatasetError` naming the file and the
+    row (1-based line number) for a wrong field count, non-numeric or partly empty box fields, a
+    missing label, an unknown label, and a wrong header.
     """
     csv_path = str(csv_path)
     if image_root is None:
@@ -74,42 +113,13 @@ def load_csv(csv_path: str, image_root: str | None = None,
     except UnicodeDecodeError as e:
         raise DatasetError(f"{csv_path}: not UTF-8 text: {e}") from None
 
-    grouped: dict[str, list] = {}
-    for line, row in enumerate(rows, start=1):
-        if not row or all(not field.strip() for field in row):
-            continue  # blank line
-        where = f"{csv_path}: row {line}"
-        if line == 1 and _is_header(row):
-            _check_header(row, csv_path)
-            continue
-        if len(row) != len(HEADER):
-            raise DatasetError(f"{where}: expected {len(HEADER)} fields "
-                               f"({','.join(HEADER)}), got {len(row)}: {row!r}")
-        image_path = row[0].strip()
-        if not image_path:
-            raise DatasetError(f"{where}: empty image_path")
-        boxes = grouped.setdefault(image_path, [])
-        fields = [f.strip() for f in row[1:5]]
-        if not any(fields):
-            continue  # negative image marker
-        if not all(fields):
-            raise DatasetError(f"{where}: box fields must be all filled or all empty, got "
-                               f"{row[1:5]!r}")
-        try:
-            box = [float(v) for v in fields]
-        except ValueError:
-            raise DatasetError(f"{where}: box fields are not numbers: {row[1:5]!r}") from None
-        label = row[5].strip()
-        if not label:
-            raise DatasetError(f"{where}: box without a label")
-        boxes.append((box, label, where))
-
-    found = sorted({label for boxes in grouped.values() for _, label, _ in boxes})
+    grouped = _group_rows(rows, csv_path)
+    found = sorted_class_names({label for _, boxes in grouped.values() for _, label, _ in boxes})
     class_names = found if class_names is None else [str(c) for c in class_names]
     label_of = {name: i for i, name in enumerate(class_names)}
     report = DataReport(source=f"csv {csv_path}")
     records = []
-    for image_id, (image_path, boxes) in enumerate(grouped.items(), start=1):
+    for image_id, (image_path, boxes) in enumerate(grouped.values(), start=1):
         for _, label, where in boxes:
             if label not in label_of:
                 raise DatasetError(f"{where}: unknown label {label!r} (class_names: "

@@ -14,6 +14,10 @@ from .transforms import resize
 # EXIF orientations 5..8 swap width and height when applied.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION_TAG = 0x0112
+# Extensions a "did you mean" hint may offer: a same-named .xml or .txt beside the image is not it.
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Where Pascal VOC (Annotations/ + JPEGImages/) and many exports (labels/ + images/) keep the pictures.
+_IMAGE_FOLDERS = ("JPEGImages", "images")
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -48,7 +52,7 @@ def load_image(path: str) -> torch.Tensor:
             image = ImageOps.exif_transpose(image)
             array = _to_rgb_array(image)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
+        raise DatasetError(f"{path}: image file not found{missing_image_hint(path)}") from None
     except IsADirectoryError:
         raise DatasetError(f"{path}: is a directory, not an image file") from None
     except Image.DecompressionBombError as e:
@@ -87,8 +91,11 @@ def record_size(record, source: str = "") -> tuple[int, int]:
         return int(record.height), int(record.width)
     size = image_size(record.file_name)
     if size is None:
+        hint = ""
+        if not os.path.exists(record.file_name):   # here the annotation file is known: both hints
+            hint = missing_image_hint(record.file_name, source if source and os.path.exists(source) else None)
         raise DatasetError(f"{source + ': ' if source else ''}image {record.file_name!r} (id {record.image_id}) "
-                           f"has no width/height in the annotations and its file cannot be read")
+                           f"has no width/height in the annotations and its file cannot be read{hint}")
     return int(size[0]), int(size[1])
 
 
@@ -109,3 +116,47 @@ def image_size(path: str) -> tuple[int, int] | None:
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return height, width
+
+
+def missing_image_hint(path: str, annotation_path: str | None = None) -> str:
+    """``"; did you mean ...?"`` / ``"; pass --images DIR"`` for an image that is not at ``path``, or "".
+
+    Called only on the error path, and cheap there (one listing of the image's folder, two isfile):
+    a file of the same name plus an extension beside it (a VOC <filename> written without one), or
+    of the same stem with another image extension; and, when ``annotation_path`` (the annotation
+    file or folder) is known, the file in a JPEGImages/ or images/ folder beside the annotations'
+    folder (Pascal VOC's layout, read without ``--images``).
+    """
+    hints = []
+    near = _same_name_beside(path)
+    if near:
+        hints.append(f"did you mean {' or '.join(near)}?")
+    if annotation_path is not None:
+        folder = _image_folder_beside(os.path.basename(path), annotation_path)
+        if folder is not None:
+            hints.append(f"{os.path.basename(path)} is in {folder}: pass --images {folder}")
+    return "".join(f"; {h}" for h in hints)
+
+
+def _same_name_beside(path: str) -> list[str]:
+    """Image files beside ``path`` named as it plus an extension, or as its stem with another
+    extension (any case); at most three, sorted."""
+    folder, name = os.path.split(path)
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:                     # the folder is missing too: nothing to suggest
+        return []
+    wanted = {name.lower(), os.path.splitext(name)[0].lower()}
+    return sorted(n for n in names if n != name and os.path.splitext(n)[1].lower() in _IMAGE_EXTENSIONS
+                  and os.path.splitext(n)[0].lower() in wanted)[:3]
+
+
+def _image_folder_beside(name: str, annotation_path: str) -> str | None:
+    """The JPEGImages/ or images/ folder beside the annotations' folder that holds ``name``, if any."""
+    folder = annotation_path if os.path.isdir(annotation_path) else os.path.dirname(annotation_path)
+    parent = os.path.normpath(os.path.join(folder, os.pardir))
+    for sub in _IMAGE_FOLDERS:
+        candidate = os.path.normpath(os.path.join(parent, sub))
+        if os.path.isfile(os.path.join(candidate, name)):
+            return candidate
+    return None

@@ -14,7 +14,7 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
-from .records import DataReport, DatasetError, DetectionData, make_record
+from .records import DataReport, DatasetError, DetectionData, make_record, sorted_class_names
 
 
 def _xml_files(xml_paths_or_dir: str | Sequence[str]) -> list[str]:
@@ -77,11 +77,12 @@ def load_voc(xml_paths_or_dir: str | Sequence[str], image_dir: str | None = None
     """Read Pascal VOC xml files (a directory of them, one path, or a list of paths).
 
     Images are read from `image_dir` / <filename>, or next to the xml file when `image_dir` is
-    None. `class_names` None -> the sorted set of object names found; otherwise an object whose
-    name is not in the list is an error. image ids are 1, 2, ... in file order. Boxes are
-    converted from 1-based inclusive to continuous coordinates (see the module docstring) and
-    repaired as `records.sanitize_boxes` documents. Raises `DatasetError` naming the file and
-    object index for malformed XML, missing fields and non-numeric coordinates.
+    None. `class_names` None -> the sorted set of object names found (numerically when every name
+    is an integer: 1, 2, 10); otherwise an object whose name is not in the list is an error. image
+    ids are 1, 2, ... in file order. Boxes are converted from 1-based inclusive to continuous
+    coordinates (see the module docstring) and repaired as `records.sanitize_boxes` documents.
+    Raises `DatasetError` naming the file and object index for malformed XML, missing fields and
+    non-numeric coordinates.
     """
     files = _xml_files(xml_paths_or_dir)
     parsed = []
@@ -109,7 +110,7 @@ def load_voc(xml_paths_or_dir: str | Sequence[str], image_dir: str | None = None
         parsed.append((path, filename, height, width, objects))
 
     if class_names is None:
-        class_names = sorted({name for *_, objects in parsed for name, *_ in objects})
+        class_names = sorted_class_names(name for *_, objects in parsed for name, *_ in objects)
     class_names = list(class_names)
     label_of = {name: i for i, name in enumerate(class_names)}
 
