@@ -26,6 +26,12 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
   cut into tiles of that side (overlap: the 98th percentile of the boxes' longer sides, so nearly
   every object is whole in some tile), each resized as an evaluation image: large photos are tiled,
   never downscaled.
+- **RefineDet's warp**: RefineDet warps every image (or tile) to its square input, so it sees objects
+  at input / side. When warping the largest evaluation image whole would shrink it, every image
+  larger than ``input / scale`` (``scale``: the input-scale rule's, 1 or up to ``MAX_UPSCALE`` for small
+  objects) is cut into tiles of that side, in training and evaluation, each warped to the input.
+  Large objects (the rule's scale below 1) are warped whole (or in the tiles above) and shrunk, as
+  the warp always did; images the warp does not shrink stay whole.
 - **anchors**: aspect ratios 1:2, 1:1, 2:1 (the paper's) plus 1:4 / 4:1 (and so on) where at least
   5% of the boxes are more elongated than the geometric midpoint; base size 2 or 4 x the stride
   (4: the paper's), whichever lets more boxes reach an anchor at IoU 0.5 (ties: 4); pyramid levels
@@ -69,8 +75,8 @@ from .errors import UsageError
 from .models import PRESETS
 
 __all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "recipe_config", "format_table", "parse_model_name",
-           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "classes", "load_shrink", "tiling",
-           "training_windows",
+           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "object_scale", "classes", "load_shrink",
+           "tiling", "refinedet_tiles", "training_windows",
            "batch_size_for", "holdout", "region_holdout", "optimisation", "augmentation", "detections_per_image"]
 
 MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
@@ -86,6 +92,7 @@ MIN_TUNE_IMAGES = 10
 MIN_TUNE_OBJECTS = 100      # a tune band with fewer whole objects cannot tell test-time sets apart (AP moves by 1/N)
 HOLDOUT_SHARE = 0.1
 IOU = 0.5                   # the paper's foreground IoU: coverage is measured at it
+LOW_COVERAGE = 0.5          # anchors reaching fewer of the boxes than this are said so, plainly
 RETINANET_LEVELS = (3, 4, 5, 6, 7)
 REFINEDET_LEVELS = (3, 4, 5, 6)
 
@@ -257,6 +264,15 @@ def _inside(boxes: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
     return (boxes[:, 0] >= x0) & (boxes[:, 1] >= y0) & (boxes[:, 2] <= x1) & (boxes[:, 3] <= y1)
 
 
+def object_scale(p2: float, short: float) -> float:
+    """RetinaNet's input-scale rule for box sizes' 2nd percentile ``p2`` and the evaluation images' median
+    shorter side ``short``: > 1 upscales small objects to ``MIN_OBJECT_PX`` (at most ``MAX_UPSCALE``), < 1
+    shrinks large ones (to ``SHRINK_OBJECT_PX`` or the shorter side to ``SHRINK_IMAGE_PX``), else 1."""
+    if p2 < MIN_OBJECT_PX:
+        return min(MAX_UPSCALE, MIN_OBJECT_PX / p2) if p2 > 0 else MAX_UPSCALE
+    return min(1.0, max(SHRINK_OBJECT_PX / p2, SHRINK_IMAGE_PX / short))
+
+
 def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
     """``(scale, min_size, max_size, derived)`` for a resizing model (RetinaNet); ``scale`` multiplies the
     evaluation images' sizes (> 1: small objects upscaled, < 1: large objects shrunk)."""
@@ -267,18 +283,16 @@ def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
     uniform = len({tuple(hw) for hw in s.eval_hw.astype(int).tolist()}) == 1
     what = (f"the evaluation images are all {int(s.eval_hw[0, 1])}x{int(s.eval_hw[0, 0])}" if uniform else
             f"evaluation images: median shorter side {short:.0f}, largest longer side {long_:.0f} px")
+    scale = object_scale(p2, short)
     if p2 < MIN_OBJECT_PX:
-        scale = min(MAX_UPSCALE, MIN_OBJECT_PX / p2)
         why = f"box sizes p2 {p2:.1f} px < {MIN_OBJECT_PX:g}: upscaled {scale:.2f}x so small objects reach the anchors"
+    elif scale < 1:
+        why = (f"box sizes p2 {p2:.0f} px: shrunk {scale:.2f}x, the small objects to {scale * p2:.0f} px "
+               f"(>= {SHRINK_OBJECT_PX:g}) and the shorter side to {scale * short:.0f} px (>= {SHRINK_IMAGE_PX}): "
+               f"large objects need no more pixels, and whole large photos would cost many per step")
     else:
-        scale = min(1.0, max(SHRINK_OBJECT_PX / p2, SHRINK_IMAGE_PX / short))
-        if scale < 1:
-            why = (f"box sizes p2 {p2:.0f} px: shrunk {scale:.2f}x, the small objects to {scale * p2:.0f} px "
-                   f"(>= {SHRINK_OBJECT_PX:g}) and the shorter side to {scale * short:.0f} px (>= {SHRINK_IMAGE_PX}): "
-                   f"large objects need no more pixels, and whole large photos would cost many per step")
-        else:
-            why = (f"box sizes p2 {p2:.1f} px: native scale (shrinking would take the small objects below "
-                   f"{SHRINK_OBJECT_PX:g} px or the shorter side below {SHRINK_IMAGE_PX} px)")
+        why = (f"box sizes p2 {p2:.1f} px: native scale (shrinking would take the small objects below "
+               f"{SHRINK_OBJECT_PX:g} px or the shorter side below {SHRINK_IMAGE_PX} px)")
     min_size, max_size = int(round(scale * short)), int(round(scale * long_))
     return scale, min_size, max_size, [
         Derived("model.min_size", min_size, f"{what}; {why}"),
@@ -287,11 +301,15 @@ def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
 
 
 def classes(s: DataSummary) -> Derived:
-    """The class count, with the names and the box and image counts as its reason."""
+    """The class count, with the names and the box and image counts as its reason, and the classes that
+    no training box has (kept: the annotations name them, and the class count stays theirs)."""
     k = len(s.class_names)
+    unused = [name for i, name in enumerate(s.class_names) if not (s.labels == i).any()]
+    none = (f"; no training boxes: {', '.join(unused[:8])}{'…' if len(unused) > 8 else ''} (kept as classes, "
+            f"never learnt)") if unused else ""
     return Derived("model.num_classes", k, f"classes in the annotations: {', '.join(s.class_names[:8])}"
                    f"{'…' if k > 8 else ''}; {len(s.boxes)} boxes in {len(s.image_hw)} images "
-                   f"({s.images_without_boxes} without boxes, kept as negatives)")
+                   f"({s.images_without_boxes} without boxes, kept as negatives){none}")
 
 
 def load_shrink(s: DataSummary, tiled: np.ndarray, scale: float = 1.0, warp: int = 0) -> list[Derived]:
@@ -310,8 +328,18 @@ def load_shrink(s: DataSummary, tiled: np.ndarray, scale: float = 1.0, warp: int
                     "and resized at full size at every step")]
 
 
-def tiling(s: DataSummary) -> tuple[np.ndarray, list[Derived]]:
-    """Which training images are tiled (``[I]`` bool) and the tile settings."""
+def _tile_overlap(s: DataSummary, tile: int) -> tuple[int, float]:
+    """Tile overlap: the 98th percentile of the boxes' longer sides (at least 32 px, at most half a tile),
+    so nearly every object is whole in some tile; and that percentile."""
+    sides = s.boxes[:, 2:] - s.boxes[:, :2]
+    big = float(np.percentile(sides.max(axis=1), 98)) if len(sides) else 0.0
+    return int(min(tile // 2, max(32, math.ceil(big)))), big
+
+
+def tiling(s: DataSummary, scale: float = 1.0, warp: int = 0) -> tuple[np.ndarray, list[Derived]]:
+    """Which training images are tiled (``[I]`` bool) and the tile settings. For the reason: ``scale``,
+    RetinaNet's input scale (a tile is resized as an evaluation image); ``warp``, RefineDet's input side
+    (a tile of side t is warped to it: ``warp / t``)."""
     ref_long = float(s.eval_hw.max(axis=1).max())
     ref = (int(np.median(s.eval_hw[:, 0])), int(np.median(s.eval_hw[:, 1])))
     tiled = s.image_hw.max(axis=1) > TILE_ABOVE * ref_long
@@ -319,16 +347,78 @@ def tiling(s: DataSummary) -> tuple[np.ndarray, list[Derived]]:
         return tiled, [Derived("data.tile_size", 0, f"no training image is over {TILE_ABOVE}x the evaluation "
                                f"images' longer side ({ref_long:.0f} px): whole images")]
     tile = int(round(ref_long))
-    sides = s.boxes[:, 2:] - s.boxes[:, :2]
-    big = float(np.percentile(sides.max(axis=1), 98)) if len(sides) else 0.0
-    overlap = int(min(tile // 2, max(32, math.ceil(big))))
+    overlap, big = _tile_overlap(s, tile)
+    if warp:
+        scale = warp / max(ref)
+        seen = f", each warped to {warp} x {warp} as an evaluation image: {scale:.2f}x" + (
+            ", never downscaled" if scale >= 1 else ", the objects are large")
+    else:
+        seen = ", never downscaled" if scale >= 1 else (f", shrunk {scale:.2f}x as the evaluation images are: the "
+                                                        f"objects are large")
     return tiled, [
         Derived("data.tile_size", tile, f"{int(tiled.sum())} training image(s) over {TILE_ABOVE}x the evaluation "
-                f"images' longer side: cut into {tile} px tiles, never downscaled"),
+                f"images' longer side: cut into {tile} px tiles{seen}"),
         Derived("data.tile_overlap", overlap, f"p98 of the boxes' longer sides {big:.0f} px: such objects are whole "
                 f"in some tile"),
         Derived("data.tile_scale_as", [ref[0], ref[1]], "each tile is resized as an evaluation image is, so objects "
                 "keep their test-time scale")]
+
+
+def refinedet_tiles(s: DataSummary, size: int) -> tuple[float, float, int]:
+    """RefineDet warps every image (or tile) to ``size`` x ``size``: it sees objects at ``size / side``.
+    Returns ``(target, warp, tile)``: the scale RetinaNet's rule picks (:func:`object_scale`: 1, or up to
+    2x for small objects, below 1 for large ones), the warp of the largest evaluation image whole
+    (``size / its longer side``), and the tile side ``size / target`` at which the model sees objects at
+    ``target`` when that warp would shrink them below it, in training and evaluation; 0 for no such
+    tiles: the warp shrinks nothing, or the objects are large (target < 1), shrunk by the warp as ever."""
+    p2 = float(np.percentile(s.box_sizes, 2)) if len(s.boxes) else MIN_OBJECT_PX
+    target = object_scale(p2, float(np.median(s.eval_hw.min(axis=1))))
+    warp = size / float(s.eval_hw.max())
+    if target < 1 or warp >= 1:
+        return target, warp, 0
+    return target, warp, int(round(size / target))
+
+
+def _refinedet_tile_rows(s: DataSummary, size: int, tile: int, warp: float) -> tuple[np.ndarray, list[Derived]]:
+    """The rows of RefineDet's tiles of side ``tile`` (:func:`refinedet_tiles`), each warped to ``size``."""
+    p2 = float(np.percentile(s.box_sizes, 2))
+    seen = size / tile
+    overlap, big = _tile_overlap(s, tile)
+    why = (f"box sizes p2 {p2:.1f} px; warped whole, the evaluation images ({s.eval_hw.max():.0f} px) would be "
+           f"shrunk {warp:.2f}x: images over {tile} px, in training and evaluation, are cut into {tile} px tiles, "
+           f"each warped to {size} x {size}: objects at {seen:.2f}x, " +
+           ("never downscaled" if p2 >= MIN_OBJECT_PX else f"small objects upscaled to {seen * p2:.0f} px"))
+    return s.image_hw.max(axis=1) > tile, [
+        Derived("data.tile_size", tile, why),
+        Derived("data.tile_overlap", overlap, f"p98 of the boxes' longer sides {big:.0f} px: such objects are whole "
+                f"in some tile"),
+        Derived("data.tile_scale_as", None, f"each tile is warped to {size} x {size}, in training as in evaluation")]
+
+
+def _refinedet_input(s: DataSummary, model: str, size: int) -> tuple[np.ndarray, list[Derived]]:
+    """RefineDet's image size, tiles and warp at load; and the factors ``[I, 2]`` (sy, sx) by which it
+    sees each training image's objects (the warp of the image, or of its tiles)."""
+    target, warp, tile = refinedet_tiles(s, size)
+    p2 = float(np.percentile(s.box_sizes, 2))
+    if tile:
+        tiled, tile_rows = _refinedet_tile_rows(s, size, tile, warp)
+        sides = [(tile, tile) if t else hw for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]
+        note, load_rows = "", []
+    else:
+        tiled, tile_rows = tiling(s, warp=size)
+        ref = tile_rows[-1].value if tiled.any() else None
+        sides = [ref if t else hw for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]
+        load_rows = load_shrink(s, tiled, warp=size)
+        note = f"; the evaluation images ({s.eval_hw.max():.0f} px) at {warp:.2f}x"
+        if target < 1 and warp < 1:
+            note += (f" (box sizes p2 {p2:.0f} px: large objects, which the warp shrinks; RetinaNet's rule would "
+                     f"shrink them {target:.2f}x)")
+        elif target > warp:
+            note += (f" (box sizes p2 {p2:.1f} px < {MIN_OBJECT_PX:g} px would want {target:.2f}x; the warp shrinks "
+                     f"nothing, and images are only cut into tiles when it would)")
+    factors = np.array([(size / h, size / w) for h, w in sides]).reshape(-1, 2)
+    return factors, [Derived("model.refinedet.image_size", size, f"--model {model}: every image (or tile) is "
+                             f"warped to {size} x {size}{note}")] + tile_rows + load_rows
 
 
 def choose_ratios(box_wh: np.ndarray) -> tuple[list[float], str]:
@@ -410,6 +500,8 @@ def choose_anchors(boxes: np.ndarray, arch: str, ratios: list[float]) -> tuple[d
     why = (f"{base[0]:g}-{base[-1]:g} px on P{final[0]}-P{final[-1]}: p2/p98 of box sizes {p2:.0f}/{p98:.0f} px; "
            f"{100 * coverage:.1f}% of boxes have an anchor at IoU >= {IOU} ({k:g}x stride covers "
            f"{100 * trials[k][0]:.1f}%, {6 - k:g}x {100 * trials[6 - k][0]:.1f}%)")
+    if coverage < LOW_COVERAGE:
+        why += _low_coverage(sizes, iou, base[0], coverage, arch)
     rows = [Derived("model.anchor_sizes", base, why)]
     if arch == "retinanet":
         rows += [Derived("model.retinanet.min_level", final[0], "lowest level some box is best matched on "
@@ -417,6 +509,17 @@ def choose_anchors(boxes: np.ndarray, arch: str, ratios: list[float]) -> tuple[d
                  Derived("model.retinanet.max_level", final[-1], "highest level some box is best matched on "
                          "(P5..P7): no level whose anchors match nothing")]
     return {"anchor_sizes": base, "min_level": final[0], "max_level": final[-1], "coverage": coverage}, rows
+
+
+def _low_coverage(sizes: np.ndarray, iou: np.ndarray, smallest: float, coverage: float, arch: str) -> str:
+    """The plain warning for anchors that reach under ``LOW_COVERAGE`` of the boxes at IoU 0.5: the
+    others are matched only to their single best anchor, below the foreground IoU (a poor match)."""
+    missed = sizes[iou < IOU]
+    small = missed.size and float(np.median(missed)) < smallest
+    note = f"; only {100 * coverage:.0f}% of boxes reach an anchor"
+    if arch != "retinanet" and small:
+        return note + ": objects this small need RetinaNet (--model retinanet_r18_fpn)"
+    return note + ": the others only get their single best anchor, below that IoU"
 
 
 def training_windows(max_side_px: float, median_px: float, image_short_px: float, scale: float
@@ -524,6 +627,45 @@ def _model_boxes(s: DataSummary, scale_of_image: np.ndarray) -> np.ndarray:
     return s.boxes * np.stack([f[:, 1], f[:, 0], f[:, 1], f[:, 0]], axis=1)
 
 
+def _retinanet_input(s: DataSummary) -> tuple[np.ndarray, dict[str, Any], list[Derived]]:
+    """RetinaNet's input scale, tiles and shrink at load; the factors ``[I, 2]`` (sy, sx) by which it sees
+    each training image's objects, and what the windows rule reads (``up``, ``min_size``, ``tiled``,
+    ``ref``: the tiles' resize-as size, ``at_load``)."""
+    up, min_size, max_size, scale_rows = input_scale(s)
+    tiled, tile_rows = tiling(s, scale=up)
+    ref = tile_rows[-1].value if tiled.any() else None
+    load_rows = load_shrink(s, tiled, scale=up)
+    factors = np.array([_resize_factor(ref if t else hw, min_size, max_size)
+                        for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
+    view = {"up": up, "min_size": min_size, "tiled": tiled, "ref": ref,
+            "at_load": bool(load_rows)}          # shrunk once when loaded: training pixels are model pixels
+    return factors, view, scale_rows + [
+        Derived("model.size_divisible", 32, "C5's stride: P6/P7 come from stride-2 convs")] + tile_rows + load_rows
+
+
+def _retinanet_windows(s: DataSummary, boxes: np.ndarray, factors: np.ndarray, view: dict[str, Any]
+                       ) -> tuple[list[Derived], float]:
+    """RetinaNet's training windows (and their one training scale) for ``boxes`` in model pixels, and the
+    input pixels of one training item."""
+    tiled, ref, up = view["tiled"], view["ref"], view["up"]
+    sides = boxes[:, 2:] - boxes[:, :2]
+    image_px = float(np.median(np.minimum(*(factors * s.image_hw).T))) if not tiled.any() else \
+        float(min(ref) * factors[tiled][0, 0])
+    train_scale = 1.0 if view["at_load"] else up     # model pixels per training-image pixel
+    windows, why = training_windows(float(np.percentile(sides.max(axis=1), 98)),
+                                    float(np.median(np.sqrt(sides[:, 0] * sides[:, 1]))), image_px, train_scale)
+    rows = [Derived("data.crop_sizes", windows, why)]
+    if windows:
+        rows.append(Derived("data.train_min_sizes", [view["min_size"]], "one training scale: a smaller one would "
+                            "pad the windows"))
+        pixels = (max(windows) * train_scale) ** 2
+    elif tiled.any():
+        pixels = float((np.array(ref) * factors[tiled][0]).prod())
+    else:
+        pixels = float(np.median((factors * s.image_hw).prod(axis=1)))
+    return rows, pixels
+
+
 def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = ()) -> list[Derived]:
     """Every derived setting for the data ``s`` (the images trained on) and options ``o``, in the order
     they are printed; ``held_out``: the :func:`holdout` rows, decided on all the training images."""
@@ -534,23 +676,11 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
     rows = [Derived("model.arch", arch, f"--model {o.model}"), Derived("model.backbone", backbone, f"--model {o.model}"),
             classes(s)] + list(held_out)
     ratios, ratio_why = choose_ratios(s.boxes[:, 2:] - s.boxes[:, :2])
-    tiled, tile_rows = tiling(s)
-    ref = tile_rows[-1].value if tiled.any() else None
     if arch == "retinanet":
-        up, min_size, max_size, scale_rows = input_scale(s)
-        rows += scale_rows + [Derived("model.size_divisible", 32, "C5's stride: P6/P7 come from stride-2 convs")]
-        load_rows = load_shrink(s, tiled, scale=up)
-        rows += tile_rows + load_rows
-        at_load = bool(load_rows)               # shrunk once when loaded: training pixels are model pixels
-        factors = np.array([_resize_factor(ref if t else hw, min_size, max_size)
-                            for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
+        factors, view, input_rows = _retinanet_input(s)
     else:
-        rows.append(Derived("model.refinedet.image_size", rd_size, f"--model {o.model}: every image is warped to "
-                            f"{rd_size} x {rd_size}"))
-        rows += tile_rows + load_shrink(s, tiled, warp=rd_size)
-        factors = np.array([(rd_size / (ref if t else hw)[0], rd_size / (ref if t else hw)[1])
-                            for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
-        up, at_load = 1.0, False
+        factors, input_rows = _refinedet_input(s, o.model, rd_size)
+    rows += input_rows
     boxes = _model_boxes(s, factors)
     # RefineDet's are w/h in Caffe's order (1, 2, 1/2, then wider pairs): its default warns on any other
     stored_ratios = ratios if arch == "retinanet" else sorted((1.0 / r for r in ratios),
@@ -559,30 +689,16 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
                         ("" if arch == "retinanet" else " (RefineDet's are w/h)")))
     _, anchor_rows = choose_anchors(boxes, arch, ratios)
     rows += anchor_rows
-    # windows and batch
     if arch == "retinanet":
-        sides = boxes[:, 2:] - boxes[:, :2]
-        image_px = float(np.median(np.minimum(*(factors * s.image_hw).T))) if not tiled.any() else \
-            float(min(ref) * factors[tiled][0, 0])
-        train_scale = 1.0 if at_load else up     # model pixels per training-image pixel
-        windows, why = training_windows(float(np.percentile(sides.max(axis=1), 98)),
-                                        float(np.median(np.sqrt(sides[:, 0] * sides[:, 1]))), image_px, train_scale)
-        rows.append(Derived("data.crop_sizes", windows, why))
-        if windows:
-            rows.append(Derived("data.train_min_sizes", [min_size], "one training scale: a smaller one would pad "
-                                "the windows"))
-            pixels = (max(windows) * train_scale) ** 2
-        elif tiled.any():
-            pixels = float((np.array(ref) * factors[tiled][0]).prod())
-        else:
-            pixels = float(np.median((factors * s.image_hw).prod(axis=1)))
+        window_rows, pixels = _retinanet_windows(s, boxes, factors, view)
+        rows += window_rows
     else:
         pixels = float(rd_size ** 2)
         rows.append(Derived("data.augment", "basic", "flips only: SSD's zoom-out and crop shrink small objects"))
     batch = batch_size_for(pixels)
     rows.append(Derived("train.batch_size", batch, f"about {BATCH_PIXELS / 1e6:.2f} Mpx per batch (the demo's "
                         f"8 x 160 px windows), {pixels ** 0.5:.0f} px per item"))
-    eval_px = float(np.median(s.eval_hw.prod(axis=1))) * up ** 2 if arch == "retinanet" else float(rd_size ** 2)
+    eval_px = float(np.median(s.eval_hw.prod(axis=1))) * view["up"] ** 2 if arch == "retinanet" else float(rd_size ** 2)
     rows.append(Derived("test.batch_size", batch_size_for(eval_px / 4), "evaluation images per batch: about 4x a "
                         "training batch's pixels (no gradients kept)"))
     if o.weights_kind != "detection":

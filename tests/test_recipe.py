@@ -16,6 +16,7 @@ from densedet.data.formats import detect_format
 from densedet.data.records import DatasetError, DetectionData, ImageRecord
 from densedet.data.split import region_layout, split_by_image, split_by_region
 from densedet.engine.data import shrink_to_input
+from densedet.engine.evaluate import eval_tiles
 from densedet.engine.pretrain import background_share, background_windows, pretrain_backbone
 from densedet.engine.tune import candidate_sets, choose_tta
 from densedet.models.preprocess import ImagePreprocessor
@@ -195,6 +196,104 @@ def test_refinedet_warps_large_photos_once_when_loaded_and_leaves_small_ones():
     assert big["data.shrink_at_load"] is True
     small = derived(make_data([squares(rng, 3, 20, 100, size=320) for _ in range(20)]), model="refinedet320_r18")
     assert "data.shrink_at_load" not in small
+
+
+def reasons(data, val=None, **options) -> dict:
+    summary = DataSummary.from_data(data, val)
+    rows = derive(summary, RecipeOptions(has_val=val is not None, **options), holdout(summary, val is not None))
+    return {r.key: r.reason for r in rows}
+
+
+def coverage(reason: str) -> float:
+    """The share of boxes with an anchor at IoU 0.5, as the anchor row prints it."""
+    return float(reason.split("% of boxes have an anchor")[0].split()[-1]) / 100
+
+
+def test_refinedet_cuts_images_it_would_shrink_small_objects_in_into_tiles_of_its_input(tmp_path):
+    # 640 px images of 12-20 px objects: warped whole to 320 they would be 6-10 px (no anchor reached them)
+    rng = np.random.default_rng(13)
+    data = make_data([squares(rng, 6, 12, 20, size=640) for _ in range(20)], hw=(640, 640))
+    v, why = derived(data, model="refinedet320_r18"), reasons(data, model="refinedet320_r18")
+    assert v["data.tile_size"] == 320 and v["data.tile_overlap"] == 32 and v["data.tile_scale_as"] is None
+    assert "data.shrink_at_load" not in v                               # nothing is shrunk, at load or after
+    assert "objects at 1.00x, never downscaled" in why["data.tile_size"]
+    assert "box sizes 12/20 px" in why["model.anchor_sizes"] and coverage(why["model.anchor_sizes"]) > 0.5
+    cfg = recipe_config(derive(DataSummary.from_data(data), RecipeOptions(model="refinedet320_r18")),
+                        base_config("refinedet320_r18"))
+    assert eval_tiles(cfg.data) == (320, 32)                            # evaluation cuts the same tiles
+    # each training tile reaches the model at 320 x 320, its boxes at their size in the photo (scale 1)
+    Image.fromarray(np.zeros((640, 640, 3), np.uint8)).save(tmp_path / "0.png")
+    one = make_data([data.records[0].boxes.tolist()], hw=(640, 640))
+    one.records[0].file_name = str(tmp_path / "0.png")
+    tiles = TiledDataset(one, cfg.data.tile_size, cfg.data.tile_overlap, scale_as=cfg.data.tile_scale_as)
+    warp = ImagePreprocessor(fixed_size=(320, 320))
+    for i in range(len(tiles)):
+        image, target = tiles[i]
+        _, sizes, out = warp([image], [target])
+        assert sizes == [(320, 320)] and torch.allclose(out[0]["boxes"], target["boxes"])
+    # RetinaNet sees the same images whole at their own size, as before
+    assert derived(data)["data.tile_size"] == 0 and derived(data)["model.min_size"] == 640
+
+
+def test_refinedet_tiles_huge_photos_of_tiny_objects_small_enough_to_upscale_them():
+    # 5000x4000 photos of 8-14 px objects, 500 px validation images: 500 px tiles warped to 320 shrank them 0.64x
+    rng = np.random.default_rng(14)
+    train = make_data([squares(rng, 40, 8, 14, size=4000) for _ in range(3)], hw=(4000, 5000))
+    val = make_data([squares(rng, 5, 8, 14, size=500) for _ in range(2)], hw=(500, 500))
+    v, why = derived(train, val, model="refinedet320_r18"), reasons(train, val, model="refinedet320_r18")
+    p2 = np.percentile(DataSummary.from_data(train, val).box_sizes, 2)
+    assert v["data.tile_size"] <= 320 and v["data.tile_size"] == round(320 / min(2.0, 12 / p2))   # RetinaNet's 12/p2
+    assert "small objects upscaled to 12 px" in why["data.tile_size"]
+    assert not any("never downscaled" in reason for reason in why.values())
+    assert coverage(why["model.anchor_sizes"]) > 0.5 and "only" not in why["model.anchor_sizes"]
+
+
+def test_refinedet_still_shrinks_large_objects_and_says_so():
+    rng = np.random.default_rng(15)
+    data = make_data([squares(rng, 3, 40, 400, size=1200) for _ in range(20)], hw=(1200, 1600))
+    v, why = derived(data, model="refinedet320_r18"), reasons(data, model="refinedet320_r18")
+    assert v["data.tile_size"] == 0 and v["data.shrink_at_load"] is True       # warped whole, at load, as before
+    assert "large objects, which the warp shrinks" in why["model.refinedet.image_size"]
+    # large photos of large objects over 1.5x the validation images: tiles of those, warped (shrunk) as before
+    big = make_data([squares(rng, 3, 480, 1600, size=3000) for _ in range(4)], hw=(3000, 4000))
+    val = make_data([squares(rng, 1, 200, 600, size=1000) for _ in range(2)], hw=(1000, 1000))
+    v, why = derived(big, val, model="refinedet320_r18"), reasons(big, val, model="refinedet320_r18")
+    assert v["data.tile_size"] == 1000 and v["data.tile_scale_as"] == [1000, 1000]
+    assert "0.32x, the objects are large" in why["data.tile_size"] and "never downscaled" not in why["data.tile_size"]
+
+
+def test_refinedet_keeps_whole_images_that_the_warp_does_not_shrink():
+    # the digit scenes' case: 320 px images, objects up to 150 px, p2 ~11 px: warped at 1x, as before
+    rng = np.random.default_rng(16)
+    data = make_data([squares(rng, 6, 8, 150) for _ in range(20)])
+    assert 10 < np.percentile(DataSummary.from_data(data).box_sizes, 2) < 12    # RetinaNet would upscale them
+    v, why = derived(data, model="refinedet320_r18"), reasons(data, model="refinedet320_r18")
+    assert v["data.tile_size"] == 0 and "data.shrink_at_load" not in v and "data.tile_scale_as" not in v
+    assert "at 1.00x" in why["model.refinedet.image_size"] and "only cut into tiles when it would" in \
+        why["model.refinedet.image_size"]
+    plain, _ = choose_anchors(DataSummary.from_data(data).boxes, "refinedet", [0.5, 1.0, 2.0])
+    assert v["model.anchor_sizes"] == [plain["anchor_sizes"][0] * 2 ** k for k in range(4)]   # measured at 1x
+
+
+def test_anchors_that_miss_most_boxes_say_so():
+    rng = np.random.default_rng(17)
+    tiny = make_data([squares(rng, 6, 4, 7) for _ in range(20)])         # 4-7 px in 320 px images: warped at 1x
+    why = reasons(tiny, model="refinedet320_r18")["model.anchor_sizes"]
+    assert coverage(why) < 0.5 and "of boxes reach an anchor: objects this small need RetinaNet " \
+        "(--model retinanet_r18_fpn)" in why
+    assert "need RetinaNet" not in reasons(tiny)["model.anchor_sizes"]   # RetinaNet is not told to use itself
+    assert "reach an anchor" not in reasons(make_data([squares(rng, 6, 20, 40) for _ in range(20)]),
+                                            model="refinedet320_r18")["model.anchor_sizes"]
+
+
+def test_classes_without_training_boxes_are_named_and_kept():
+    rng = np.random.default_rng(18)
+    data = make_data([squares(rng, 2, 20, 40) for _ in range(12)], labels=[[0, 1]] * 12, names=("a", "b", "unused"))
+    v, why = derived(data), reasons(data)
+    assert v["model.num_classes"] == 3 and why["model.num_classes"].endswith("no training boxes: unused (kept as "
+                                                                             "classes, never learnt)")
+    every = make_data([squares(rng, 2, 20, 40) for _ in range(12)])
+    assert "no training boxes" not in reasons(every)["model.num_classes"]
 
 
 def test_shrink_at_load_needs_the_models_one_scale_and_no_tiles():
