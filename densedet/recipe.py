@@ -328,12 +328,13 @@ def load_shrink(s: DataSummary, tiled: np.ndarray, scale: float = 1.0, warp: int
                     "and resized at full size at every step")]
 
 
-def _tile_overlap(s: DataSummary, tile: int) -> tuple[int, float]:
-    """Tile overlap: the 98th percentile of the boxes' longer sides (at least 32 px, at most half a tile),
-    so nearly every object is whole in some tile; and that percentile."""
+def _tile_overlap(s: DataSummary, tile: int) -> Derived:
+    """The tiles' overlap: the 98th percentile of the boxes' longer sides (at least 32 px, at most half a
+    tile), so nearly every object is whole in some tile."""
     sides = s.boxes[:, 2:] - s.boxes[:, :2]
     big = float(np.percentile(sides.max(axis=1), 98)) if len(sides) else 0.0
-    return int(min(tile // 2, max(32, math.ceil(big)))), big
+    return Derived("data.tile_overlap", int(min(tile // 2, max(32, math.ceil(big)))),
+                   f"p98 of the boxes' longer sides {big:.0f} px: such objects are whole in some tile")
 
 
 def tiling(s: DataSummary, scale: float = 1.0, warp: int = 0) -> tuple[np.ndarray, list[Derived]]:
@@ -347,7 +348,6 @@ def tiling(s: DataSummary, scale: float = 1.0, warp: int = 0) -> tuple[np.ndarra
         return tiled, [Derived("data.tile_size", 0, f"no training image is over {TILE_ABOVE}x the evaluation "
                                f"images' longer side ({ref_long:.0f} px): whole images")]
     tile = int(round(ref_long))
-    overlap, big = _tile_overlap(s, tile)
     if warp:
         scale = warp / max(ref)
         seen = f", each warped to {warp} x {warp} as an evaluation image: {scale:.2f}x" + (
@@ -358,8 +358,7 @@ def tiling(s: DataSummary, scale: float = 1.0, warp: int = 0) -> tuple[np.ndarra
     return tiled, [
         Derived("data.tile_size", tile, f"{int(tiled.sum())} training image(s) over {TILE_ABOVE}x the evaluation "
                 f"images' longer side: cut into {tile} px tiles{seen}"),
-        Derived("data.tile_overlap", overlap, f"p98 of the boxes' longer sides {big:.0f} px: such objects are whole "
-                f"in some tile"),
+        _tile_overlap(s, tile),
         Derived("data.tile_scale_as", [ref[0], ref[1]], "each tile is resized as an evaluation image is, so objects "
                 "keep their test-time scale")]
 
@@ -383,15 +382,13 @@ def _refinedet_tile_rows(s: DataSummary, size: int, tile: int, warp: float) -> t
     """The rows of RefineDet's tiles of side ``tile`` (:func:`refinedet_tiles`), each warped to ``size``."""
     p2 = float(np.percentile(s.box_sizes, 2))
     seen = size / tile
-    overlap, big = _tile_overlap(s, tile)
     why = (f"box sizes p2 {p2:.1f} px; warped whole, the evaluation images ({s.eval_hw.max():.0f} px) would be "
            f"shrunk {warp:.2f}x: images over {tile} px, in training and evaluation, are cut into {tile} px tiles, "
            f"each warped to {size} x {size}: objects at {seen:.2f}x, " +
            ("never downscaled" if p2 >= MIN_OBJECT_PX else f"small objects upscaled to {seen * p2:.0f} px"))
     return s.image_hw.max(axis=1) > tile, [
         Derived("data.tile_size", tile, why),
-        Derived("data.tile_overlap", overlap, f"p98 of the boxes' longer sides {big:.0f} px: such objects are whole "
-                f"in some tile"),
+        _tile_overlap(s, tile),
         Derived("data.tile_scale_as", None, f"each tile is warped to {size} x {size}, in training as in evaluation")]
 
 

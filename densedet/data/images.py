@@ -93,7 +93,7 @@ def record_size(record, source: str = "") -> tuple[int, int]:
     if size is None:
         hint = ""
         if not os.path.exists(record.file_name):   # here the annotation file is known: both hints
-            hint = missing_image_hint(record.file_name, source if source and os.path.exists(source) else None)
+            hint = missing_image_hint(record.file_name, source)
         raise DatasetError(f"{source + ': ' if source else ''}image {record.file_name!r} (id {record.image_id}) "
                            f"has no width/height in the annotations and its file cannot be read{hint}")
     return int(size[0]), int(size[1])
@@ -118,20 +118,22 @@ def image_size(path: str) -> tuple[int, int] | None:
     return height, width
 
 
-def missing_image_hint(path: str, annotation_path: str | None = None) -> str:
+def missing_image_hint(path: str, source: str | None = None) -> str:
     """``"; did you mean ...?"`` / ``"; pass --images DIR"`` for an image that is not at ``path``, or "".
 
     Called only on the error path, and cheap there (one listing of the image's folder, two isfile):
     a file of the same name plus an extension beside it (a VOC <filename> written without one), or
-    of the same stem with another image extension; and, when ``annotation_path`` (the annotation
-    file or folder) is known, the file in a JPEGImages/ or images/ folder beside the annotations'
-    folder (Pascal VOC's layout, read without ``--images``).
+    of the same stem with another image extension; and, when ``source`` (a :class:`DetectionData`'s:
+    the annotation file or folder, a split's part named after it) names an annotation path that
+    exists, the file in a JPEGImages/ or images/ folder beside the annotations' folder (Pascal VOC's
+    layout, read without ``--images``).
     """
     hints = []
     near = _same_name_beside(path)
     if near:
         hints.append(f"did you mean {' or '.join(near)}?")
-    if annotation_path is not None:
+    annotation_path = (source or "").split(" (")[0].split(",")[0]     # a split appends " (val: ...)"
+    if annotation_path and os.path.exists(annotation_path):
         folder = _image_folder_beside(os.path.basename(path), annotation_path)
         if folder is not None:
             hints.append(f"{os.path.basename(path)} is in {folder}: pass --images {folder}")

@@ -16,6 +16,7 @@ With `strict=True` every one of these raises a `DatasetError` instead.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -224,8 +225,8 @@ def align_classes(data: DetectionData, class_names: Sequence[str]) -> DetectionD
     A validation file may list the training classes in another order (COCO categories with other
     ids), in another format, or lack some of them: its labels must still mean what the model's
     labels mean. A COCO file keeps its own category ids for the names it has (results are written
-    with them); a training class it lacks gets an unused id, so that detections of that class are
-    scored as false positives, as in any image without such objects. A class of ``data`` that
+    with them); a training class it lacks gets an unused id: with no ground truth of its own it has
+    no AP, and its detections count for no other class. A class of ``data`` that
     ``class_names`` lacks is an error naming ``data.source``: no model of these classes detects it.
     """
     names = [str(name) for name in class_names]
@@ -241,6 +242,6 @@ def align_classes(data: DetectionData, class_names: Sequence[str]) -> DetectionD
     category_ids = None
     if data.category_ids is not None:
         own = dict(zip(data.class_names, data.category_ids))
-        spare = iter(range(max(data.category_ids, default=0) + 1, 1 << 62))
+        spare = itertools.count(max(data.category_ids, default=0) + 1)
         category_ids = [own[name] if name in own else next(spare) for name in names]
     return replace(data, records=records, class_names=names, category_ids=category_ids)

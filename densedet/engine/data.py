@@ -130,17 +130,11 @@ def check_image_files(data: DetectionData) -> None:
     for record in data.records:
         if not os.path.isfile(record.file_name):
             raise DatasetError(f"{record.file_name}: image file not found (image id {record.image_id} of "
-                               f"{data.source}){missing_image_hint(record.file_name, _annotation_path(data))}")
+                               f"{data.source}){missing_image_hint(record.file_name, data.source)}")
         # a header PIL cannot read: decoding raises the error that says why
         size = image_size(record.file_name) or tuple(load_image(record.file_name).shape[-2:])
         if record.region is None and record.resize is None and record.height is not None:
             record_target(record, *size)        # raises when the annotated size is not the file's
-
-
-def _annotation_path(data: DetectionData) -> str | None:
-    """The annotation file or folder a reader's ``source`` names (a split appends " (val: ...)")."""
-    path = data.source.split(" (")[0].split(",")[0]
-    return path if os.path.exists(path) else None
 
 
 def shrink_to_input(data: DetectionData, min_size: int, max_size: int,
