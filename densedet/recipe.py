@@ -569,7 +569,8 @@ def optimisation(o: RecipeOptions, arch: str, backbone: str, num_classes: int, b
         if backbone.startswith("resnet"):
             warm = round(0.15 * o.minutes, 4)
             rows += [Derived("train.pretrain_minutes", warm, "15% of the budget teaches the trunk the objects on "
-                             "box crops first (the demo's ~1.5 of 10 min)"),
+                             "box crops first (the demo's warm-up on the host it was tuned on; "
+                             "a shorter one measured worse)"),
                      Derived("train.pretrain_lr", 3 * lr, "the warm-up at 3x the detection rate (demo)"),
                      Derived("train.pretrain_freeze_stages", 2, "stem and layer1 keep the warm-up's filters; "
                              "detection skips their backward"),
