@@ -165,6 +165,15 @@ def test_refinedet_image_size_must_be_a_multiple_of_64():
         validate(cfg)
 
 
+def test_mirrored_windows_without_classes_are_retinanets_only():
+    cfg = Config()
+    cfg.data.hflip_keeps_class = False
+    validate(cfg)                                   # RetinaNet's loss honours the mark
+    cfg.model.arch = "refinedet"
+    with pytest.raises(ConfigError, match=r"data\.hflip_keeps_class.*RetinaNet's loss only"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("old,new", [("focal_gamma", "model.retinanet.focal_gamma"),
                                      ("negpos_ratio", "model.refinedet.neg_pos_ratio"),
                                      ("arm_filter_thresh", "model.refinedet.objectness_threshold"),

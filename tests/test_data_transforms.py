@@ -41,6 +41,19 @@ def test_flip_maps_x_to_width_minus_x():
     assert same is image and kept is target
 
 
+def test_a_flip_that_may_change_the_class_marks_the_mirrored_target_only():
+    image, target = rectangle_scene()
+    _, out = RandomHorizontalFlip(p=1.0)(image, target)
+    assert "class_unknown" not in out                      # the default: a mirror keeps the class
+    _, out = RandomHorizontalFlip(p=1.0, keeps_class=False)(image, target)
+    assert out["class_unknown"] is True and out["boxes"].tolist() == [[70, 10, 100, 40]]
+    assert "class_unknown" not in target
+    _, kept = RandomHorizontalFlip(p=0.0, keeps_class=False)(image, target)
+    assert "class_unknown" not in kept                     # not mirrored: its classes are known
+    _, window = Compose([RandomHorizontalFlip(1.0, keeps_class=False), RandomObjectCrop(48)])(image, target)
+    assert window["class_unknown"] is True                 # the mark survives the window cut
+
+
 def test_flip_probability_uses_torch_generator():
     torch.manual_seed(0)
     flip = RandomHorizontalFlip(p=0.5)

@@ -227,6 +227,37 @@ def test_class_cross_entropy_term_is_softmax_ce_over_foreground_anchors():
     assert losses["cls_ce"].item() == pytest.approx(0.5 * total / fg, rel=1e-5)
     assert losses["cls"].item() == plain["cls"].item() and losses["box"].item() == plain["box"].item()
 
+def test_an_image_whose_classes_are_unknown_teaches_its_boxes_and_no_class():
+    # Brute force, anchor by anchor: image 1 is marked class_unknown (a mirrored window, with
+    # data.hflip_keeps_class false). Its anchors on objects drop out of the focal loss and the class
+    # cross-entropy; its background anchors and every box term stay, over the same normaliser.
+    from densedet.losses import sigmoid_focal_loss
+    from densedet.matching import pad_targets
+    model, logits, deltas, anchors, _ = _dense_case(bsz=2, seed=7)
+    model.class_ce_weight = 0.5
+    targets = [_target([[10, 10, 50, 60], [60, 30, 120, 90]], [2, 0]), _target([[20, 40, 90, 100]], [1])]
+    plain = _losses(model, logits, deltas, anchors, targets)
+    marked = _losses(model, logits, deltas, anchors, [targets[0], {**targets[1], "class_unknown": True}])
+    matched = model.matcher(anchors, pad_targets(targets)).matched_idxs
+    focal, ce, fg = 0.0, 0.0, int((matched >= 0).sum())
+    for i in range(2):
+        for j in range(anchors.shape[0]):
+            m = int(matched[i, j])
+            if m == -2 or (i == 1 and m >= 0):
+                continue
+            onehot = torch.zeros(3)
+            if m >= 0:
+                label = int(targets[i]["labels"][m])
+                onehot[label] = 1.0
+                ce += -(logits[i, j, label] - torch.logsumexp(logits[i, j], 0)).item()
+            focal += sigmoid_focal_loss(logits[i, j], onehot).sum().item()
+    assert int((matched[1] >= 0).sum()) > 0
+    assert marked["cls"].item() == pytest.approx(focal / fg, rel=1e-5)
+    assert marked["cls_ce"].item() == pytest.approx(0.5 * ce / fg, rel=1e-5)
+    assert marked["box"].item() == plain["box"].item()
+    assert marked["cls"].item() < plain["cls"].item() and marked["cls_ce"].item() < plain["cls_ce"].item()
+
+
 # --- inference batching --------------------------------------------------------------------------------
 
 def test_batched_postprocess_equals_each_image_alone():

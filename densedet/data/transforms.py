@@ -35,10 +35,16 @@ class Compose:
 
 
 class RandomHorizontalFlip:
-    """Mirror the image with probability p; boxes map to x1' = W - x2, x2' = W - x1."""
+    """Mirror the image with probability p; boxes map to x1' = W - x2, x2' = W - x1.
 
-    def __init__(self, p: float = 0.5):
-        self.p = p
+    A mirror keeps every box exactly, but not always the class: a mirrored 2 is no digit, a
+    mirrored "b" is a "d". With ``keeps_class=False`` a mirrored image's target says so
+    (``target["class_unknown"] = True``): RetinaNet's loss then teaches its boxes and nothing about
+    its classes.
+    """
+
+    def __init__(self, p: float = 0.5, keeps_class: bool = True):
+        self.p, self.keeps_class = p, keeps_class
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         if torch.rand(()).item() >= self.p:
@@ -48,10 +54,12 @@ class RandomHorizontalFlip:
         boxes = target["boxes"]
         target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1],
                                        width - boxes[:, 0], boxes[:, 3]], dim=1)
+        if not self.keeps_class:
+            target["class_unknown"] = True
         return image.flip(-1), target
 
     def __repr__(self) -> str:
-        return f"RandomHorizontalFlip(p={self.p})"
+        return f"RandomHorizontalFlip(p={self.p}" + ("" if self.keeps_class else ", keeps_class=False") + ")"
 
 
 def turn_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:

@@ -177,7 +177,7 @@ def build_train_dataset(cfg: Config, data: DetectionData):
         # Multi-scale training (data.train_min_sizes) happens in the model's preprocessor, one size
         # per batch (see the trainer): resizing here would be undone by the model's own resize.
         if d.hflip_prob > 0:
-            transforms.append(RandomHorizontalFlip(d.hflip_prob))
+            transforms.append(RandomHorizontalFlip(d.hflip_prob, d.hflip_keeps_class))
         if d.crop_size > 0 or d.crop_sizes:
             # With data.crop_sizes the stream sets the window size of each batch (BatchStream).
             transforms.append(RandomObjectCrop(d.crop_size or max(d.crop_sizes), d.crop_min_visibility))

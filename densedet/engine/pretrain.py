@@ -165,7 +165,8 @@ class CropAugment:
             return cls()
         if d.augment == "ssd":                  # SSD's pipeline: its photometric distortion and mirror (p 0.5)
             return cls(0.5, d.rotate90, True)
-        return cls(d.hflip_prob, d.rotate90, d.photometric)
+        # a crop's class is its label: a mirror that may change the class has no label to give it
+        return cls(d.hflip_prob if d.hflip_keeps_class else 0.0, d.rotate90, d.photometric)
 
     def __call__(self, g: torch.Generator, crops: Tensor) -> Tensor:
         """``crops`` [N, 3, S, S] in [0, 1], augmented, every draw from ``g``."""

@@ -97,8 +97,8 @@ def choose_test_time(cfg: Config, model: nn.Module, device: torch.device, dtype:
 
     objects = sum(int((~r.iscrowd).sum()) for r in tune.records)
     margin = 1.0 / max(1, objects)
-    chosen, rows = choose_tta(evaluate, candidate_sets(base, cfg.data.hflip_prob > 0, multiple, cfg.data.rotate90),
-                              margin=margin)
+    mirrored = cfg.data.hflip_prob > 0 and cfg.data.hflip_keeps_class    # the mirror only where it was taught
+    chosen, rows = choose_tta(evaluate, candidate_sets(base, mirrored, multiple, cfg.data.rotate90), margin=margin)
     say(f"test-time augmentation chosen on {len(tune.records)} tune images ({objects} objects: a set must beat "
         f"single scale by more than 1/{objects} = {margin:.4f} AP): "
         f"{chosen.describe() if chosen else 'none (no set beats single scale by that)'}")

@@ -190,7 +190,10 @@ class RetinaNet(DenseDetector):
         gt = pad_targets(targets, logits.device)
         matched_idxs = self.match(anchors, gt)                                  # [B, A]
         foreground = matched_idxs >= 0
-        valid = matched_idxs != -2
+        # An image whose classes are unknown (a mirror that may change them: data.hflip_keeps_class)
+        # teaches its boxes, and its anchors on objects teach no class, neither right nor wrong.
+        class_known = ~(foreground & class_unknown(targets, logits.device).unsqueeze(1))
+        valid = (matched_idxs != -2) & class_known
         safe_idxs = matched_idxs.clamp(min=0)
         gt_labels = torch.gather(gt.labels, 1, safe_idxs)                      # [B, A]
         gt_boxes = torch.gather(gt.boxes, 1, safe_idxs.unsqueeze(-1).expand(-1, -1, 4))
@@ -213,7 +216,8 @@ class RetinaNet(DenseDetector):
             # Not in the paper: the sigmoid focal loss scores each class on its own, so early in training
             # a digit lights up several classes at once. Cross-entropy over the K logits of the
             # foreground anchors ranks the true class above the others directly.
-            ce = F.cross_entropy(logits[foreground].float(), gt_labels[foreground], reduction="sum")
+            known = foreground & class_known
+            ce = F.cross_entropy(logits[known].float(), gt_labels[known], reduction="sum")
             losses["cls_ce"] = self.class_ce_weight * ce / normalizer
         return losses
 
@@ -260,6 +264,11 @@ class RetinaNet(DenseDetector):
             all_labels.append(top_idxs - anchor_idxs * k)
         scores = torch.cat(all_scores, 1)
         return Candidates(torch.cat(all_boxes, 1), scores, torch.cat(all_labels, 1), scores > self.score_thresh)
+
+
+def class_unknown(targets: list[dict], device: torch.device) -> Tensor:
+    """``[B]`` bool: the images whose target says its classes are unknown (``class_unknown``)."""
+    return torch.tensor([bool(t.get("class_unknown", False)) for t in targets], dtype=torch.bool, device=device)
 
 
 def best_above(scores: Tensor, thresh: float, k: int) -> tuple[Tensor, Tensor]:
