@@ -109,10 +109,16 @@ def test_state_dict_keys_are_unchanged():
     assert not any("folded" in k for k in keys)
 
 
+# RefineDet decodes twice (the ARM's offsets, then the ODM's on top, each through an exp), 101 layers
+# deep with random statistics: the fp32 rounding that differs between a folded conv and a conv then a
+# norm moved its boxes by 0.013 px on an AVX-512 CPU (AMD Zen 4); 0.01 held on the AVX2 and AMX hosts.
+BOX_TOLERANCE_PX = {"retinanet_r50_fpn_torchvision": 0.01, "refinedet320_r101": 0.05}
+
+
 @pytest.mark.parametrize("name", ["retinanet_r50_fpn_torchvision", "refinedet320_r101"])
 def test_a_detector_in_eval_mode_gives_the_unfolded_detections(name):
     """The default path (eval + inference_mode, folded) against the same model with every conv-norm
-    pair run as two modules (grad mode on): scores within 1e-4, boxes within 0.01 px."""
+    pair run as two modules (grad mode on): scores within 1e-4, boxes within BOX_TOLERANCE_PX."""
     torch.manual_seed(0)
     model = _random_stats_(build_model(name, num_classes=5, detections_per_img=50)).eval()
     images = [torch.rand(3, 192, 256), torch.rand(3, 160, 160)]
@@ -122,5 +128,5 @@ def test_a_detector_in_eval_mode_gives_the_unfolded_detections(name):
     for a, b in zip(folded, unfolded):
         assert len(a["boxes"]) == len(b["boxes"]) > 0
         torch.testing.assert_close(a["scores"], b["scores"].detach(), rtol=0, atol=1e-4)
-        torch.testing.assert_close(a["boxes"], b["boxes"].detach(), rtol=0, atol=0.01)
+        torch.testing.assert_close(a["boxes"], b["boxes"].detach(), rtol=0, atol=BOX_TOLERANCE_PX[name])
         assert torch.equal(a["labels"], b["labels"])

@@ -107,6 +107,9 @@ def test_warm_up_augmentation_when_switched_on_follows_the_detection_windows():
     assert CropAugment.of(cfg) == CropAugment()       # off by default
     cfg.train.pretrain_augment = True
     assert CropAugment.of(cfg) == CropAugment(0.5, True, True)
+    cfg.data.hflip_keeps_class = False                # a crop's label is its class: no mirror that may change it
+    assert CropAugment.of(cfg) == CropAugment(0.0, True, True)
+    cfg.data.hflip_keeps_class = True
     cfg.data.hflip_prob, cfg.data.rotate90, cfg.data.photometric = 0.0, False, False
     assert CropAugment.of(cfg) == CropAugment()
     cfg.data.augment = "ssd"                          # SSD's pipeline mirrors and distorts by itself
