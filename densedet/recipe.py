@@ -55,7 +55,8 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
 - **from pretrained weights** (``--weights``): an ImageNet trunk gets the paper's fine-tuning
   (frozen BatchNorm, stem and res2 frozen, SGD 0.01 per 16 images, focal gamma 2); a detection
   checkpoint keeps its own model settings and trains at a tenth of that rate.
-- **flips**: horizontal flips with probability 0.5 unless ``--no-flip``.
+- **flips**: horizontal flips with probability 0.5 unless ``--no-flip``; with several classes (RetinaNet)
+  a mirrored window teaches its boxes and no class (a mirror may change the class).
 - **detections per image**: at least 100 (COCO's count), 1.5x the most boxes of an evaluation image.
 """
 
