@@ -309,7 +309,7 @@ def test_int8_ap_within_001_of_fp32_on_a_trained_checkpoint(tmp_path, monkeypatc
     monkeypatch.chdir(REPO)                      # the demo config's data.root is relative to the repository
     ckpt = Path(os.environ.get("DENSEDET_DEPLOY_CKPT", REPO / "runs" / "demo" / "model_final.pt"))
     if not ckpt.is_file():
-        assert main(["train", "--output-dir", str(tmp_path / "run"), "test.tta_scales=[]"]) == 0
+        assert main(["demo", "--output-dir", str(tmp_path / "run"), "test.tta_scales=[]"]) == 0
         ckpt = tmp_path / "run" / "model_final.pt"
     aps = {}
     for name, fmt, flags in [("torch", None, []), ("ort_fp32", "onnx", []), ("ort_int8", "onnx", ["--int8"]),
