@@ -203,7 +203,7 @@ class DataConfig:
     strict: bool = False                    # turn every skipped/repaired record into an error
     hflip_prob: float = 0.5
     hflip_keeps_class: bool = True          # False: a mirrored window teaches its objects' boxes, not their classes
-                                            # (RetinaNet), for data whose mirror image may be another class
+                                            # (RefineDet: "an object"), for data whose mirror may be another class
     rotate90: bool = False                  # random quarter turns (images seen from above: aerial, microscopy)
     photometric: bool = False               # basic augment: SSD's random brightness, contrast, saturation and hue
     shrink_at_load: bool = False            # training images the model would shrink are shrunk once, when loaded
@@ -507,8 +507,8 @@ def _data_checks(cfg: Config) -> list[Check]:
          "data.val_fraction", f"val_fraction and tune_fraction must be shares in [0, 1) leaving images to train on, "
          f"got {d.val_fraction} and {d.tune_fraction}"),
         (d.holdout in ("image", "region"), "data.holdout", f"must be image or region, got {d.holdout!r}"),
-        (d.hflip_keeps_class or cfg.model.arch == "retinanet", "data.hflip_keeps_class",
-         "false applies to RetinaNet's loss only (RefineDet's mirrored windows keep their classes, as in Caffe)"),
+        (d.hflip_keeps_class or d.augment != "ssd", "data.hflip_keeps_class",
+         "false needs data.augment basic: SSD's pipeline mirrors by itself and keeps the classes, as in Caffe"),
         (d.holdout_gap >= 0 and d.holdout_piece >= 0, "data.holdout_gap",
          f"holdout_gap and holdout_piece must be >= 0, got {d.holdout_gap} and {d.holdout_piece}"),
         (d.tile_scale_as is None or (len(d.tile_scale_as) == 2 and min(d.tile_scale_as) > 0), "data.tile_scale_as",

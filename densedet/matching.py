@@ -51,6 +51,12 @@ def pad_targets(targets: list[dict], device: torch.device | str = "cpu") -> Padd
     return PaddedTargets(stack("boxes", torch.float32, (4,)), stack("labels", torch.long), present & ~crowd, crowd)
 
 
+def class_unknown(targets: list[dict], device: torch.device | str = "cpu") -> Tensor:
+    """``[B]`` bool: the images whose target says their objects' classes are unknown
+    (``target["class_unknown"]``: a mirror that may change them, ``data.hflip_keeps_class``)."""
+    return torch.tensor([bool(t.get("class_unknown", False)) for t in targets], dtype=torch.bool, device=device)
+
+
 @dataclass
 class MatchResult:
     """matched_idxs ``[B, A]``: index of the matched box, or BACKGROUND (-1) / IGNORE (-2).

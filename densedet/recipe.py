@@ -604,11 +604,13 @@ def augmentation(o: RecipeOptions, num_classes: int, arch: str) -> list[Derived]
     crowns at another site: AP50 0.10 -> 0.26; digit scenes unchanged)."""
     rows = [Derived("data.hflip_prob", 0.5 if o.flip else 0.0,
                     "horizontal flips (off with --no-flip)" if o.flip else "--no-flip")]
-    if o.flip and arch == "retinanet":
+    if o.flip:
         several = num_classes > 1
+        teach = ("boxes, not classes" if arch == "retinanet" else
+                 "boxes and 'an object', not which (the ODM's -log(1 - p_background))")
         rows.append(Derived("data.hflip_keeps_class", not several,
                             "several classes: a mirror keeps every box but may change the class (a mirrored 2 "
-                            "is no digit), so mirrored windows teach boxes, not classes" if several else
+                            f"is no digit), so mirrored windows teach {teach}" if several else
                             "one class: a mirrored object is still an object of it"))
     return rows + [
         Derived("data.rotate90", o.top_down, "--top-down: quarter turns too, any direction can be up"

@@ -23,7 +23,7 @@ from ..backbones.resnet import ResNet, load_torchvision_resnet, make_norm
 from ..boxes import BoxCoder, clip_boxes
 from ..config import ConfigError, ModelConfig
 from ..losses import box_regression_loss, focal_loss_sum, foreground_normalizer
-from ..matching import Matcher, PaddedTargets, pad_targets
+from ..matching import Matcher, PaddedTargets, class_unknown, pad_targets
 from ..necks.fpn import FPN, BackboneWithFPN
 from .base import AnchorSpec, Candidates, DenseDetector
 from .preprocess import ImagePreprocessor
@@ -264,11 +264,6 @@ class RetinaNet(DenseDetector):
             all_labels.append(top_idxs - anchor_idxs * k)
         scores = torch.cat(all_scores, 1)
         return Candidates(torch.cat(all_boxes, 1), scores, torch.cat(all_labels, 1), scores > self.score_thresh)
-
-
-def class_unknown(targets: list[dict], device: torch.device) -> Tensor:
-    """``[B]`` bool: the images whose target says its classes are unknown (``class_unknown``)."""
-    return torch.tensor([bool(t.get("class_unknown", False)) for t in targets], dtype=torch.bool, device=device)
 
 
 def best_above(scores: Tensor, thresh: float, k: int) -> tuple[Tensor, Tensor]:
