@@ -1,6 +1,6 @@
 """COCO AP of a tree-crown checkpoint at each site of deepforest's photos (issue 21's check).
 
-    python benchmarks/tree_sites.py --weights runs/own_trees/model_final.pt [--tta none turns] [--turned]
+    python benchmarks/tree_sites.py --weights runs/own_trees/model_final.pt [--tta none turns] [--turned] [--box-vote on off]
 
 deepforest==2.1.0 ships four annotated photos. The tree runs of docs/own-data.md train on the two
 2019_YELL photos (Yellowstone) and report OSBS_029 (Florida, 61 crowns). SOAP_061 (California,
@@ -14,7 +14,8 @@ Every photo is cut into the tiles the checkpoint was trained on (its ``data.tile
 checkpoint trained on whole images), fp32. Prints
 one markdown row per site and test-time setting (``none``, or a ``densedet predict --tta`` preset);
 ``--turned`` adds a row per quarter turn of the photo (and of its boxes), single scale: how much
-the model depends on the orientation it was trained in.
+the model depends on the orientation it was trained in. ``--box-vote`` scores the checkpoint with
+box voting on and/or off (``model.box_vote``; default: as the checkpoint says).
 """
 
 from __future__ import annotations
@@ -76,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", required=True, help="a densedet checkpoint trained on tree crowns")
     parser.add_argument("--tta", nargs="+", default=["none"], help="none and/or densedet predict --tta presets")
     parser.add_argument("--turned", action="store_true", help="also score each photo turned by 90, 180, 270 degrees")
+    parser.add_argument("--box-vote", nargs="+", choices=("on", "off"), default=None,
+                        help="score with box voting on and/or off (default: the checkpoint's model.box_vote)")
     args = parser.parse_args(argv)
     predictor = Predictor(args.weights, precision="fp32")          # tiles as trained
     if not predictor.tile_size:
         predictor.tile_size, predictor.tile_overlap = TILE, OVERLAP
     print(f"tiles of {predictor.tile_size} px, overlapping by {predictor.tile_overlap}", file=sys.stderr)
-    print("| site | crowns | TTA | AP | AP50 | AR (100, or 1.5x the crowns) |\n|---|---|---|---|---|---|")
+    votes = [v == "on" for v in args.box_vote] if args.box_vote else [bool(predictor.model.box_vote)]
+    print("| site | crowns | TTA | box voting | AP | AP50 | AR (100, or 1.5x the crowns) |\n|---|---|---|---|---|---|---|")
     for site, spec in SITES.items():
         data = one_class(spec)
         crowns = sum(len(r.boxes) for r in data.records)
@@ -89,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += [(f"{site}, turned {90 * turns} degrees", "none", turns) for turns in ((1, 2, 3) if args.turned else ())]
         for label, name, turns in rows:
             predictor.tta = tta_preset(name, predictor.model)
-            ap, ap50, ar = score(predictor, data, turns)
-            print(f"| {label} | {crowns} | {name} | {ap:.3f} | {ap50:.3f} | {ar:.3f} |")
+            for vote in votes:
+                predictor.model.box_vote = vote
+                ap, ap50, ar = score(predictor, data, turns)
+                print(f"| {label} | {crowns} | {name} | {'on' if vote else 'off'} | {ap:.3f} | {ap50:.3f} | {ar:.3f} |")
     return 0
 
 

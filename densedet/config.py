@@ -103,6 +103,8 @@ class ModelConfig:
     topk_candidates: int = 1000
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    box_vote: bool = False                  # each kept detection takes the score-weighted mean box of the
+                                            # candidates overlapping it at IoU >= nms_thresh (box voting)
     # input (RefineDet warps to refinedet.image_size and uses only the mean and std)
     min_size: int | list[int] = 800
     max_size: int = 1333
@@ -203,7 +205,7 @@ class DataConfig:
     strict: bool = False                    # turn every skipped/repaired record into an error
     hflip_prob: float = 0.5
     hflip_keeps_class: bool = True          # False: a mirrored window teaches its objects' boxes, not their classes
-                                            # (RefineDet: "an object"), for data whose mirror may be another class
+                                            # (RetinaNet), for data whose mirror image may be another class
     rotate90: bool = False                  # random quarter turns (images seen from above: aerial, microscopy)
     photometric: bool = False               # basic augment: SSD's random brightness, contrast, saturation and hue
     shrink_at_load: bool = False            # training images the model would shrink are shrunk once, when loaded
@@ -507,8 +509,8 @@ def _data_checks(cfg: Config) -> list[Check]:
          "data.val_fraction", f"val_fraction and tune_fraction must be shares in [0, 1) leaving images to train on, "
          f"got {d.val_fraction} and {d.tune_fraction}"),
         (d.holdout in ("image", "region"), "data.holdout", f"must be image or region, got {d.holdout!r}"),
-        (d.hflip_keeps_class or d.augment != "ssd", "data.hflip_keeps_class",
-         "false needs data.augment basic: SSD's pipeline mirrors by itself and keeps the classes, as in Caffe"),
+        (d.hflip_keeps_class or cfg.model.arch == "retinanet", "data.hflip_keeps_class",
+         "false applies to RetinaNet's loss only (RefineDet's mirrored windows keep their classes, as in Caffe)"),
         (d.holdout_gap >= 0 and d.holdout_piece >= 0, "data.holdout_gap",
          f"holdout_gap and holdout_piece must be >= 0, got {d.holdout_gap} and {d.holdout_piece}"),
         (d.tile_scale_as is None or (len(d.tile_scale_as) == 2 and min(d.tile_scale_as) > 0), "data.tile_scale_as",

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .backbones.resnet import FrozenBatchNorm2d
 from .boxes import batched_nms
-from .models.base import DenseDetector, best_per_image
+from .models.base import DenseDetector, best_per_image, vote_boxes
 
 __all__ = ["export_onnx", "OnnxDetector", "onnx_nms", "default_export_size", "optimize_for_inference",
            "fuse_conv_bn", "sidecar_path", "SIDECAR_FORMAT"]
@@ -118,7 +118,8 @@ class OnnxDetector(nn.Module):
     labels [B, D], num_detections [B])`` — see the module docstring. The model's own
     :meth:`~densedet.models.base.DenseDetector.decode` runs inside the graph; the selection is
     :func:`~densedet.models.base.select_detections` in fixed shapes (ONNX ``NonMaxSuppression``
-    per class, then the same :func:`~densedet.models.base.best_per_image`).
+    per class, then the same :func:`~densedet.models.base.best_per_image`, and the model's box voting
+    when it has it, :func:`~densedet.models.base.vote_boxes`).
     """
 
     def __init__(self, model: DenseDetector, image_size: Sequence[int]) -> None:
@@ -146,8 +147,11 @@ class OnnxDetector(nn.Module):
         planes = torch.where(in_plane, scores.unsqueeze(1), torch.full_like(scores, -1.0).unsqueeze(1))
         selected = onnx_nms(boxes, planes, m.detections_per_img, m.nms_thresh, m.score_thresh)
         top_scores, top_idx, valid = best_per_image(selected[:, 0], selected[:, 2], scores, m.detections_per_img)
-        top_boxes = _clip(torch.gather(boxes, 1, top_idx.unsqueeze(-1).expand(-1, -1, 4)), image_sizes)
-        return _padded(top_boxes, top_scores, torch.gather(labels, 1, top_idx), valid)
+        top_boxes = torch.gather(boxes, 1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
+        top_labels = torch.gather(labels, 1, top_idx)
+        if m.box_vote:
+            top_boxes = vote_boxes(top_boxes, top_labels, candidates, m.nms_thresh)
+        return _padded(_clip(top_boxes, image_sizes), top_scores, top_labels, valid)
 
 
 def _clip(boxes: Tensor, image_sizes: Tensor) -> Tensor:

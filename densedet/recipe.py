@@ -78,7 +78,7 @@ from .models import PRESETS
 __all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "recipe_config", "format_table", "parse_model_name",
            "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "object_scale", "classes", "load_shrink",
            "tiling", "refinedet_tiles", "training_windows",
-           "batch_size_for", "holdout", "region_holdout", "optimisation", "augmentation", "detections_per_image"]
+           "batch_size_for", "holdout", "region_holdout", "optimisation", "augmentation", "detection_selection"]
 
 MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
 MAX_UPSCALE = 2.0
@@ -604,13 +604,13 @@ def augmentation(o: RecipeOptions, num_classes: int, arch: str) -> list[Derived]
     crowns at another site: AP50 0.10 -> 0.26; digit scenes unchanged)."""
     rows = [Derived("data.hflip_prob", 0.5 if o.flip else 0.0,
                     "horizontal flips (off with --no-flip)" if o.flip else "--no-flip")]
-    if o.flip:
+    # RefineDet keeps Caffe's mirror: teaching its ODM no class on mirrored objects, or only "an
+    # object" (-log(1 - p_background)), each cost it 0.05 AP on the digits (own-data-measurements.md).
+    if o.flip and arch == "retinanet":
         several = num_classes > 1
-        teach = ("boxes, not classes" if arch == "retinanet" else
-                 "boxes and 'an object', not which (the ODM's -log(1 - p_background))")
         rows.append(Derived("data.hflip_keeps_class", not several,
                             "several classes: a mirror keeps every box but may change the class (a mirrored 2 "
-                            f"is no digit), so mirrored windows teach {teach}" if several else
+                            "is no digit), so mirrored windows teach boxes, not classes" if several else
                             "one class: a mirrored object is still an object of it"))
     return rows + [
         Derived("data.rotate90", o.top_down, "--top-down: quarter turns too, any direction can be up"
@@ -619,12 +619,15 @@ def augmentation(o: RecipeOptions, num_classes: int, arch: str) -> list[Derived]
                 "light and colour differ between photos, sites and cameras")]
 
 
-def detections_per_image(s: DataSummary) -> list[Derived]:
+def detection_selection(s: DataSummary) -> list[Derived]:
+    """How many detections an image keeps, and how their boxes are chosen."""
     most = int(s.eval_boxes.max()) if s.eval_boxes.size else 0
     dets = max(100, int(math.ceil(1.5 * most)))
     return [Derived("model.detections_per_img", dets, f"1.5x the most boxes in an evaluation image ({most}), "
                     f"at least COCO's 100"),
-            Derived("test.max_dets", [1, 10, dets], "AP counts up to that many detections")]
+            Derived("test.max_dets", [1, 10, dets], "AP counts up to that many detections"),
+            Derived("model.box_vote", True, "each detection NMS keeps takes the score-weighted mean box of the "
+                    "candidates it suppressed (box voting): a better box from the same scores")]
 
 
 # -- the whole recipe -----------------------------------------------------------------------------
@@ -723,7 +726,7 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
             rows.append(Derived("model.refinedet.tcb_channels", 128 if short else 256,
                                 f"budget {o.minutes:g} min: " + ("a lighter TCB" if short else "the paper's width")))
     rows += optimisation(o, arch, backbone, k, batch)
-    rows += augmentation(o, k, arch) + detections_per_image(s)
+    rows += augmentation(o, k, arch) + detection_selection(s)
     return rows
 
 

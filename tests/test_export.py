@@ -158,6 +158,22 @@ def test_exported_wrapper_in_pytorch_equals_model_postprocess(retinanet_export):
         assert torch.equal(labels[i, :n], ref["labels"])
 
 
+def test_box_voting_is_in_the_exported_graph(retinanet_export, tmp_path):
+    model, images, _, _ = retinanet_export
+    _, _, plain = _torch_reference(model, images)
+    model.box_vote = True
+    try:
+        batch, sizes, refs = _torch_reference(model, images)
+        path = export_onnx(model, tmp_path / "voted.onnx", image_size=SIZE, batch_size=1)
+    finally:
+        model.box_vote = False
+    moved = sum(int(((r["boxes"] - p["boxes"]).abs().amax(-1) > 10 * BOX_TOL).sum()) for r, p in zip(refs, plain))
+    assert moved > 10, "box voting should move the boxes of overlapping detections (by more than the tolerance)"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": batch.numpy(), "image_sizes": np.asarray(sizes, np.float32)})
+    _assert_same_detections(refs, *out)
+
+
 def test_sidecar_records_what_the_runner_needs(retinanet_export):
     _, _, _, path = retinanet_export
     meta = json.loads(sidecar_path(path).read_text())

@@ -352,60 +352,6 @@ def test_odm_filter_drops_easy_negatives_never_positives():
     assert set(range(100, 110)) <= set(used) and len(used) == 4 * len(positives)
 
 
-def test_an_image_whose_classes_are_unknown_teaches_the_odm_an_object_not_which():
-    # Image 1 is marked class_unknown (a mirrored window, data.hflip_keeps_class false). Its ODM
-    # positives take -log(1 - p_background) instead of -log p_class; the mined negatives, the
-    # normaliser, the box loss and the class-agnostic ARM are those of the unmarked batch.
-    model = tiny_refinedet(num_classes=3, image_size=64, objectness_threshold=0.0)
-    anchors = model.anchors_for_size((64, 64))
-    num = anchors.shape[0]
-    gen = torch.Generator().manual_seed(3)
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2])},
-               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0], [0.0, 0.0, 16.0, 16.0]]),
-                "labels": torch.tensor([0, 1])}]
-
-    def run(batch):
-        outputs = {"arm_deltas": torch.randn(2, num, 4, generator=gen) * 0.1,
-                   "arm_logits": torch.randn(2, num, 2, generator=gen),
-                   "odm_deltas": torch.randn(2, num, 4, generator=gen) * 0.1,
-                   "odm_logits": torch.randn(2, num, 4, generator=gen).requires_grad_(True)}
-        losses = model.losses(outputs, [anchors], batch)
-        losses["odm_cls"].backward()
-        used = outputs["odm_logits"].grad.abs().sum(-1) > 0
-        return losses, outputs["odm_logits"].detach(), used
-
-    gen.manual_seed(3)
-    plain, logits, used = run(targets)
-    gen.manual_seed(3)
-    marked, _, marked_used = run([targets[0], {**targets[1], "class_unknown": True}])
-    assert torch.equal(used, marked_used)                                   # the same anchors, mined alike
-    for key in ("arm_cls", "arm_box", "odm_box"):
-        assert marked[key].item() == plain[key].item()
-    log_p = F.log_softmax(logits, -1)
-    # brute force over the used anchors: positives are those whose plain CE is not against background
-    total_plain, total_marked, positives = 0.0, 0.0, [0, 0]
-    gen.manual_seed(3)
-    arm_deltas = torch.randn(2, num, 4, generator=gen) * 0.1
-    refined = model.box_coder.decode(arm_deltas, anchors)
-    for i in range(2):
-        matched = match_anchors(refined[i:i + 1], targets[i]["boxes"][None],
-                                torch.ones(1, len(targets[i]["boxes"]), dtype=torch.bool))[0]
-        for j in used[i].nonzero().flatten().tolist():
-            m = int(matched[j])
-            if m < 0:
-                total_plain += -log_p[i, j, 0].item()
-                total_marked += -log_p[i, j, 0].item()
-                continue
-            positives[i] += 1
-            ce = -log_p[i, j, 1 + int(targets[i]["labels"][m])].item()
-            total_plain += ce
-            total_marked += ce if i == 0 else -torch.logsumexp(log_p[i, j, 1:], 0).item()
-    assert positives[0] > 0 and positives[1] > 0
-    assert plain["odm_cls"].item() == pytest.approx(total_plain / sum(positives), rel=1e-5)
-    assert marked["odm_cls"].item() == pytest.approx(total_marked / sum(positives), rel=1e-5)
-    assert marked["odm_cls"].item() < plain["odm_cls"].item()              # "some object" is easier than "a 1"
-
-
 def test_zero_positive_batch_gives_finite_zero_loss():
     model = tiny_refinedet(image_size=64).train()
     images = [torch.rand(3, 64, 64), torch.rand(3, 80, 50)]
@@ -472,6 +418,30 @@ def test_select_detections_thresholds_nms_and_cap():
     model.detections_per_img = 10
     dets = select()
     torch.testing.assert_close(dets[1]["boxes"][3], torch.tensor([40.0, 32, 64, 32]))
+
+
+def test_box_voting_moves_each_kept_box_to_the_score_weighted_mean_of_its_overlaps():
+    model = tiny_refinedet(num_classes=2, image_size=64, detections_per_img=10, nms_thresh=0.45)
+    # class 0: boxes 0 and 1 overlap at IoU 0.6 (1 is suppressed), box 2 overlaps box 0 at 0.45
+    # exactly (suppressed: 0.45 is not above the threshold; it votes: 0.45 reaches it); box 3 is
+    # far away; class 1: box 4 sits on box 0 but votes only in its own class
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 6], [0, 0, 10, 14.5], [40, 40, 50, 50], [0, 0, 10, 10]]])
+    scores = torch.tensor([[[0.8, 0.0], [0.4, 0.0], [0.2, 0.0], [0.5, 0.0], [0.0, 0.9]]])
+    sizes = torch.tensor([(64.0, 64.0)])
+    candidates = model.candidates_per_class(boxes, scores)
+    plain = select_detections(candidates, sizes, model.nms_thresh, model.detections_per_img)[0]
+    voted = select_detections(candidates, sizes, model.nms_thresh, model.detections_per_img, box_vote=True)[0]
+    assert plain["scores"].tolist() == pytest.approx([0.9, 0.8, 0.5])
+    assert torch.equal(voted["scores"], plain["scores"]) and torch.equal(voted["labels"], plain["labels"])
+    y2 = (0.8 * 10 + 0.4 * 6 + 0.2 * 14.5) / 1.4
+    torch.testing.assert_close(voted["boxes"], torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, y2], [40, 40, 50, 50]]))
+    model.box_vote = True                                       # the model's own flag does the same
+    with torch.no_grad():
+        outputs, anchors = model.dense_forward(torch.rand(1, 3, 64, 64))
+    model.score_thresh = 0.0
+    reference = select_detections(model.decode(outputs, anchors, sizes), sizes, model.nms_thresh,
+                                  model.detections_per_img, box_vote=True)[0]
+    torch.testing.assert_close(model.postprocess(outputs, anchors, [(64, 64)])[0]["boxes"], reference["boxes"])
 
 
 def test_eval_returns_original_pixels_and_foreground_labels():

@@ -40,7 +40,7 @@ class RandomHorizontalFlip:
     A mirror keeps every box exactly, but not always the class: a mirrored 2 is no digit, a
     mirrored "b" is a "d". With ``keeps_class=False`` a mirrored image's target says so
     (``target["class_unknown"] = True``): RetinaNet's loss then teaches its boxes and nothing about
-    its classes, RefineDet's its boxes and that they are objects.
+    its classes.
     """
 
     def __init__(self, p: float = 0.5, keeps_class: bool = True):

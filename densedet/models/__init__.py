@@ -76,7 +76,9 @@ def build_from_config(cfg: ModelConfig) -> DenseDetector:
     """Build the model a :class:`ModelConfig` describes."""
     if cfg.arch not in BUILDERS:
         raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r} ({', '.join(BUILDERS)})")
-    return BUILDERS[cfg.arch](cfg)
+    model = BUILDERS[cfg.arch](cfg)
+    model.box_vote = cfg.box_vote
+    return model
 
 
 def build_model(name: str, num_classes: int | None = None, weights: str | None = None,

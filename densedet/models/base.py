@@ -22,11 +22,12 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..boxes import batched_nms, clip_boxes
+from ..boxes import batched_nms, box_iou, clip_boxes
 from ..matching import PaddedTargets
 from .preprocess import ImagePreprocessor
 
-__all__ = ["DenseDetector", "Candidates", "AnchorSpec", "select_detections", "best_per_image", "check_targets"]
+__all__ = ["DenseDetector", "Candidates", "AnchorSpec", "select_detections", "best_per_image", "vote_boxes",
+           "check_targets"]
 
 
 class Candidates(NamedTuple):
@@ -102,14 +103,35 @@ def best_per_image(image_idx: Tensor, candidate_idx: Tensor, scores: Tensor, lim
     return top_scores, top_idx, top_scores >= 0
 
 
+def vote_boxes(kept: Tensor, kept_labels: Tensor, candidates: Candidates, iou_threshold: float) -> Tensor:
+    """Box voting (Gidaris & Komodakis 2015): each kept detection's box becomes the score-weighted
+    mean of the candidates of its image and class that overlap it at IoU ``>= iou_threshold``
+    (itself among them). Its score and label stay; NMS chose which detections are kept.
+
+    Args:
+        kept: ``[B, D, 4]`` the detections NMS kept; kept_labels ``[B, D]``.
+        candidates: the :class:`Candidates` NMS chose from (``[B, N]`` each).
+
+    Returns:
+        ``[B, D, 4]``; a box no candidate votes for (a padded slot) stays as it is.
+    """
+    boxes, scores, labels, keep = candidates
+    votes = (box_iou(kept, boxes) >= iou_threshold) & (kept_labels.unsqueeze(-1) == labels.unsqueeze(1))
+    weights = torch.where(votes & keep.unsqueeze(1), scores.float().unsqueeze(1), torch.zeros((), device=scores.device))
+    total = weights.sum(-1, keepdim=True)
+    mean = torch.bmm(weights, boxes.float()) / total.clamp(min=1e-12)
+    return torch.where(total > 0, mean, kept.float()).to(kept.dtype)
+
+
 def select_detections(candidates: Candidates, image_sizes: Tensor, nms_thresh: float,
-                      detections_per_img: int) -> list[dict[str, Tensor]]:
+                      detections_per_img: int, box_vote: bool = False) -> list[dict[str, Tensor]]:
     """Class-wise NMS within each image, the ``detections_per_img`` best per image, clipped.
 
     One NMS call covers the whole batch: the group id (image, label) keeps images and classes
     apart. Boxes are clipped to ``image_sizes [B, 2]`` (h, w) after NMS, as Caffe's
     ``DetectionOutput`` does; a family that clips before NMS (torchvision's RetinaNet) does it in
-    its :meth:`~DenseDetector.decode`, and clipping twice changes nothing.
+    its :meth:`~DenseDetector.decode`, and clipping twice changes nothing. ``box_vote``: each kept
+    box is replaced by its :func:`vote_boxes` mean before clipping.
 
     Returns per image ``{"boxes": [D, 4], "scores": [D], "labels": [D]}`` by decreasing score.
     """
@@ -120,8 +142,11 @@ def select_detections(candidates: Candidates, image_sizes: Tensor, nms_thresh: f
     survivors = batched_nms(boxes[image_idx, candidate_idx], scores[image_idx, candidate_idx], group, nms_thresh)
     top_scores, top_idx, valid = best_per_image(image_idx[survivors], candidate_idx[survivors], scores,
                                                 detections_per_img)
-    top_boxes = clip_boxes(boxes.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, 4)), image_sizes.unsqueeze(1))
+    top_boxes = boxes.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
     top_labels = labels.gather(1, top_idx)
+    if box_vote:
+        top_boxes = vote_boxes(top_boxes, top_labels, candidates, nms_thresh)
+    top_boxes = clip_boxes(top_boxes, image_sizes.unsqueeze(1))
     counts = valid.sum(1).tolist()
     return [{"boxes": b[:n], "scores": s[:n], "labels": c[:n]}
             for b, s, c, n in zip(top_boxes, top_scores, top_labels, counts)]
@@ -141,6 +166,8 @@ class DenseDetector(nn.Module):
         preprocessor: normalise, resize and pad (:class:`ImagePreprocessor`).
         score_thresh, topk_candidates, nms_thresh, detections_per_img: inference settings
             (the family's :meth:`decode` applies the first two, :func:`select_detections` the others).
+        box_vote: each detection NMS keeps takes the score-weighted mean box of the candidates it
+            suppressed and itself (:func:`vote_boxes`); off in both papers.
     """
 
     arch: str = ""
@@ -149,7 +176,7 @@ class DenseDetector(nn.Module):
     inference_channels_last: bool = True
 
     def __init__(self, num_classes: int, preprocessor: ImagePreprocessor, *, score_thresh: float,
-                 topk_candidates: int, nms_thresh: float, detections_per_img: int) -> None:
+                 topk_candidates: int, nms_thresh: float, detections_per_img: int, box_vote: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes counts foreground classes and must be >= 1, got {num_classes}")
@@ -157,6 +184,7 @@ class DenseDetector(nn.Module):
         self.preprocessor = preprocessor
         self.score_thresh, self.topk_candidates = score_thresh, topk_candidates
         self.nms_thresh, self.detections_per_img = nms_thresh, detections_per_img
+        self.box_vote = box_vote
 
     # -- what a family implements ------------------------------------------------------------
     def features(self, batch: Tensor) -> list[Tensor]:
@@ -237,7 +265,7 @@ class DenseDetector(nn.Module):
         """:meth:`decode` then :func:`select_detections`; boxes in resized-image pixels."""
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=anchors[0].device).view(-1, 2)
         return select_detections(self.decode(outputs, anchors, sizes), sizes, self.nms_thresh,
-                                 self.detections_per_img)
+                                 self.detections_per_img, self.box_vote)
 
     def freeze_trunk(self, stages: int) -> None:
         """Freeze the trunk's first ``stages`` stages (stem = 1), as ``model.frozen_stages`` does."""

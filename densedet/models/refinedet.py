@@ -43,7 +43,7 @@ from ..backbones.resnet import Bottleneck, ResNet, load_torchvision_resnet, make
 from ..backbones.vgg import VGG16, load_torchvision_vgg16
 from ..boxes import BoxCoder
 from ..config import ConfigError
-from ..matching import PaddedTargets, class_unknown, match_anchors, pad_targets
+from ..matching import PaddedTargets, match_anchors, pad_targets
 from .base import AnchorSpec, Candidates, DenseDetector
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor
 from .retinanet import resolve_norm
@@ -287,8 +287,7 @@ def hard_negative_mining(background_loss: Tensor, positive: Tensor, negative_poo
 
 
 def multibox_loss(pred_deltas: Tensor, pred_logits: Tensor, target_labels: Tensor, target_deltas: Tensor,
-                  negative_pool: Tensor, neg_pos_ratio: float = 3.0,
-                  class_unknown: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  negative_pool: Tensor, neg_pos_ratio: float = 3.0) -> tuple[Tensor, Tensor]:
     """SSD MultiBox loss of one RefineDet module (Caffe ``MultiBoxLoss``, ``normalization: VALID``).
 
     ``cls = sum_{pos ∪ mined neg} CE`` and ``box = sum_pos smooth_L1_{beta=1}(pred - target)``, each
@@ -297,17 +296,12 @@ def multibox_loss(pred_deltas: Tensor, pred_logits: Tensor, target_labels: Tenso
     in this process only: Caffe normalises per GPU and averages the GPUs' gradients, which is what
     DistributedDataParallel does with this loss.
 
-    Not in Caffe: a positive in ``class_unknown`` is known to be an object but not of which class
-    (a mirror that may change it: ``data.hflip_keeps_class``). Its CE is the partial label's,
-    ``-log(1 - p_background)``: the softmax's mass on all foreground classes together.
-
     Args:
         pred_deltas: ``[B, A, 4]``.
         pred_logits: ``[B, A, C]``, index 0 = background.
         target_labels: ``[B, A]`` long, 0 = negative, ``c >= 1`` = positive of class c.
         target_deltas: ``[P, 4]`` encoded targets of the positives, in ``target_labels > 0`` order.
         negative_pool: ``[B, A]`` bool, negatives allowed to be mined.
-        class_unknown: ``[B, A]`` bool or None, the positives whose class is unknown.
 
     Returns:
         ``(cls_loss, box_loss)`` scalars.
@@ -317,8 +311,6 @@ def multibox_loss(pred_deltas: Tensor, pred_logits: Tensor, target_labels: Tenso
     negative = hard_negative_mining(-log_probs[..., 0], positive, negative_pool & ~positive, neg_pos_ratio)
     selected = positive | negative
     ce = -log_probs.gather(-1, target_labels.unsqueeze(-1)).squeeze(-1)
-    if class_unknown is not None:
-        ce = torch.where(class_unknown & positive, -torch.logsumexp(log_probs[..., 1:], dim=-1), ce)
     normalizer = positive.sum().clamp(min=1).float()
     cls_loss = ce[selected].sum() / normalizer
     box_loss = F.smooth_l1_loss(pred_deltas[positive].float(), target_deltas.float(), beta=1.0,
@@ -446,8 +438,7 @@ class RefineDet(DenseDetector):
             outputs: :meth:`head_outputs` of the batch.
             anchors: per level ``[A_l, 4]``.
             targets: per image ``{"boxes": [N_i, 4], "labels": [N_i]}`` in batch pixels; crowd
-                boxes (``iscrowd``) are never matched. An image marked ``class_unknown`` teaches the
-                ODM "an object" on its positives (:func:`multibox_loss`).
+                boxes (``iscrowd``) are never matched.
         """
         anchors = torch.cat(anchors)
         gt = pad_targets(targets, anchors.device)
@@ -476,11 +467,8 @@ class RefineDet(DenseDetector):
         # negatives cannot be mined as ODM negatives; ODM positives always count.
         arm_object = F.softmax(arm_logits.detach().float(), dim=-1)[..., 1]
         odm_pool = ~odm_positive & (arm_object >= self.objectness_threshold)
-        # A mirrored image whose classes are unknown (data.hflip_keeps_class false) still shows
-        # objects: the ARM, class-agnostic, learns them as usual; the ODM learns "an object" there.
-        unknown = odm_positive & class_unknown(targets, anchors.device).unsqueeze(1)
         odm_cls, odm_box = multibox_loss(outputs["odm_deltas"], outputs["odm_logits"], odm_labels, odm_targets,
-                                         odm_pool, self.neg_pos_ratio, unknown)
+                                         odm_pool, self.neg_pos_ratio)
         return {"arm_cls": arm_cls, "arm_box": arm_box, "odm_cls": odm_cls, "odm_box": odm_box}
 
     # -- inference --------------------------------------------------------------------------------
