@@ -627,7 +627,7 @@ def detection_selection(s: DataSummary) -> list[Derived]:
                     f"at least COCO's 100"),
             Derived("test.max_dets", [1, 10, dets], "AP counts up to that many detections"),
             Derived("model.box_vote", True, "each detection NMS keeps takes the score-weighted mean box of the "
-                    "candidates it suppressed (box voting): a better box from the same scores")]
+                    "candidates overlapping it (box voting): better boxes, the same detections and scores")]
 
 
 # -- the whole recipe -----------------------------------------------------------------------------

@@ -166,14 +166,16 @@ class DenseDetector(nn.Module):
         preprocessor: normalise, resize and pad (:class:`ImagePreprocessor`).
         score_thresh, topk_candidates, nms_thresh, detections_per_img: inference settings
             (the family's :meth:`decode` applies the first two, :func:`select_detections` the others).
-        box_vote: each detection NMS keeps takes the score-weighted mean box of the candidates it
-            suppressed and itself (:func:`vote_boxes`); off in both papers.
+        box_vote: each detection NMS keeps takes the score-weighted mean box of the candidates of
+            its class overlapping it at IoU >= ``nms_thresh``, itself among them (:func:`vote_boxes`);
+            off in both papers.
     """
 
     arch: str = ""
     #: Detection on a CPU with gradients off runs the network in channels_last, the layout oneDNN's
     #: convolutions are fastest in (``benchmarks/vs_torchvision.py``); the weights may stay NCHW.
     inference_channels_last: bool = True
+    box_vote: bool = False
 
     def __init__(self, num_classes: int, preprocessor: ImagePreprocessor, *, score_thresh: float,
                  topk_candidates: int, nms_thresh: float, detections_per_img: int, box_vote: bool = False) -> None:
