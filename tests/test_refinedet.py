@@ -422,9 +422,8 @@ def test_select_detections_thresholds_nms_and_cap():
 
 def test_box_voting_moves_each_kept_box_to_the_score_weighted_mean_of_its_overlaps():
     model = tiny_refinedet(num_classes=2, image_size=64, detections_per_img=10, nms_thresh=0.45)
-    # class 0: boxes 0 and 1 overlap at IoU 0.6 (1 is suppressed), box 2 overlaps box 0 at 0.45
-    # exactly (suppressed: 0.45 is not above the threshold; it votes: 0.45 reaches it); box 3 is
-    # far away; class 1: box 4 sits on box 0 but votes only in its own class
+    # class 0: boxes 1 and 2 overlap box 0 at IoU 0.60 and 0.69 (both suppressed, both vote for
+    # it); box 3 is far away (kept, alone); class 1: box 4 sits on box 0 but votes only in its own class
     boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 6], [0, 0, 10, 14.5], [40, 40, 50, 50], [0, 0, 10, 10]]])
     scores = torch.tensor([[[0.8, 0.0], [0.4, 0.0], [0.2, 0.0], [0.5, 0.0], [0.0, 0.9]]])
     sizes = torch.tensor([(64.0, 64.0)])
