@@ -166,19 +166,19 @@ class DenseDetector(nn.Module):
         preprocessor: normalise, resize and pad (:class:`ImagePreprocessor`).
         score_thresh, topk_candidates, nms_thresh, detections_per_img: inference settings
             (the family's :meth:`decode` applies the first two, :func:`select_detections` the others).
-        box_vote: each detection NMS keeps takes the score-weighted mean box of the candidates of
-            its class overlapping it at IoU >= ``nms_thresh``, itself among them (:func:`vote_boxes`);
-            off in both papers.
     """
 
     arch: str = ""
     #: Detection on a CPU with gradients off runs the network in channels_last, the layout oneDNN's
     #: convolutions are fastest in (``benchmarks/vs_torchvision.py``); the weights may stay NCHW.
     inference_channels_last: bool = True
+    #: Each detection NMS keeps takes the score-weighted mean box of the candidates of its class
+    #: overlapping it at IoU >= ``nms_thresh``, itself among them (:func:`vote_boxes`). Off in both
+    #: papers; ``model.box_vote`` sets it (:func:`~densedet.models.build_from_config`).
     box_vote: bool = False
 
     def __init__(self, num_classes: int, preprocessor: ImagePreprocessor, *, score_thresh: float,
-                 topk_candidates: int, nms_thresh: float, detections_per_img: int, box_vote: bool = False) -> None:
+                 topk_candidates: int, nms_thresh: float, detections_per_img: int) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes counts foreground classes and must be >= 1, got {num_classes}")
@@ -186,7 +186,6 @@ class DenseDetector(nn.Module):
         self.preprocessor = preprocessor
         self.score_thresh, self.topk_candidates = score_thresh, topk_candidates
         self.nms_thresh, self.detections_per_img = nms_thresh, detections_per_img
-        self.box_vote = box_vote
 
     # -- what a family implements ------------------------------------------------------------
     def features(self, batch: Tensor) -> list[Tensor]:
