@@ -507,6 +507,9 @@ def test_tta_choice_keeps_single_scale_when_no_set_beats_it():
 def test_tta_choice_picks_the_best_set():
     candidates = candidate_sets(320, flip=False)
     assert all(not c.flip for c in candidates) and candidates[0].scales == (320, 384)
+    # the model's own scale is in every set as it is; only the others are rounded (240 px images: not to 256)
+    assert [c.scales for c in candidate_sets(240, flip=False)] == [(240, 288), (240, 256, 288, 320),
+                                                                   (192, 240, 288)]
     assert not any(c.rotate for c in candidates)
     # a model trained on quarter turns (--top-down) is also tried on them, with the mirrors it learnt too
     turns = [c for c in candidate_sets(320, flip=True, rotate=True) if c.rotate]

@@ -39,16 +39,17 @@ SCALE_SETS = ((1.0, 1.2), (1.0, 1.1, 1.2, 1.3, 1.4), (0.8, 1.0, 1.2))
 
 
 def candidate_sets(base: int, flip: bool, multiple: int = 32, rotate: bool = False) -> list[TTAConfig]:
-    """The sets tried: :data:`SCALE_SETS` around ``base`` (rounded to ``multiple``), merged by box voting;
-    the mirror alone when the model was trained with flips (``flip``), and the quarter turns (with
-    their mirrors) when it was trained with them (``rotate``)."""
+    """The sets tried: :data:`SCALE_SETS` around ``base``, merged by box voting (1.0 is ``base`` itself, the
+    model's own scale; the others are rounded to ``multiple``); the mirror alone when the model was trained
+    with flips (``flip``), and the quarter turns (with their mirrors) when it was trained with them (``rotate``)."""
     out = []
     if flip:
         out.append(TTAConfig(scales=(base,), flip=True, merge="vote"))
     if rotate:
         out.append(TTAConfig(scales=(base,), flip=flip, rotate=True, merge="vote"))
     for ratios in SCALE_SETS:
-        scales = tuple(dict.fromkeys(max(multiple, int(round(base * r / multiple)) * multiple) for r in ratios))
+        scales = tuple(dict.fromkeys(base if r == 1.0 else max(multiple, int(round(base * r / multiple)) * multiple)
+                                     for r in ratios))
         out.append(TTAConfig(scales=scales, flip=False, merge="vote"))
     return out
 
