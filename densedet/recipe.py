@@ -201,7 +201,8 @@ def holdout(s: DataSummary, has_val: bool) -> list[Derived]:
         n = max(1, round(HOLDOUT_SHARE * num_images))
         out.append(Derived("data.val_fraction", HOLDOUT_SHARE,
                            f"no --val: {n} of {num_images} training images (10%, by image, seeded) are held out "
-                           f"to validate"))
+                           f"to validate" + (", images with and without objects in proportion"
+                                             if s.images_without_boxes else "")))
     if num_images >= MIN_TUNE_IMAGES:
         n = max(1, round(HOLDOUT_SHARE * num_images))
         out += [Derived("data.tune_fraction", HOLDOUT_SHARE,

@@ -14,7 +14,7 @@ from densedet.config import Config, ConfigError, apply_overrides, validate
 from densedet.data import DetectionDataset, TiledDataset
 from densedet.data.formats import detect_format
 from densedet.data.records import DatasetError, DetectionData, ImageRecord
-from densedet.data.split import region_layout, split_by_image, split_by_region
+from densedet.data.split import SPLIT_SALT, region_layout, split_by_image, split_by_region
 from densedet.engine.data import shrink_to_input
 from densedet.engine.evaluate import eval_tiles
 from densedet.engine.pretrain import background_share, background_windows, pretrain_backbone
@@ -419,6 +419,26 @@ def test_splits_are_by_image_disjoint_and_seeded():
     c = split_by_image(data, 0.1, 0.1, seed=1)
     assert {r.image_id for r in c["val"].records} != ids["val"]
     assert "tune" not in split_by_image(data, 0.1, 0.0, seed=0)
+
+
+def test_splits_hold_out_images_with_and_without_objects_in_proportion():
+    # 40 frames, 4 with an object (a camera trap's set): a plain draw of 4 + 4 held out had left the
+    # validation split without any object (COCO AP -1)
+    boxes = [[[0, 0, 10, 10]] if i % 10 == 0 else [] for i in range(40)]
+    data = make_data(boxes)
+    for seed in range(5):
+        parts = split_by_image(data, 0.1, 0.1, seed=seed)
+        with_objects = {name: sum(len(r.boxes) > 0 for r in part.records) for name, part in parts.items()}
+        assert with_objects == {"val": 1, "tune": 1, "train": 2}
+        assert [len(part.records) for part in parts.values()] == [4, 4, 32]
+    # a set whose every image has objects splits as the seeded draw alone
+    full = make_data([[[0, 0, 10, 10]] for _ in range(50)])
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0 * SPLIT_SALT + 1)).tolist()
+    assert [r.image_id for r in split_by_image(full, 0.1, 0.1, seed=0)["val"].records] == \
+        [full.records[i].image_id for i in sorted(order[:5])]
+    # one image with objects stays in training
+    lone = split_by_image(make_data([[[0, 0, 10, 10]]] + [[] for _ in range(19)]), 0.1, 0.1, seed=0)
+    assert sum(len(r.boxes) for r in lone["train"].records) == 1
 
 
 def test_split_refuses_to_leave_nothing_to_train_on():

@@ -44,14 +44,43 @@ def split_by_image(data: DetectionData, val_fraction: float, tune_fraction: floa
                    ) -> dict[str, DetectionData]:
     """``{"train", "val", "tune"}``: disjoint subsets of ``data``'s images (:func:`holdout_counts` of
     them held out), each keeping the class list; a split with no image is absent. Records keep their
-    order within a split."""
+    order within a split.
+
+    Images with objects and images without are held out in proportion (:func:`_with_objects`), so a
+    set that is mostly empty frames still validates on some objects; the seeded order is the same
+    either way, so a set whose every image has objects splits as a plain draw would."""
     n = len(data.records)
     n_val, n_tune = holdout_counts(n, val_fraction, tune_fraction)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * SPLIT_SALT + 1)).tolist()
-    parts = {"val": sorted(order[:n_val]), "tune": sorted(order[n_val:n_val + n_tune]),
-             "train": sorted(order[n_val + n_tune:])}
-    return {name: _part(data, [data.records[i] for i in indices], f"{name}: {len(indices)} of {n} images, seed {seed}")
+    has_objects = [bool((~data.records[i].iscrowd).any()) for i in order]
+    objects = [i for i, has in zip(order, has_objects) if has]
+    empty = [i for i, has in zip(order, has_objects) if not has]
+    v_obj, t_obj = _with_objects(len(objects), len(empty), n_val, n_tune)
+    v_emp, t_emp = n_val - v_obj, n_tune - t_obj
+    parts = {"val": objects[:v_obj] + empty[:v_emp],
+             "tune": objects[v_obj:v_obj + t_obj] + empty[v_emp:v_emp + t_emp],
+             "train": objects[v_obj + t_obj:] + empty[v_emp + t_emp:]}
+    return {name: _part(data, [data.records[i] for i in sorted(indices)],
+                        f"{name}: {len(indices)} of {n} images, seed {seed}")
             for name, indices in parts.items() if indices}
+
+
+def _with_objects(objects: int, empty: int, n_val: int, n_tune: int) -> tuple[int, int]:
+    """How many of the ``n_val`` and ``n_tune`` held-out images are drawn from the ``objects`` images that
+    have some: their share of the set, rounded, and at least one per split, while one is left to train on;
+    the rest come from the ``empty`` ones, and where these run short, from the images with objects."""
+    n = objects + empty
+    v, t = (min(k, objects, max(1, round(k * objects / n))) if k and objects else 0 for k in (n_val, n_tune))
+    while v + t >= objects > 0 and v + t > 0:       # training keeps an image with objects
+        if t:
+            t -= 1
+        else:
+            v -= 1
+    short = (n_val - v) + (n_tune - t) - empty      # too few empty images for the rest: objects make it up
+    if short > 0:
+        more = min(short, n_tune - t)
+        t, v = t + more, v + short - more
+    return v, t
 
 
 def _part(data: DetectionData, records: list[ImageRecord], what: str) -> DetectionData:
