@@ -103,6 +103,18 @@ def test_a_csv_train_with_a_coco_val_reads_each_with_its_own_reader(tmp_path):
     assert val.class_names == ["a", "b"] and len(val.records) == len(doc["images"])
 
 
+def test_a_validation_file_without_objects_is_refused_before_training(tmp_path, capsys):
+    data = write_coco_set(tmp_path / "set")
+    doc = json.loads(open(data).read())
+    empty = tmp_path / "set" / "empty_val.json"
+    empty.write_text(json.dumps({**doc, "annotations": [dict(a, iscrowd=1) for a in doc["annotations"][:2]]}))
+    assert main(["train", "--data", data, "--val", str(empty), "--minutes", "0.1",
+                 "--output-dir", str(tmp_path / "run"), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "hold no objects" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("minutes", ["0", "-1"])
 def test_a_budget_of_no_minutes_is_refused_by_its_flag(tmp_path, capsys, minutes):
     data = write_coco_set(tmp_path / "set", n_images=4)

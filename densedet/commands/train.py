@@ -123,6 +123,11 @@ def _train_from_data(args: argparse.Namespace) -> int:
     if args.val:
         val_data, val_kind, val_paths, val_images = read_annotations(args.val, args.images)
         val_data = align_classes(val_data, train_data.class_names)     # matched by name, in the training order
+        if not any((~r.iscrowd).any() for r in val_data.records):
+            raise UsageError(f"{args.val}: the validation annotations hold no objects ({len(val_data.records)} "
+                             f"images, none with a box that is not a crowd region), so AP cannot be measured on "
+                             f"them; give a validation set with annotated objects, or leave --val out to hold "
+                             f"out 10% of --data's images")
     kind_of_weights = weights_kind(args.weights) if args.weights else None
     options = RecipeOptions(model=args.model or "retinanet_r18_fpn", minutes=10.0 if args.minutes is None else args.minutes,
                             weights=args.weights, weights_kind=kind_of_weights, flip=not args.no_flip,
