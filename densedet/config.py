@@ -110,6 +110,8 @@ class ModelConfig:
     max_size: int = 1333
     size_divisible: int = 128
     fixed_size: list[int] | None = None
+    scale_as: list[int] | None = None       # [h, w]: every image resized by the factor an h x w image gets
+                                            # (one scale for all); None: each image by its own size
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # each family's own
@@ -443,6 +445,8 @@ def _model_checks(m: ModelConfig) -> list[Check]:
         r = m.retinanet
         checks.append((0 <= r.bg_iou_thresh <= r.fg_iou_thresh <= 1, "model.retinanet.bg_iou_thresh",
                        f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {r.bg_iou_thresh}, {r.fg_iou_thresh}"))
+        checks.append((m.scale_as is None or (len(m.scale_as) == 2 and min(m.scale_as) > 0), "model.scale_as",
+                       f"must be [height, width], got {m.scale_as}"))
         checks.append((r.class_ce_weight >= 0, "model.retinanet.class_ce_weight",
                        f"must be >= 0, got {r.class_ce_weight}"))
         checks.append((r.loss_normalizer in ("batch", "per_image"), "model.retinanet.loss_normalizer",
@@ -458,7 +462,7 @@ def _model_checks(m: ModelConfig) -> list[Check]:
     # RefineDet warps every image to image_size: the resize settings of RetinaNet cannot apply
     default = ModelConfig()
     for key, allowed in (("min_size", (default.min_size, size)), ("max_size", (default.max_size, size)),
-                         ("fixed_size", (default.fixed_size, [size, size]))):
+                         ("fixed_size", (default.fixed_size, [size, size])), ("scale_as", (None,))):
         checks.append((getattr(m, key) in allowed, f"model.{key}",
                        f"RefineDet warps every image to model.refinedet.image_size ({size}); set that instead "
                        f"of {key} (got {getattr(m, key)})"))
@@ -530,6 +534,9 @@ def _data_checks(cfg: Config) -> list[Check]:
         checks.append((d.augment != "ssd" and d.tile_size == 0 and one_scale, "data.shrink_at_load",
                        "shrinks to the model's input size: needs no tiles (data.tile_size 0), no training scale "
                        "above model.min_size and not SSD's augmentation (its crops zoom into the full image)"))
+        checks.append((cfg.model.scale_as is None, "data.shrink_at_load",
+                       "with model.scale_as the model scales every image by one factor, a shrunk one too: "
+                       "it would be shrunk twice"))
     return checks
 
 

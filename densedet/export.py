@@ -195,6 +195,8 @@ def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, clas
         "resize": "warp" if fixed else "fit",
         "min_size": int(pre.min_size[-1]),
         "max_size": int(pre.max_size),
+        # [h, w]: every image is scaled as an h x w image would be (model.scale_as); null: by its own size
+        "scale_as": list(pre.scale_as) if pre.scale_as else None,
         "mean": [float(v) for v in pre.mean.flatten()],
         "std": [float(v) for v in pre.std.flatten()],
         "class_names": list(names),

@@ -108,10 +108,12 @@ class OnnxDetectorRunner:
         else:
             # fit: one scale for both sides in Python floats, floored, as ImagePreprocessor and
             # F.interpolate(recompute_scale_factor=True) do, so sizes agree to the pixel: the
-            # model's own (min_size / max_size) where its result fits the export size
+            # model's own (min_size / max_size, for a scale_as-sized image when the sidecar names one)
+            # where its result fits the export size
             scale = min(self.height / h, self.width / w)
             if "min_size" in self.meta:
-                own = min(self.meta["min_size"] / min(h, w), self.meta["max_size"] / max(h, w))
+                sh, sw = self.meta.get("scale_as") or (h, w)
+                own = min(self.meta["min_size"] / min(sh, sw), self.meta["max_size"] / max(sh, sw))
                 if np.floor(h * own) <= self.height and np.floor(w * own) <= self.width:
                     scale = own
             nh, nw = min(self.height, int(np.floor(h * scale))), min(self.width, int(np.floor(w * scale)))

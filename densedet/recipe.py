@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -76,8 +76,7 @@ from .errors import UsageError
 from .models import PRESETS
 
 __all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "recipe_config", "format_table", "parse_model_name",
-           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "object_scale", "classes", "load_shrink",
-           "tiling", "refinedet_tiles", "training_windows",
+           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "size_view", "object_scale", "classes", "load_shrink", "tiling", "refinedet_tiles", "training_windows",
            "batch_size_for", "holdout", "region_holdout", "optimisation", "augmentation", "detection_selection"]
 
 MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
@@ -275,31 +274,75 @@ def object_scale(p2: float, short: float) -> float:
     return min(1.0, max(SHRINK_OBJECT_PX / p2, SHRINK_IMAGE_PX / short))
 
 
-def input_scale(s: DataSummary) -> tuple[float, int, int, list[Derived]]:
-    """``(scale, min_size, max_size, derived)`` for a resizing model (RetinaNet); ``scale`` multiplies the
-    evaluation images' sizes (> 1: small objects upscaled, < 1: large objects shrunk)."""
-    sizes = s.box_sizes
-    p2 = float(np.percentile(sizes, 2)) if sizes.size else MIN_OBJECT_PX
+def size_view(s: DataSummary, short: float) -> tuple[str, str]:
+    """How the objects' sizes in pixels relate to their images' sizes, and why: ``same`` when the training
+    images have one shorter side (nothing to tell); ``follow`` when the objects' sizes follow their
+    images' (photos of one kind of scene taken at several resolutions: each image is best resized to the
+    common shorter side ``short``); ``own`` when they do not (crops of one survey, fields of one microscope,
+    pages scanned at one DPI: every image is best kept at one scale). Decided by the view in which the
+    training boxes' sizes vary less, from their 10th to their 90th percentile: as they are, or with each
+    image resized to ``short``."""
+    image_short = s.image_hw.min(axis=1)
+    if s.box_sizes.size == 0 or np.allclose(image_short, image_short[0]):
+        return "same", ""
+    as_they_are = np.log(s.box_sizes)
+    resized = as_they_are + np.log(short / image_short[s.box_image])
+
+    def spread(x: np.ndarray) -> float:
+        lo, hi = np.percentile(x, [10, 90])
+        return float(hi - lo)
+
+    own, common = spread(as_they_are), spread(resized)
+    why = (f"training images of shorter sides {image_short.min():.0f}-{image_short.max():.0f} px; box sizes "
+           f"p10-p90 vary {math.exp(own):.1f}x as they are, {math.exp(common):.1f}x with each image resized to "
+           f"a shorter side of {short:.0f} px")
+    return ("own" if own < common else "follow"), why
+
+
+def input_scale(s: DataSummary) -> tuple[float, int, int, str, list[Derived]]:
+    """``(scale, min_size, max_size, view, derived)`` for a resizing model (RetinaNet); ``scale`` multiplies
+    the evaluation images' sizes (> 1: small objects upscaled, < 1: large objects shrunk), ``view`` is
+    :func:`size_view`'s. Objects that do not follow their images' sizes (``own``) are seen at one scale:
+    every image is resized by ``scale`` alone (``model.scale_as``), large ones tiled (:func:`tiling`);
+    objects that do (``follow``) are measured, and seen, with each image resized to one shorter side."""
     short = float(np.median(s.eval_hw.min(axis=1)))
     long_ = float(s.eval_hw.max(axis=1).max())
+    view, spreads = size_view(s, short)
+    sizes = s.box_sizes
+    if view == "follow":
+        sizes = sizes * short / s.image_hw.min(axis=1)[s.box_image]
+    p2 = float(np.percentile(sizes, 2)) if sizes.size else MIN_OBJECT_PX
     uniform = len({tuple(hw) for hw in s.eval_hw.astype(int).tolist()}) == 1
     what = (f"the evaluation images are all {int(s.eval_hw[0, 1])}x{int(s.eval_hw[0, 0])}" if uniform else
             f"evaluation images: median shorter side {short:.0f}, largest longer side {long_:.0f} px")
+    seen = " at that shorter side" if view == "follow" else ""
     scale = object_scale(p2, short)
     if p2 < MIN_OBJECT_PX:
-        why = f"box sizes p2 {p2:.1f} px < {MIN_OBJECT_PX:g}: upscaled {scale:.2f}x so small objects reach the anchors"
+        why = (f"box sizes p2 {p2:.1f} px{seen} < {MIN_OBJECT_PX:g}: upscaled {scale:.2f}x so small objects reach "
+               f"the anchors")
     elif scale < 1:
-        why = (f"box sizes p2 {p2:.0f} px: shrunk {scale:.2f}x, the small objects to {scale * p2:.0f} px "
+        why = (f"box sizes p2 {p2:.0f} px{seen}: shrunk {scale:.2f}x, the small objects to {scale * p2:.0f} px "
                f"(>= {SHRINK_OBJECT_PX:g}) and the shorter side to {scale * short:.0f} px (>= {SHRINK_IMAGE_PX}): "
                f"large objects need no more pixels, and whole large photos would cost many per step")
     else:
-        why = (f"box sizes p2 {p2:.1f} px: native scale (shrinking would take the small objects below "
+        why = (f"box sizes p2 {p2:.1f} px{seen}: native scale (shrinking would take the small objects below "
                f"{SHRINK_OBJECT_PX:g} px or the shorter side below {SHRINK_IMAGE_PX} px)")
+    if view == "own":
+        side = int(round(scale * short))
+        return scale, side, side, view, [
+            Derived("model.min_size", side, f"{what}; {why}"),
+            Derived("model.max_size", side, "with model.scale_as: the size whose factor every image takes"),
+            Derived("model.scale_as", [int(round(short))] * 2,
+                    f"{spreads}: the objects' sizes do not follow their images', so every image is resized by "
+                    f"one factor ({scale:.2f}x), not each to one shorter side")]
     min_size, max_size = int(round(scale * short)), int(round(scale * long_))
-    return scale, min_size, max_size, [
-        Derived("model.min_size", min_size, f"{what}; {why}"),
-        Derived("model.max_size", max_size, "the largest evaluation image, at the same scale" if scale != 1
-                else "the largest evaluation image is not shrunk")]
+    rows = [Derived("model.min_size", min_size, f"{what}; {why}"),
+            Derived("model.max_size", max_size, "the largest evaluation image, at the same scale" if scale != 1
+                    else "the largest evaluation image is not shrunk")]
+    if view == "follow":
+        rows.append(Derived("model.scale_as", None, f"{spreads}: the objects' sizes follow their images', so each "
+                            f"image is resized to one shorter side, a large one too (not tiled)"))
+    return scale, min_size, max_size, view, rows
 
 
 def classes(s: DataSummary) -> Derived:
@@ -339,13 +382,18 @@ def _tile_overlap(s: DataSummary, tile: int) -> Derived:
                    f"p98 of the boxes' longer sides {big:.0f} px: such objects are whole in some tile")
 
 
-def tiling(s: DataSummary, scale: float = 1.0, warp: int = 0) -> tuple[np.ndarray, list[Derived]]:
+def tiling(s: DataSummary, scale: float = 1.0, warp: int = 0, whole: bool = False) -> tuple[np.ndarray, list[Derived]]:
     """Which training images are tiled (``[I]`` bool) and the tile settings. For the reason: ``scale``,
     RetinaNet's input scale (a tile is resized as an evaluation image); ``warp``, RefineDet's input side
-    (a tile of side t is warped to it: ``warp / t``)."""
+    (a tile of side t is warped to it: ``warp / t``). ``whole``: the objects' sizes follow their images'
+    (:func:`size_view`), so a large image is resized as the others are, not tiled."""
     ref_long = float(s.eval_hw.max(axis=1).max())
     ref = (int(np.median(s.eval_hw[:, 0])), int(np.median(s.eval_hw[:, 1])))
     tiled = s.image_hw.max(axis=1) > TILE_ABOVE * ref_long
+    if whole and tiled.any():
+        return np.zeros_like(tiled), [Derived("data.tile_size", 0, f"{int(tiled.sum())} training image(s) over "
+                                              f"{TILE_ABOVE}x the evaluation images' longer side, whole: their "
+                                              f"objects are as much larger, and are resized with them")]
     if not tiled.any():
         return tiled, [Derived("data.tile_size", 0, f"no training image is over {TILE_ABOVE}x the evaluation "
                                f"images' longer side ({ref_long:.0f} px): whole images")]
@@ -642,14 +690,16 @@ def _model_boxes(s: DataSummary, scale_of_image: np.ndarray) -> np.ndarray:
 def _retinanet_input(s: DataSummary) -> tuple[np.ndarray, dict[str, Any], list[Derived]]:
     """RetinaNet's input scale, tiles and shrink at load; the factors ``[I, 2]`` (sy, sx) by which it sees
     each training image's objects, and what the windows rule reads (``up``, ``min_size``, ``tiled``,
-    ``ref``: the tiles' resize-as size, ``at_load``)."""
-    up, min_size, max_size, scale_rows = input_scale(s)
-    tiled, tile_rows = tiling(s, scale=up)
+    ``ref``: the tiles' resize-as size, ``follow``: images resized each to one shorter side, ``at_load``)."""
+    up, min_size, max_size, size_rule, scale_rows = input_scale(s)
+    follow, one_scale = size_rule == "follow", size_rule == "own"
+    tiled, tile_rows = tiling(s, scale=up, whole=follow)
     ref = tile_rows[-1].value if tiled.any() else None
-    load_rows = load_shrink(s, tiled, scale=up)
-    factors = np.array([_resize_factor(ref if t else hw, min_size, max_size)
+    factors = np.array([(up, up) if one_scale else _resize_factor(ref if t else hw, min_size, max_size)
                         for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
-    view = {"up": up, "min_size": min_size, "tiled": tiled, "ref": ref,
+    # with one scale the model would scale a shrunk image again; following, large images are shrunk
+    load_rows = [] if one_scale else load_shrink(s, tiled, scale=min(up, float(factors.min())) if follow else up)
+    view = {"up": up, "min_size": min_size, "tiled": tiled, "ref": ref, "follow": follow,
             "at_load": bool(load_rows)}          # shrunk once when loaded: training pixels are model pixels
     return factors, view, scale_rows + [
         Derived("model.size_divisible", 32, "C5's stride: P6/P7 come from stride-2 convs")] + tile_rows + load_rows
@@ -660,6 +710,10 @@ def _retinanet_windows(s: DataSummary, boxes: np.ndarray, factors: np.ndarray, v
     """RetinaNet's training windows (and their one training scale) for ``boxes`` in model pixels, and the
     input pixels of one training item."""
     tiled, ref, up = view["tiled"], view["ref"], view["up"]
+    if view["follow"]:
+        pixels = float(np.median((factors * s.image_hw).prod(axis=1)))
+        return [Derived("data.crop_sizes", [], "whole images, each resized to one shorter side: a window is cut in "
+                        "its image's pixels, and would hold objects of another size in each image")], pixels
     sides = boxes[:, 2:] - boxes[:, :2]
     image_px = float(np.median(np.minimum(*(factors * s.image_hw).T))) if not tiled.any() else \
         float(min(ref) * factors[tiled][0, 0])

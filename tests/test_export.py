@@ -220,6 +220,26 @@ def test_runner_fit_resize_equals_torch_preprocessor():
     assert (padded[:, :, 64:] == 0).all()
 
 
+def test_runner_and_deploy_resize_as_the_preprocessor_with_scale_as():
+    """A model that scales every image by one factor (``model.scale_as``) is resized so by the runner
+    and the deploy backends too: the sidecar names the size whose factor every image takes."""
+    runner_mod = _load_runner_module()
+    from densedet.deploy.common import fit_scale
+    from densedet.models.preprocess import ImagePreprocessor
+    meta = {"resize": "fit", "input_size": [512, 512], "min_size": 200, "max_size": 200, "scale_as": [100, 100]}
+    runner = runner_mod.OnnxDetectorRunner.__new__(runner_mod.OnnxDetectorRunner)
+    runner.meta, runner.height, runner.width = meta, 512, 512
+    runner.mean = np.zeros((3, 1, 1), np.float32)
+    runner.std = np.ones((3, 1, 1), np.float32)
+    pre = ImagePreprocessor(min_size=200, max_size=200, size_divisible=32, scale_as=(100, 100)).eval()
+    for h, w in ((60, 90), (150, 120)):
+        _, size = runner.preprocess(np.zeros((h, w, 3), np.uint8))
+        _, sizes, _ = pre([torch.zeros(3, h, w)])
+        assert size == sizes[0] == (2 * h, 2 * w)
+        assert fit_scale(h, w, meta) == 2.0
+    assert fit_scale(60, 90, {**meta, "scale_as": None}) == min(200 / 60, 200 / 90)
+
+
 def test_runner_script_runs_without_torch(retinanet_export, tmp_path):
     _, _, paths, path = retinanet_export
     out = tmp_path / "dets.json"

@@ -19,6 +19,7 @@ from densedet.engine.data import shrink_to_input
 from densedet.engine.evaluate import eval_tiles
 from densedet.engine.pretrain import background_share, background_windows, pretrain_backbone
 from densedet.engine.tune import candidate_sets, choose_tta
+from densedet.models import build_from_config
 from densedet.models.preprocess import ImagePreprocessor
 from densedet.tta import TTAConfig
 from densedet.errors import UsageError
@@ -116,6 +117,51 @@ def test_huge_images_with_tiny_objects_are_tiled_not_downscaled():
     assert v["model.min_size"] == 500 and v["model.max_size"] == 500   # the evaluation images' own size
     assert v["data.tile_size"] == 500 and v["data.tile_scale_as"] == [500, 500]
     assert v["data.crop_sizes"] and max(v["data.crop_sizes"]) <= 0.6 * 500   # small objects: windows
+
+
+def mixed_size_set(rng, objects_follow: bool) -> DetectionData:
+    """Images of three sizes with 4 squares each: of 20-50 px in every image, or of 20-50 px in the
+    480 x 640 images and as much smaller / larger in the others (``objects_follow``)."""
+    sides = [(150, 200), (480, 640), (900, 1200)] * 8
+    boxes = []
+    for h, w in sides:
+        f = h / 480 if objects_follow else 1.0
+        image = []
+        for _ in range(4):
+            side = float(rng.uniform(20, 50)) * f
+            x, y = rng.uniform(0, w - side), rng.uniform(0, h - side)
+            image.append([x, y, x + side, y + side])
+        boxes.append(image)
+    return make_data(boxes, hw=sides)
+
+
+def test_objects_of_one_size_in_images_of_many_keep_one_scale():
+    # crops of one survey: a 30 px object is 30 px in a 150 px image and in a 900 px one
+    rng = np.random.default_rng(0)
+    val = make_data([[[0, 0, 30, 30]]] * 3, hw=(480, 640))
+    v = derived(mixed_size_set(rng, objects_follow=False), val)
+    assert v["model.scale_as"] == [480, 480] and v["model.min_size"] == v["model.max_size"] == 480
+    assert v["data.tile_size"] == 640                       # the 1200 px images are still tiled
+    assert "data.shrink_at_load" not in v
+    # every image, whatever its size, is seen at its own scale
+    prep = recipe_config(derive(DataSummary.from_data(mixed_size_set(rng, objects_follow=False), val),
+                                RecipeOptions(has_val=True)), base_config("retinanet_r18_fpn"))
+    model = build_from_config(prep.model)
+    assert [model.preprocessor.resized_size(h, w) for h, w in ((150, 200), (900, 1200))] == [(150, 200), (900, 1200)]
+
+
+def test_objects_that_follow_their_images_size_are_resized_with_them():
+    # one scene at three resolutions: each image to the evaluation images' shorter side, no tiles, no
+    # windows, and the objects' sizes measured there (6-16 px in the 150 px images, 20-50 px at 480)
+    rng = np.random.default_rng(0)
+    val = make_data([[[0, 0, 30, 30]]] * 3, hw=(480, 640))
+    data = mixed_size_set(rng, objects_follow=True)
+    assert np.percentile(DataSummary.from_data(data).box_sizes, 2) < 12
+    v = derived(data, val)
+    assert v["model.scale_as"] is None and (v["model.min_size"], v["model.max_size"]) == (480, 640)
+    assert v["data.tile_size"] == 0 and v["data.crop_sizes"] == []
+    # images of one shorter side: nothing to decide, no row
+    assert "model.scale_as" not in derived(make_data([squares(rng, 4, 20, 50)] * 10), val)
 
 
 def test_windows_are_sized_from_the_objects():
@@ -297,9 +343,13 @@ def test_classes_without_training_boxes_are_named_and_kept():
 
 
 def test_shrink_at_load_needs_the_models_one_scale_and_no_tiles():
-    for overrides in (["data.tile_size=400"], ["data.train_min_sizes=[800,1000]"], ["data.augment=ssd"]):
+    for overrides in (["data.tile_size=400"], ["data.train_min_sizes=[800,1000]"], ["data.augment=ssd"],
+                      ["model.scale_as=[800,800]"]):     # one factor for every image: a shrunk one, shrunk twice
         with pytest.raises(ConfigError, match="shrink_at_load"):
             validate(apply_overrides(Config(), ["data.shrink_at_load=true", "model.min_size=800"] + overrides))
+    for overrides in (["model.scale_as=[800]"], ["model.arch=refinedet", "model.scale_as=[320,320]"]):
+        with pytest.raises(ConfigError, match="scale_as"):
+            validate(apply_overrides(Config(), overrides))
 
 
 # -- classes, images without boxes, the holdout, the starting point ----------------------------------

@@ -515,6 +515,22 @@ def test_preprocessor_scales_a_crop_as_its_source_image():
     assert torch.allclose(targets[0]["boxes"], boxes * 0.64)
 
 
+def test_preprocessor_with_scale_as_gives_every_image_one_factor():
+    from densedet.models.preprocess import ImagePreprocessor
+    from densedet.tta import pass_preprocessor
+    prep = ImagePreprocessor(min_size=200, max_size=200, size_divisible=32, scale_as=(200, 200)).eval()
+    images = [torch.rand(3, 150, 200), torch.rand(3, 900, 1200)]
+    _, sizes, _ = prep(images)
+    assert sizes == [(150, 200), (900, 1200)]                    # each at its own size: the factor is 1
+    _, sizes, targets = prep.train()([torch.rand(3, 160, 200)], [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
+                                                                 "resize_as": (480, 640)}], min_size=150)
+    assert sizes == [(120, 150)]                                 # 150 / 200 = 0.75, whatever the source image
+    assert torch.allclose(targets[0]["boxes"], torch.tensor([[7.5, 7.5, 22.5, 22.5]]))
+    # a test-time scale multiplies that one factor: 240 / 200 = 1.2 for every image
+    _, sizes, _ = pass_preprocessor(prep, 240).eval()(images)
+    assert sizes == [(180, 240), (1080, 1440)]
+
+
 @pytest.mark.parametrize("k", [3, 40, 1000])
 def test_best_above_equals_a_top_k_over_the_thresholded_scores(k):
     from densedet.models.retinanet import best_above

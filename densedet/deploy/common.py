@@ -85,13 +85,15 @@ def read_sidecar(model_path: str | Path) -> dict:
 def fit_scale(h: int, w: int, meta: dict) -> float:
     """The ``fit`` resize factor of an ``h x w`` image: the model's own (Python floats, as
     :class:`~densedet.models.preprocess.ImagePreprocessor`: shorter side to ``min_size``, longer
-    side at most ``max_size``), lowered where the result would not fit inside the export size.
-    A sidecar without ``min_size`` (older exports) fits the export size exactly."""
+    side at most ``max_size``; as a ``scale_as`` image would be, when the sidecar names one), lowered
+    where the result would not fit inside the export size. A sidecar without ``min_size`` (older
+    exports) fits the export size exactly."""
     height, width = (int(s) for s in meta["input_size"])
     inside = min(height / h, width / w)
     if "min_size" not in meta:
         return inside
-    scale = min(meta["min_size"] / min(h, w), meta["max_size"] / max(h, w))
+    sh, sw = meta.get("scale_as") or (h, w)
+    scale = min(meta["min_size"] / min(sh, sw), meta["max_size"] / max(sh, sw))
     return scale if math.floor(h * scale) <= height and math.floor(w * scale) <= width else inside
 
 

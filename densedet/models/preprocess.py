@@ -39,6 +39,9 @@ class ImagePreprocessor(nn.Module):
         size_divisible: pad height and width up to a multiple of this.
         fixed_size: ``(h, w)`` warps every image to exactly that size (RefineDet, square demo input);
             ``min_size``/``max_size`` are then unused.
+        scale_as: ``(h, w)``: every image is resized by the factor an ``h x w`` image would get, so
+            all keep one scale (objects whose size in pixels does not follow their image's size);
+            None: each image by its own size.
 
     ``forward(images: list[[3, H_i, W_i]], targets=None, min_size=None) -> (batch [B, 3, Hp, Wp],
     image_sizes, targets)`` where ``image_sizes[i] = (h_i, w_i)`` is the resized size (the valid
@@ -50,23 +53,28 @@ class ImagePreprocessor(nn.Module):
 
     def __init__(self, min_size: int | Sequence[int] = 800, max_size: int = 1333,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 size_divisible: int = 128, fixed_size: Sequence[int] | None = None) -> None:
+                 size_divisible: int = 128, fixed_size: Sequence[int] | None = None,
+                 scale_as: Sequence[int] | None = None) -> None:
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
         self.max_size = int(max_size)
         self.size_divisible = int(size_divisible)
         self.fixed_size = tuple(int(s) for s in fixed_size) if fixed_size else None
+        self.scale_as = tuple(int(s) for s in scale_as) if scale_as else None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
 
     def _scale_for(self, h: int, w: int, target: int | None = None) -> tuple[float, float] | None:
         """Scale factors (sy, sx), or None when the image keeps its size. ``target``: this
-        batch's shorter side (multi-scale training); otherwise drawn from / set by ``min_size``."""
+        batch's shorter side (multi-scale training); otherwise drawn from / set by ``min_size``.
+        With ``scale_as`` the factor is that of a ``scale_as``-sized image, whatever ``h x w``."""
         if self.fixed_size is not None:
             fh, fw = self.fixed_size
             return None if (h, w) == (fh, fw) else (fh / h, fw / w)
         if target is None:
             target = random.choice(self.min_size) if self.training else self.min_size[-1]
+        if self.scale_as is not None:
+            h, w = self.scale_as
         # Python-float (double) arithmetic, as torchvision's eager path: 320 / 400 must give exactly
         # 0.8 so that interpolate's floor(400 * 0.8) is 320 (float32 gives 0.79999995 -> 319).
         scale = min(target / min(h, w), self.max_size / max(h, w))

@@ -336,7 +336,7 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
     head = RetinaNetHead(r.fpn_channels, anchor_generator.num_anchors_per_location, cfg.num_classes,
                          r.head_convs, r.head_channels or r.fpn_channels, r.head_norm, r.prior_prob)
     preprocessor = ImagePreprocessor(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std,
-                                     cfg.size_divisible, cfg.fixed_size)
+                                     cfg.size_divisible, cfg.fixed_size, cfg.scale_as)
     return RetinaNet(BackboneWithFPN(body, fpn), cfg.num_classes, anchor_generator, head, preprocessor,
                      Matcher(r.fg_iou_thresh, r.bg_iou_thresh, r.allow_low_quality_matches),
                      BoxCoder(tuple(cfg.bbox_reg_weights)),

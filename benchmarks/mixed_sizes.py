@@ -1,0 +1,83 @@
+"""Two sets of images of three sizes, for the size rule of ``densedet train --data`` (``recipe.size_view``).
+
+    python benchmarks/mixed_sizes.py --out data_cache/mixed
+    densedet train --data data_cache/mixed/survey/train.json --val data_cache/mixed/survey/val.json --minutes 5
+    densedet train --data data_cache/mixed/zoom/train.json --val data_cache/mixed/zoom/val.json --minutes 5
+
+The digit scenes, the tree crowns and the large photos each hold images of one size, so the rule
+that decides how images of several sizes are resized never acts on them. Here MNIST digits (as the
+demo's) are drawn on the demo's backgrounds in square images of 160, 320 and 640 px, a third each:
+
+- ``survey``: digits of 12-40 px in every image, as in crops of one aerial survey, fields of one
+  microscope or pages scanned at one DPI: an object's size in pixels does not depend on its image's;
+  the larger images hold more digits.
+- ``zoom``: scenes of 320 px with digits of 12-60 px, each saved at half, full or double size, as
+  photos of one kind of scene taken by cameras of several resolutions: the objects' sizes follow
+  their images'.
+
+240 training and 60 validation images each, drawn by ``densedet.data.digits.render_scene`` from
+fixed seeds, so the same command writes the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from densedet.data.digits import CLASS_NAMES, load_mnist_5k, render_scene
+
+SIDES = (160, 320, 640)
+SPLITS = {"train": 240, "val": 60}
+
+
+def scene(kind: str, index: int, split_code: int, digits: np.ndarray, labels: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image ``index`` of a split: (pixels [S, S, 3], boxes [N, 4], labels [N])."""
+    rng = np.random.default_rng([7, split_code, index])
+    side = SIDES[index % len(SIDES)]
+    if kind == "survey":
+        per_area = (side / 320) ** 2
+        return render_scene(rng, digits, labels, size=side, min_digits=max(1, round(2 * per_area)),
+                            max_digits=max(2, round(8 * per_area)), min_px=12, max_px=40)
+    pixels, boxes, box_labels = render_scene(rng, digits, labels, size=320, min_digits=2, max_digits=8,
+                                             min_px=12, max_px=60)
+    if side != 320:
+        pixels = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BILINEAR))
+        boxes = boxes * (side / 320)
+    return pixels, boxes, box_labels
+
+
+def write_set(out: str, kind: str, digits: np.ndarray, labels: np.ndarray) -> None:
+    for code, (split, count) in enumerate(SPLITS.items()):
+        folder = os.path.join(out, split)
+        os.makedirs(folder, exist_ok=True)
+        images, annotations = [], []
+        for index in range(count):
+            pixels, boxes, box_labels = scene(kind, index, code, digits, labels)
+            name = f"{index:06d}.png"
+            Image.fromarray(pixels).save(os.path.join(folder, name), compress_level=1)
+            images.append({"id": index + 1, "file_name": name, "height": pixels.shape[0], "width": pixels.shape[1]})
+            for (x1, y1, x2, y2), label in zip(boxes.tolist(), box_labels.tolist()):
+                annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": label + 1,
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        categories = [{"id": d + 1, "name": name} for d, name in enumerate(CLASS_NAMES)]
+        with open(os.path.join(out, f"{split}.json"), "w", encoding="utf-8") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="data_cache/mixed", help="folder for the two sets")
+    args = parser.parse_args()
+    digits, labels = load_mnist_5k()
+    for kind in ("survey", "zoom"):
+        write_set(os.path.join(args.out, kind), kind, digits, labels)
+        print(f"{kind}: {os.path.join(args.out, kind)}")
+
+
+if __name__ == "__main__":
+    main()
