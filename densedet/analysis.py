@@ -12,8 +12,8 @@ Lin et al. (2017) build RetinaNet on two observations about dense detection (see
 
 Boxes are measured where the anchors see them: after the model's own resize (its preprocessor in
 eval mode: ``min_size[-1]`` / ``max_size``, as for a ``scale_as`` image if set, or ``fixed_size``),
-computed from the record's width/height without decoding pixels. Each image is padded on its own to ``size_divisible``
-(in a training batch, padding to the largest image adds background anchors only).
+computed from the record's width/height without decoding pixels. Each image is padded on its own to
+``size_divisible`` (in a training batch, padding to the largest image adds background anchors only).
 
 :func:`analyze` returns the numbers as a dict; the ``densedet analyze`` command
 (:mod:`densedet.commands.analyze`) prints a summary and writes ``analysis.json`` and PNG plots

@@ -76,8 +76,8 @@ from .errors import UsageError
 from .models import PRESETS
 
 __all__ = ["DataSummary", "Derived", "RecipeOptions", "derive", "base_config", "recipe_config", "format_table", "parse_model_name",
-           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "size_view", "object_scale", "classes", "load_shrink", "tiling", "refinedet_tiles", "training_windows",
-           "batch_size_for", "holdout", "region_holdout", "optimisation", "augmentation", "detection_selection"]
+           "grid_best_iou", "choose_ratios", "choose_anchors", "input_scale", "size_view", "object_scale", "classes",
+           "load_shrink", "tiling", "refinedet_tiles", "training_windows", "batch_size_for", "holdout", "region_holdout", "optimisation", "augmentation", "detection_selection"]
 
 MIN_OBJECT_PX = 12.0        # boxes smaller than this (sqrt area) are upscaled to it
 MAX_UPSCALE = 2.0
@@ -382,7 +382,8 @@ def _tile_overlap(s: DataSummary, tile: int) -> Derived:
                    f"p98 of the boxes' longer sides {big:.0f} px: such objects are whole in some tile")
 
 
-def tiling(s: DataSummary, scale: float = 1.0, warp: int = 0, whole: bool = False) -> tuple[np.ndarray, list[Derived]]:
+def tiling(s: DataSummary, scale: float = 1.0, warp: int = 0, whole: bool = False
+           ) -> tuple[np.ndarray, list[Derived]]:
     """Which training images are tiled (``[I]`` bool) and the tile settings. For the reason: ``scale``,
     RetinaNet's input scale (a tile is resized as an evaluation image); ``warp``, RefineDet's input side
     (a tile of side t is warped to it: ``warp / t``). ``whole``: the objects' sizes follow their images'

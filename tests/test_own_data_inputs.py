@@ -115,6 +115,19 @@ def test_a_validation_file_without_objects_is_refused_before_training(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_fine_tuning_a_one_scale_checkpoint_resizes_as_the_new_data_says(tmp_path):
+    # a checkpoint trained with every image at one factor (model.scale_as), fine-tuned on images of one
+    # size: the architecture and anchors come from the checkpoint, how images are resized from the data
+    data = write_coco_set(tmp_path / "set")
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "--data", data, "--minutes", "0.1", "--output-dir", str(first), "model.scale_as=[64,64]",
+                 *QUICK]) == 0
+    assert load_config(first / "config.yaml").model.scale_as == [64, 64]
+    assert main(["train", "--data", data, "--weights", str(first / "model_final.pt"), "--minutes", "0.1",
+                 "--output-dir", str(second), *QUICK]) == 0
+    assert load_config(second / "config.yaml").model.scale_as is None
+
+
 @pytest.mark.parametrize("minutes", ["0", "-1"])
 def test_a_budget_of_no_minutes_is_refused_by_its_flag(tmp_path, capsys, minutes):
     data = write_coco_set(tmp_path / "set", n_images=4)

@@ -62,7 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
 # -- densedet train --data ------------------------------------------------------------------------
 
 # Model settings derived from the data that a detection checkpoint's weights do not fix.
-DETECTION_CHECKPOINT_KEEPS = ("model.min_size", "model.max_size", "model.detections_per_img")
+DETECTION_CHECKPOINT_KEEPS = ("model.min_size", "model.max_size", "model.scale_as", "model.detections_per_img")
 
 
 def read_annotations(spec: str, images: str | None, class_names: list[str] | None = None
@@ -135,6 +135,7 @@ def _train_from_data(args: argparse.Namespace) -> int:
     base = base_config(options.model)
     if kind_of_weights == "detection":
         base.model = _checkpoint_model(args.weights, base)
+        base.model.scale_as = None          # how images are resized follows the new data (derived below)
     # the held-out splits are decided on all the training images; the other rules see the images trained on
     held_out = holdout(DataSummary.from_data(train_data, val_data), val_data is not None)
     split_config = dataclasses.replace(base.data, **{r.key[len("data."):]: r.value for r in held_out
