@@ -22,12 +22,12 @@ fixed seeds, so the same command writes the same files.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
 from PIL import Image
 
+from densedet.data import DetectionData, ImageRecord, save_coco
 from densedet.data.digits import CLASS_NAMES, load_mnist_5k, render_scene
 
 SIDES = (160, 320, 640)
@@ -55,18 +55,13 @@ def write_set(out: str, kind: str, digits: np.ndarray, labels: np.ndarray) -> No
     for code, (split, count) in enumerate(SPLITS.items()):
         folder = os.path.join(out, split)
         os.makedirs(folder, exist_ok=True)
-        images, annotations = [], []
+        records = []
         for index in range(count):
             pixels, boxes, box_labels = scene(kind, index, code, digits, labels)
-            name = f"{index:06d}.png"
-            Image.fromarray(pixels).save(os.path.join(folder, name), compress_level=1)
-            images.append({"id": index + 1, "file_name": name, "height": pixels.shape[0], "width": pixels.shape[1]})
-            for (x1, y1, x2, y2), label in zip(boxes.tolist(), box_labels.tolist()):
-                annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": label + 1,
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-        categories = [{"id": d + 1, "name": name} for d, name in enumerate(CLASS_NAMES)]
-        with open(os.path.join(out, f"{split}.json"), "w", encoding="utf-8") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+            path = os.path.join(folder, f"{index:06d}.png")
+            Image.fromarray(pixels).save(path, compress_level=1)
+            records.append(ImageRecord(path, index + 1, pixels.shape[0], pixels.shape[1], boxes, box_labels))
+        save_coco(DetectionData(records, list(CLASS_NAMES), None, kind), os.path.join(out, f"{split}.json"), folder)
 
 
 def main() -> None:
