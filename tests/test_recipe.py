@@ -139,14 +139,15 @@ def test_objects_of_one_size_in_images_of_many_keep_one_scale():
     # crops of one survey: a 30 px object is 30 px in a 150 px image and in a 900 px one
     rng = np.random.default_rng(0)
     val = make_data([[[0, 0, 30, 30]]] * 3, hw=(480, 640))
-    v = derived(mixed_size_set(rng, objects_follow=False), val)
+    data = mixed_size_set(rng, objects_follow=False)
+    v = derived(data, val)
     assert v["model.scale_as"] == [480, 480] and v["model.min_size"] == v["model.max_size"] == 480
     assert v["data.tile_size"] == 640                       # the 1200 px images are still tiled
     assert "data.shrink_at_load" not in v
     # every image, whatever its size, is seen at its own scale
-    prep = recipe_config(derive(DataSummary.from_data(mixed_size_set(rng, objects_follow=False), val),
-                                RecipeOptions(has_val=True)), base_config("retinanet_r18_fpn"))
-    model = build_from_config(prep.model)
+    cfg = recipe_config(derive(DataSummary.from_data(data, val), RecipeOptions(has_val=True)),
+                        base_config("retinanet_r18_fpn"))
+    model = build_from_config(cfg.model)
     assert [model.preprocessor.resized_size(h, w) for h, w in ((150, 200), (900, 1200))] == [(150, 200), (900, 1200)]
 
 
