@@ -216,6 +216,8 @@ class DataConfig:
     crop_size: int = 0                      # >0: train on object-centred crop_size windows at the image's scale
     crop_sizes: list[int] = field(default_factory=list)  # instead of crop_size: one window size per batch, of
                                             # batch_size x (largest / size)^2 windows (same pixels per batch)
+    crop_model_pixels: bool = False         # crop sizes are in model input pixels: each image's window is cut at
+                                            # size / the factor the model resizes that image by
     crop_min_visibility: float = 0.7        # a box cut by the window below this visible share is ignored
     tile_size: int = 0                      # >0: train on overlapping tiles of large images
     tile_overlap: int = 64
@@ -529,6 +531,10 @@ def _data_checks(cfg: Config) -> list[Check]:
                        "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
     if d.crop_size or d.crop_sizes:
         checks.append((not ssd, "data.crop_size", "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
+    if d.crop_model_pixels:
+        checks.append((bool(d.crop_size or d.crop_sizes) and cfg.model.scale_as is None, "data.crop_model_pixels",
+                       "sizes windows (data.crop_sizes) for images resized each by its own size: needs windows and "
+                       "no model.scale_as (one factor for every image: windows in image pixels do the same)"))
     if d.shrink_at_load:
         one_scale = not d.train_min_sizes or max(d.train_min_sizes) <= cfg.model.min_size
         checks.append((d.augment != "ssd" and d.tile_size == 0 and one_scale, "data.shrink_at_load",

@@ -41,7 +41,10 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
   pixels) fit in a window of at most ``WINDOW_SHARE`` of the image's shorter side, training runs on
   object-centred windows at the image's scale (``data.crop_sizes``): the largest window holds that
   object with 10% margin (rounded up to 32 px), and windows of 0.6x and 0.4x of it (at least
-  ``MIN_WINDOW`` px) bring more small objects per step. Training then runs at one scale.
+  ``MIN_WINDOW`` px) bring more small objects per step. Training then runs at one scale. When
+  images of several sizes are each resized to one shorter side (:func:`size_view`'s ``follow``), the
+  windows are sized in model pixels and each is cut at that size over its image's own factor
+  (``data.crop_model_pixels``).
 - **batch and head**: a batch holds about ``BATCH_PIXELS`` input pixels (the demo's measured
   8 windows of 160 px), 2 to 32 images; for budgets up to ``SHORT_BUDGET_MIN`` minutes the FPN and
   head are the demo's lighter 128 channels and 2 GroupNorm convolutions, beyond it the paper's
@@ -710,18 +713,18 @@ def _retinanet_windows(s: DataSummary, boxes: np.ndarray, factors: np.ndarray, v
                        ) -> tuple[list[Derived], float]:
     """RetinaNet's training windows (and their one training scale) for ``boxes`` in model pixels, and the
     input pixels of one training item."""
-    tiled, ref, up = view["tiled"], view["ref"], view["up"]
-    if view["follow"]:
-        pixels = float(np.median((factors * s.image_hw).prod(axis=1)))
-        return [Derived("data.crop_sizes", [], "whole images, each resized to one shorter side: a window is cut in "
-                        "its image's pixels, and would hold objects of another size in each image")], pixels
+    tiled, ref, up, follow = view["tiled"], view["ref"], view["up"], view["follow"]
     sides = boxes[:, 2:] - boxes[:, :2]
     image_px = float(np.median(np.minimum(*(factors * s.image_hw).T))) if not tiled.any() else \
         float(min(ref) * factors[tiled][0, 0])
-    train_scale = 1.0 if view["at_load"] else up     # model pixels per training-image pixel
+    # model pixels per training-image pixel; following, each image has its own: windows in model pixels
+    train_scale = 1.0 if view["at_load"] or follow else up
     windows, why = training_windows(float(np.percentile(sides.max(axis=1), 98)),
                                     float(np.median(np.sqrt(sides[:, 0] * sides[:, 1]))), image_px, train_scale)
     rows = [Derived("data.crop_sizes", windows, why)]
+    if windows and follow:
+        rows.append(Derived("data.crop_model_pixels", True, "each image is resized by its own factor: a window is "
+                            "cut at its side / that factor, so every window reaches the model at its size"))
     if windows:
         rows.append(Derived("data.train_min_sizes", [view["min_size"]], "one training scale: a smaller one would "
                             "pad the windows"))

@@ -193,6 +193,29 @@ def test_object_crop_holds_the_chosen_object_whole_on_its_pixels():
     assert len({x for x, _ in starts}) > 8 and len({y for _, y in starts}) > 5
 
 
+def test_object_crop_in_model_pixels_reaches_the_model_at_its_size_from_images_of_any_size():
+    """model_size (min_size, max_size): a 64 px window is cut at 64 / f px of an image the model
+    resizes by f (shorter side to 240), so the preprocessor brings each window to 64 px."""
+    from densedet.models.preprocess import ImagePreprocessor
+    pre = ImagePreprocessor(min_size=240, max_size=400, size_divisible=32).train()
+    crop = RandomObjectCrop(64, model_size=(240, 400))
+    for (h, w), cut in (((120, 160), 32), ((240, 320), 64), ((480, 640), 128), ((1200, 1600), 320)):
+        image = torch.rand(3, h, w)
+        target = {"boxes": torch.tensor([[10.0, 10.0, 26.0, 26.0]]), "labels": torch.tensor([1]),
+                  "iscrowd": torch.tensor([False]), "orig_size": (h, w)}
+        window, out = crop(image, target)
+        assert window.shape[-2:] == (cut, cut) and out["resize_as"] == (h, w)
+        assert out["boxes"].tolist() == [(target["boxes"][0] - torch.tensor([*out["tile_origin"]] * 2)).tolist()]
+        _, sizes, resized = pre([window], [out])
+        assert sizes == [(64, 64)]
+        assert torch.allclose(resized[0]["boxes"], out["boxes"] * 64 / cut)
+    # a tile's window is sized by the size the tile is resized as (its resize_as), as the model resizes it
+    tile = {"boxes": torch.tensor([[5.0, 5.0, 15.0, 15.0]]), "labels": torch.tensor([1]),
+            "iscrowd": torch.tensor([False]), "resize_as": (480, 640)}
+    assert crop(torch.rand(3, 300, 300), tile)[0].shape[-2:] == (128, 128)
+    assert RandomObjectCrop(64).side_in(480, 640) == 64          # without model_size: the image's pixels
+
+
 def test_object_crop_ignores_objects_it_cuts():
     image, target = two_rectangles()
     # Hand window (10, 0)-(130, 100): A whole; B keeps 10 of its 40 px width (25% < 70%): ignored.

@@ -11,7 +11,7 @@ from PIL import Image
 from densedet.backbones.resnet import ResNet
 from densedet.boxes import box_iou
 from densedet.config import Config, ConfigError, apply_overrides, validate
-from densedet.data import DetectionDataset, TiledDataset
+from densedet.data import DetectionDataset, RandomObjectCrop, TiledDataset
 from densedet.data.formats import detect_format
 from densedet.data.records import DatasetError, DetectionData, ImageRecord
 from densedet.data.split import SPLIT_SALT, region_layout, split_by_image, split_by_region
@@ -152,15 +152,21 @@ def test_objects_of_one_size_in_images_of_many_keep_one_scale():
 
 
 def test_objects_that_follow_their_images_size_are_resized_with_them():
-    # one scene at three resolutions: each image to the evaluation images' shorter side, no tiles, no
-    # windows, and the objects' sizes measured there (6-16 px in the 150 px images, 20-50 px at 480)
+    # one scene at three resolutions: each image to the evaluation images' shorter side, no tiles, the
+    # objects' sizes measured there (6-16 px in the 150 px images, 20-50 px at 480), windows in model
+    # pixels: cut at each image's own factor
     rng = np.random.default_rng(0)
     val = make_data([[[0, 0, 30, 30]]] * 3, hw=(480, 640))
     data = mixed_size_set(rng, objects_follow=True)
     assert np.percentile(DataSummary.from_data(data).box_sizes, 2) < 12
     v = derived(data, val)
     assert v["model.scale_as"] is None and (v["model.min_size"], v["model.max_size"]) == (480, 640)
-    assert v["data.tile_size"] == 0 and v["data.crop_sizes"] == []
+    assert v["data.tile_size"] == 0 and v["data.crop_model_pixels"] is True
+    assert v["data.crop_sizes"] == [64]                    # the p98 object, ~50 px at 480, with margin
+    cfg = recipe_config(derive(DataSummary.from_data(data, val), RecipeOptions(has_val=True)),
+                        base_config("retinanet_r18_fpn"))
+    crop = RandomObjectCrop(64, model_size=(cfg.model.min_size, cfg.model.max_size))
+    assert [crop.side_in(h, w) for h, w in ((150, 200), (480, 640), (900, 1200))] == [20, 64, 120]
     # images of one shorter side: nothing to decide, no row
     assert "model.scale_as" not in derived(make_data([squares(rng, 4, 20, 50)] * 10), val)
 
@@ -351,6 +357,11 @@ def test_shrink_at_load_needs_the_models_one_scale_and_no_tiles():
     for overrides in (["model.scale_as=[800]"], ["model.arch=refinedet", "model.scale_as=[320,320]"]):
         with pytest.raises(ConfigError, match="scale_as"):
             validate(apply_overrides(Config(), overrides))
+    # windows in model pixels: need windows, and mean nothing more with one factor for every image
+    for overrides in ([], ["data.crop_sizes=[64]", "model.scale_as=[800,800]"]):
+        with pytest.raises(ConfigError, match="crop_model_pixels"):
+            validate(apply_overrides(Config(), ["data.crop_model_pixels=true"] + overrides))
+    validate(apply_overrides(Config(), ["data.crop_model_pixels=true", "data.crop_sizes=[64]"]))
 
 
 # -- classes, images without boxes, the holdout, the starting point ----------------------------------

@@ -213,12 +213,26 @@ class RandomObjectCrop:
     taught as a whole object nor as background. ``target["resize_as"]`` records the source size:
     the model's preprocessor scales the window as it would have scaled the whole image, so
     objects keep the size they have at test time.
+
+    ``model_size=(min_size, max_size)``: ``size`` is in the model's input pixels, and each image's
+    window is cut at ``size / f``, ``f`` the factor the model resizes that image by (shorter side to
+    ``min_size``, longer side at most ``max_size``). For images of several sizes, each resized to one
+    shorter side: every window then reaches the model at ``size`` px, whatever its image's size.
     """
 
-    def __init__(self, size: int, min_visibility: float = 0.7):
+    def __init__(self, size: int, min_visibility: float = 0.7, model_size: tuple[int, int] | None = None):
         if size <= 0 or not 0.0 < min_visibility <= 1.0:
             raise ValueError(f"need size > 0 and 0 < min_visibility <= 1, got {size}, {min_visibility}")
         self.size, self.min_visibility = int(size), float(min_visibility)
+        self.model_size = tuple(int(s) for s in model_size) if model_size else None
+
+    def side_in(self, height: int, width: int) -> int:
+        """The window's side in the pixels of an image whose model input is that of a ``height x width`` image."""
+        if self.model_size is None:
+            return self.size
+        min_size, max_size = self.model_size
+        factor = min(min_size / min(height, width), max_size / max(height, width))
+        return max(16, int(round(self.size / factor)))
 
     @staticmethod
     def _start(lo: float, hi: float, window: int, length: int) -> int:
@@ -231,7 +245,9 @@ class RandomObjectCrop:
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         height, width = image.shape[-2:]
-        ch, cw = min(self.size, height), min(self.size, width)
+        resize_as = target.get("resize_as", (height, width))
+        side = self.side_in(*resize_as)
+        ch, cw = min(side, height), min(side, width)
         boxes = target["boxes"]
         objects = torch.arange(len(boxes))
         if "iscrowd" in target:
@@ -246,11 +262,12 @@ class RandomObjectCrop:
             x0 = int(torch.randint(width - cw + 1, ()).item())
             y0 = int(torch.randint(height - ch + 1, ()).item())
         out = crop_target(target, x0, y0, x0 + cw, y0 + ch, self.min_visibility, ignore_partial=True)
-        out["resize_as"] = target.get("resize_as", (height, width))
+        out["resize_as"] = resize_as
         return image[:, y0:y0 + ch, x0:x0 + cw], out
 
     def __repr__(self) -> str:
-        return f"RandomObjectCrop(size={self.size}, min_visibility={self.min_visibility})"
+        model = f", model_size={self.model_size}" if self.model_size else ""
+        return f"RandomObjectCrop(size={self.size}, min_visibility={self.min_visibility}{model})"
 
 
 def tile_image(image: torch.Tensor, target: Target | None, tile_size: int, overlap: int,

@@ -180,7 +180,8 @@ def build_train_dataset(cfg: Config, data: DetectionData):
             transforms.append(RandomHorizontalFlip(d.hflip_prob, d.hflip_keeps_class))
         if d.crop_size > 0 or d.crop_sizes:
             # With data.crop_sizes the stream sets the window size of each batch (BatchStream).
-            transforms.append(RandomObjectCrop(d.crop_size or max(d.crop_sizes), d.crop_min_visibility))
+            model_size = (cfg.model.min_size, cfg.model.max_size) if d.crop_model_pixels else None
+            transforms.append(RandomObjectCrop(d.crop_size or max(d.crop_sizes), d.crop_min_visibility, model_size))
         if d.photometric:
             transforms.append(PhotometricDistort())     # after the crop: on the window's pixels only
     if d.rotate90:
