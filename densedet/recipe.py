@@ -467,6 +467,10 @@ def _refinedet_input(s: DataSummary, model: str, size: int) -> tuple[np.ndarray,
         elif target > warp:
             note += (f" (box sizes p2 {p2:.1f} px < {MIN_OBJECT_PX:g} px would want {target:.2f}x; the warp shrinks "
                      f"nothing, and images are only cut into tiles when it would)")
+    view, spreads = size_view(s, float(np.median(s.eval_hw.min(axis=1))))
+    if view == "own":
+        note += (f"; {spreads}: the objects keep one size in images of several sizes, which the warp spreads "
+                 f"apart (RetinaNet keeps them at one scale: --model retinanet_r18_fpn)")
     factors = np.array([(size / h, size / w) for h, w in sides]).reshape(-1, 2)
     return factors, [Derived("model.refinedet.image_size", size, f"--model {model}: every image (or tile) is "
                              f"warped to {size} x {size}{note}")] + tile_rows + load_rows

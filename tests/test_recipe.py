@@ -149,6 +149,10 @@ def test_objects_of_one_size_in_images_of_many_keep_one_scale():
                         base_config("retinanet_r18_fpn"))
     model = build_from_config(cfg.model)
     assert [model.preprocessor.resized_size(h, w) for h, w in ((150, 200), (900, 1200))] == [(150, 200), (900, 1200)]
+    # RefineDet warps each image to its square whatever its size: its table says what that costs here
+    assert "the warp spreads apart" in reasons(data, val, model="refinedet320_r18")["model.refinedet.image_size"]
+    assert "spreads" not in reasons(mixed_size_set(rng, objects_follow=True), val,
+                                    model="refinedet320_r18")["model.refinedet.image_size"]
 
 
 def test_objects_that_follow_their_images_size_are_resized_with_them():
