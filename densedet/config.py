@@ -216,8 +216,6 @@ class DataConfig:
     crop_size: int = 0                      # >0: train on object-centred crop_size windows at the image's scale
     crop_sizes: list[int] = field(default_factory=list)  # instead of crop_size: one window size per batch, of
                                             # batch_size x (largest / size)^2 windows (same pixels per batch)
-    pad_band: float = 0.0                   # probability that a training window's right and bottom bands become
-                                            # padding, as the model pads images at test time (RandomPadBand)
     crop_model_pixels: bool = False         # crop sizes are in model input pixels: each image's window is cut at
                                             # size / the factor the model resizes that image by
     crop_min_visibility: float = 0.7        # a box cut by the window below this visible share is ignored
@@ -508,7 +506,6 @@ def _data_checks(cfg: Config) -> list[Check]:
         (d.val_format in ("", "coco", "voc", "csv"), "data.val_format",
          f"must be empty (data.format's), coco, voc or csv, got {d.val_format!r}"),
         (d.crop_size >= 0, "data.crop_size", f"must be >= 0, got {d.crop_size}"),
-        (0 <= d.pad_band <= 1, "data.pad_band", f"must be a probability in [0, 1], got {d.pad_band}"),
         (all(s >= 16 for s in d.crop_sizes), "data.crop_sizes", f"must be sizes >= 16, got {d.crop_sizes}"),
         (not (d.crop_sizes and d.crop_size), "data.crop_sizes",
          f"replaces data.crop_size; set one of them, got crop_size {d.crop_size} and {d.crop_sizes}"),
@@ -534,9 +531,6 @@ def _data_checks(cfg: Config) -> list[Check]:
                        "RefineDet / SSD augmentation train at the model's fixed size; leave it empty"))
     if d.crop_size or d.crop_sizes:
         checks.append((not ssd, "data.crop_size", "SSD augmentation (RefineDet) has its own random crop; leave it 0"))
-    if d.pad_band:
-        checks.append((not ssd, "data.pad_band", "RefineDet warps every image to its square input and pads none; "
-                       "leave it 0"))
     if d.crop_model_pixels:
         checks.append((bool(d.crop_size or d.crop_sizes) and cfg.model.scale_as is None, "data.crop_model_pixels",
                        "sizes windows (data.crop_sizes) for images resized each by its own size: needs windows and "

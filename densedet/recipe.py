@@ -41,9 +41,7 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
   pixels) fit in a window of at most ``WINDOW_SHARE`` of the image's shorter side, training runs on
   object-centred windows at the image's scale (``data.crop_sizes``): the largest window holds that
   object with 10% margin (rounded up to 32 px), and windows of 0.6x and 0.4x of it (at least
-  ``MIN_WINDOW`` px) bring more small objects per step. Training then runs at one scale, and half
-  the windows get a band of padding at their right and bottom (``data.pad_band``): test images are
-  padded, windows of one size per batch never are. When
+  ``MIN_WINDOW`` px) bring more small objects per step. Training then runs at one scale. When
   images of several sizes are each resized to one shorter side (:func:`size_view`'s ``follow``), the
   windows are sized in model pixels and each is cut at that size over its image's own factor
   (``data.crop_model_pixels``).
@@ -92,7 +90,6 @@ TILE_ABOVE = 1.5            # a training image this much larger than the evaluat
 WINDOW_SHARE = 0.6          # windows only when the largest object fits in this share of the image
 MIN_WINDOW = 64
 BATCH_PIXELS = 8 * 160 * 160
-PAD_BAND = 0.5              # share of the training windows given a band of the padding test images get
 SHORT_BUDGET_MIN = 60.0
 MIN_TUNE_IMAGES = 10
 MIN_TUNE_OBJECTS = 100      # a tune band with fewer whole objects cannot tell test-time sets apart (AP moves by 1/N)
@@ -735,9 +732,6 @@ def _retinanet_windows(s: DataSummary, boxes: np.ndarray, factors: np.ndarray, v
     if windows:
         rows.append(Derived("data.train_min_sizes", [view["min_size"]], "one training scale: a smaller one would "
                             "pad the windows"))
-        rows.append(Derived("data.pad_band", PAD_BAND, f"windows of one size per batch are never padded, and test "
-                            f"images are (to a multiple of 32, a batch to its largest image): {PAD_BAND:.0%} of the "
-                            f"windows get a band of padding at their right and bottom, so its edge is no object"))
         pixels = (max(windows) * train_scale) ** 2
     elif tiled.any():
         pixels = float((np.array(ref) * factors[tiled][0]).prod())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from densedet.data import (Compose, RandomHorizontalFlip, RandomObjectCrop, RandomPadBand, RandomRotate90, ResizeFixed,
+from densedet.data import (Compose, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90, ResizeFixed,
                            ResizeShortestEdge, tile_image)
 from densedet.data.transforms import crop_target, tile_grid, tile_starts
 
@@ -214,42 +214,6 @@ def test_object_crop_in_model_pixels_reaches_the_model_at_its_size_from_images_o
             "iscrowd": torch.tensor([False]), "resize_as": (480, 640)}
     assert crop(torch.rand(3, 300, 300), tile)[0].shape[-2:] == (128, 128)
     assert RandomObjectCrop(64).side_in(480, 640) == 64          # without model_size: the image's pixels
-
-
-def test_pad_band_makes_the_right_and_bottom_bands_the_models_padding():
-    """p=1: bands of up to a quarter of each side hold the mean colour, which the preprocessor
-    normalises to exactly 0, its padding; a box the band covers is clipped, ignored or dropped."""
-    from densedet.models.preprocess import IMAGENET_MEAN, ImagePreprocessor
-    pre = ImagePreprocessor(min_size=80, max_size=80, size_divisible=1).train()
-    band = RandomPadBand(1.0, IMAGENET_MEAN, max_share=0.25, min_visibility=0.7)
-    boxes = torch.tensor([[2.0, 2.0, 20.0, 20.0],     # top left: never covered
-                          [50.0, 10.0, 78.0, 30.0],   # at the right edge: clipped, ignored or dropped
-                          [10.0, 70.0, 30.0, 79.0]])  # in the bottom band whenever it is 10 px or more
-    seen = set()
-    for seed in range(30):
-        torch.manual_seed(seed)
-        target = {"boxes": boxes.clone(), "labels": torch.tensor([1, 2, 3]), "iscrowd": torch.zeros(3, dtype=torch.bool),
-                  "orig_size": (80, 80), "resize_as": (160, 160)}
-        image, out = band(torch.rand(3, 80, 80), target)
-        normalised = (image - pre.mean) / pre.std
-        flat_w = int((normalised.abs() < 1e-6).all(dim=1).all(dim=0).sum())   # columns of padding at the right
-        flat_h = int((normalised.abs() < 1e-6).all(dim=2).all(dim=0).sum())
-        assert 0 <= flat_w <= 20 and 0 <= flat_h <= 20
-        assert (normalised[:, :80 - flat_h, :80 - flat_w].abs() > 1e-6).any(dim=0).float().mean() > 0.99
-        assert out["orig_size"] == (80, 80) and out["resize_as"] == (160, 160) and "tile_origin" not in out
-        assert out["labels"][0] == 1 and out["boxes"][0].tolist() == [2, 2, 20, 20]   # untouched
-        right = out["labels"] == 2
-        if flat_w >= 28:
-            assert not right.any()
-        elif right.any():
-            x2 = float(out["boxes"][right][0, 2])
-            assert x2 == min(78, 80 - flat_w) and bool(out["iscrowd"][right]) == ((x2 - 50) < 0.7 * 28)
-        assert bool((out["labels"] == 3).any()) == (flat_h < 10)
-        seen.add((flat_w > 0, flat_h > 0))
-    assert (True, True) in seen
-    torch.manual_seed(0)
-    image = torch.rand(3, 40, 40)
-    assert RandomPadBand(0.0, IMAGENET_MEAN)(image, {"boxes": boxes[:1]})[0] is image        # p=0: untouched
 
 
 def test_object_crop_ignores_objects_it_cuts():

@@ -75,7 +75,6 @@ def test_boxes_of_every_size_use_the_paper_anchors_up_to_p7():
     assert v["model.retinanet.max_level"] == 7 and v["model.anchor_sizes"][0] in (16.0, 32.0)
     assert v["model.min_size"] == 800                             # native scale
     assert v["data.crop_sizes"] == []                             # large objects: whole images
-    assert "data.pad_band" not in v                               # padded as the test images are
 
 
 def test_coverage_rule_is_what_the_grid_gives():
@@ -181,7 +180,6 @@ def test_windows_are_sized_from_the_objects():
     data = make_data([squares(rng, 6, 20, 40, size=640) for _ in range(20)], hw=(640, 640))
     v = derived(data)
     largest = max(v["data.crop_sizes"])
-    assert v["data.pad_band"] == 0.5                    # windows are never padded, test images are
     assert 40 * 1.1 <= largest <= 96                               # holds the largest object with margin
     assert v["data.train_min_sizes"] == [640]
     assert v["train.batch_size"] >= 8                              # small windows: more of them per batch

@@ -14,7 +14,7 @@ from .digits import CLASS_NAMES as DIGIT_CLASS_NAMES
 from .digits import make_digit_scenes
 from .images import image_size, load_image, load_record_image, record_size
 from .records import DataReport, DatasetError, DetectionData, ImageRecord, align_classes
-from .transforms import (Compose, RandomHorizontalFlip, RandomObjectCrop, RandomPadBand, RandomRotate90, ResizeFixed,
+from .transforms import (Compose, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90, ResizeFixed,
                          ResizeShortestEdge, crop_target, resize, tile_grid, tile_image)
 from .voc import load_voc
 
@@ -23,8 +23,7 @@ __all__ = [
     "load_coco", "save_coco", "to_coco_dict", "load_voc", "load_csv", "load_detection_data",
     "make_digit_scenes", "DIGIT_CLASS_NAMES",
     "load_image", "load_record_image", "image_size", "record_size", "DetectionDataset", "TiledDataset", "collate", "record_target",
-    "Compose", "RandomHorizontalFlip", "RandomRotate90", "RandomObjectCrop", "RandomPadBand", "ResizeShortestEdge",
-    "ResizeFixed",
+    "Compose", "RandomHorizontalFlip", "RandomRotate90", "RandomObjectCrop", "ResizeShortestEdge", "ResizeFixed",
     "resize", "tile_image", "tile_grid", "crop_target",
 ]
 

@@ -90,48 +90,6 @@ class RandomRotate90:
         return "RandomRotate90()"
 
 
-class RandomPadBand:
-    """With probability ``p``, the window's right and bottom bands become padding: each of width
-    drawn uniformly up to ``max_share`` of the side, filled with ``fill`` (the model's mean colour,
-    which its preprocessor normalises to 0, the value it pads with).
-
-    The model's preprocessor pads every image at test time, right and bottom, to a multiple of its
-    stride, and a batch to its largest image. Windows of one size per batch are never padded, so a
-    model trained on windows alone first meets the edge between an image and its padding at test
-    time, and fires on it (a flat band beside a stripe of background reads as a thin object). A
-    box the band covers keeps its clipped part when ``min_visibility`` of it stays in view, is ignored
-    (crowd) below that, and is dropped when wholly covered, as :class:`RandomObjectCrop` does.
-    """
-
-    def __init__(self, p: float, fill: Sequence[float], max_share: float = 0.25, min_visibility: float = 0.7):
-        if not 0.0 <= p <= 1.0 or not 0.0 < max_share < 1.0:
-            raise ValueError(f"need 0 <= p <= 1 and 0 < max_share < 1, got {p}, {max_share}")
-        self.p, self.max_share, self.min_visibility = float(p), float(max_share), float(min_visibility)
-        self.fill = torch.tensor([float(c) for c in fill]).view(3, 1, 1)
-
-    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        if float(torch.rand(())) >= self.p:
-            return image, target
-        height, width = image.shape[-2:]
-        band_w = int(torch.randint(int(self.max_share * width) + 1, ()))
-        band_h = int(torch.randint(int(self.max_share * height) + 1, ()))
-        if band_w == 0 and band_h == 0:
-            return image, target
-        image = image.clone()
-        image[:, :, width - band_w:] = self.fill
-        image[:, height - band_h:, :] = self.fill
-        out = crop_target(target, 0, 0, width - band_w, height - band_h, self.min_visibility, ignore_partial=True)
-        for key in ("orig_size", "tile_origin"):        # the image keeps its size and place: only its pixels change
-            if key in target:
-                out[key] = target[key]
-            else:
-                out.pop(key, None)
-        return image, out
-
-    def __repr__(self) -> str:
-        return f"RandomPadBand(p={self.p}, max_share={self.max_share})"
-
-
 def resize(image: torch.Tensor, target: Target | None, height: int, width: int
            ) -> tuple[torch.Tensor, Target | None]:
     """Resize image [3, H, W] to [3, height, width] (bilinear, antialiased when shrinking).

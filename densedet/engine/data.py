@@ -18,9 +18,9 @@ import torch
 
 from ..config import Config, ConfigError, DataConfig
 from ..data.ssd_augment import PhotometricDistort, SSDAugmentation
-from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop, RandomPadBand,
-                    RandomRotate90, ResizeShortestEdge, TiledDataset, DatasetError, align_classes, load_coco,
-                    load_csv, load_voc, image_size, load_image, make_digit_scenes, record_size, record_target)
+from ..data import (Compose, DetectionData, DetectionDataset, RandomHorizontalFlip, RandomObjectCrop, RandomRotate90,
+                    ResizeShortestEdge, TiledDataset, DatasetError, align_classes, load_coco, load_csv, load_voc,
+                    image_size, load_image, make_digit_scenes, record_size, record_target)
 from ..data.images import missing_image_hint
 from ..data.split import split_by_image, split_by_region
 
@@ -185,10 +185,7 @@ def build_train_dataset(cfg: Config, data: DetectionData):
         if d.photometric:
             transforms.append(PhotometricDistort())     # after the crop: on the window's pixels only
     if d.rotate90:
-        transforms.append(RandomRotate90())                 # square windows and SSD's warp keep their size
-    if d.pad_band > 0:
-        # last: the test-time padding is on the right and bottom, whatever the turn
-        transforms.append(RandomPadBand(d.pad_band, cfg.model.image_mean, min_visibility=d.crop_min_visibility))
+        transforms.append(RandomRotate90())                 # last: square windows and SSD's warp keep their size
     transform = Compose(transforms) if transforms else None
     if d.tile_size > 0:
         return TiledDataset(data, d.tile_size, d.tile_overlap, transforms=transform,
