@@ -741,3 +741,51 @@ def test_training_raises_ap_on_the_digit_scenes(make_tiny_config, tmp_path, rest
     assert trained["iterations"] == 120
     assert trained["AP50"] >= 0.2 and trained["AP50"] > untrained["AP50"] + 0.15
     assert trained["AP"] >= 0.08 and trained["AP"] > untrained["AP"] + 0.06
+
+
+def test_evaluation_batches_images_of_one_size(tiny_config, tmp_path, restore_torch_globals):
+    """The model pads a batch to its largest image, and a small image padded with a large one's
+    border scores worse than alone: evaluation batches images of one size, so each image gets the
+    detections it gets on its own, and the sizes' order does not matter."""
+    import numpy as np
+    from PIL import Image
+    from densedet.data import DetectionData, ImageRecord
+    from densedet.engine.evaluate import predict_dataset
+    from densedet.models import build_from_config
+    from densedet.tiling import batches_of_one_size
+    assert batches_of_one_size("abcdef", [(1, 2), (3, 4), (1, 2), (1, 2), (3, 4), (5, 5)], 2) == [
+        ["a", "c"], ["d"], ["b", "e"], ["f"]]
+    cfg = tiny_config()
+    cfg.model.score_thresh = 0.0                  # an untrained model: keep every box
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model).eval()
+    shapes = []
+    forward = model.forward
+
+    def recording(images, *args, **kwargs):
+        shapes.append({tuple(im.shape) for im in images})
+        return forward(images, *args, **kwargs)
+
+    model.forward = recording
+    rng = np.random.default_rng(0)
+    records = []
+    for k, (h, w) in enumerate([(64, 96), (128, 128), (64, 96), (128, 128), (96, 64)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+        records.append(ImageRecord(str(tmp_path / f"{k}.png"), k + 1, h, w, np.array([[2, 2, 20, 20]], np.float32),
+                                   np.array([0])))
+    data = DetectionData(records, ["thing"], None, "sizes")
+
+    def by_image(results):
+        out = {}
+        for r in results:
+            out.setdefault(r["image_id"], []).append(r["bbox"] + [r["score"], r["category_id"]])
+        return {k: torch.tensor(v) for k, v in out.items()}
+
+    batched = by_image(predict_dataset(model, data, batch_size=4))
+    assert all(len(s) == 1 for s in shapes) and len(shapes) == 3       # (64, 96) x2, (128, 128) x2, (96, 64)
+    alone = {}
+    for record in records:
+        alone.update(by_image(predict_dataset(model, DetectionData([record], ["thing"], None, "one"), batch_size=1)))
+    assert batched.keys() == alone.keys() == {1, 2, 3, 4, 5}
+    for k in alone:
+        torch.testing.assert_close(batched[k], alone[k], atol=1e-4, rtol=1e-5)

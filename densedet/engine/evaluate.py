@@ -11,10 +11,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import DataConfig
-from ..data import DetectionData, DetectionDataset, to_coco_dict
+from ..data import DetectionData, DetectionDataset, record_size, to_coco_dict
 from ..device import autocast, flush_denormals
 from ..evaluation import detections_to_coco, evaluate_coco
-from ..tiling import detect_tiled
+from ..tiling import batches_of_one_size, detect_tiled
 from ..tta import TTAConfig, tta_inference
 
 __all__ = ["predict_dataset", "evaluate_model", "eval_tiles"]
@@ -44,17 +44,20 @@ def predict_dataset(model: nn.Module, data: DetectionData, batch_size: int = 8,
     def detect(images: list) -> list[dict]:
         return model(images) if tta is None else tta_inference(model, images, tta)
 
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
+    # images of one size go together: a batch is padded to its largest image (see detect_tiled)
+    sizes = [record_size(data.records[i], data.source) for i in indices]
+    done = 0
+    for chunk in batches_of_one_size(indices, sizes, batch_size):
         images = [dataset[i][0].to(device) for i in chunk]
         with autocast(device, dtype):
-            detections = detect(images) if tiles is None else \
-                detect_tiled(detect, images, *tiles, batch_size, float(getattr(model, "nms_thresh", 0.5)))
+            detections = detect_tiled(detect, images, *(tiles or (0, 0)), batch_size,
+                                      float(getattr(model, "nms_thresh", 0.5)))
         detections = [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()} for d in detections]
         image_ids = [int(data.records[i].image_id) for i in chunk]
         results += detections_to_coco(detections, image_ids, data.category_ids)
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + batch_size, len(indices)), len(indices))
+            progress(done, len(indices))
     model.train(was_training)
     return results
 
