@@ -75,6 +75,7 @@ import numpy as np
 from .config import Config, from_dict, to_dict, validate
 from .data import DetectionData, record_size
 from .data.split import region_layout
+from .data.transforms import shortest_edge_factor
 from .errors import UsageError
 from .models import PRESETS
 
@@ -703,8 +704,8 @@ def _retinanet_input(s: DataSummary) -> tuple[np.ndarray, dict[str, Any], list[D
     follow, one_scale = size_rule == "follow", size_rule == "own"
     tiled, tile_rows = tiling(s, scale=up, whole=follow)
     ref = tile_rows[-1].value if tiled.any() else None
-    factors = np.array([(up, up) if one_scale else _resize_factor(ref if t else hw, min_size, max_size)
-                        for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).reshape(-1, 2)
+    factors = np.array([up if one_scale else shortest_edge_factor(*(ref if t else hw), min_size, max_size)
+                        for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]).repeat(2).reshape(-1, 2)
     # with one scale the model would scale a shrunk image again; following, large images are shrunk
     load_rows = [] if one_scale else load_shrink(s, tiled, scale=min(up, float(factors.min())) if follow else up)
     view = {"up": up, "min_size": min_size, "tiled": tiled, "ref": ref, "follow": follow,
@@ -791,12 +792,6 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
     rows += optimisation(o, arch, backbone, k, batch)
     rows += augmentation(o, k, arch) + detection_selection(s)
     return rows
-
-
-def _resize_factor(hw, min_size: int, max_size: int) -> tuple[float, float]:
-    h, w = hw
-    f = min(min_size / min(h, w), max_size / max(h, w))
-    return f, f
 
 
 # -- into a config --------------------------------------------------------------------------------

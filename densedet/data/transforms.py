@@ -109,6 +109,12 @@ def resize(image: torch.Tensor, target: Target | None, height: int, width: int
     return image, target
 
 
+def shortest_edge_factor(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The factor that brings an image's shorter side to ``min_size`` with its longer side at most
+    ``max_size``: the detectron2 / RetinaNet input rule (the model's preprocessor applies it)."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
 class ResizeShortestEdge:
     """Resize so the shorter side is one of `min_sizes` (chosen at random per call) while the
     longer side stays <= max_size — the detectron2/RetinaNet input rule. Several min_sizes give
@@ -122,7 +128,7 @@ class ResizeShortestEdge:
         self.max_size = max_size
 
     def output_size(self, height: int, width: int, min_size: int) -> tuple[int, int]:
-        scale = min(min_size / min(height, width), self.max_size / max(height, width))
+        scale = shortest_edge_factor(height, width, min_size, self.max_size)
         return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
@@ -230,9 +236,7 @@ class RandomObjectCrop:
         """The window's side in the pixels of an image whose model input is that of a ``height x width`` image."""
         if self.model_size is None:
             return self.size
-        min_size, max_size = self.model_size
-        factor = min(min_size / min(height, width), max_size / max(height, width))
-        return max(16, int(round(self.size / factor)))
+        return max(16, int(round(self.size / shortest_edge_factor(height, width, *self.model_size))))
 
     @staticmethod
     def _start(lo: float, hi: float, window: int, length: int) -> int:
