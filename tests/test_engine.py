@@ -173,6 +173,24 @@ def test_batch_stream_crops_are_seeded_per_sample_windows_of_the_image(tiny_conf
     assert len(origins) > 6
 
 
+def test_windows_in_model_pixels_reach_the_model_at_their_size(tiny_config):
+    """data.crop_model_pixels: the training windows are cut at size / the image's resize factor, and
+    the model's preprocessor brings each back to size (here 48 px at model.min_size 2x the image)."""
+    from densedet.models import build_from_config
+    cfg = tiny_config()
+    cfg.data.crop_sizes, cfg.data.crop_model_pixels, cfg.data.hflip_prob = [48], True, 0.0
+    data = load_split(cfg.data, "train")
+    height, width = data.records[0].height, data.records[0].width
+    cfg.model.min_size, cfg.model.max_size = 2 * min(height, width), 2 * max(height, width)
+    dataset = build_train_dataset(cfg, data)
+    stream = BatchStream(dataset, 2, seed=0, crop_sizes=cfg.data.crop_sizes)
+    images, targets = stream.batch(0)
+    assert all(image.shape[-2:] == (24, 24) for image in images)          # 48 model px of a 2x image
+    model = build_from_config(cfg.model).train()
+    _, sizes, _ = model.preprocessor(images, targets)
+    assert sizes == [(48, 48)] * len(images)
+
+
 def test_batch_stream_crop_sizes_draw_one_window_size_per_batch_at_equal_pixels(tiny_config):
     """data.crop_sizes [32, 64] at batch 2: a batch is 2 windows of 64 px or 8 of 32 px, drawn by
     iteration; batches take consecutive samples of the run, a fresh stream (a resumed run) draws the
