@@ -3,18 +3,24 @@
 The exported graph takes what :class:`~densedet.models.preprocess.ImagePreprocessor` produces and
 returns final detections, so a deployment needs only onnxruntime (see ``densedet/onnx_runner.py``)::
 
-    inputs   images       [B, 3, H, W] float32, normalised and zero-padded (H, W fixed at export)
+    inputs   images       [B, 3, H, W] float32, normalised and zero-padded
              image_sizes  [B, 2] float32, (h, w) of the valid (resized, unpadded) region of each image
     outputs  boxes        [B, D, 4] float32, (x1, y1, x2, y2) in input pixels, clipped to image_sizes
              scores       [B, D] float32, decreasing; 0 in padding slots
              labels       [B, D] int64, 0..K-1; -1 in padding slots
-             num_detections [B] int64, the number of valid slots (D = detections_per_img)
+             num_detections [B] int64, the number of valid slots (D = detections_per_img, or fewer
+                          where the input has fewer candidates)
 
-The batch dimension is dynamic; height and width are fixed because the anchors are baked in as
-constants. Post-processing mirrors the PyTorch model step by step (sigmoid / softmax and box
-decoding in fp32, per-level resp. per-class top-k, class-wise NMS, the D best per image); the NMS
-is ONNX's ``NonMaxSuppression`` operator, which suppresses at IoU > threshold and keeps scores >
-threshold, the same conventions as :func:`densedet.boxes.batched_nms`.
+The batch dimension is dynamic. Height and width are dynamic too for a model that resizes each
+image by its own size (RetinaNet: any multiple of ``size_divisible`` up to the export size, so
+each batch is padded only to its largest image, as in PyTorch), and fixed for one that warps every
+image to one size (RefineDet) or whose anchors depend on the padded size (the torchvision preset's
+inferred strides); :func:`dynamic_size_problem` says which.
+
+Post-processing mirrors the PyTorch model step by step (sigmoid / softmax and box decoding in
+fp32, per-level resp. per-class top-k, class-wise NMS, the D best per image); the NMS is ONNX's
+``NonMaxSuppression`` operator, which suppresses at IoU > threshold and keeps scores > threshold,
+the same conventions as :func:`densedet.boxes.batched_nms`.
 
 How: the post-processing is an ordinary ``nn.Module`` (:class:`OnnxDetector`) traced by the
 TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, which needs no onnxscript);
@@ -43,11 +49,15 @@ from .backbones.resnet import FrozenBatchNorm2d
 from .boxes import batched_nms
 from .models.base import DenseDetector, best_per_image, vote_boxes
 
-__all__ = ["export_onnx", "OnnxDetector", "onnx_nms", "default_export_size", "optimize_for_inference",
+__all__ = ["export_onnx", "OnnxDetector", "onnx_nms", "default_export_size", "dynamic_size_problem",
+           "optimize_for_inference",
            "fuse_conv_bn", "sidecar_path", "SIDECAR_FORMAT"]
 
 SIDECAR_FORMAT = "densedet-onnx-v1"
 INPUT_NAMES = ["images", "image_sizes"]
+# the smallest default largest side of a dynamic-size export: RetinaNet's max_size; its anchor grids
+# (the graph's only size-bound constants) then take about 5 MB
+DYNAMIC_MIN_SIDE = 1333
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 
 
@@ -100,19 +110,23 @@ def onnx_nms(boxes: Tensor, scores: Tensor, max_per_class: int, iou_thresh: floa
 # The exportable detector
 # ----------------------------------------------------------------------------------------------
 
-def default_export_size(model: DenseDetector) -> tuple[int, int]:
-    """The model's fixed input size if it has one, else a square of its ``min_size`` padded up to
-    ``size_divisible`` (RetinaNet's 800 → 896 with the default divisor 128)."""
+def default_export_size(model: DenseDetector, dynamic_size: bool = False) -> tuple[int, int]:
+    """The model's fixed input size if it has one; else, for a fixed-size export, a square of its
+    ``min_size`` padded up to ``size_divisible`` (RetinaNet's 800 → 896 with the default divisor
+    128), and for a dynamic-size export the largest input: a square of its ``max_size``, and at least
+    of :data:`DYNAMIC_MIN_SIDE` (a model with ``scale_as`` resizes an image larger than that size
+    beyond ``max_size``), padded up (1333 → 1408)."""
     pre = model.preprocessor
     if pre.fixed_size is not None:
         return tuple(int(s) for s in pre.fixed_size)
     d = pre.size_divisible
-    side = int(math.ceil(max(pre.min_size) / d) * d)
+    side = max(pre.max_size, DYNAMIC_MIN_SIDE) if dynamic_size else max(pre.min_size)
+    side = int(math.ceil(side / d) * d)
     return side, side
 
 
 class OnnxDetector(nn.Module):
-    """Network + post-processing on a fixed input size, with dense, padded outputs.
+    """Network + post-processing, with dense, padded outputs.
 
     ``forward(images [B, 3, H, W], image_sizes [B, 2]) -> (boxes [B, D, 4], scores [B, D],
     labels [B, D], num_detections [B])`` — see the module docstring. The model's own
@@ -120,26 +134,57 @@ class OnnxDetector(nn.Module):
     :func:`~densedet.models.base.select_detections` in fixed shapes (ONNX ``NonMaxSuppression``
     per class, then the same :func:`~densedet.models.base.best_per_image`, and the model's box voting
     when it has it, :func:`~densedet.models.base.vote_boxes`).
+
+    ``image_size`` is the input size, or with ``dynamic_size`` the largest one: the graph then takes
+    any ``H x W`` up to it in multiples of the model's ``size_divisible``. Anchors do not depend on
+    the input size (fixed strides), so each level's anchors are stored once as a grid for the largest
+    input, and the graph cuts the top-left ``H_l x W_l`` of it for the feature map it gets: the same
+    float32 values the model computes, with no anchor arithmetic in the graph.
     """
 
-    def __init__(self, model: DenseDetector, image_size: Sequence[int]) -> None:
+    def __init__(self, model: DenseDetector, image_size: Sequence[int], dynamic_size: bool = False) -> None:
         super().__init__()
         self.model = model.eval()
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.dynamic_size = bool(dynamic_size)
         d = model.preprocessor.size_divisible
         if self.image_size[0] % d or self.image_size[1] % d:
             raise ValueError(f"export size {self.image_size} must be a multiple of the model's "
                              f"size_divisible={d} (the pyramid levels must tile the input exactly)")
+        problem = dynamic_size_problem(model) if self.dynamic_size else None
+        if problem:
+            raise ValueError(f"a dynamic-size export needs the model's own resize and fixed anchors: {problem}")
         device = next(model.parameters()).device
         with torch.no_grad():
-            _, anchors = model.dense_forward(torch.zeros(1, 3, *self.image_size, device=device))
+            features = model.features(torch.zeros(1, 3, *self.image_size, device=device))
+        grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        anchors = model.anchors(self.image_size, grids, device)
         self.level_sizes = [len(a) for a in anchors]
         self.register_buffer("anchors", torch.cat(anchors).float(), persistent=False)
+        if self.dynamic_size:                          # per level [H_l, W_l, A, 4], in (y, x, a) order
+            self.strides = list(model.anchor_spec().strides)
+            if grids != model.grid_sizes(self.image_size):
+                raise ValueError(f"the feature maps of a {self.image_size} input are {grids}, not the "
+                                 f"ceil(side / stride) cells of the strides {self.strides}")
+            for level, ((h, w), a) in enumerate(zip(grids, anchors)):
+                self.register_buffer(f"grid{level}", a.float().reshape(h, w, -1, 4), persistent=False)
+
+    def level_anchors(self, images: Tensor) -> list[Tensor]:
+        """Per level ``[H_l·W_l·A, 4]``: the stored anchors, or with ``dynamic_size`` the part of
+        each level's grid that its feature map covers, ``ceil(side / stride)`` cells a side
+        (:meth:`~densedet.models.base.DenseDetector.grid_sizes`) of the input's traced shape. The
+        graph reads the input's shape, not the feature maps', so that a quantized body's tensors
+        feed nothing but the network."""
+        if not self.dynamic_size:
+            return list(self.anchors.split(self.level_sizes))
+        height, width = images.shape[-2], images.shape[-1]
+        return [getattr(self, f"grid{level}")[:(height + s - 1) // s, :(width + s - 1) // s].reshape(-1, 4)
+                for level, s in enumerate(self.strides)]
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m = self.model
         outputs = m.head_outputs(m.features(m.network_layout(images)))
-        candidates = m.decode(outputs, list(self.anchors.split(self.level_sizes)), image_sizes)
+        candidates = m.decode(outputs, self.level_anchors(images), image_sizes)
         boxes, scores, labels, keep = candidates
         # per-class score planes [B, K, N]: a candidate scores only in its own class's plane
         classes = torch.arange(m.num_classes, device=labels.device).view(1, -1, 1)
@@ -152,6 +197,24 @@ class OnnxDetector(nn.Module):
         if m.box_vote:
             top_boxes = vote_boxes(top_boxes, top_labels, candidates, m.nms_thresh)
         return _padded(_clip(top_boxes, image_sizes), top_scores, top_labels, valid)
+
+
+def dynamic_size_problem(model: DenseDetector) -> str | None:
+    """Why a dynamic-size export would not give the model's detections, or None where it would.
+    Two cases: a model that warps every image to one fixed size (its input never varies), and
+    anchors that move with the padded input size (torchvision's inferred strides), which a cut of
+    the largest input's grid would not reproduce."""
+    pre = model.preprocessor
+    if pre.fixed_size is not None:
+        return f"{model.arch} resizes every image to {tuple(pre.fixed_size)}"
+    d = pre.size_divisible
+    large, small = (8 * d, 8 * d), (5 * d, 3 * d)
+    full, small_grids = model.anchors(large, model.grid_sizes(large)), model.grid_sizes(small)
+    cut = [a.reshape(h, w, -1, 4)[:hs, :ws].reshape(-1, 4)
+           for a, (h, w), (hs, ws) in zip(full, model.grid_sizes(large), small_grids)]
+    if not all(torch.equal(a, b) for a, b in zip(cut, model.anchors(small, small_grids))):
+        return "its anchors depend on the padded input size (inferred strides, as in the torchvision preset)"
+    return None
 
 
 def _clip(boxes: Tensor, image_sizes: Tensor) -> Tensor:
@@ -178,7 +241,8 @@ def sidecar_path(onnx_path: str | Path) -> Path:
     return Path(str(onnx_path) + ".json")
 
 
-def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, class_names: list[str] | None) -> dict:
+def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, class_names: list[str] | None,
+             dynamic_size: bool = False) -> dict:
     pre = model.preprocessor
     fixed = pre.fixed_size is not None
     num_classes = int(model.num_classes)
@@ -189,6 +253,10 @@ def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, clas
         "format": SIDECAR_FORMAT,
         "arch": model.arch,
         "input_size": list(image_size),
+        # true: the graph takes any H x W up to input_size in multiples of size_divisible, and a
+        # runner pads a batch only to its largest image, rounded up to the divisor (as PyTorch does)
+        "dynamic_size": bool(dynamic_size),
+        "size_divisible": int(pre.size_divisible),
         # warp: stretch to exactly (H, W), as fixed_size models do; fit: keep the aspect ratio,
         # scale as the model does (shorter side to min_size, longer side at most max_size), or less
         # where that would not fit inside (H, W), and pad bottom/right with zeros after normalising.
@@ -211,20 +279,25 @@ def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, clas
 
 def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | None = None, batch_size: int = 1,
                 opset: int = 17, dynamic_batch: bool = True, class_names: list[str] | None = None,
-                sidecar_extra: dict | None = None) -> Path:
+                sidecar_extra: dict | None = None, dynamic_size: bool | None = None) -> Path:
     """Write ``model`` (RetinaNet or RefineDet) as an ONNX file with post-processing inside, plus
     the JSON sidecar ``<path>.json``.
 
     Args:
         model: a densedet detector; exported in eval mode on CPU (the caller's model is not moved).
         path: output ``.onnx`` file.
-        image_size: ``(H, W)`` of the padded input; default :func:`default_export_size`.
+        image_size: ``(H, W)`` of the padded input (with ``dynamic_size``, the largest); default
+            :func:`default_export_size`.
         batch_size: batch size of the example used for tracing (the batch axis stays dynamic
             unless ``dynamic_batch=False``).
         opset: ONNX opset (≥ 11 for NonMaxSuppression's tie-breaking and TopK semantics).
         class_names: stored in the sidecar; default ``model.class_names`` or "0".."K-1".
         sidecar_extra: more fields for the sidecar (``densedet export`` adds the checkpoint's
             config, so ``densedet eval --backend`` finds the data; see :mod:`densedet.deploy`).
+        dynamic_size: height and width as dynamic axes (any multiple of ``size_divisible`` up to
+            ``image_size``), so each image runs at the size the model resizes it to, unpadded but
+            for the divisor, as in PyTorch. Default: wherever :func:`dynamic_size_problem` finds
+            nothing against it; else one fixed size, to which every image is fitted and padded.
 
     Returns:
         ``path``. The graph's inputs/outputs are listed in the module docstring.
@@ -234,12 +307,20 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
-    size = tuple(int(s) for s in image_size) if image_size is not None else default_export_size(model)
-    sidecar = {**_sidecar(model, size, opset, class_names), **(sidecar_extra or {})}
-    wrapper = OnnxDetector(model.eval(), size)
+    if dynamic_size is None:
+        dynamic_size = dynamic_size_problem(model) is None
+    size = tuple(int(s) for s in image_size) if image_size is not None else default_export_size(model, dynamic_size)
+    sidecar = {**_sidecar(model, size, opset, class_names, dynamic_size), **(sidecar_extra or {})}
+    wrapper = OnnxDetector(model.eval(), size, dynamic_size=dynamic_size)
     images = torch.zeros(batch_size, 3, *size, device=wrapper.anchors.device)
     sizes = torch.tensor([size] * batch_size, dtype=torch.float32, device=images.device)
-    dynamic_axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES} if dynamic_batch else None
+    dynamic_axes = {name: {} for name in INPUT_NAMES + OUTPUT_NAMES}
+    if dynamic_batch:
+        for name in dynamic_axes:
+            dynamic_axes[name][0] = "batch"
+    if dynamic_size:
+        dynamic_axes["images"].update({2: "height", 3: "width"})
+    dynamic_axes = {name: axes for name, axes in dynamic_axes.items() if axes} or None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")    # the TorchScript exporter's deprecation and tracer notices
@@ -248,8 +329,27 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | 
                               do_constant_folding=True)
     finally:
         model.train(was_training)
+    if dynamic_size:
+        _name_output_axes(path, "batch" if dynamic_batch else batch_size)
     sidecar_path(path).write_text(json.dumps(sidecar, indent=2))
     return path
+
+
+def _name_output_axes(path: Path, batch: str | int) -> None:
+    """Write the outputs' axes that the exporter's shape inference leaves unnamed after a
+    dynamic-size trace: the batch (``batch``: its name, or its fixed size) and the detection slots."""
+    import onnx
+    graph_model = onnx.load(str(path))
+    leading = {"boxes": (batch, "detections"), "scores": (batch, "detections"), "labels": (batch, "detections"),
+               "num_detections": (batch,)}
+    for output in graph_model.graph.output:
+        for dim, value in zip(output.type.tensor_type.shape.dim, leading[output.name]):
+            dim.Clear()
+            if isinstance(value, int):
+                dim.dim_value = value
+            else:
+                dim.dim_param = value
+    onnx.save(graph_model, str(path))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Reads ``model.onnx`` and its sidecar ``model.onnx.json`` (written by ``densedet 
 for each image: decode to RGB, scale to [0, 1], normalise with the sidecar's mean/std, resize the
 way the PyTorch preprocessor does (bilinear, half-pixel centres, no antialiasing — the same
 arithmetic as ``F.interpolate(..., mode="bilinear", align_corners=False)``), zero-pad to the export
-size, run the graph and map the boxes back to the original image's pixels.
+size (or, for a dynamic-size export, to the batch's largest image rounded up to the sidecar's
+``size_divisible``), run the graph and map the boxes back to the original image's pixels.
 
 This file imports nothing from densedet, so it can be copied next to the model and run alone. It
 runs fp32 and int8 (``densedet export --int8``) ONNX files alike. Inside densedet the same files run
@@ -98,7 +99,8 @@ class OnnxDetectorRunner:
                                             providers=list(providers or ["CPUExecutionProvider"]))
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """``[H, W, 3]`` uint8 → (normalised, resized, zero-padded ``[3, H_in, W_in]``, resized (h, w))."""
+        """``[H, W, 3]`` uint8 → (normalised and resized ``[3, h, w]``, (h, w)); ``__call__`` pads a
+        batch of them to :meth:`batch_shape`."""
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an [H, W, 3] RGB image, got shape {image.shape}")
         x = (image.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0) - self.mean) / self.std
@@ -117,15 +119,24 @@ class OnnxDetectorRunner:
                 if np.floor(h * own) <= self.height and np.floor(w * own) <= self.width:
                     scale = own
             nh, nw = min(self.height, int(np.floor(h * scale))), min(self.width, int(np.floor(w * scale)))
-        x = resize_bilinear(x, nh, nw)
-        padded = np.zeros((3, self.height, self.width), np.float32)
-        padded[:, :nh, :nw] = x
-        return padded, (nh, nw)
+        return resize_bilinear(x, nh, nw), (nh, nw)
+
+    def batch_shape(self, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """The export size, or for a dynamic-size export the batch's largest image rounded up to
+        the sidecar's ``size_divisible`` (never beyond the export size)."""
+        if not self.meta.get("dynamic_size"):
+            return self.height, self.width
+        d = int(self.meta["size_divisible"])
+        return (min(self.height, -(-max(h for h, _ in sizes) // d) * d),
+                min(self.width, -(-max(w for _, w in sizes) // d) * d))
 
     def __call__(self, images: Sequence[np.ndarray], score_thresh: float | None = None) -> list[dict]:
-        batch, sizes = zip(*(self.preprocess(im) for im in images))
+        resized, sizes = zip(*(self.preprocess(im) for im in images))
+        batch = np.zeros((len(images), 3, *self.batch_shape(sizes)), np.float32)
+        for b, x in enumerate(resized):
+            batch[b, :, :x.shape[1], :x.shape[2]] = x
         boxes, scores, labels, counts = self.session.run(
-            None, {"images": np.stack(batch), "image_sizes": np.asarray(sizes, np.float32)})
+            None, {"images": batch, "image_sizes": np.asarray(sizes, np.float32)})
         thresh = self.meta["score_thresh"] if score_thresh is None else score_thresh
         results = []
         for i, image in enumerate(images):

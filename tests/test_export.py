@@ -210,14 +210,14 @@ def test_runner_fit_resize_equals_torch_preprocessor():
     runner.height = runner.width = 128
     runner.mean = np.asarray([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
     runner.std = np.asarray([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
-    padded, size = runner.preprocess(image)
+    resized, size = runner.preprocess(image)
     pre = ImagePreprocessor(min_size=64, max_size=128, size_divisible=128).eval()
     batch, sizes, _ = pre([torch.from_numpy(image.transpose(2, 0, 1).copy()).float() / 255])
-    assert size == sizes[0] == (128, 64)
+    assert size == sizes[0] == (128, 64) and runner.batch_shape([size]) == (128, 128)
     # torch's kernel rounds its source coordinates slightly differently at a few pixels (~1e-5 on
     # normalised values in [-2.2, 2.7]); far below what changes a detection
-    np.testing.assert_allclose(padded, batch[0].numpy(), atol=1e-4)
-    assert (padded[:, :, 64:] == 0).all()
+    np.testing.assert_allclose(resized, batch[0, :, :, :64].numpy(), atol=1e-4)
+    assert (batch[0, :, :, 64:] == 0).all()
 
 
 def test_runner_and_deploy_resize_as_the_preprocessor_with_scale_as():
@@ -297,6 +297,88 @@ def test_onnx_nms_matches_eager_semantics(tmp_path):
 # RefineDet (two-step decoding, ARM filtering), with a tiny backbone to keep the test fast
 # ----------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------
+# RetinaNet with its own resize: an export of dynamic size
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dynamic_export(tmp_path_factory):
+    """A RetinaNet that resizes each image by its own size (shorter side 128, longer at most 512),
+    one class so that the coarse levels of a small input hold fewer than ``topk_candidates`` scores,
+    exported with dynamic height and width (traced at its largest input, 512 x 512)."""
+    torch.manual_seed(0)
+    paths = _deepforest_images()
+    full = [load_image(str(p)).float() / 255 for p in paths]
+    # a tall and a wide crop, a small square and two photos: five sizes after resizing
+    images = [full[2][:, :300, :120], full[2][:, 40:100, :400], full[2][:, :90, :90], full[2], full[0]]
+    model = densedet.build_model("retinanet_r18_fpn", num_classes=1, min_size=128, max_size=512, fpn_channels=32,
+                                 head_convs=1, score_thresh=0.05, detections_per_img=300).eval()
+    _spread_scores(model, images, _calibrate_retinanet, per_image=600)
+    path = tmp_path_factory.mktemp("onnx_dyn") / "dynamic.onnx"
+    export_onnx(model, path, class_names=["tree"])
+    return model, images, path
+
+
+def test_dynamic_size_export_matches_pytorch_at_every_size(dynamic_export):
+    """Each image alone at its own size, and images of several sizes padded together as the model
+    pads them: the graph gives PyTorch's detections, including at sizes whose levels hold fewer
+    candidates than the traced input's (a top-k count baked in at trace time would fail there)."""
+    model, images, path = dynamic_export
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    shapes = set()
+    for group in ([0], [1], [2], [3], [4], [0, 1, 2]):
+        batch, sizes, refs = _torch_reference(model, [images[i] for i in group])
+        shapes.add(tuple(batch.shape[-2:]))
+        out = session.run(None, {"images": batch.numpy(), "image_sizes": np.asarray(sizes, np.float32)})
+        _assert_same_detections(refs, *out)
+    assert len(shapes) >= 4 and (128, 128) in shapes
+    # at 128 x 128 the coarsest level has 1 x 1 x 9 anchors: fewer than the 1000 a top-k takes there
+    assert model.grid_sizes((128, 128))[-1] == (1, 1) and model.topk_candidates > 9
+
+
+def test_dynamic_size_sidecar_and_runner(dynamic_export):
+    """The sidecar says the size is dynamic; the torch-free runner and the deploy backend pad a
+    batch only to its largest image, rounded up to size_divisible, and give model(images)."""
+    from densedet.deploy import load_deployed
+    from densedet.deploy.common import preprocess_images
+    model, images, path = dynamic_export
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["dynamic_size"] is True and meta["size_divisible"] == 128
+    assert meta["input_size"] == [1408, 1408]          # max(max_size, 1333) padded up to the divisor
+    with torch.no_grad():
+        refs = model(images[:3])
+    batch, sizes = preprocess_images(images[:3], meta)
+    assert tuple(batch.shape[-2:]) == (384, 512) and sizes == [(320, 128), (76, 512), (128, 128)]
+    runner = _load_runner_module().OnnxDetectorRunner(path)
+    hwc = [(im.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy() for im in images[:3]]
+    for detector, inputs in ((runner, hwc), (load_deployed(path), images[:3])):
+        for ref, det in zip(refs, detector(inputs)):
+            assert len(det["scores"]) == len(ref["scores"]) > 0
+            if detector is not runner:         # the runner reads 8-bit pixels: its scores differ slightly
+                missing, extra = _match(ref, *(np.asarray(det[k]) for k in ("boxes", "scores", "labels")))
+                assert not missing and not len(extra)
+
+
+def test_dynamic_size_only_where_it_gives_the_models_detections(tmp_path):
+    """A fixed-size model (RefineDet's warp) and anchors that follow the padded size (the
+    torchvision preset's inferred strides) export at one fixed size by default, and refuse a
+    dynamic one; a RetinaNet with its own resize and fixed strides exports dynamic by default."""
+    from densedet.export import dynamic_size_problem
+    preset = densedet.build_model("retinanet_r50_fpn_torchvision", num_classes=2, min_size=128, max_size=128)
+    refinedet = RefineDet(3, backbone=_TinyBackbone(), image_size=320, tcb_channels=16)
+    own = densedet.build_model("retinanet_r18_fpn", num_classes=2, min_size=128, max_size=128, fpn_channels=16,
+                               head_convs=1)
+    assert "inferred strides" in dynamic_size_problem(preset)
+    assert "resizes every image to (320, 320)" in dynamic_size_problem(refinedet)
+    assert dynamic_size_problem(own) is None
+    for model in (preset, refinedet):
+        with pytest.raises(ValueError, match="dynamic-size export"):
+            OnnxDetector(model.eval(), (384, 384), dynamic_size=True)
+    path = export_onnx(refinedet, tmp_path / "rd.onnx")
+    assert json.loads(sidecar_path(path).read_text())["dynamic_size"] is False
+
+
 class _TinyBackbone(nn.Module):
     """Four levels at strides 8, 16, 32, 64 (what RefineDet expects of a backbone)."""
 
@@ -363,8 +445,14 @@ def test_export_cli_from_checkpoint(tmp_path, capsys):
     assert meta["class_names"] == ["tree", "bird"] and meta["input_size"] == [256, 384] and meta["resize"] == "fit"
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images", "image_sizes"]
-    assert session.get_inputs()[0].shape[1:] == [3, 256, 384]
-    assert "wrote" in capsys.readouterr().out
+    assert session.get_inputs()[0].shape[1:] == [3, "height", "width"] and meta["dynamic_size"]
+    assert "any size up to 256x384" in capsys.readouterr().out
+    fixed = tmp_path / "fixed.onnx"
+    args = parser.parse_args(["export", "--weights", str(ckpt), "--out", str(fixed), "--fixed-size"])
+    assert args.func(args) == 0
+    session = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [3, 256, 256]
+    assert not json.loads(sidecar_path(fixed).read_text())["dynamic_size"]
     with pytest.raises(ValueError, match="multiple of"):
         export_onnx(model, tmp_path / "bad.onnx", image_size=(250, 256))
 

@@ -79,13 +79,17 @@ def test_default_export_size():
     assert default_export_size(build_from_config(cfg)) == (128, 128)        # 100 padded up to 64's multiple
     cfg.min_size, cfg.size_divisible = 128, 32
     assert default_export_size(build_from_config(cfg)) == (128, 128)        # already a multiple
+    assert default_export_size(build_from_config(cfg), dynamic_size=True) == (1344, 1344)   # 1333 padded up
+    cfg.max_size = 2000
+    assert default_export_size(build_from_config(cfg), dynamic_size=True) == (2016, 2016)   # max_size padded up
     cfg.fixed_size = [96, 160]
     assert default_export_size(build_from_config(cfg)) == (96, 160)         # a fixed size wins
 
 
 def test_fit_export_matches_pytorch(fit_checkpoint, fit_export, digit_scenes):
     out, side = fit_export
-    assert side["resize"] == "fit" and side["input_size"] == [128, 128]     # default_export_size: 128 tiles 64
+    # dynamic size by default, up to max(max_size, 1333) padded to size_divisible 64
+    assert side["resize"] == "fit" and side["dynamic_size"] and side["input_size"] == [1344, 1344]
     images = _images(digit_scenes)
     _, batch, sizes, refs = _reference(fit_checkpoint, images)
     assert tuple(batch.shape[-2:]) == (128, 128) and [tuple(s) for s in sizes][2] == (128, 96)

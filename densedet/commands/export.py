@@ -32,7 +32,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True,
                    help="output file: model.onnx, or model.xml for openvino (sidecar: <file>.json)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="fixed input size (default: the model's fixed size, else min_size padded to size_divisible)")
+                   help="the largest input (a model that resizes each image by its own size takes any size up "
+                        "to it; default: max_size padded to size_divisible), or with --fixed-size the one input "
+                        "size (default: min_size padded); a model with a fixed size (RefineDet) keeps its own")
+    p.add_argument("--fixed-size", action="store_true",
+                   help="one fixed input size: every image is fitted into it and padded to it (default: height "
+                        "and width are dynamic wherever the model allows, so images are not padded beyond "
+                        "size_divisible, as in PyTorch)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--score-thresh", type=float, default=None, help="override the checkpoint's score threshold")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis to --batch-size")
@@ -88,12 +94,16 @@ def run(args: argparse.Namespace) -> int:
     extra = {"config": to_dict(cfg), "category_ids": ckpt.get("category_ids")}
     out = export_deployable(model, args.out, fmt=args.format, image_size=args.size, int8=args.int8,
                             calibration=calibration, batch_size=args.batch_size, opset=args.opset,
-                            dynamic_batch=not args.static_batch, class_names=ckpt.get("class_names"),
+                            dynamic_batch=not args.static_batch, dynamic_size=False if args.fixed_size else None,
+                            class_names=ckpt.get("class_names"),
                             sidecar_extra=extra,
                             reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
                             quantize_head_outputs=not args.fp32_head_outputs, nncf_preset=args.nncf_preset)
     side = json.loads(sidecar_path(out).read_text())
-    size_mb = sum(f.stat().st_size for f in (out, out.with_suffix(".bin")) if f.is_file()) / 1e6
+    files = (out, out.with_suffix(".bin")) if args.format == "openvino" else (out,)
+    size_mb = sum(f.stat().st_size for f in files if f.is_file()) / 1e6
+    size = "{}x{}".format(*side["input_size"])
+    size = f"any size up to {size}" if side["dynamic_size"] else size
     print(f"wrote {out} ({size_mb:.1f} MB, {side['precision']}) and {sidecar_path(out)}: {side['arch']}, input "
-          f"{side['input_size'][0]}x{side['input_size'][1]} ({side['resize']}), {len(side['class_names'])} classes")
+          f"{size} ({side['resize']}), {len(side['class_names'])} classes")
     return 0

@@ -6,7 +6,8 @@ with its ``.bin``) plus the JSON sidecar ``<file>.json`` (:func:`densedet.export
 called in eval mode — ``detector(images: list[[3, H, W] float in [0, 1]]) -> list[{"boxes" [D, 4]
 original pixels, "scores" [D], "labels" [D]}]`` — so :class:`~densedet.predict.Predictor` and
 :func:`~densedet.engine.evaluate.predict_dataset` take either. The preprocessing follows the sidecar
-(``warp`` or ``fit`` to the fixed export size, zero padding after normalising) with the same
+(``warp`` to the fixed export size, or ``fit`` by the model's own scale; zero padding after
+normalising, to the export size or, for a dynamic-size export, to the batch's largest image) with the same
 ``F.interpolate`` call as :class:`~densedet.models.preprocess.ImagePreprocessor`, so a fp32
 backend sees the same input tensor as PyTorch.
 """
@@ -28,7 +29,7 @@ from ..errors import DensedetError
 from ..export import SIDECAR_FORMAT, sidecar_path
 
 __all__ = ["BACKENDS", "DeployError", "MissingExtraError", "DeployFileError", "require", "read_sidecar",
-           "default_threads", "fit_scale", "preprocess_images", "DeployedDetector"]
+           "default_threads", "fit_scale", "batch_shape", "preprocess_images", "DeployedDetector"]
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 EXTRA = "pip install 'densedet[deploy]'"
@@ -97,10 +98,21 @@ def fit_scale(h: int, w: int, meta: dict) -> float:
     return scale if math.floor(h * scale) <= height and math.floor(w * scale) <= width else inside
 
 
+def batch_shape(sizes: Sequence[tuple[int, int]], meta: dict) -> tuple[int, int]:
+    """The ``(H, W)`` a batch of resized ``(h_i, w_i)`` images is padded to: the export size, or for
+    a dynamic-size export its largest image rounded up to ``size_divisible`` (as
+    :class:`~densedet.models.preprocess.ImagePreprocessor` pads), never beyond the export size."""
+    height, width = (int(s) for s in meta["input_size"])
+    if not meta.get("dynamic_size"):
+        return height, width
+    d = int(meta["size_divisible"])
+    return (min(height, -(-max(h for h, _ in sizes) // d) * d), min(width, -(-max(w for _, w in sizes) // d) * d))
+
+
 def preprocess_images(images: Sequence[Tensor], meta: dict) -> tuple[Tensor, list[tuple[int, int]]]:
-    """Float ``[3, H_i, W_i]`` images in [0, 1] → (``[B, 3, H, W]`` float32 at the export size, resized
-    ``(h_i, w_i)``), as the sidecar says: normalise, then ``warp`` (stretch to exactly ``(H, W)``) or
-    ``fit`` (one scale, :func:`fit_scale`; floored sides, bottom/right zero padding).
+    """Float ``[3, H_i, W_i]`` images in [0, 1] → (``[B, 3, H, W]`` float32, resized ``(h_i, w_i)``),
+    as the sidecar says: normalise, then ``warp`` (stretch to exactly the export size) or ``fit``
+    (one scale, :func:`fit_scale`; floored sides, bottom/right zero padding to :func:`batch_shape`).
 
     The arithmetic is :class:`~densedet.models.preprocess.ImagePreprocessor`'s (Python-float scale,
     ``F.interpolate`` bilinear with ``recompute_scale_factor``), so wherever the model's resized image
@@ -109,9 +121,8 @@ def preprocess_images(images: Sequence[Tensor], meta: dict) -> tuple[Tensor, lis
     height, width = (int(s) for s in meta["input_size"])
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(meta["std"], dtype=torch.float32).view(3, 1, 1)
-    batch = torch.zeros(len(images), 3, height, width)
-    sizes = []
-    for b, image in enumerate(images):
+    resized = []
+    for image in images:
         x = (image.float().cpu() - mean) / std
         h, w = x.shape[-2:]
         if meta["resize"] == "warp":
@@ -127,8 +138,11 @@ def preprocess_images(images: Sequence[Tensor], meta: dict) -> tuple[Tensor, lis
                 else:
                     x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
             x = x[:, :height, :width]
+        resized.append(x)
+    sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in resized]
+    batch = torch.zeros(len(images), 3, *batch_shape(sizes, meta))
+    for b, x in enumerate(resized):
         batch[b, :, :x.shape[-2], :x.shape[-1]] = x
-        sizes.append((int(x.shape[-2]), int(x.shape[-1])))
     return batch, sizes
 
 

@@ -39,7 +39,8 @@ def calibration_images(data, count: int, seed: int = 0) -> list[Tensor]:
 
 def export_deployable(model: nn.Module, path: str | Path, fmt: str = "onnx", image_size: Sequence[int] | None = None,
                       int8: bool = False, calibration: Sequence[Tensor] | None = None, batch_size: int = 1,
-                      opset: int = 17, dynamic_batch: bool = True, class_names: list[str] | None = None,
+                      opset: int = 17, dynamic_batch: bool = True, dynamic_size: bool | None = None,
+                      class_names: list[str] | None = None,
                       sidecar_extra: dict | None = None,
                       reduce_range: bool | None = None, quantize_head_outputs: bool = True,
                       nncf_preset: str = "performance") -> Path:
@@ -72,7 +73,8 @@ def export_deployable(model: nn.Module, path: str | Path, fmt: str = "onnx", ima
         direct = fmt == "onnx" and not int8
         onnx_path = path if direct else Path(tmp) / "fp32.onnx"
         export_onnx(folded, onnx_path, image_size=image_size, batch_size=batch_size, opset=opset,
-                    dynamic_batch=dynamic_batch, class_names=class_names, sidecar_extra=extra)
+                    dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, class_names=class_names,
+                    sidecar_extra=extra)
         if direct:
             return path
         meta = read_sidecar(onnx_path)

@@ -27,6 +27,7 @@ from ..matching import PaddedTargets
 from .preprocess import ImagePreprocessor
 
 __all__ = ["DenseDetector", "Candidates", "AnchorSpec", "select_detections", "best_per_image", "vote_boxes",
+           "top_count",
            "check_targets"]
 
 
@@ -83,6 +84,16 @@ def check_targets(targets: list[dict], num_images: int, num_classes: int) -> Non
             raise ValueError(f"{name}: box {j} {boxes[j].tolist()} has zero or negative width/height")
 
 
+def top_count(limit: int, available: int | Tensor) -> int | Tensor:
+    """``min(limit, available)``: how many a top-k over ``available`` entries takes. While tracing,
+    ``available`` is a graph value (a traced shape), and so is the result: an exported graph whose
+    input size is dynamic takes as many as each input offers, where a Python ``min`` would bake in
+    the count of the example it was traced with."""
+    if torch.jit.is_tracing() and isinstance(available, Tensor):
+        return torch.clamp(available, max=limit)
+    return min(limit, int(available))
+
+
 def best_per_image(image_idx: Tensor, candidate_idx: Tensor, scores: Tensor, limit: int
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """The ``limit`` best NMS survivors of each image, as dense tensors.
@@ -94,7 +105,7 @@ def best_per_image(image_idx: Tensor, candidate_idx: Tensor, scores: Tensor, lim
     """
     kept = torch.full_like(scores, -1.0)
     kept[image_idx, candidate_idx] = scores[image_idx, candidate_idx]
-    limit = min(limit, scores.shape[1])
+    limit = top_count(limit, scores.shape[1])
     if torch.jit.is_tracing():      # exports as ONNX TopK, which orders ties by lower index
         top_scores, top_idx = kept.topk(limit, dim=1)
     else:                           # torch.topk does not promise an order for ties; a stable sort does

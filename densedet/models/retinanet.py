@@ -25,7 +25,7 @@ from ..config import ConfigError, ModelConfig
 from ..losses import box_regression_loss, focal_loss_sum, foreground_normalizer
 from ..matching import Matcher, PaddedTargets, class_unknown, pad_targets
 from ..necks.fpn import FPN, BackboneWithFPN
-from .base import AnchorSpec, Candidates, DenseDetector
+from .base import AnchorSpec, Candidates, DenseDetector, top_count
 from .preprocess import ImagePreprocessor
 
 __all__ = ["RetinaNet", "RetinaNetHead", "build_retinanet", "resolve_norm", "best_above"]
@@ -251,7 +251,7 @@ class RetinaNet(DenseDetector):
         over anchors x classes, decoded and clipped to the image (torchvision's order: clip before NMS)."""
         logits, deltas = outputs["cls_logits"], outputs["bbox_deltas"]
         k = logits.shape[-1]
-        level_sizes = [len(a) for a in anchors]
+        level_sizes = [a.shape[0] for a in anchors]      # traced shapes in an export of dynamic size
         all_boxes, all_scores, all_labels = [], [], []
         for lg, dl, an in zip(logits.split(level_sizes, 1), deltas.split(level_sizes, 1), anchors):
             scores = torch.sigmoid(lg.float()).flatten(1)                                # [B, n·K]
@@ -279,7 +279,7 @@ def best_above(scores: Tensor, thresh: float, k: int) -> tuple[Tensor, Tensor]:
     """
     if torch.jit.is_tracing():
         masked = torch.where(scores > thresh, scores, torch.full_like(scores, -1.0))
-        return masked.topk(min(k, scores.shape[1]), dim=1)
+        return masked.topk(top_count(k, scores.shape[1]), dim=1)
     above = scores > thresh
     counts = above.sum(1)
     most = int(counts.max()) if counts.numel() else 0
