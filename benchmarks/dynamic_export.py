@@ -7,8 +7,8 @@ per image, in one run.
 Accuracy: COCO AP of torch fp32 and of onnxruntime (and OpenVINO, where installed) with each
 export, every model scored as ``densedet eval --backend`` scores it (``predict_dataset``, batches of
 images of one size). Speed: each validation image (up to ``--images``) detected alone, batch 1,
-by torch fp32 and by onnxruntime with each export; the modes alternate within each of ``--rounds``
-rounds (the median of a round's calls, then the median over rounds), and each is shown as a ratio
+by torch fp32 and by onnxruntime with each export, taking turns in each of ``--rounds`` rounds
+(a round's mean per image; the median over rounds and their range), each shown as a ratio
 to the fixed-size export measured in the same run. The fixed size defaults to the smallest square
 that holds every validation image as the model resizes it (what ``--size`` would have to be for a
 fixed-size export to run them without shrinking any). Timings need an otherwise idle machine.
@@ -43,8 +43,11 @@ def _fixed_side(model, images) -> int:
     return int(math.ceil(side / d) * d)
 
 
-def _time_per_image(detectors: dict, images: list, rounds: int) -> dict[str, float]:
-    """Median milliseconds per image of each detector, alternating detectors within every round."""
+def _time_per_image(detectors: dict, images: list, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds per image of each detector in every round (a round's mean over the images).
+    Within a round each detector runs every image in turn, after a pause of half a second: a
+    runtime's threads keep spinning for a while after a call and would slow whichever detector
+    runs next."""
     per_round = {name: [] for name in detectors}
     with torch.inference_mode():
         for detector in detectors.values():             # warm-up: one call at each image size
@@ -52,13 +55,14 @@ def _time_per_image(detectors: dict, images: list, rounds: int) -> dict[str, flo
                 detector([next(im for im in images if tuple(im.shape[-2:]) == size)])
         for _ in range(rounds):
             for name, detector in detectors.items():
+                time.sleep(0.5)
                 times = []
                 for image in images:
                     start = time.perf_counter()
                     detector([image])
                     times.append(time.perf_counter() - start)
-                per_round[name].append(1000 * statistics.median(times))
-    return {name: statistics.median(values) for name, values in per_round.items()}
+                per_round[name].append(1000 * statistics.fmean(times))
+    return per_round
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {stats['AP']:.3f} | {stats['AP50']:.3f} |", flush=True)
         timed = {name: d for name, d in detectors.items() if name != "ov dynamic"}   # its AP only
         ms = _time_per_image(timed, images[:args.images], args.rounds)
-        base = ms["ort fixed"]
-        print(f"\n{min(args.images, len(images))} images, batch 1, {args.rounds} rounds (median ms per image)")
-        print("| model | ms / image | speed vs ort fixed |\n|---|---|---|")
-        for name, value in ms.items():
-            print(f"| {name} | {value:.1f} | {base / value:.2f}x |")
+        base = statistics.median(ms["ort fixed"])
+        print(f"\n{min(args.images, len(images))} images, batch 1, {args.rounds} rounds (ms per image: a round's "
+              "mean; the median over rounds and their range)")
+        print("| model | ms / image | range over rounds | speed vs ort fixed |\n|---|---|---|---|")
+        for name, values in ms.items():
+            value = statistics.median(values)
+            print(f"| {name} | {value:.1f} | {min(values):.1f}-{max(values):.1f} | {base / value:.2f}x |")
     return 0
 
 
