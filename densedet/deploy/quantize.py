@@ -130,15 +130,18 @@ def _inline_shared_weights(onnx_path: str | Path, out_path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger():
-    """ONNX Runtime's quantizer logs advice through the root logger at WARNING; keep it to errors."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+def _quiet_logger(name: str | None = None):
+    """Keep a library's logger (default: the root logger) to errors while it runs, then restore its
+    level. ONNX Runtime's quantizer logs advice through the root logger at WARNING; NNCF logs one
+    INFO line per post-processing op it leaves alone. (``nncf.set_log_level`` would also lower the
+    levels of the handlers it finds for good, which silenced other code's warnings afterwards.)"""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        root.setLevel(level)
+        logger.setLevel(level)
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequence[dict[str, np.ndarray]],
@@ -163,7 +166,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Sequ
         def get_next(self):
             return next(self._items, None)
 
-    with tempfile.TemporaryDirectory(prefix="densedet-quant-") as tmp, _quiet_root_logger():
+    with tempfile.TemporaryDirectory(prefix="densedet-quant-") as tmp, _quiet_logger():
         inlined = Path(tmp) / "inlined.onnx"
         _inline_shared_weights(fp32_path, inlined)
         _, post, last_convs = body_and_head_outputs(inlined)
@@ -185,15 +188,15 @@ def quantize_openvino(ov_model, fp32_onnx_path: str | Path, calibration: Sequenc
     """NNCF post-training static quantization of an ``openvino.Model`` converted from ``fp32_onnx_path``
     (whose node names say what is body and what is post-processing); returns (model, settings)."""
     nncf = require("nncf", "int8 quantization with OpenVINO")
-    nncf.set_log_level(logging.ERROR)     # one INFO line per post-processing op it leaves alone
     _, post, last_convs = body_and_head_outputs(fp32_onnx_path)
     ignored = _openvino_ops_named(ov_model, set(post) | (set() if quantize_head_outputs else set(last_convs)))
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     if preset not in presets:
         raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
-    quantized = nncf.quantize(ov_model, nncf.Dataset(list(calibration)), preset=presets[preset],
-                              subset_size=len(calibration), fast_bias_correction=fast_bias_correction,
-                              ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+    with _quiet_logger("nncf"):
+        quantized = nncf.quantize(ov_model, nncf.Dataset(list(calibration)), preset=presets[preset],
+                                  subset_size=len(calibration), fast_bias_correction=fast_bias_correction,
+                                  ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
     return quantized, {"tool": "nncf.quantize", "preset": preset, "fast_bias_correction": fast_bias_correction,
                        "calibration_images": len(calibration), "quantize_head_outputs": bool(quantize_head_outputs),
                        "ignored_ops": len(ignored)}
