@@ -44,7 +44,7 @@ from ..backbones.vgg import VGG16, load_torchvision_vgg16
 from ..boxes import BoxCoder
 from ..config import ConfigError
 from ..matching import PaddedTargets, match_anchors, pad_targets
-from .base import AnchorSpec, Candidates, DenseDetector
+from .base import AnchorSpec, Candidates, DenseDetector, top_count
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor
 from .retinanet import resolve_norm
 
@@ -502,7 +502,7 @@ class RefineDet(DenseDetector):
         ``boxes [B, A, 4]``, ``scores [B, A, K]`` → candidates ordered (class, rank), ``[B, K·k]``.
         """
         bsz, num_anchors, num_classes = scores.shape
-        top_scores, top_anchor = scores.transpose(1, 2).topk(min(self.topk_candidates, num_anchors), dim=2)
+        top_scores, top_anchor = scores.transpose(1, 2).topk(top_count(self.topk_candidates, num_anchors), dim=2)
         top_anchor = top_anchor.flatten(1)                                               # [B, K·k]
         labels = torch.arange(num_classes, device=scores.device).repeat_interleave(top_scores.shape[2])
         top_scores = top_scores.flatten(1)
