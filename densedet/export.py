@@ -159,15 +159,16 @@ class OnnxDetector(nn.Module):
             features = model.features(torch.zeros(1, 3, *self.image_size, device=device))
         grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         anchors = model.anchors(self.image_size, grids, device)
-        self.level_sizes = [len(a) for a in anchors]
-        self.register_buffer("anchors", torch.cat(anchors).float(), persistent=False)
-        if self.dynamic_size:                          # per level [H_l, W_l, A, 4], in (y, x, a) order
-            self.strides = list(model.anchor_spec().strides)
-            if grids != model.grid_sizes(self.image_size):
-                raise ValueError(f"the feature maps of a {self.image_size} input are {grids}, not the "
-                                 f"ceil(side / stride) cells of the strides {self.strides}")
-            for level, ((h, w), a) in enumerate(zip(grids, anchors)):
-                self.register_buffer(f"grid{level}", a.float().reshape(h, w, -1, 4), persistent=False)
+        if not self.dynamic_size:                      # the anchors of the one input size, levels concatenated
+            self.level_sizes = [len(a) for a in anchors]
+            self.register_buffer("anchors", torch.cat(anchors).float(), persistent=False)
+            return
+        self.strides = list(model.anchor_spec().strides)
+        if grids != model.grid_sizes(self.image_size):
+            raise ValueError(f"the feature maps of a {self.image_size} input are {grids}, not the "
+                             f"ceil(side / stride) cells of the strides {self.strides}")
+        for level, ((h, w), a) in enumerate(zip(grids, anchors)):   # [H_l, W_l, A, 4], in (y, x, a) order
+            self.register_buffer(f"grid{level}", a.float().reshape(h, w, -1, 4), persistent=False)
 
     def level_anchors(self, images: Tensor) -> list[Tensor]:
         """Per level ``[H_l·W_l·A, 4]``: the stored anchors, or with ``dynamic_size`` the part of
@@ -312,20 +313,16 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: Sequence[int] | 
     size = tuple(int(s) for s in image_size) if image_size is not None else default_export_size(model, dynamic_size)
     sidecar = {**_sidecar(model, size, opset, class_names, dynamic_size), **(sidecar_extra or {})}
     wrapper = OnnxDetector(model.eval(), size, dynamic_size=dynamic_size)
-    images = torch.zeros(batch_size, 3, *size, device=wrapper.anchors.device)
+    images = torch.zeros(batch_size, 3, *size, device=next(model.parameters()).device)
     sizes = torch.tensor([size] * batch_size, dtype=torch.float32, device=images.device)
-    dynamic_axes = {name: {} for name in INPUT_NAMES + OUTPUT_NAMES}
-    if dynamic_batch:
-        for name in dynamic_axes:
-            dynamic_axes[name][0] = "batch"
+    dynamic_axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES} if dynamic_batch else {}
     if dynamic_size:
-        dynamic_axes["images"].update({2: "height", 3: "width"})
-    dynamic_axes = {name: axes for name, axes in dynamic_axes.items() if axes} or None
+        dynamic_axes["images"] = {**dynamic_axes.get("images", {}), 2: "height", 3: "width"}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")    # the TorchScript exporter's deprecation and tracer notices
             torch.onnx.export(wrapper, (images, sizes), str(path), dynamo=False, opset_version=opset,
-                              input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, dynamic_axes=dynamic_axes,
+                              input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, dynamic_axes=dynamic_axes or None,
                               do_constant_folding=True)
     finally:
         model.train(was_training)
