@@ -105,13 +105,15 @@ class ModelConfig:
     detections_per_img: int = 100
     box_vote: bool = False                  # each kept detection takes the score-weighted mean box of the
                                             # candidates overlapping it at IoU >= nms_thresh (box voting)
-    # input (RefineDet warps to refinedet.image_size and uses only the mean and std)
+    # input (RefineDet warps to refinedet.image_size and uses only the mean, the std and scale_as)
     min_size: int | list[int] = 800
     max_size: int = 1333
     size_divisible: int = 128
     fixed_size: list[int] | None = None
     scale_as: list[int] | None = None       # [h, w]: every image resized by the factor an h x w image gets
-                                            # (one scale for all); None: each image by its own size
+                                            # (one scale for all); None: each image by its own size.
+                                            # RefineDet: resized by the factor that warps an h x w image,
+                                            # then padded to refinedet.image_size, not warped
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # each family's own
@@ -461,10 +463,11 @@ def _model_checks(m: ModelConfig) -> list[Check]:
     size = m.refinedet.image_size
     checks.append((size > 0 and size % 64 == 0, "model.refinedet.image_size",
                    f"must be a multiple of 64 (RefineDet's TCB upsamples by 2 three times), got {size}"))
-    # RefineDet warps every image to image_size: the resize settings of RetinaNet cannot apply
+    # RefineDet warps every image to image_size (or, with scale_as, pads it there): RetinaNet's resize
+    # settings cannot apply
     default = ModelConfig()
     for key, allowed in (("min_size", (default.min_size, size)), ("max_size", (default.max_size, size)),
-                         ("fixed_size", (default.fixed_size, [size, size])), ("scale_as", (None,))):
+                         ("fixed_size", (default.fixed_size, [size, size]))):
         checks.append((getattr(m, key) in allowed, f"model.{key}",
                        f"RefineDet warps every image to model.refinedet.image_size ({size}); set that instead "
                        f"of {key} (got {getattr(m, key)})"))

@@ -207,7 +207,7 @@ def dynamic_size_problem(model: DenseDetector) -> str | None:
     the largest input's grid would not reproduce."""
     pre = model.preprocessor
     if pre.fixed_size is not None:
-        return f"{model.arch} resizes every image to {tuple(pre.fixed_size)}"
+        return f"{model.arch} {'warps' if pre.warps else 'pads'} every image to {tuple(pre.fixed_size)}"
     d = pre.size_divisible
     large, small = (8 * d, 8 * d), (5 * d, 3 * d)
     full, small_grids = model.anchors(large, model.grid_sizes(large)), model.grid_sizes(small)
@@ -245,7 +245,6 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, class_names: list[str] | None,
              dynamic_size: bool = False) -> dict:
     pre = model.preprocessor
-    fixed = pre.fixed_size is not None
     num_classes = int(model.num_classes)
     names = class_names or getattr(model, "class_names", None) or [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
@@ -261,7 +260,7 @@ def _sidecar(model: DenseDetector, image_size: tuple[int, int], opset: int, clas
         # warp: stretch to exactly (H, W), as fixed_size models do; fit: keep the aspect ratio,
         # scale as the model does (shorter side to min_size, longer side at most max_size), or less
         # where that would not fit inside (H, W), and pad bottom/right with zeros after normalising.
-        "resize": "warp" if fixed else "fit",
+        "resize": "warp" if pre.warps else "fit",
         "min_size": int(pre.min_size[-1]),
         "max_size": int(pre.max_size),
         # [h, w]: every image is scaled as an h x w image would be (model.scale_as); null: by its own size

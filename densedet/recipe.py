@@ -31,7 +31,10 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
   larger than ``input / scale`` (``scale``: the input-scale rule's, 1 or up to ``MAX_UPSCALE`` for small
   objects) is cut into tiles of that side, in training and evaluation, each warped to the input.
   Large objects (the rule's scale below 1) are warped whole (or in the tiles above) and shrunk, as
-  the warp always did; images the warp does not shrink stay whole.
+  the warp always did; images the warp does not shrink stay whole. When the objects keep one size in
+  images of several sizes (:func:`size_view`), every image or tile is resized by the factor of a full
+  one and padded to the input (``model.scale_as``), not warped: a warp would enlarge a small image's
+  objects.
 - **anchors**: aspect ratios 1:2, 1:1, 2:1 (the paper's) plus 1:4 / 4:1 (and so on) where at least
   5% of the boxes are more elongated than the geometric midpoint; base size 2 or 4 x the stride
   (4: the paper's), whichever lets more boxes reach an anchor at IoU 0.5 (ties: 4); pyramid levels
@@ -448,33 +451,46 @@ def _refinedet_tile_rows(s: DataSummary, size: int, tile: int, warp: float) -> t
 
 
 def _refinedet_input(s: DataSummary, model: str, size: int) -> tuple[np.ndarray, list[Derived]]:
-    """RefineDet's image size, tiles and warp at load; and the factors ``[I, 2]`` (sy, sx) by which it
-    sees each training image's objects (the warp of the image, or of its tiles)."""
+    """RefineDet's image size, tiles, warp at load and padding; and the factors ``[I, 2]`` (sy, sx) by
+    which it sees each training image's objects (the warp of the image, or of its tiles)."""
+    view, spreads = size_view(s, float(np.median(s.eval_hw.min(axis=1))))
     target, warp, tile = refinedet_tiles(s, size)
     p2 = float(np.percentile(s.box_sizes, 2))
-    if tile:
+    if tile and view != "follow":
         tiled, tile_rows = _refinedet_tile_rows(s, size, tile, warp)
         sides = [(tile, tile) if t else hw for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]
         note, load_rows = "", []
     else:
-        tiled, tile_rows = tiling(s, warp=size)
+        tiled, tile_rows = tiling(s, warp=size, whole=view == "follow")
         ref = tile_rows[-1].value if tiled.any() else None
         sides = [ref if t else hw for hw, t in zip(s.image_hw.tolist(), tiled.tolist())]
         load_rows = load_shrink(s, tiled, warp=size)
         note = f"; the evaluation images ({s.eval_hw.max():.0f} px) at {warp:.2f}x"
-        if target < 1 and warp < 1:
+        if view == "follow":
+            note += (f"; {spreads}: the objects' sizes follow their images', and warping each image whole brings "
+                     f"them to one size (not tiled)")
+        elif target < 1 and warp < 1:
             note += (f" (box sizes p2 {p2:.0f} px: large objects, which the warp shrinks; RetinaNet's rule would "
                      f"shrink them {target:.2f}x)")
         elif target > warp:
             note += (f" (box sizes p2 {p2:.1f} px < {MIN_OBJECT_PX:g} px would want {target:.2f}x; the warp shrinks "
                      f"nothing, and images are only cut into tiles when it would)")
-    view, spreads = size_view(s, float(np.median(s.eval_hw.min(axis=1))))
-    if view == "own":
+    pad_rows = []
+    if view == "own" and not load_rows:
+        # a warp would enlarge a smaller image's objects: every image (or tile) takes the factor of a
+        # full one, and is padded to the input
+        side = tile or int(round(float(s.eval_hw.max())))
+        sides = [(side, side)] * len(sides)
+        pad_rows = [Derived("model.scale_as", [side, side], f"{spreads}: the objects keep one size in images of "
+                            f"several sizes, so every image (or tile) is resized {size / side:.2f}x, as a {side} px "
+                            f"one is warped, and padded to {size} x {size}, not warped")]
+    elif view == "own":
         note += (f"; {spreads}: the objects keep one size in images of several sizes, which the warp spreads "
                  f"apart (RetinaNet keeps them at one scale: --model retinanet_r18_fpn)")
     factors = np.array([(size / h, size / w) for h, w in sides]).reshape(-1, 2)
     return factors, [Derived("model.refinedet.image_size", size, f"--model {model}: every image (or tile) is "
-                             f"warped to {size} x {size}{note}")] + tile_rows + load_rows
+                             f"{'padded' if pad_rows else 'warped'} to {size} x {size}{note}")
+                     ] + pad_rows + tile_rows + load_rows
 
 
 def choose_ratios(box_wh: np.ndarray) -> tuple[list[float], str]:

@@ -29,6 +29,7 @@ from densedet.commands.export import add_parser
 from densedet.data import load_image
 from densedet.export import OnnxDetector, export_onnx, onnx_nms, sidecar_path
 from densedet.models import RefineDet
+from densedet.models.preprocess import ImagePreprocessor
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -370,7 +371,7 @@ def test_dynamic_size_only_where_it_gives_the_models_detections(tmp_path):
     own = densedet.build_model("retinanet_r18_fpn", num_classes=2, min_size=128, max_size=128, fpn_channels=16,
                                head_convs=1)
     assert "inferred strides" in dynamic_size_problem(preset)
-    assert "resizes every image to (320, 320)" in dynamic_size_problem(refinedet)
+    assert "warps every image to (320, 320)" in dynamic_size_problem(refinedet)
     assert dynamic_size_problem(own) is None
     for model in (preset, refinedet):
         with pytest.raises(ValueError, match="dynamic-size export"):
@@ -417,6 +418,35 @@ def test_refinedet_onnx_matches_pytorch(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {"images": batch.numpy(), "image_sizes": np.asarray(sizes, np.float32)})
     _assert_same_detections(refs, *out)
+
+
+def test_padded_refinedet_export_and_runner_match_pytorch_at_every_size(tmp_path):
+    """RefineDet with ``model.scale_as`` resizes each image by one factor and pads it to its input:
+    exported, the sidecar says ``fit`` with that size, and the standalone runner gives PyTorch's
+    detections in original pixels for images smaller than, and as large as, the scale_as size."""
+    torch.manual_seed(0)
+    model = RefineDet(3, backbone=_TinyBackbone(), image_size=320, tcb_channels=32, detections_per_img=200,
+                      preprocessor=ImagePreprocessor(320, 320, size_divisible=64, fixed_size=(320, 320),
+                                                     scale_as=(244, 244))).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    photo = load_image(str(_deepforest_images()[2]))                     # 400 x 400
+    crops = [photo[:, :h, :w] for h, w in ((160, 160), (244, 244), (244, 130))]
+    path = export_onnx(model, tmp_path / "padded.onnx")
+    meta = json.loads(sidecar_path(path).read_text())
+    assert (meta["resize"], meta["input_size"], meta["scale_as"], meta["dynamic_size"]) == ("fit", [320, 320],
+                                                                                            [244, 244], False)
+    runner_mod = _load_runner_module()
+    runner = runner_mod.OnnxDetectorRunner(path)
+    with torch.no_grad():
+        refs = model([c.float() / 255 for c in crops])
+    for crop, ref in zip(crops, refs):
+        det = runner([crop.permute(1, 2, 0).numpy()])[0]
+        assert len(ref["scores"]) >= 10 and len(det["scores"]) == len(ref["scores"])
+        missing, extra = _match(ref, det["boxes"], det["scores"], det["labels"])
+        assert not missing and not len(extra)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,10 +149,28 @@ def test_objects_of_one_size_in_images_of_many_keep_one_scale():
                         base_config("retinanet_r18_fpn"))
     model = build_from_config(cfg.model)
     assert [model.preprocessor.resized_size(h, w) for h, w in ((150, 200), (900, 1200))] == [(150, 200), (900, 1200)]
-    # RefineDet warps each image to its square whatever its size: its table says what that costs here
-    assert "the warp spreads apart" in reasons(data, val, model="refinedet320_r18")["model.refinedet.image_size"]
-    assert "spreads" not in reasons(mixed_size_set(rng, objects_follow=True), val,
-                                    model="refinedet320_r18")["model.refinedet.image_size"]
+    # RefineDet would warp each image (or tile) to its square, the 150 x 200 images 2.1 x 1.6: it takes them
+    # by the factor of a full 320 px tile (1.00x) instead, and pads them to its input
+    rd = derived(data, val, model="refinedet320_r18")
+    assert rd["model.scale_as"] == [320, 320] and rd["data.tile_size"] == 320
+    cfg = recipe_config(derive(DataSummary.from_data(data, val), RecipeOptions(model="refinedet320_r18", has_val=True)),
+                        base_config("refinedet320_r18"))
+    validate(cfg)
+    pre = build_from_config(cfg.model).preprocessor
+    assert [pre.resized_size(h, w) for h, w in ((150, 200), (320, 320), (320, 200))] == [(150, 200), (320, 320),
+                                                                                         (320, 200)]
+    assert pre(([torch.rand(3, 150, 200)]))[0].shape == (1, 3, 320, 320)
+
+
+def test_refinedet_warps_whole_the_images_whose_objects_follow_their_size():
+    # one scene at three resolutions: warping each image whole to the input brings its objects to one size;
+    # tiles (of the objects' own pixels, 6-16 px in the 150 px images) would keep them apart
+    rng = np.random.default_rng(0)
+    val = make_data([[[0, 0, 30, 30]]] * 3, hw=(480, 640))
+    data = mixed_size_set(rng, objects_follow=True)
+    rd = derived(data, val, model="refinedet320_r18")
+    assert rd["data.tile_size"] == 0 and "model.scale_as" not in rd
+    assert "follow their images'" in reasons(data, val, model="refinedet320_r18")["model.refinedet.image_size"]
 
 
 def test_objects_that_follow_their_images_size_are_resized_with_them():
@@ -358,9 +376,11 @@ def test_shrink_at_load_needs_the_models_one_scale_and_no_tiles():
                       ["model.scale_as=[800,800]"]):     # one factor for every image: a shrunk one, shrunk twice
         with pytest.raises(ConfigError, match="shrink_at_load"):
             validate(apply_overrides(Config(), ["data.shrink_at_load=true", "model.min_size=800"] + overrides))
-    for overrides in (["model.scale_as=[800]"], ["model.arch=refinedet", "model.scale_as=[320,320]"]):
-        with pytest.raises(ConfigError, match="scale_as"):
-            validate(apply_overrides(Config(), overrides))
+    with pytest.raises(ConfigError, match="scale_as"):
+        validate(apply_overrides(Config(), ["model.scale_as=[800]"]))
+    # RefineDet takes scale_as too: each image resized by one factor and padded to its input
+    validate(apply_overrides(Config(), ["model.arch=refinedet", "model.min_size=320", "model.max_size=320",
+                                        "model.scale_as=[244,244]"]))
     # windows in model pixels: need windows, and mean nothing more with one factor for every image
     for overrides in ([], ["data.crop_sizes=[64]", "model.scale_as=[800,800]"]):
         with pytest.raises(ConfigError, match="crop_model_pixels"):

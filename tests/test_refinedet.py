@@ -247,6 +247,25 @@ def caffe_match_bbox(iou: list[list[float]], threshold: float) -> list[int]:
     return match
 
 
+def test_scale_as_pads_instead_of_warping():
+    """With ``scale_as`` every image takes the factor that warps a ``scale_as`` image to the input, and is
+    padded to the input: a full-size image gets exactly the warp, a smaller one keeps its objects' size."""
+    from densedet.models.preprocess import ImagePreprocessor
+    warp = ImagePreprocessor(320, 320, size_divisible=64, fixed_size=(320, 320)).eval()
+    pad = ImagePreprocessor(320, 320, size_divisible=64, fixed_size=(320, 320), scale_as=(244, 244)).eval()
+    full, small = torch.rand(3, 244, 244), torch.rand(3, 160, 100)
+    assert torch.equal(pad([full])[0], warp([full])[0])
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0]])
+    batch, sizes, targets = pad([small, full], [{"boxes": boxes}, {"boxes": boxes}])
+    factor = 320 / 244
+    assert sizes == [(math.floor(160 * factor), math.floor(100 * factor)), (320, 320)] and batch.shape == (2, 3, 320, 320)
+    assert (batch[0, :, sizes[0][0]:] == 0).all() and (batch[0, :, :, sizes[0][1]:] == 0).all()
+    assert torch.allclose(targets[0]["boxes"], boxes * torch.tensor([131 / 100, 209 / 160] * 2))
+    assert warp([small])[1] == [(320, 320)]                       # the warp: 2.0 x 3.2
+    assert pad.resized_size(160, 100) == sizes[0] and pad.postprocess([{"boxes": targets[0]["boxes"]}], sizes[:1],
+                                                                      [(160, 100)])[0]["boxes"].allclose(boxes)
+
+
 def test_two_gts_wanting_the_same_anchor():
     anchors = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 14], [50, 50, 60, 60]])
     gts = torch.tensor([[[0.0, 0, 10, 11], [0, 0, 10, 12]]])  # both prefer anchor 0

@@ -41,7 +41,9 @@ class ImagePreprocessor(nn.Module):
             ``min_size``/``max_size`` are then unused.
         scale_as: ``(h, w)``: every image is resized by the factor an ``h x w`` image would get, so
             all keep one scale (objects whose size in pixels does not follow their image's size);
-            None: each image by its own size.
+            None: each image by its own size. With ``fixed_size``: every image is resized by the one
+            factor that fits an ``h x w`` image into ``fixed_size`` and padded to ``fixed_size``, not
+            warped (RefineDet on images, or tiles, of several sizes whose objects keep one size).
 
     ``forward(images: list[[3, H_i, W_i]], targets=None, min_size=None) -> (batch [B, 3, Hp, Wp],
     image_sizes, targets)`` where ``image_sizes[i] = (h_i, w_i)`` is the resized size (the valid
@@ -70,6 +72,9 @@ class ImagePreprocessor(nn.Module):
         With ``scale_as`` the factor is that of a ``scale_as``-sized image, whatever ``h x w``."""
         if self.fixed_size is not None:
             fh, fw = self.fixed_size
+            if self.scale_as is not None:
+                scale = min(fh / self.scale_as[0], fw / self.scale_as[1])
+                return None if scale == 1.0 else (scale, scale)
             return None if (h, w) == (fh, fw) else (fh / h, fw / w)
         if target is None:
             target = random.choice(self.min_size) if self.training else self.min_size[-1]
@@ -80,10 +85,15 @@ class ImagePreprocessor(nn.Module):
         scale = min(target / min(h, w), self.max_size / max(h, w))
         return None if scale == 1.0 else (scale, scale)
 
+    @property
+    def warps(self) -> bool:
+        """Whether every image is warped to ``fixed_size`` (not resized by one factor and padded)."""
+        return self.fixed_size is not None and self.scale_as is None
+
     def resized_size(self, h: int, w: int) -> tuple[int, int]:
         """The (height, width) an ``h x w`` image gets in eval mode, without touching pixels:
         ``floor(side * scale)``, as ``F.interpolate(recompute_scale_factor=True)`` computes it."""
-        if self.fixed_size is not None:
+        if self.warps:
             return self.fixed_size[0], self.fixed_size[1]
         was_training = self.training
         self.training = False
@@ -102,7 +112,7 @@ class ImagePreprocessor(nn.Module):
         scale = self._scale_for(*target["resize_as"], size) if as_crop else self._scale_for(h, w, size)
         if scale is None:
             return image, target
-        if self.fixed_size is not None and not as_crop:
+        if self.warps and not as_crop:
             image = F.interpolate(image[None], size=self.fixed_size, mode="bilinear", align_corners=False)[0]
         elif math.floor(h * scale[0]) >= 1 and math.floor(w * scale[1]) >= 1:
             image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
@@ -134,9 +144,14 @@ class ImagePreprocessor(nn.Module):
         return self.pad(out_images), image_sizes, out_targets
 
     def pad(self, images: list[Tensor]) -> Tensor:
+        """Zero-pad (after normalising: the mean colour) bottom and right to one size: the largest
+        image's, rounded up to ``size_divisible``, and at least ``fixed_size`` when images are padded
+        to it rather than warped (``scale_as`` with ``fixed_size``)."""
         d = self.size_divisible
         hp = int(math.ceil(max(im.shape[-2] for im in images) / d) * d)
         wp = int(math.ceil(max(im.shape[-1] for im in images) / d) * d)
+        if self.fixed_size is not None and self.scale_as is not None:
+            hp, wp = max(hp, self.fixed_size[0]), max(wp, self.fixed_size[1])
         if all(im.shape[-2:] == (hp, wp) for im in images):
             return torch.stack(images)
         batch = images[0].new_zeros((len(images), 3, hp, wp))

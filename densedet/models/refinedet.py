@@ -3,7 +3,7 @@
 One training step, top to bottom (:meth:`RefineDet.forward`):
 
 1. ``ImagePreprocessor`` warps every image to ``image_size`` x ``image_size`` (320 or 512) and
-   normalises it.
+   normalises it (with ``model.scale_as``: resizes it by one factor and pads it to that size).
 2. The backbone (fc-reduced VGG16 or ResNet-101 + res6) gives four source levels at strides
    8, 16, 32, 64.
 3. The **ARM** (anchor refinement module) predicts, per anchor, background/object logits and box
@@ -547,7 +547,7 @@ def build_refinedet(cfg) -> RefineDet:
     ``pretrained_backbone``, ``norm`` / ``frozen_stages`` (ResNet only; ``auto`` as RetinaNet),
     ``anchor_sizes`` (None: 32, 64, 128, 256), ``aspect_ratios``, ``bbox_reg_weights`` (RefineDet's
     variances are weights 10, 10, 5, 5), the inference settings, ``image_mean`` / ``image_std`` /
-    ``size_divisible``, and ``cfg.refinedet`` (image size, TCB width, matching, mining, ARM filter),
+    ``size_divisible``, ``scale_as`` (pad, not warp), and ``cfg.refinedet`` (image size, TCB width, matching, mining, ARM filter),
     whose names are the constructor's.
     """
     rd = cfg.refinedet
@@ -567,7 +567,7 @@ def build_refinedet(cfg) -> RefineDet:
         raise ConfigError(f"model.backbone: RefineDet supports vgg16 and resnet18/34/50/101, got {cfg.backbone!r}")
     size = (rd.image_size, rd.image_size)
     preprocessor = ImagePreprocessor(rd.image_size, rd.image_size, cfg.image_mean, cfg.image_std,
-                                     max(SIZE_MULTIPLE, int(cfg.size_divisible)), size)
+                                     max(SIZE_MULTIPLE, int(cfg.size_divisible)), size, cfg.scale_as)
     return RefineDet(
         cfg.num_classes, **parts, preprocessor=preprocessor, image_size=size, tcb_channels=rd.tcb_channels,
         anchor_sizes=tuple(cfg.anchor_sizes) if cfg.anchor_sizes else (32.0, 64.0, 128.0, 256.0),
