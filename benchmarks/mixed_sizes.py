@@ -16,7 +16,9 @@ demo's) are drawn on the demo's backgrounds in square images of 160, 320 and 640
   their images'.
 
 240 training and 60 validation images each, drawn by ``densedet.data.digits.render_scene`` from
-fixed seeds, so the same command writes the same files.
+fixed seeds, so the same command writes the same files; ``val_160.json``, ``val_320.json`` and
+``val_640.json`` hold the validation images of one size each (``densedet eval --weights RUN/model_final.pt
+data.val=data_cache/mixed/survey/val_160.json``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ def write_set(out: str, kind: str, digits: np.ndarray, labels: np.ndarray) -> No
             Image.fromarray(pixels).save(path, compress_level=1)
             records.append(ImageRecord(path, index + 1, pixels.shape[0], pixels.shape[1], boxes, box_labels))
         save_coco(DetectionData(records, list(CLASS_NAMES), None, kind), os.path.join(out, f"{split}.json"), folder)
+        for side in SIDES if split == "val" else ():        # to score a model on each size alone
+            alone = [r for r in records if r.width == side]
+            save_coco(DetectionData(alone, list(CLASS_NAMES), None, kind), os.path.join(out, f"val_{side}.json"),
+                      folder)
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ Lin et al. (2017) build RetinaNet on two observations about dense detection (see
 
 Boxes are measured where the anchors see them: after the model's own resize (its preprocessor in
 eval mode: ``min_size[-1]`` / ``max_size``, as for a ``scale_as`` image if set, or ``fixed_size``),
-computed from the record's width/height without decoding pixels. Each image is padded on its own to
-``size_divisible`` (in a training batch, padding to the largest image adds background anchors only).
+computed from the record's width/height without decoding pixels. Each image is padded on its own, as
+the preprocessor pads a batch of it alone (in a training batch, padding to the largest image adds
+background anchors only).
 
 :func:`analyze` returns the numbers as a dict; the ``densedet analyze`` command
 (:mod:`densedet.commands.analyze`) prints a summary and writes ``analysis.json`` and PNG plots
@@ -142,7 +143,6 @@ class PreparedImage:
 
 def prepare_images(data: DetectionData, preprocessor, indices: Sequence[int] | None = None) -> list[PreparedImage]:
     """Resize each record's boxes by the preprocessor's rule and compute its padded size."""
-    divisor = int(preprocessor.size_divisible)
     out = []
     for i in (range(len(data.records)) if indices is None else indices):
         record = data.records[i]
@@ -151,8 +151,7 @@ def prepare_images(data: DetectionData, preprocessor, indices: Sequence[int] | N
         ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float32)
         boxes = torch.from_numpy(record.boxes).float() * ratio
         crowd = torch.from_numpy(record.iscrowd)
-        padded = (math.ceil(nh / divisor) * divisor, math.ceil(nw / divisor) * divisor)
-        out.append(PreparedImage(record.image_id, (nh, nw), padded, boxes[~crowd], boxes[crowd]))
+        out.append(PreparedImage(record.image_id, (nh, nw), preprocessor.padded_size(nh, nw), boxes[~crowd], boxes[crowd]))
     return out
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from densedet.config import ConfigError, save_config
-from densedet.engine.checkpoint import CheckpointError, load_checkpoint
+from densedet.engine.checkpoint import load_checkpoint
 from densedet.engine.data import BatchStream, build_train_dataset, load_split
 from densedet.engine.trainer import TrainingError, lr_factor, train
 

@@ -262,6 +262,7 @@ def test_scale_as_pads_instead_of_warping():
     assert (batch[0, :, sizes[0][0]:] == 0).all() and (batch[0, :, :, sizes[0][1]:] == 0).all()
     assert torch.allclose(targets[0]["boxes"], boxes * torch.tensor([131 / 100, 209 / 160] * 2))
     assert warp([small])[1] == [(320, 320)]                       # the warp: 2.0 x 3.2
+    assert pad.padded_size(*sizes[0]) == (320, 320)               # as `densedet analyze` counts its anchors
     assert pad.resized_size(160, 100) == sizes[0] and pad.postprocess([{"boxes": targets[0]["boxes"]}], sizes[:1],
                                                                       [(160, 100)])[0]["boxes"].allclose(boxes)
 

@@ -143,15 +143,19 @@ class ImagePreprocessor(nn.Module):
         image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in out_images]
         return self.pad(out_images), image_sizes, out_targets
 
-    def pad(self, images: list[Tensor]) -> Tensor:
-        """Zero-pad (after normalising: the mean colour) bottom and right to one size: the largest
-        image's, rounded up to ``size_divisible``, and at least ``fixed_size`` when images are padded
-        to it rather than warped (``scale_as`` with ``fixed_size``)."""
+    def padded_size(self, h: int, w: int) -> tuple[int, int]:
+        """The size a batch whose largest resized image is ``h x w`` is padded to: rounded up to
+        ``size_divisible``, and at least ``fixed_size`` when images are padded to it rather than
+        warped (``scale_as`` with ``fixed_size``)."""
         d = self.size_divisible
-        hp = int(math.ceil(max(im.shape[-2] for im in images) / d) * d)
-        wp = int(math.ceil(max(im.shape[-1] for im in images) / d) * d)
+        hp, wp = int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
         if self.fixed_size is not None and self.scale_as is not None:
             hp, wp = max(hp, self.fixed_size[0]), max(wp, self.fixed_size[1])
+        return hp, wp
+
+    def pad(self, images: list[Tensor]) -> Tensor:
+        """Zero-pad (after normalising: the mean colour) bottom and right to :meth:`padded_size`."""
+        hp, wp = self.padded_size(max(im.shape[-2] for im in images), max(im.shape[-1] for im in images))
         if all(im.shape[-2:] == (hp, wp) for im in images):
             return torch.stack(images)
         batch = images[0].new_zeros((len(images), 3, hp, wp))
