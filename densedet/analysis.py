@@ -151,7 +151,8 @@ def prepare_images(data: DetectionData, preprocessor, indices: Sequence[int] | N
         ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float32)
         boxes = torch.from_numpy(record.boxes).float() * ratio
         crowd = torch.from_numpy(record.iscrowd)
-        out.append(PreparedImage(record.image_id, (nh, nw), preprocessor.padded_size(nh, nw), boxes[~crowd], boxes[crowd]))
+        out.append(PreparedImage(record.image_id, (nh, nw), preprocessor.padded_size(nh, nw), boxes[~crowd],
+                                 boxes[crowd]))
     return out
 
 

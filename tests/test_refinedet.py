@@ -258,7 +258,8 @@ def test_scale_as_pads_instead_of_warping():
     boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0]])
     batch, sizes, targets = pad([small, full], [{"boxes": boxes}, {"boxes": boxes}])
     factor = 320 / 244
-    assert sizes == [(math.floor(160 * factor), math.floor(100 * factor)), (320, 320)] and batch.shape == (2, 3, 320, 320)
+    assert sizes == [(math.floor(160 * factor), math.floor(100 * factor)), (320, 320)]
+    assert batch.shape == (2, 3, 320, 320)
     assert (batch[0, :, sizes[0][0]:] == 0).all() and (batch[0, :, :, sizes[0][1]:] == 0).all()
     assert torch.allclose(targets[0]["boxes"], boxes * torch.tensor([131 / 100, 209 / 160] * 2))
     assert warp([small])[1] == [(320, 320)]                       # the warp: 2.0 x 3.2

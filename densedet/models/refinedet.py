@@ -547,8 +547,8 @@ def build_refinedet(cfg) -> RefineDet:
     ``pretrained_backbone``, ``norm`` / ``frozen_stages`` (ResNet only; ``auto`` as RetinaNet),
     ``anchor_sizes`` (None: 32, 64, 128, 256), ``aspect_ratios``, ``bbox_reg_weights`` (RefineDet's
     variances are weights 10, 10, 5, 5), the inference settings, ``image_mean`` / ``image_std`` /
-    ``size_divisible``, ``scale_as`` (pad, not warp), and ``cfg.refinedet`` (image size, TCB width, matching, mining, ARM filter),
-    whose names are the constructor's.
+    ``size_divisible``, ``scale_as`` (pad, not warp), and ``cfg.refinedet`` (image size, TCB width,
+    matching, mining, ARM filter), whose names are the constructor's.
     """
     rd = cfg.refinedet
     for field, value, caffe in (("aspect_ratios", cfg.aspect_ratios, CAFFE_ASPECT_RATIOS),
