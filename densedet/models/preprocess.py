@@ -149,7 +149,7 @@ class ImagePreprocessor(nn.Module):
         warped (``scale_as`` with ``fixed_size``)."""
         d = self.size_divisible
         hp, wp = int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
-        if self.fixed_size is not None and self.scale_as is not None:
+        if self.fixed_size is not None and not self.warps:
             hp, wp = max(hp, self.fixed_size[0]), max(wp, self.fixed_size[1])
         return hp, wp
 
