@@ -31,10 +31,17 @@ __all__ = ["OnnxDetectorRunner", "load_rgb", "resize_bilinear", "main"]
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to ``[H, W, 3]`` uint8 RGB, EXIF orientation applied."""
+    """Decode an image file to ``[H, W, 3]`` uint8 RGB, EXIF orientation applied, as densedet's
+    loader does (``densedet.data.images.rgb_array``): 16-bit grayscale scaled by 255 / 65535 (PIL's
+    own conversion would clip it to white), alpha ignored."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I;16") or image.mode == "I":
+                gray = np.clip(np.rint(np.asarray(image).astype(np.float64) * (255.0 / 65535.0)), 0, 255)
+                return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: image file not found") from None

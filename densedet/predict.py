@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from .data.images import _to_rgb_array, load_image
+from .data.images import rgb_array, load_image
 # One definition of "where is bf16 fast" for the whole library (densedet.device), re-exported here.
 from .device import cpu_has_fast_bf16, fast_autocast, flush_denormals
 from .engine.checkpoint import model_from_checkpoint
@@ -46,7 +46,7 @@ def to_image_tensor(image: Any, index: int = 0) -> Tensor:
     if isinstance(image, (str, Path)):
         return load_image(str(image))
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.ascontiguousarray(_to_rgb_array(ImageOps.exif_transpose(image)).transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(rgb_array(ImageOps.exif_transpose(image)).transpose(2, 0, 1)))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = image[:, :, None]

@@ -41,6 +41,7 @@ from torch import nn
 
 from .config import Config, to_dict
 from .data import DetectionData, to_coco_dict
+from .data.images import rgb_array
 from .engine.evaluate import eval_tiles, predict_dataset
 from .engine.metrics_log import scalars
 from .evaluation import evaluate_coco
@@ -252,7 +253,7 @@ def _gallery(images: Sequence[ImageResult], per_image: Sequence[dict], class_nam
     for rank, entry in enumerate(gallery_entries(images, per_image, options.gallery_size)):
         image = entry["image"]
         with Image.open(image.file_name) as pil:
-            pil = ImageOps.exif_transpose(pil).convert("RGB")
+            pil = Image.fromarray(rgb_array(ImageOps.exif_transpose(pil)))     # 16-bit too, not clipped to white
             if image.region is not None:
                 pil = pil.crop(image.region)
             width, height = pil.size

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from .data import DetectionData, load_record_image
+from .data.images import rgb_array
 
 __all__ = ["draw_detections", "draw_ground_truth", "side_by_side", "draw_predictions", "PALETTE"]
 
@@ -43,7 +44,7 @@ def _to_pil(image: Tensor | np.ndarray | Image.Image) -> Image.Image:
     elif isinstance(image, np.ndarray):
         array = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
         image = Image.fromarray(array)
-    return image.convert("RGB")   # always a copy: the caller's image is left as it was
+    return Image.fromarray(rgb_array(image))   # always a copy: the caller's image is left as it was
 
 
 def _class_name(label: int, class_names: Sequence[str] | None) -> str:

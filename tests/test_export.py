@@ -200,6 +200,27 @@ def test_runner_end_to_end_matches_model_in_original_pixels(retinanet_export):
         assert det["boxes"][:, 2].max() <= image.shape[1] + 1e-3 and det["names"][0] in "abcdef"
 
 
+def test_runner_decodes_every_image_mode_as_densedet_does(tmp_path):
+    """The standalone runner imports nothing from densedet, so it decodes images itself: 16-bit
+    grayscale scaled (not clipped to white), alpha and palette transparency dropped, EXIF applied."""
+    from PIL import Image
+    runner_mod = _load_runner_module()
+    rng = np.random.default_rng(0)
+    palette = Image.fromarray(rng.integers(0, 4, (6, 5), dtype=np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 200, 100, 50, 10, 250, 30, 90, 90, 90] + [0] * 756)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    images = {"gray16.png": (Image.fromarray(rng.integers(0, 65536, (6, 5), dtype=np.uint16)), {}),
+              "rgba.png": (Image.fromarray(rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)), {}),
+              "palette.png": (palette, {"transparency": 0}),
+              "gray.png": (Image.fromarray(rng.integers(0, 256, (6, 5), dtype=np.uint8)), {}),
+              "turned.png": (Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)), {"exif": exif})}
+    for name, (image, options) in images.items():
+        image.save(tmp_path / name, **options)
+        expected = load_image(str(tmp_path / name)).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(runner_mod.load_rgb(tmp_path / name), expected, err_msg=name)
+
+
 def test_runner_fit_resize_equals_torch_preprocessor():
     """``resize: fit`` (aspect kept, zero padding after normalising) equals ImagePreprocessor."""
     runner_mod = _load_runner_module()

@@ -270,6 +270,13 @@ def test_draw_detections_respects_the_threshold():
     assert not drawn[35:60, 45:80].any()       # around the 0.1 box nothing is
 
 
+def test_draw_detections_on_a_16_bit_picture_keeps_its_grey():
+    picture = Image.fromarray(np.full((40, 50), 257 * 90, np.uint16))
+    drawn = np.asarray(draw_detections(picture, {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                                                 "labels": torch.zeros(0, dtype=torch.long)}))
+    assert drawn.shape == (40, 50, 3) and (drawn == 90).all()       # PIL's convert("RGB") gives 255
+
+
 def run_cli(argv):
     parser = argparse.ArgumentParser(prog="densedet")
     add_parser(parser.add_subparsers(dest="command"))

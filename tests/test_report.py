@@ -181,6 +181,20 @@ def _dets(image_id: int) -> tuple[list, list, list]:
             [r["category_id"] - 1 for r in mine])
 
 
+def test_the_gallery_shows_16_bit_images_as_the_model_sees_them(hand_made, tmp_path):
+    """PIL's own conversion clips 16-bit grayscale to white; the gallery scales it as the loader does."""
+    root = tmp_path / "gray16"
+    shutil.copytree(hand_made["root"], root)
+    for image_id in BOXES:
+        Image.fromarray(np.full((64, 64), 257 * (30 + 40 * image_id), np.uint16)).save(root / f"im{image_id}.png")
+    html = write_report(tmp_path, hand_made["cfg"], load_coco(str(root / "gt.json"), str(root)), RESULTS,
+                        options=ReportOptions(analysis_images=3))
+    for src in assert_self_contained(html).gallery:
+        image_id = int(Path(src).stem.split("_im")[1])
+        gray = np.asarray(Image.open(tmp_path / src))
+        assert abs(float(np.median(gray)) - (30 + 40 * image_id)) <= 2, src     # JPEG rounding
+
+
 def test_a_failing_analysis_is_a_note_on_a_page_still_written(hand_made, tmp_path):
     cfg = copy.deepcopy(hand_made["cfg"])
     cfg.data.train = str(tmp_path / "missing.json")

@@ -20,7 +20,7 @@ _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", 
 _IMAGE_FOLDERS = ("JPEGImages", "images")
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
+def rgb_array(image: Image.Image) -> np.ndarray:
     """[H, W, 3] uint8 from any PIL mode.
 
     16-bit grayscale ("I;16*", and "I", which is how PIL represents 16-bit PNGs) is scaled by
@@ -42,7 +42,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
 def load_image(path: str) -> torch.Tensor:
     """Decode an image file to a uint8 tensor [3, H, W] (RGB), EXIF orientation applied.
 
-    Grayscale, RGBA, palette and 16-bit images are converted to RGB (see `_to_rgb_array`).
+    Grayscale, RGBA, palette and 16-bit images are converted to RGB (see `rgb_array`).
     Raises `DatasetError` naming the file when it is missing, truncated or not an image.
     """
     path = str(path)
@@ -50,7 +50,7 @@ def load_image(path: str) -> torch.Tensor:
         with Image.open(path) as image:
             image.load()  # decode now, so that truncation errors surface here
             image = ImageOps.exif_transpose(image)
-            array = _to_rgb_array(image)
+            array = rgb_array(image)
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found{missing_image_hint(path)}") from None
     except IsADirectoryError:
