@@ -169,6 +169,20 @@ def test_missing_or_missized_held_out_images_are_found_before_training(tmp_path,
         check_image_files(val)
 
 
+def test_a_missized_training_image_stops_the_command_before_any_setting_is_derived(tmp_path, capsys):
+    """Sizes the files disagree with (an EXIF turn the annotations did not follow) would derive every
+    setting from wrong sizes and report sound boxes as lying outside their images."""
+    data = write_coco_set(tmp_path / "set")
+    doc = json.loads(open(data).read())
+    doc["images"][2]["height"] = 120                                  # the file is 96 px high
+    (tmp_path / "set" / "train.json").write_text(json.dumps(doc))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "set" / "train.json"), "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "annotation says 96x120 (w x h) but the image decodes to 96x96" in err
+    assert "settings derived" not in err and "outside" not in err and not run.exists()
+
+
 def load_coco_dict(tmp_path, doc: dict):
     path = tmp_path / "set" / "other.json"
     path.write_text(json.dumps(doc))

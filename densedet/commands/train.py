@@ -22,7 +22,7 @@ from ..analysis import dataset_statistics
 from ..config import ModelConfig, apply_overrides, find_config, from_dict, load_config, save_config, upgrade_config_dict
 from ..data import DetectionData, align_classes, load_coco, load_csv, load_voc
 from ..data.formats import detect_format
-from ..engine.data import carve, resolve_paths
+from ..engine.data import carve, check_image_files, resolve_paths
 from ..engine.trainer import train
 from ..engine.tune import record_choice
 from ..errors import UsageError
@@ -128,6 +128,11 @@ def _train_from_data(args: argparse.Namespace) -> int:
                              f"images, none with a box that is not a crowd region), so AP cannot be measured on "
                              f"them; give a validation set with annotated objects, or leave --val out to hold "
                              f"out 10% of --data's images")
+    # Before any rule reads them: an annotated size the file disagrees with (an EXIF turn, say) would
+    # derive settings from wrong sizes and report sound boxes as lying outside their images.
+    for data in (train_data, val_data):
+        if data is not None:
+            check_image_files(data)
     kind_of_weights = weights_kind(args.weights) if args.weights else None
     options = RecipeOptions(model=args.model or "retinanet_r18_fpn", minutes=10.0 if args.minutes is None else args.minutes,
                             weights=args.weights, weights_kind=kind_of_weights, flip=not args.no_flip,
