@@ -332,8 +332,10 @@ def input_scale(s: DataSummary) -> tuple[float, int, int, str, list[Derived]]:
                f"(>= {SHRINK_OBJECT_PX:g}) and the shorter side to {scale * short:.0f} px (>= {SHRINK_IMAGE_PX}): "
                f"large objects need no more pixels, and whole large photos would cost many per step")
     else:
-        why = (f"box sizes p2 {p2:.1f} px{seen}: native scale (shrinking would take the small objects below "
-               f"{SHRINK_OBJECT_PX:g} px or the shorter side below {SHRINK_IMAGE_PX} px)")
+        # object_scale keeps 1 only where one of these holds
+        small = [f"the small objects are {p2:.0f} px (<= {SHRINK_OBJECT_PX:g})"] if p2 <= SHRINK_OBJECT_PX else []
+        small += [f"the shorter side is {short:.0f} px (<= {SHRINK_IMAGE_PX})"] if short <= SHRINK_IMAGE_PX else []
+        why = f"box sizes p2 {p2:.1f} px{seen}: native scale, not shrunk: {' and '.join(small)}"
     if view == "own":
         side = int(round(scale * short))
         return scale, side, side, view, [

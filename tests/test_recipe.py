@@ -77,6 +77,21 @@ def test_boxes_of_every_size_use_the_paper_anchors_up_to_p7():
     assert v["data.crop_sizes"] == []                             # large objects: whole images
 
 
+def test_native_scale_says_which_limit_keeps_it():
+    rng = np.random.default_rng(2)
+    reasons = {}
+    for name, data in {"small objects": make_data([squares(rng, 4, 14, 60, size=800) for _ in range(30)],
+                                                  hw=(800, 800)),
+                       "small images": make_data([squares(rng, 2, 36, 44, size=96) for _ in range(30)],
+                                                 hw=(96, 96))}.items():
+        summary = DataSummary.from_data(data)
+        rows = {r.key: r for r in derive(summary, RecipeOptions(), holdout(summary, False))}
+        assert rows["model.min_size"].value == data.records[0].height, name          # native scale
+        reasons[name] = rows["model.min_size"].reason
+    assert "the small objects are" in reasons["small objects"] and "shorter side" not in reasons["small objects"]
+    assert "the shorter side is 96 px" in reasons["small images"] and "small objects" not in reasons["small images"]
+
+
 def test_coverage_rule_is_what_the_grid_gives():
     # a 32 px box centred on a stride-8 grid point matches a 32 px anchor exactly
     iou, level = grid_best_iou(np.array([[16.0, 16.0, 48.0, 48.0]]), [[32.0]], [1.0], [8], 0.0)
