@@ -8,7 +8,9 @@ on a small hand-made set without training. The rules (``docs/own-data.md`` expla
 - **classes**: the annotations' class names and count.
 - **holdout**: without a validation file, 10% of the training images (at least 1) are the
   validation split; with at least ``MIN_TUNE_IMAGES`` images, another 10% are a ``tune`` split on
-  which the test-time scales are chosen after training (never on the validation images). With fewer
+  which the test-time scales are chosen after training (never on the validation images). Each held-out
+  split takes an image with objects and training keeps one: with too few such images the command asks
+  for ``--val``, or makes no tune split. With fewer
   images, each photo large against its objects (a band of 10% of its longer side holds two of the
   largest) gives up such a band at its far end instead, for each held-out split, behind a gap as wide
   as the largest objects (:func:`~densedet.data.split.split_by_region`); a tune band only when the
@@ -189,27 +191,42 @@ def parse_model_name(name: str) -> tuple[str, str, int]:
 
 # -- the rules ------------------------------------------------------------------------------------
 
+def _require_boxes(s: DataSummary) -> None:
+    if not len(s.boxes):
+        raise UsageError("the training annotations hold no boxes: nothing to learn from")
+
+
 def holdout(s: DataSummary, has_val: bool) -> list[Derived]:
     """Validation and tune slices of the training images (see the module docstring); ``s``: all the
     training images, ``s.eval_hw`` the validation file's when ``has_val``."""
+    _require_boxes(s)
     num_images = len(s.image_hw)
     if num_images < MIN_TUNE_IMAGES:
         by_region = region_holdout(s, has_val)
         if by_region:
             return by_region
     out = []
+    # each held-out split takes an image with objects (AP is not measured on none), and training keeps one
+    with_objects = len(np.unique(s.box_image))
     if has_val:
         out.append(Derived("data.val_fraction", 0.0, "a validation file is given: it is the validation split"))
     else:
         if num_images < 3:
             raise UsageError(f"only {num_images} training image(s), none large enough against its objects to give up "
                              f"a band: too few to hold out a validation split; give one with --val")
+        if with_objects < 2:
+            raise UsageError(f"only {with_objects} training image(s) with objects: too few to hold out a validation "
+                             f"split with objects and keep one to train on; give one with --val")
         n = max(1, round(HOLDOUT_SHARE * num_images))
         out.append(Derived("data.val_fraction", HOLDOUT_SHARE,
                            f"no --val: {n} of {num_images} training images (10%, by image, seeded) are held out "
                            f"to validate" + (", images with and without objects in proportion"
                                              if s.images_without_boxes else "")))
-    if num_images >= MIN_TUNE_IMAGES:
+    if num_images >= MIN_TUNE_IMAGES and with_objects < (2 if has_val else 3):
+        out += [Derived("data.tune_fraction", 0.0, f"{with_objects} training image(s) with objects: none spared to "
+                        f"choose test-time scales on"),
+                Derived("test.tta_choose", False, "no tune split: single-scale evaluation")]
+    elif num_images >= MIN_TUNE_IMAGES:
         n = max(1, round(HOLDOUT_SHARE * num_images))
         out += [Derived("data.tune_fraction", HOLDOUT_SHARE,
                         f"{n} more training images held out as the tune split: the test-time scales are chosen "
@@ -763,8 +780,7 @@ def derive(s: DataSummary, o: RecipeOptions, held_out: list[Derived] | tuple = (
     """Every derived setting for the data ``s`` (the images trained on) and options ``o``, in the order
     they are printed; ``held_out``: the :func:`holdout` rows, decided on all the training images."""
     arch, backbone, rd_size = parse_model_name(o.model)
-    if not len(s.boxes):
-        raise UsageError("the training annotations hold no boxes: nothing to learn from")
+    _require_boxes(s)
     k = len(s.class_names)
     rows = [Derived("model.arch", arch, f"--model {o.model}"), Derived("model.backbone", backbone, f"--model {o.model}"),
             classes(s)] + list(held_out)

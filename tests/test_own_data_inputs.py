@@ -203,3 +203,10 @@ def test_a_budget_that_ends_inside_the_warm_up_says_it_is_too_short(tmp_path, ca
                  "train.pretrain_minutes=0", "train.pretrain_iters=0", "test.num_vis=0", "train.precision=fp32",
                  "test.tta_choose=false"]) == 0
     assert "inside the learning rate's warm-up (20 steps): too short to learn" in capsys.readouterr().err
+
+
+def test_too_few_images_to_hold_out_names_the_annotation_file(tmp_path, capsys):
+    data = write_coco_set(tmp_path / "set", n_images=2)
+    assert main(["train", "--data", data, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {data}: only 2 training image(s)" in err and "--val" in err

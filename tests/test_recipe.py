@@ -438,6 +438,26 @@ def test_holdout_rule():
         derived(make_data([squares(rng, 2, 20, 40) for _ in range(2)]))
 
 
+def test_held_out_splits_each_get_an_image_with_objects_or_are_not_made():
+    """AP is not measured on images without objects: a held-out split takes one with objects, and
+    training keeps one. 40 images, of which 1, 2 or 3 have objects."""
+    rng = np.random.default_rng(10)
+
+    def mostly_empty(with_objects: int):
+        return make_data([squares(rng, 2, 20, 40) if i < with_objects else [] for i in range(40)])
+
+    with pytest.raises(UsageError, match="only 1 training image.* with objects.*--val"):
+        derived(mostly_empty(1))
+    two = derived(mostly_empty(2))
+    assert two["data.val_fraction"] == 0.1 and two["data.tune_fraction"] == 0.0 and not two["test.tta_choose"]
+    three = derived(mostly_empty(3))
+    assert three["data.tune_fraction"] == 0.1 and three["test.tta_choose"]
+    parts = split_by_image(mostly_empty(3), three["data.val_fraction"], three["data.tune_fraction"], seed=0)
+    assert all(any(len(r) for r in part.records) for part in parts.values())
+    with_val = derived(mostly_empty(1), make_data([squares(rng, 2, 20, 40)]))
+    assert with_val["data.val_fraction"] == 0.0 and with_val["data.tune_fraction"] == 0.0
+
+
 def test_fine_tuning_recipe_from_imagenet_weights():
     rng = np.random.default_rng(9)
     v = derived(make_data([squares(rng, 3, 20, 40) for _ in range(12)]), weights="r18.pth", weights_kind="imagenet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -60,6 +61,9 @@ def test_train_from_data_alone_writes_a_config_that_train_config_reruns(tmp_path
     again = tmp_path / "again"
     assert main(["train", str(run / "config.yaml"), "--output-dir", str(again), "test.tta_choose=false"]) == 0
     assert (again / "metrics.json").is_file()
+    # a finished run folder resumes with its own config: nothing left to train, evaluated again
+    assert main(["train", "--resume", "--output-dir", str(again)]) == 0
+    assert "resumed" in capsys.readouterr().err
 
 
 def test_train_needs_a_config_or_data(capsys):
@@ -121,6 +125,27 @@ def test_images_in_a_folder_named_as_the_annotation_file(tmp_path):
     (tmp_path / "train" / "train.json").rename(tmp_path / "train.json")     # train.json beside train/
     data, _, _, images = read_annotations(str(tmp_path / "train.json"), None)
     assert images == str(tmp_path / "train") and data.records[0].file_name.startswith(images)
+
+
+def test_images_in_a_jpegimages_or_images_folder_beside_the_annotations(tmp_path):
+    """Pascal VOC's Annotations/ + JPEGImages/, and the annotations/ + images/ of many exports, are
+    read without --images."""
+    from densedet.commands.train import read_annotations
+    write_coco_set(tmp_path / "VOC" / "JPEGImages", n_images=2)
+    annotations = tmp_path / "VOC" / "Annotations"
+    annotations.mkdir()
+    (annotations / "1.xml").write_text("<annotation><filename>1.png</filename><object><name>cat</name><bndbox>"
+                                       "<xmin>2</xmin><ymin>3</ymin><xmax>20</xmax><ymax>30</ymax></bndbox>"
+                                       "</object></annotation>")
+    data, kind, _, images = read_annotations(str(annotations), None)
+    assert kind == "voc" and images == str(tmp_path / "VOC" / "JPEGImages")
+    assert data.records[0].file_name == os.path.join(images, "1.png")
+    write_coco_set(tmp_path / "set" / "images", n_images=2)
+    (tmp_path / "set" / "annotations").mkdir()
+    (tmp_path / "set" / "images" / "train.json").rename(tmp_path / "set" / "annotations" / "train.json")
+    data, kind, _, images = read_annotations(str(tmp_path / "set" / "annotations" / "train.json"), None)
+    assert kind == "coco" and images == str(tmp_path / "set" / "images")
+    assert os.path.isfile(data.records[1].file_name)
 
 
 def test_weights_file_kinds(tmp_path):

@@ -22,6 +22,7 @@ from ..analysis import dataset_statistics
 from ..config import ModelConfig, apply_overrides, find_config, from_dict, load_config, save_config, upgrade_config_dict
 from ..data import DetectionData, align_classes, load_coco, load_csv, load_voc
 from ..data.formats import detect_format
+from ..data.images import image_folder_beside
 from ..engine.data import carve, check_image_files, resolve_paths
 from ..engine.trainer import train
 from ..engine.tune import record_choice
@@ -42,6 +43,8 @@ def run_train(args: argparse.Namespace) -> int:
         args.overrides, args.config = [args.config, *args.overrides], None
     if args.data:
         return _train_from_data(args)
+    if not args.config and args.resume and args.output_dir and os.path.isfile(os.path.join(args.output_dir, "config.yaml")):
+        args.config = os.path.join(args.output_dir, "config.yaml")      # a run folder resumes with its own config
     if not args.config:
         raise UsageError("give a config (densedet train CONFIG) or the training annotations (densedet train --data FILE)")
     for flag in ("val", "images", "model", "minutes"):
@@ -69,32 +72,40 @@ def read_annotations(spec: str, images: str | None, class_names: list[str] | Non
                      ) -> tuple[DetectionData, str, list[str], str]:
     """Read an annotation path (COCO json, CSV file, VOC xml file / folder / glob / comma list), format
     detected. Image paths are relative to ``images``, else to the annotation file's folder, else to a
-    folder named as the file beside it. Returns the data, the format, the resolved paths and the image
-    folder used ("" for the default: beside the annotations)."""
+    folder named as the file beside it, else to a JPEGImages/ or images/ folder beside the annotations'
+    folder (Pascal VOC's layout). Returns the data, the format, the resolved paths and the image folder
+    used ("" for the default: beside the annotations)."""
     paths = resolve_paths(spec, "--data")
     kind = detect_format(paths)
-    if kind == "coco":
-        data = load_coco(paths[0], images if images is not None else os.path.dirname(paths[0]))
-    elif kind == "csv":
-        data = load_csv(paths[0], image_root=images, class_names=class_names)
-    else:
-        data = load_voc(paths if len(paths) > 1 else paths[0], image_dir=images, class_names=class_names)
-    if images is None and kind != "voc":
-        folder = _images_beside(data, paths[0])
-        if folder:
-            images = folder
-            data = load_coco(paths[0], folder) if kind == "coco" else load_csv(paths[0], folder, class_names)
+
+    def read(folder: str | None) -> DetectionData:
+        if kind == "coco":
+            return load_coco(paths[0], folder if folder is not None else os.path.dirname(paths[0]))
+        if kind == "csv":
+            return load_csv(paths[0], image_root=folder, class_names=class_names)
+        return load_voc(paths if len(paths) > 1 else paths[0], image_dir=folder, class_names=class_names)
+
+    data = read(images)
+    if images is None:
+        images = _images_elsewhere(data, kind, paths[0])
+        if images:
+            data = read(images)
     return data, kind, paths, images or ""
 
 
-def _images_beside(data: DetectionData, path: str) -> str | None:
-    """A folder named as the annotation file beside it (``train.json`` and ``train/``, as densedet's
-    digit scenes are written) when the first image is there and not in the file's own folder."""
+def _images_elsewhere(data: DetectionData, kind: str, path: str) -> str | None:
+    """The folder that holds the first image when it is not where the annotations put it by default:
+    one named as the annotation file beside it (``train.json`` and ``train/``, as densedet's digit
+    scenes are written; not for VOC), or a JPEGImages/ or images/ folder beside the annotations' folder
+    (Pascal VOC's ``Annotations/`` and ``JPEGImages/``)."""
     if not data.records or os.path.exists(data.records[0].file_name):
         return None
-    folder = os.path.splitext(path)[0]
-    first = os.path.relpath(data.records[0].file_name, os.path.dirname(path))
-    return folder if os.path.isfile(os.path.join(folder, first)) else None
+    base = path if os.path.isdir(path) else os.path.dirname(path)
+    first = os.path.relpath(data.records[0].file_name, base)
+    named = os.path.splitext(path)[0]
+    if kind != "voc" and os.path.isfile(os.path.join(named, first)):
+        return named
+    return image_folder_beside(first, path)
 
 
 def weights_kind(path: str) -> str:
@@ -142,7 +153,10 @@ def _train_from_data(args: argparse.Namespace) -> int:
         base.model = _checkpoint_model(args.weights, base)
         base.model.scale_as = None          # how images are resized follows the new data (derived below)
     # the held-out splits are decided on all the training images; the other rules see the images trained on
-    held_out = holdout(DataSummary.from_data(train_data, val_data), val_data is not None)
+    try:
+        held_out = holdout(DataSummary.from_data(train_data, val_data), val_data is not None)
+    except UsageError as err:           # too few images to hold any out: name the file
+        raise UsageError(f"{args.data}: {err}") from None
     split_config = dataclasses.replace(base.data, **{r.key[len("data."):]: r.value for r in held_out
                                                     if r.key.startswith("data.")})
     parts = carve(split_config, train_data)
@@ -254,7 +268,8 @@ def add_parser(subparsers: Any) -> None:
                    "is another thing: digits, text)")
     p.add_argument("--top-down", action="store_true", help="with --data: images seen from above (aerial, satellite, "
                    "microscopy): also train on quarter turns")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt exactly where it stopped")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt exactly where it stopped "
+                   "(without a config: with OUTPUT_DIR/config.yaml)")
     p.add_argument("--weights", help="initialise the model from a checkpoint or state dict (fine-tuning); with "
                    "--data: an ImageNet trunk or a detection checkpoint, and the fine-tuning recipe")
     p.add_argument("--output-dir", help="run folder (overrides train.output_dir)")

@@ -134,7 +134,7 @@ def missing_image_hint(path: str, source: str | None = None) -> str:
         hints.append(f"did you mean {' or '.join(near)}?")
     annotation_path = (source or "").split(" (")[0].split(",")[0]     # a split appends " (val: ...)"
     if annotation_path and os.path.exists(annotation_path):
-        folder = _image_folder_beside(os.path.basename(path), annotation_path)
+        folder = image_folder_beside(os.path.basename(path), annotation_path)
         if folder is not None:
             hints.append(f"{os.path.basename(path)} is in {folder}: pass --images {folder}")
     return "".join(f"; {h}" for h in hints)
@@ -153,7 +153,7 @@ def _same_name_beside(path: str) -> list[str]:
                   and os.path.splitext(n)[0].lower() in wanted)[:3]
 
 
-def _image_folder_beside(name: str, annotation_path: str) -> str | None:
+def image_folder_beside(name: str, annotation_path: str) -> str | None:
     """The JPEGImages/ or images/ folder beside the annotations' folder that holds ``name``, if any."""
     folder = annotation_path if os.path.isdir(annotation_path) else os.path.dirname(annotation_path)
     parent = os.path.normpath(os.path.join(folder, os.pardir))
