@@ -140,3 +140,31 @@ def test_a_re_planned_run_resumes_on_its_plan_to_the_same_weights(
     final = {name: load_checkpoint(Path(c.train.output_dir) / "model_final.pt")["model"]
              for name, c in (("straight", straight), ("resumed", resumed))}
     assert all(torch.equal(final["straight"][k], final["resumed"][k]) for k in final["straight"])
+
+
+def test_a_budgeted_run_saves_last_pt_at_each_plan_whatever_its_checkpoint_period(
+        tiny_config, stop_training_at, fake_time, restore_torch_globals):
+    """checkpoint_period 1000 never comes in a short run; the plans (at 11, the re-plan at 21) save
+    last.pt, so a run killed at 30 resumes from 21, not from nothing, and ends as a straight run."""
+    fake_time.step_seconds = lambda iteration: 1.0 if iteration < 11 else 0.5
+
+    def thirty_seconds(cfg):
+        cfg = budgeted(cfg)
+        cfg.train.max_minutes, cfg.train.checkpoint_period = 0.5, 1000
+        return cfg
+
+    straight = thirty_seconds(tiny_config("straight"))
+    train(straight, log=lambda _: None, clock=fake_time)
+    killed = thirty_seconds(tiny_config("killed"))
+    stop_training_at(30)
+    fake_time.now = 0.0
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, log=lambda _: None, clock=fake_time)
+    assert load_checkpoint(Path(killed.train.output_dir) / "last.pt")["iteration"] == 21
+    stop_training_at(None)
+    fake_time.now = 0.0
+    summary = train(killed, resume=True, log=lambda _: None, clock=fake_time)
+    assert summary["iterations"] == 48 and records(killed)[-1] == records(straight)[-1]
+    final = {name: load_checkpoint(Path(c.train.output_dir) / "model_final.pt")["model"]
+             for name, c in (("straight", straight), ("killed", killed))}
+    assert all(torch.equal(final["straight"][k], final["killed"][k]) for k in final["straight"])

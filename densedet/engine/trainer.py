@@ -258,7 +258,9 @@ def _after_step(run: _Run) -> None:
         _log_window(run)
     if t.eval_period and iteration % t.eval_period == 0 and not done:
         _evaluate(run)
-    if done or iteration % t.checkpoint_period == 0:
+    # also at each plan of a time budget (its first and its re-plans at 25/50/75%), decided alike on
+    # every process: a killed run of a few minutes then loses at most about a quarter of it
+    if done or iteration % t.checkpoint_period == 0 or planned is not None:
         run.checkpoints.save_last(run.step.model, run.step.optimizer, run.state, budget, run.step.ema)
 
 
