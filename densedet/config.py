@@ -479,6 +479,7 @@ def _train_checks(cfg: Config) -> list[Check]:
     checks: list[Check] = [
         (t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}"),
         (t.max_iters > 0, "train.max_iters", f"must be > 0, got {t.max_iters}"),
+        (t.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0: no time budget), got {t.max_minutes}"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision",
          f"must be auto, fp32 or bf16, got {t.precision!r}"),
         (0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}"),

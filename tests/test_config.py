@@ -115,6 +115,7 @@ def test_override_without_equals_sign_is_rejected():
     ("solver.lr=0", "solver.lr"),
     ("train.batch_size=0", "train.batch_size"),
     ("train.max_iters=-5", "train.max_iters"),
+    ("train.max_minutes=-1", "train.max_minutes"),
     ("model.num_classes=0", "model.num_classes"),
     ("model.anchor_sizes=[32,64]", "model.anchor_sizes"),
     ("model.retinanet.bg_iou_thresh=0.6", "model.retinanet.bg_iou_thresh"),

@@ -128,6 +128,26 @@ def test_fine_tuning_a_one_scale_checkpoint_resizes_as_the_new_data_says(tmp_pat
     assert load_config(second / "config.yaml").model.scale_as is None
 
 
+def test_a_detection_checkpoint_of_another_model_or_class_count_is_refused_before_any_setting(tmp_path, capsys):
+    data = write_coco_set(tmp_path / "set")
+    first = tmp_path / "first"
+    assert main(["train", "--data", data, "--minutes", "0.1", "--output-dir", str(first), *QUICK]) == 0
+    weights = str(first / "model_final.pt")
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert main(["train", "--data", data, "--weights", weights, "--model", "refinedet320_r18",
+                 "--output-dir", str(run)]) == 2
+    assert f"{weights}: a retinanet resnet18 detector; --model refinedet320_r18 names another" in capsys.readouterr().err
+    doc = json.loads(open(data).read())
+    doc["categories"].append({"id": 3, "name": "c"})
+    doc["annotations"][0]["category_id"] = 3
+    three = tmp_path / "set" / "three.json"
+    three.write_text(json.dumps(doc))
+    assert main(["train", "--data", str(three), "--weights", weights, "--output-dir", str(run)]) == 2
+    assert f"{weights}: a detector of 2 classes; the data has 3" in capsys.readouterr().err
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("minutes", ["0", "-1"])
 def test_a_budget_of_no_minutes_is_refused_by_its_flag(tmp_path, capsys, minutes):
     data = write_coco_set(tmp_path / "set", n_images=4)

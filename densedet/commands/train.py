@@ -27,7 +27,8 @@ from ..engine.data import carve, check_image_files, resolve_paths
 from ..engine.trainer import train
 from ..engine.tune import record_choice
 from ..errors import UsageError
-from ..recipe import DataSummary, RecipeOptions, base_config, derive, format_table, holdout, recipe_config
+from ..recipe import (DataSummary, RecipeOptions, base_config, derive, format_table, holdout, parse_model_name,
+                      recipe_config)
 from ..serialization import load_tensors
 
 __all__ = ["add_parser", "run_train", "run_demo"]
@@ -151,6 +152,7 @@ def _train_from_data(args: argparse.Namespace) -> int:
     base = base_config(options.model)
     if kind_of_weights == "detection":
         base.model = _checkpoint_model(args.weights, base)
+        _check_checkpoint_fits(args, base.model, len(train_data.class_names))
         base.model.scale_as = None          # how images are resized follows the new data (derived below)
     # the held-out splits are decided on all the training images; the other rules see the images trained on
     try:
@@ -173,9 +175,6 @@ def _train_from_data(args: argparse.Namespace) -> int:
     if kind != "coco":
         cfg.data.class_names = list(train_data.class_names)
     cfg.train.output_dir = args.output_dir or cfg.train.output_dir
-    if kind_of_weights == "detection" and cfg.model.num_classes != base.model.num_classes:
-        raise UsageError(f"{args.weights}: a detector of {base.model.num_classes} classes; the data has "
-                         f"{cfg.model.num_classes} (fine-tune from an ImageNet trunk instead)")
     cfg = apply_overrides(cfg, args.overrides)
     print(f"densedet train --data {args.data}: {kind} annotations, {len(train_data.records)} images; "
           f"settings derived from the data:", file=sys.stderr)
@@ -193,6 +192,19 @@ def _train_from_data(args: argparse.Namespace) -> int:
                     init_weights=args.weights if kind_of_weights == "detection" else None)
     record_choice(out, summary)
     return 0
+
+
+def _check_checkpoint_fits(args: argparse.Namespace, model: ModelConfig, num_classes: int) -> None:
+    """A detection checkpoint's architecture and class count are tied to its weights: ``--model``
+    cannot name another, and the data must have as many classes."""
+    if args.model:
+        size = model.refinedet.image_size if model.arch == "refinedet" else 0
+        if parse_model_name(args.model) != (model.arch, model.backbone, size):
+            raise UsageError(f"{args.weights}: a {model.arch}{size or ''} {model.backbone} detector; --model {args.model} "
+                             f"names another (leave --model out to fine-tune this one)")
+    if num_classes != model.num_classes:
+        raise UsageError(f"{args.weights}: a detector of {model.num_classes} classes; the data has {num_classes} "
+                         f"(fine-tune from an ImageNet trunk instead)")
 
 
 def _checkpoint_model(path: str, base):
