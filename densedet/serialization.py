@@ -13,11 +13,15 @@ import torch
 
 from .errors import DensedetError
 
-__all__ = ["UnreadableFile", "load_tensors"]
+__all__ = ["UnreadableFile", "WeightsMismatch", "load_tensors"]
 
 
 class UnreadableFile(DensedetError, ValueError):
     """A file is missing, is not a ``torch.save`` file, is damaged, or holds code-bearing objects."""
+
+
+class WeightsMismatch(DensedetError, ValueError):
+    """A weights file that reads, but whose tensors do not fit the model (other names or shapes)."""
 
 
 def load_tensors(path: str | Path, what: str = "checkpoint") -> Any:

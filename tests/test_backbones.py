@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from densedet.backbones.resnet import FrozenBatchNorm2d, ResNet, load_torchvision_resnet, make_norm
+from densedet.errors import DensedetError
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -117,8 +118,8 @@ def test_load_torchvision_resnet_loads_every_key_and_drops_fc(tmp_path, norm):
 
 def test_load_torchvision_resnet_rejects_the_wrong_depth_with_a_clear_error(tmp_path):
     path, _ = _torchvision_style_file(tmp_path, depth=50, randomise=False)
-    with pytest.raises(ValueError, match=r"resnet50\.pth: not a torchvision ResNet-18 state dict"):
-        load_torchvision_resnet(ResNet(18, norm="bn", frozen_stages=0), str(path))
+    with pytest.raises(DensedetError, match=r"resnet50\.pth: not a torchvision ResNet-18 state dict"):
+        load_torchvision_resnet(ResNet(18, norm="bn", frozen_stages=0), str(path))   # bad input: exit code 2
 
 
 def test_load_torchvision_resnet_rejects_missing_and_unexpected_keys(tmp_path):

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..serialization import WeightsMismatch, load_tensors
 from .folding import ConvNorm, conv_norm
 
 __all__ = [
@@ -240,13 +241,13 @@ def load_torchvision_resnet(model: ResNet, path: str) -> None:
     The file is read with ``weights_only=True`` (no code from the file runs). Its ``fc.*``
     classifier keys are the only ones dropped; every other key must match name and shape.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path, "weights file")
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise WeightsMismatch(f"{path}: expected a state dict, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     if isinstance(model.bn1, FrozenBatchNorm2d):
         state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: not a torchvision ResNet-{model.depth} state dict: {err}") from None
+        raise WeightsMismatch(f"{path}: not a torchvision ResNet-{model.depth} state dict: {err}") from None

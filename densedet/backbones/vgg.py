@@ -25,6 +25,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..serialization import WeightsMismatch, load_tensors
+
 __all__ = ["L2Norm", "VGG16", "convert_torchvision_vgg16", "load_torchvision_vgg16"]
 
 # Convolutions per VGG16 stage (configuration "D" of Simonyan & Zisserman).
@@ -190,14 +192,17 @@ def load_torchvision_vgg16(model: VGG16, path_or_state: str | Mapping[str, Tenso
     initialisation are the layers VGG16 does not have (conv6_1, conv6_2, the L2Norm scales).
     """
     name = path_or_state if isinstance(path_or_state, str) else "state dict"
-    state = torch.load(path_or_state, map_location="cpu", weights_only=True) if isinstance(path_or_state, str) else path_or_state
-    converted = convert_torchvision_vgg16(state)
+    state = load_tensors(path_or_state, "weights file") if isinstance(path_or_state, str) else path_or_state
+    try:
+        converted = convert_torchvision_vgg16(state)
+    except ValueError as err:
+        raise WeightsMismatch(f"{name}: {err}") from None
     try:
         result = model.load_state_dict(converted, strict=False)
     except RuntimeError as err:  # shape mismatch (e.g. a reduced-width VGG16)
-        raise ValueError(f"{name}: does not fit this VGG16: {err}") from None
+        raise WeightsMismatch(f"{name}: does not fit this VGG16: {err}") from None
     new_layers = ("conv6_1.", "conv6_2.", "conv4_3_norm.", "conv5_3_norm.")
     missing = [k for k in result.missing_keys if not k.startswith(new_layers)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{name}: not a torchvision VGG16 state dict: missing {missing}, "
+        raise WeightsMismatch(f"{name}: not a torchvision VGG16 state dict: missing {missing}, "
                          f"unexpected {result.unexpected_keys}")
