@@ -167,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the detections to this JSON file")
     args = parser.parse_args(argv)
     runner = OnnxDetectorRunner(args.model, threads=args.threads)
+    exported = runner.meta["score_thresh"]
+    if args.score_thresh is not None and args.score_thresh < exported:
+        parser.error(f"--score-thresh {args.score_thresh:g}: {args.model} was exported with score_thresh {exported:g}, "
+                     f"and the graph returns no detection below it (export again with --score-thresh)")
     records = []
     for path in args.images:
         det = runner([load_rgb(path)], args.score_thresh)[0]

@@ -183,6 +183,7 @@ CASES = [
     ("train-truncated-init-weights", _args("train", "{config}", "--weights", "{ckpt_cut.pt}"), 2, "{ckpt_cut.pt}"),
     # -- eval --results
     ("eval-results-missing", R("missing"), 2, "{missing}"),
+    ("eval-max-dets-not-distinct", R("res.json", "gt.json", "--max-dets", "0", "0", "0"), 2, "--max-dets"),
     ("eval-results-truncated", R("res_cut.json"), 2, "{res_cut.json}"),
     ("eval-results-binary", R("res_binary.json"), 2, "{res_binary.json}"),
     ("eval-results-zero-bytes", R("res_empty.json"), 2, "{res_empty.json}"),
@@ -245,6 +246,7 @@ CASES = [
     ("predict-batch-size-0", P("ok.png", "--batch-size", "0"), 2, "--batch-size"),
     ("predict-1x1-image", P("one.png"), 0, None),
     ("predict-16-bit-png", P("gray16.png"), 0, None),
+    ("predict-device-unknown", P("ok.png", "--device", "tpu0"), 2, "--device tpu0"),
     ("predict-grayscale", P("gray.png"), 0, None),
     ("predict-4000x30", P("wide.png"), 0, None),
     ("predict-30x4000", P("tall.png"), 0, None),

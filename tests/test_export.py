@@ -277,6 +277,15 @@ def test_runner_script_runs_without_torch(retinanet_export, tmp_path):
     assert records and set(records[0]) == {"image", "label", "score", "box"}
 
 
+def test_runner_refuses_a_score_threshold_below_the_exported_one(retinanet_export, capsys):
+    runner_mod = _load_runner_module()
+    _, _, paths, path = retinanet_export
+    exported = json.loads(sidecar_path(path).read_text())["score_thresh"]
+    with pytest.raises(SystemExit) as stop:
+        runner_mod.main([str(path), str(paths[0]), "--score-thresh", str(exported / 10)])
+    assert stop.value.code == 2 and f"exported with score_thresh {exported:g}" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # NMS operator semantics
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +515,28 @@ def test_export_cli_from_checkpoint(tmp_path, capsys):
     assert not json.loads(sidecar_path(fixed).read_text())["dynamic_size"]
     with pytest.raises(ValueError, match="multiple of"):
         export_onnx(model, tmp_path / "bad.onnx", image_size=(250, 256))
+
+
+def test_export_cli_refuses_another_size_for_a_model_of_one_input_size(tmp_path):
+    """RefineDet's anchors and weights are tied to its input: a 320 model exported at 512 would detect
+    other boxes than PyTorch's."""
+    from densedet.config import Config, to_dict
+    from densedet.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
+    from densedet.errors import UsageError
+    from densedet.models import build_from_config
+    cfg = Config()
+    cfg.model.arch, cfg.model.backbone, cfg.model.num_classes = "refinedet", "resnet18", 2
+    cfg.model.refinedet.image_size, cfg.model.refinedet.tcb_channels = 320, 32
+    ckpt = tmp_path / "model.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, "model": build_from_config(cfg.model).state_dict(),
+                 "config": to_dict(cfg), "class_names": ["a", "b"], "category_ids": None, "iteration": 0}, ckpt)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["export", "--weights", str(ckpt), "--out", str(tmp_path / "m.onnx"),
+                              "--size", "512", "512"])
+    with pytest.raises(UsageError, match=r"--size 512 512: .*model.pt is a model of one input size, 320x320"):
+        args.func(args)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -173,6 +173,8 @@ def eval_checkpoint(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """``densedet eval``: a results file (``--results``) or a checkpoint (``--weights``); the exit code."""
+    if min(args.max_dets) < 1 or len(set(args.max_dets)) != len(args.max_dets):
+        raise UsageError(f"--max-dets: three distinct positive counts, got {' '.join(map(str, args.max_dets))}")
     if args.results:
         if not args.annotations:
             raise UsageError("--results: needs --annotations A.json (the COCO ground truth to evaluate against)")

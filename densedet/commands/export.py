@@ -34,7 +34,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="the largest input (a model that resizes each image by its own size takes any size up "
                         "to it; default: max_size padded to size_divisible), or with --fixed-size the one input "
-                        "size (default: min_size padded); a model with a fixed size (RefineDet) keeps its own")
+                        "size (default: min_size padded); a model with a fixed size (RefineDet) keeps its own (another is "
+                        "refused)")
     p.add_argument("--fixed-size", action="store_true",
                    help="one fixed input size: every image is fitted into it and padded to it (default: height "
                         "and width are dynamic wherever the model allows, so images are not padded beyond "
@@ -80,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     overrides = {} if args.score_thresh is None else {"score_thresh": args.score_thresh}
     model, cfg, ckpt = model_from_checkpoint(args.weights, **overrides)
+    fixed = model.preprocessor.fixed_size
+    if args.size is not None and fixed and tuple(args.size) != tuple(fixed):
+        raise UsageError(f"--size {args.size[0]} {args.size[1]}: {args.weights} is a model of one input size, "
+                         f"{fixed[0]}x{fixed[1]}, which its weights and anchors were trained at; leave --size out")
     divisor = model.preprocessor.size_divisible
     if args.size is not None and (args.size[0] % divisor or args.size[1] % divisor):
         raise UsageError(f"--size: {args.size[0]} {args.size[1]} must be multiples of the model's size_divisible "

@@ -123,6 +123,12 @@ def _predictor(args: argparse.Namespace) -> Predictor:
                          tile_overlap=args.tile_overlap, batch_size=args.batch_size, backend=args.backend,
                          threads=args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device name (cpu, cuda, cuda:1 ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this PyTorch sees no CUDA device; use --device cpu") from None
     predictor = Predictor.from_checkpoint(args.weights, device=device, score_thresh=args.score_thresh,
                                           tile_size=args.tile, tile_overlap=args.tile_overlap,
                                           batch_size=args.batch_size, precision=args.precision)
