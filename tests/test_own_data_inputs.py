@@ -230,3 +230,12 @@ def test_too_few_images_to_hold_out_names_the_annotation_file(tmp_path, capsys):
     assert main(["train", "--data", data, "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"error: {data}: only 2 training image(s)" in err and "--val" in err
+
+
+def test_under_torchrun_one_process_prints_the_table_and_writes_the_run_folder(tmp_path, capsys, monkeypatch):
+    data = write_coco_set(tmp_path / "set")
+    monkeypatch.setenv("RANK", "1")            # a second process: it derives the same config and trains
+    run = tmp_path / "run"
+    assert main(["train", "--data", data, "--minutes", "0.1", "--output-dir", str(run), *QUICK]) == 0
+    assert "settings derived" not in capsys.readouterr().err
+    assert not (run / "derived.txt").exists() and not (run / "data_statistics.json").exists()

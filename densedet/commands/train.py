@@ -176,22 +176,29 @@ def _train_from_data(args: argparse.Namespace) -> int:
         cfg.data.class_names = list(train_data.class_names)
     cfg.train.output_dir = args.output_dir or cfg.train.output_dir
     cfg = apply_overrides(cfg, args.overrides)
+    out = Path(cfg.train.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:       # under torchrun every process derives; one says and writes
+        _say_and_write(args, cfg, rows, kind, train_data, parts["train"], out)
+    summary = train(cfg, resume=args.resume,
+                    init_weights=args.weights if kind_of_weights == "detection" else None)
+    record_choice(out, summary)
+    return 0
+
+
+def _say_and_write(args: argparse.Namespace, cfg, rows, kind: str, train_data: DetectionData,
+                   trained: DetectionData, out: Path) -> None:
+    """The derived table on stderr, and the run folder's config.yaml, derived.txt and data_statistics.json."""
     print(f"densedet train --data {args.data}: {kind} annotations, {len(train_data.records)} images; "
           f"settings derived from the data:", file=sys.stderr)
     print(format_table(rows), file=sys.stderr)
     if args.overrides:
         print(f"overrides on top: {' '.join(args.overrides)}", file=sys.stderr)
-    out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     (out / "derived.txt").write_text(format_table(rows) + "\n")
     # the statistics behind the rules, as `densedet analyze` reports them
-    (out / "data_statistics.json").write_text(json.dumps(dataset_statistics(parts["train"]), indent=1))
+    (out / "data_statistics.json").write_text(json.dumps(dataset_statistics(trained), indent=1))
     print(f"config written to {out / 'config.yaml'} (rerun: densedet train {out / 'config.yaml'})", file=sys.stderr)
-    summary = train(cfg, resume=args.resume,
-                    init_weights=args.weights if kind_of_weights == "detection" else None)
-    record_choice(out, summary)
-    return 0
 
 
 def _check_checkpoint_fits(args: argparse.Namespace, model: ModelConfig, num_classes: int) -> None:
