@@ -440,6 +440,8 @@ def _model_checks(m: ModelConfig) -> list[Check]:
     checks: list[Check] = [
         (m.arch in ("retinanet", "refinedet"), "model.arch", f"must be retinanet or refinedet, got {m.arch!r}"),
         (m.num_classes > 0, "model.num_classes", f"must be > 0, got {m.num_classes}"),
+        (0 <= m.score_thresh <= 1, "model.score_thresh", f"must be a score in [0, 1], got {m.score_thresh}"),
+        (0 < m.nms_thresh <= 1, "model.nms_thresh", f"must be an IoU in (0, 1], got {m.nms_thresh}"),
     ]
     other = {"retinanet": "refinedet", "refinedet": "retinanet"}.get(m.arch)
     if other is not None:

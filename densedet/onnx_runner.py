@@ -168,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runner = OnnxDetectorRunner(args.model, threads=args.threads)
     exported = runner.meta["score_thresh"]
+    if args.score_thresh is not None and not 0 <= args.score_thresh <= 1:
+        parser.error(f"--score-thresh: must be a score in [0, 1], got {args.score_thresh:g}")
     if args.score_thresh is not None and args.score_thresh < exported:
         parser.error(f"--score-thresh {args.score_thresh:g}: {args.model} was exported with score_thresh {exported:g}, "
                      f"and the graph returns no detection below it (export again with --score-thresh)")

@@ -284,6 +284,9 @@ def test_runner_refuses_a_score_threshold_below_the_exported_one(retinanet_expor
     with pytest.raises(SystemExit) as stop:
         runner_mod.main([str(path), str(paths[0]), "--score-thresh", str(exported / 10)])
     assert stop.value.code == 2 and f"exported with score_thresh {exported:g}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        runner_mod.main([str(path), str(paths[0]), "--score-thresh", "30"])   # 0.30 mistyped
+    assert stop.value.code == 2 and "must be a score in [0, 1], got 30" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

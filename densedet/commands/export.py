@@ -66,6 +66,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.size is not None and min(args.size) < 1:
         raise UsageError(f"--size: H and W must be positive, got {args.size[0]} {args.size[1]}")
+    if args.score_thresh is not None and not 0 <= args.score_thresh <= 1:
+        raise UsageError(f"--score-thresh: must be a score in [0, 1], got {args.score_thresh:g}")
     if args.int8 and args.calib_images < 1:
         raise UsageError(f"--calib-images: must be >= 1, got {args.calib_images}")
     suffix = ".xml" if args.format == "openvino" else ".onnx"

@@ -103,8 +103,16 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    for name, value in (("--score-thresh", args.score_thresh), ("--score-thresh-draw", args.score_thresh_draw)):
+        if value is not None and not 0 <= value <= 1:
+            raise UsageError(f"{name}: must be a score in [0, 1], got {value:g}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: is a file; predict writes a folder (detections.json, images.json and "
+                         f"the annotated images)")
+    if args.tile is not None and args.tile < 0:
+        raise UsageError(f"--tile: must be >= 0 (0: no tiles), got {args.tile}")
     overlap = 128 if args.tile_overlap is None else args.tile_overlap
-    if args.tile is not None and (args.tile < 0 or (args.tile > 0 and not 0 <= overlap < args.tile)):
+    if args.tile and not 0 <= overlap < args.tile:
         raise UsageError(f"--tile-overlap: need 0 <= --tile-overlap < --tile, got --tile {args.tile} "
                          f"--tile-overlap {overlap}")
     if args.batch_size < 1:
