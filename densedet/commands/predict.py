@@ -92,7 +92,9 @@ def add_parser(subparsers: Any) -> None:
                    help="how TTA passes are merged (default: vote)")
     p.add_argument("--tile", type=int, default=None, metavar="SIZE",
                    help="cut images larger than SIZE px into overlapping SIZE x SIZE tiles (0: off; default: the "
-                        "tiles the model was trained on, data.tile_size, else off)")
+                        "tiles the model was trained on, data.tile_size, else off). The model resizes each tile as "
+                        "an image of that size: a SIZE near the training images' size keeps objects at their "
+                        "training scale")
     p.add_argument("--tile-overlap", type=int, default=None,
                    help="tile overlap in pixels (default: the training tiles' data.tile_overlap, else 128)")
     p.add_argument("--batch-size", type=int, default=4, help="images or tiles per forward pass (4)")
