@@ -9,6 +9,9 @@ import yaml
 
 from densedet.commands import ablate as AB
 from densedet.config import Config, to_dict
+from densedet.data import DatasetError
+from densedet.engine.trainer import TrainingError
+from densedet.errors import UsageError
 
 
 def base_config() -> Config:
@@ -135,4 +138,29 @@ def test_cli_runs_the_sweep_with_the_trainer_patched(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):
         parser.parse_args(["ablate", str(tmp_path / "cfg.yaml"), "--out", "x"])          # a budget is required
     bad = parser.parse_args(["ablate", str(tmp_path / "cfg.yaml"), "--budget-iters", "0", "--out", "x"])
-    assert bad.func(bad) == 2
+    with pytest.raises(UsageError, match="--budget-iters"):    # densedet.cli.main: one line, exit code 2
+        bad.func(bad)
+
+
+def test_a_diverged_run_is_recorded_but_bad_data_stops_the_sweep(tmp_path):
+    runs = AB.plan_runs(gammas=[0.0, 2.0], methods=None)
+
+    def diverges(cfg, resume=False, log=print):
+        if cfg.model.retinanet.focal_gamma == 0.0:
+            raise TrainingError("5 non-finite steps in a row at iteration 3; stopping")
+        return {"AP": 0.3, "AP50": 0.5, "AP75": 0.3}
+
+    lines = []
+    results = AB.run_ablation(base_config(), tmp_path / "a", runs, budget_iters=30, train_fn=diverges, log=lines.append)
+    assert [r["error"] for r in results] == ["TrainingError: 5 non-finite steps in a row at iteration 3; stopping", None]
+    assert not any("Traceback" in line for line in lines)        # a run's divergence is no bug in densedet
+
+    calls = []
+
+    def bad_data(cfg, resume=False, log=print):
+        calls.append(cfg)
+        raise DatasetError("train.json: truncated JSON")
+
+    with pytest.raises(DatasetError, match="train.json"):     # the same data in every run: stop at the first
+        AB.run_ablation(base_config(), tmp_path / "b", runs, budget_iters=30, train_fn=bad_data, log=lambda *_: None)
+    assert len(calls) == 1

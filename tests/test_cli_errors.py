@@ -168,6 +168,11 @@ def P(image, *extra, weights="ckpt"):
     return _args("predict", "{" + image + "}", "--weights", "{" + weights + "}", "--out", "{out}", *extra)
 
 
+def A(*overrides, config="{config}", budget=("--budget-iters", "1"), gammas=("2",), out="{out}"):
+    """``densedet ablate`` of one γ run and no loss comparison."""
+    return _args("ablate", config, *overrides, *budget, "--out", out, "--gammas", *gammas, "--methods")
+
+
 # (case id, argv with {file} placeholders, exit code, what stderr must name (a file placeholder or a key))
 CASES = [
     # -- train
@@ -276,6 +281,19 @@ CASES = [
     ("analyze-truncated-annotations", _args("analyze", "{config}", "data.train={gt_cut.json}"), 2, "{gt_cut.json}"),
     ("analyze-binary-annotations", _args("analyze", "{config}", "data.train={gt_binary.json}"), 2,
      "{gt_binary.json}"),
+    ("analyze-max-images-negative", _args("analyze", "{config}", "--max-images", "-1", "--out", "{out}"), 2,
+     "--max-images"),
+    ("analyze-out-is-a-file", _args("analyze", "{config}", "--out", "{ok.png}"), 2, "{ok.png}: is a file"),
+    # -- ablate (every case is refused before the first run trains)
+    ("ablate-unknown-key", A("model.no_such_key=1"), 2, "model.no_such_key"),
+    ("ablate-budget-iters-0", A(budget=("--budget-iters", "0")), 2, "--budget-iters"),
+    ("ablate-budget-minutes-negative", A(budget=("--budget-minutes", "-2")), 2, "--budget-minutes"),
+    ("ablate-budget-minutes-nan", A(budget=("--budget-minutes", "nan")), 2, "--budget-minutes"),
+    ("ablate-gammas-negative", A(gammas=("-1",)), 2, "--gammas"),
+    ("ablate-nothing-to-run", A(gammas=()), 2, "--methods"),
+    ("ablate-out-is-a-file", A(out="{ok.png}"), 2, "{ok.png}: is a file"),
+    ("ablate-refinedet-config", A(config="refinedet_demo_digits"), 2, "model.arch is refinedet"),
+    ("ablate-truncated-annotations", A("data.train={gt_cut.json}"), 2, "{gt_cut.json}"),
 ]
 
 # Run as real subprocesses in the default (fast) suite as well.
@@ -339,7 +357,7 @@ def test_every_case_as_a_subprocess(case_id, argv, code, named, files):
 
 def test_there_are_at_least_40_cases_over_every_verb():
     assert len(CASES) >= 40
-    assert {c[1][0] for c in CASES} >= {"train", "eval", "predict", "export", "analyze"}
+    assert {c[1][0] for c in CASES} >= {"train", "eval", "predict", "export", "analyze", "ablate"}
     assert any("--weights" in c[1] for c in CASES if c[1][0] == "eval")
     assert len({c[0] for c in CASES}) == len(CASES)
 

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import Config, ConfigError, apply_overrides, find_config, load_config, to_dict
-from ..engine.trainer import train
+from ..engine.trainer import TrainingError, train
+from ..errors import DensedetError, UsageError
 
 __all__ = ["PAPER_TABLE_1B", "PAPER_TABLE_1D", "DEFAULT_GAMMAS", "LOSS_METHODS", "AblationRun", "paper_alpha",
            "plan_runs", "run_config", "run_ablation", "write_tables", "plot_ap_vs_gamma", "add_parser", "run"]
@@ -201,6 +202,11 @@ def run_ablation(cfg: Config, out_dir: str | os.PathLike, runs: Sequence[Ablatio
             metrics = (train_fn or _default_train())(run_cfg, resume=False, log=log)
             if not isinstance(metrics, dict):
                 raise TypeError(f"train returned {type(metrics).__name__}, expected a dict of metrics")
+        except TrainingError as err:   # this run's loss diverged: the others may not
+            error = f"{type(err).__name__}: {err}"
+            log(f"[{i}/{len(runs)}] {r.name} failed: {error}")
+        except DensedetError:
+            raise   # bad data or files: the same in every run, so every run would fail on it
         except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
             error = f"{type(err).__name__}: {err}"
             log(f"[{i}/{len(runs)}] {r.name} failed: {error}\n{traceback.format_exc()}")
@@ -361,18 +367,33 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot give a meaningful sweep, naming the option (before any work)."""
+    if args.budget_iters is not None and args.budget_iters < 1:
+        raise UsageError(f"--budget-iters: must be >= 1, got {args.budget_iters}")
+    if args.budget_minutes is not None and not (math.isfinite(args.budget_minutes) and args.budget_minutes > 0):
+        raise UsageError(f"--budget-minutes: must be a number of minutes > 0, got {args.budget_minutes:g}")
+    bad = [g for g in args.gammas or () if not (math.isfinite(g) and g >= 0)]
+    if bad:   # γ < 0 up-weights the easy examples: not the focal loss the tables compare
+        raise UsageError(f"--gammas: γ must be a number >= 0, got {' '.join(f'{g:g}' for g in bad)}")
+    if not args.gammas and not args.methods:
+        raise UsageError("--gammas, --methods: nothing to run: give γ values and/or methods")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: is a file; ablate writes a folder (the tables, the plot and runs/)")
+
+
 def run(args: argparse.Namespace) -> int:
-    """``densedet ablate``: 0 when every run finished, 1 when some failed, 2 for a bad config."""
-    try:
-        cfg = load_config(find_config(args.config), list(args.overrides))
-        runs = plan_runs(args.gammas, args.methods)
-        if not runs:
-            raise ConfigError("nothing to run: give --gammas and/or --methods")
-        for r in runs:   # check every run's config before the first one trains
-            run_config(cfg, r, args.out, args.budget_iters, args.budget_minutes)
-    except (ConfigError, ValueError) as err:
-        print(f"densedet ablate: {err}", file=sys.stderr)
-        return 2
+    """``densedet ablate``: 0 when every run finished, 1 when some failed; bad input raises (exit code 2
+    through ``densedet.cli.main``)."""
+    _check_args(args)
+    path = find_config(args.config)
+    cfg = load_config(path, list(args.overrides))
+    if cfg.model.arch != "retinanet":   # the runs change model.retinanet.*, which another model ignores
+        raise ConfigError(f"{path}: model.arch is {cfg.model.arch}; ablate compares RetinaNet's "
+                          f"classification losses (model.retinanet.cls_loss), every run would train the same model")
+    runs = plan_runs(args.gammas, args.methods)
+    for r in runs:   # check every run's config before the first one trains
+        run_config(cfg, r, args.out, args.budget_iters, args.budget_minutes)
     total = (f"{len(runs)} x {args.budget_iters} iterations" if args.budget_iters is not None
              else f"{len(runs)} x {args.budget_minutes:g} minutes = {len(runs) * args.budget_minutes:g} minutes")
     print(f"ablation: {total}: " + ", ".join(r.name for r in runs))
