@@ -151,3 +151,11 @@ def test_cli_parser_and_quick_settings():
         parser.parse_args(["bench", "--suite", "nope"])
     with pytest.raises(ValueError, match="unknown suite"):
         run_suites(["nope"], QUICK, log=lambda s: None)
+
+
+def test_a_refinedet_preset_at_none_of_the_sizes_is_named_not_left_out_silently():
+    settings = BenchSettings(infer_models=["refinedet320_vgg16"], infer_sizes=[128], infer_batches=[1], repeat=1,
+                             warmup=0, torchvision=False)
+    table = run_suites(["infer"], settings, log=lambda s: None)["tables"][0]
+    assert table["rows"] == []
+    assert any("refinedet320_vgg16: not measured" in n and "320 px only" in n for n in table["notes"])

@@ -173,6 +173,11 @@ def A(*overrides, config="{config}", budget=("--budget-iters", "1"), gammas=("2"
     return _args("ablate", config, *overrides, *budget, "--out", out, "--gammas", *gammas, "--methods")
 
 
+def B(*extra):
+    """``densedet bench`` of its quickest suite (``peak``) unless ``extra`` names another."""
+    return _args("bench", "--quick", "--suite", "peak", *extra)
+
+
 # (case id, argv with {file} placeholders, exit code, what stderr must name (a file placeholder or a key))
 CASES = [
     # -- train
@@ -294,6 +299,14 @@ CASES = [
     ("ablate-out-is-a-file", A(out="{ok.png}"), 2, "{ok.png}: is a file"),
     ("ablate-refinedet-config", A(config="refinedet_demo_digits"), 2, "model.arch is refinedet"),
     ("ablate-truncated-annotations", A("data.train={gt_cut.json}"), 2, "{gt_cut.json}"),
+    # -- bench (refused before any timing)
+    ("bench-unknown-model", B("--models", "retinanet_r18"), 2, "--models"),
+    ("bench-repeat-0", B("--repeat", "0"), 2, "--repeat"),
+    ("bench-threads-negative", B("--threads", "-1"), 2, "--threads"),
+    ("bench-sizes-0", B("--suite", "infer", "--sizes", "0"), 2, "--sizes"),
+    ("bench-batches-0", B("--suite", "infer", "--sizes", "64", "--batches", "0"), 2, "--batches"),
+    ("bench-device-unknown", B("--device", "tpu0"), 2, "--device tpu0"),
+    ("bench-out-is-a-folder", B("--out", "{no_images}"), 2, "{no_images}: is a folder"),
 ]
 
 # Run as real subprocesses in the default (fast) suite as well.
@@ -357,7 +370,7 @@ def test_every_case_as_a_subprocess(case_id, argv, code, named, files):
 
 def test_there_are_at_least_40_cases_over_every_verb():
     assert len(CASES) >= 40
-    assert {c[1][0] for c in CASES} >= {"train", "eval", "predict", "export", "analyze", "ablate"}
+    assert {c[1][0] for c in CASES} >= {"train", "eval", "predict", "export", "analyze", "ablate", "bench"}
     assert any("--weights" in c[1] for c in CASES if c[1][0] == "eval")
     assert len({c[0] for c in CASES}) == len(CASES)
 

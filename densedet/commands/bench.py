@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from ..boxes import BoxCoder, batched_nms, box_iou, clip_boxes
 from ..device import autocast, flush_denormals, resolve_precision
+from ..errors import UsageError
 from ..export import fuse_conv_bn, optimize_for_inference
 from ..losses import focal_loss_sum, sigmoid_focal_loss
 from ..matching import Matcher, pad_targets
@@ -307,6 +308,9 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> Table:
     tv_note = False
     for name in settings.infer_models:
         preset = PRESETS[name]
+        if preset.arch == "refinedet" and preset.refinedet.image_size not in settings.infer_sizes:
+            table.notes.append(f"{name}: not measured: it runs at {preset.refinedet.image_size} px only, not at "
+                               f"the sizes asked for ({' '.join(map(str, settings.infer_sizes))})")
         for size in settings.infer_sizes:
             if preset.arch == "refinedet" and size != preset.refinedet.image_size:
                 continue           # RefineDet320 runs at 320, RefineDet512 at 512
@@ -846,7 +850,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse settings no measurement can run with, naming the option (before minutes of timing)."""
+    for name, values in (("--repeat", [args.repeat]), ("--threads", [args.threads]), ("--sizes", args.sizes),
+                         ("--batches", args.batches)):
+        bad = [v for v in values or () if v is not None and v < 1]
+        if bad:
+            raise UsageError(f"{name}: must be >= 1, got {' '.join(map(str, bad))}")
+    unknown = [m for m in args.models or () if m not in PRESETS]
+    if unknown:
+        raise UsageError(f"--models: unknown preset(s) {' '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a device name (cpu, cuda, cuda:1 ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this PyTorch sees no CUDA device; use --device cpu")
+    if args.out and Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: is a folder; bench writes one file (.md, or .json)")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_args(args)
     settings = copy.deepcopy(QUICK if args.quick else FULL)
     if args.repeat:
         settings.repeat = args.repeat
