@@ -307,6 +307,7 @@ CASES = [
     ("bench-batches-0", B("--suite", "infer", "--sizes", "64", "--batches", "0"), 2, "--batches"),
     ("bench-device-unknown", B("--device", "tpu0"), 2, "--device tpu0"),
     ("bench-out-is-a-folder", B("--out", "{no_images}"), 2, "{no_images}: is a folder"),
+    ("bench-out-under-a-file", B("--out", "{ok.png}/bench.md"), 2, "{ok.png} is a file"),
 ]
 
 # Run as real subprocesses in the default (fast) suite as well.

@@ -868,6 +868,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: this PyTorch sees no CUDA device; use --device cpu")
     if args.out and Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: is a folder; bench writes one file (.md, or .json)")
+    above = next((p for p in Path(args.out or ".").parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"--out {args.out}: {above} is a file, not a folder")
 
 
 def run(args: argparse.Namespace) -> int:
