@@ -453,6 +453,9 @@ def _model_checks(m: ModelConfig) -> list[Check]:
                        f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {r.bg_iou_thresh}, {r.fg_iou_thresh}"))
         checks.append((m.scale_as is None or (len(m.scale_as) == 2 and min(m.scale_as) > 0), "model.scale_as",
                        f"must be [height, width], got {m.scale_as}"))
+        checks.append((r.focal_gamma >= 0, "model.retinanet.focal_gamma", f"must be >= 0, got {r.focal_gamma}"))
+        checks.append((r.focal_alpha <= 1, "model.retinanet.focal_alpha",
+                       f"must be in [0, 1] (or negative: no weighting), got {r.focal_alpha}"))
         checks.append((r.class_ce_weight >= 0, "model.retinanet.class_ce_weight",
                        f"must be >= 0, got {r.class_ce_weight}"))
         checks.append((r.loss_normalizer in ("batch", "per_image"), "model.retinanet.loss_normalizer",
