@@ -5,19 +5,31 @@ Every helper here is the identity in a single process, so the trainer calls them
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
+import sys
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_distributed", "is_distributed", "all_agree", "value_of_rank0", "broadcast_state"]
+__all__ = ["init_distributed", "is_distributed", "all_agree", "value_of_rank0", "broadcast_state", "rank0_first",
+           "lost_peer", "world_size"]
+
+# What gloo's error says when the other end of a collective is gone (its process killed, or stopped by an
+# error of its own).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def init_distributed() -> tuple[int, int]:
     """(rank, world_size); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            _stop_with_launcher()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         if restart > 0 and "MASTER_ADDR" in os.environ:
@@ -38,8 +50,39 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _stop_with_launcher() -> None:
+    """SIGTERM this worker when its torchrun dies (Linux's parent-death signal), as torchrun stops its
+    workers when it ends itself: a torchrun killed with SIGKILL would leave them training on, unseen, in
+    the run folder a ``--resume`` then shares with them."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)      # 1: PR_SET_PDEATHSIG
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """The number of processes training together (1 without a group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another process of the group is gone."""
+    return is_distributed() and isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_GONE)
+
+
+@contextlib.contextmanager
+def rank0_first(wanted: bool = True) -> Iterator[None]:
+    """Rank 0 runs the block before the other processes, which wait for it (a cache rank 0 writes, they
+    read). When rank 0 fails inside, the others wait on until torchrun stops them: one error, rank 0's."""
+    others_wait = wanted and is_distributed() and dist.get_rank() != 0
+    if others_wait:
+        dist.barrier()
+    yield
+    if wanted and is_distributed() and dist.get_rank() == 0:
+        dist.barrier()
 
 
 def all_agree(flag: bool, device: torch.device) -> bool:

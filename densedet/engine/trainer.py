@@ -61,7 +61,7 @@ from ..models import DenseDetector, build_from_config, load_weights
 from .budget import TimeBudget
 from .checkpointing import Checkpointer, RunState
 from .data import BatchStream, build_train_dataset, check_image_files, load_split
-from .distributed import all_agree, init_distributed, value_of_rank0
+from .distributed import all_agree, init_distributed, lost_peer, rank0_first, value_of_rank0
 from .ema import ModelEMA
 from .evaluate import eval_tiles, evaluate_model
 from .finish import RunTotals, finish_run
@@ -192,6 +192,19 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] | None =
     time budget and the logged speeds (tests give a fake one).
     """
     run = _prepare(cfg, resume, log or say_to_stderr, init_weights, clock)
+    try:
+        return _train_and_finish(run)
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        # not a bug here: a collective lost a process, killed or stopped on an error of its own
+        resume = "; continue with --resume" if run.checkpoints.last_saved is not None else ""
+        raise TrainingError(f"another process of this run stopped (killed, or on an error it reports itself; "
+                            f"torchrun's report names it). {run.checkpoints.describe_last()}{resume}") from err
+
+
+def _train_and_finish(run: _Run) -> dict:
+    """The training loop, then the final evaluation and the run folder's files (:func:`finish_run`)."""
     try:
         while run.state.iteration < run.budget.max_iters:
             _train_one_iteration(run)
@@ -390,7 +403,9 @@ def _load_data(cfg: Config, say: Callable[[str], None]) -> tuple[DetectionData, 
     """The train and val splits, the val labels matched to the training classes by name. Every image file
     is checked (from its header) before training starts: the held-out ones (val, and tune when the
     test-time set is chosen) are otherwise first opened by the first evaluation, after the budget."""
-    train_data = load_split(cfg.data, "train")
+    # the digit scenes are drawn by rank 0 alone: two processes drawing at once delete each other's files
+    with rank0_first(cfg.data.format == "digits"):
+        train_data = load_split(cfg.data, "train")
     val_data = align_classes(load_split(cfg.data, "val"), train_data.class_names)
     say(f"train data: {train_data.report}".rstrip())
     say(f"val data: {val_data.report}".rstrip())
