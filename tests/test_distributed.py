@@ -1,5 +1,6 @@
-"""Several processes and what goes wrong with them: the digit scenes drawn once, a lost process named as
-such, workers that stop with their torchrun.
+"""Several processes and what goes wrong with them: the digit scenes drawn once, one error message for
+bad input, a lost process named as such, workers that stop with their torchrun, files written by rank 0
+alone.
 
 The runs train the tiny config of ``conftest.make_tiny_config`` (or the shipped ``tiny_digits``) for a
 few iterations, in 2 gloo processes (``torch.multiprocessing.spawn``, or ``torchrun`` as a user runs it).
@@ -7,6 +8,7 @@ few iterations, in 2 gloo processes (``torch.multiprocessing.spawn``, or ``torch
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,6 +22,7 @@ import torch
 
 from densedet.config import find_config, load_config, save_config
 from densedet.engine.trainer import train
+from densedet.engine.tune import CHOICE_FILE, record_choice
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
@@ -87,6 +90,26 @@ def test_digit_scenes_are_drawn_once_by_rank0_and_read_by_every_process(tmp_path
     spawn_two(_load_digits, cfg, str(tmp_path))
     assert sorted(p.name for p in tmp_path.glob("drew.*")) == ["drew.0"]
     assert (tmp_path / "loaded.0").read_text() == (tmp_path / "loaded.1").read_text() == "2"
+
+
+# -- bad input: one message -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, named", [
+    ("data.train={missing}", "annotation path not found (data.train)"),
+    ("train.batch_size=3", "train.batch_size (3) must be divisible by the number of processes (2)"),
+], ids=["missing-annotations", "batch-not-divisible"])
+def test_bad_input_under_torchrun_is_reported_once(digit_scenes, tmp_path, override, named):
+    """Every process met the same bad input and printed the same line (rank 1's first, rank 0's after
+    another line): now rank 0 reports it, and torchrun stops the others before they do."""
+    data = [f"data.{split}{part}={digit_scenes[split + ('_json' if part == '' else part)]}"
+            for split in ("train", "val") for part in ("", "_images")]
+    run = subprocess.run(torchrun("train", "tiny_digits", f"train.output_dir={tmp_path / 'run'}", "data.format=coco",
+                                  *data, override.format(missing=tmp_path / "missing.json")),
+                         cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=120)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("densedet train: error:")]
+    assert run.returncode != 0
+    assert len(errors) == 1, run.stderr[-3000:]
+    assert named in errors[0] and "internal error" not in errors[0]
 
 
 # -- a process lost mid-run -------------------------------------------------------------------------
@@ -169,5 +192,19 @@ def test_workers_stop_when_torchrun_is_killed(tiny_config, tmp_path):
         for pid in pids:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- files rank 0 writes ----------------------------------------------------------------------------
+
+def test_only_rank0_adds_the_tta_choice_to_metrics_json(tmp_path):
+    """``densedet train`` called ``record_choice`` on every process: rank 1, done first, read and rewrote
+    metrics.json while rank 0 wrote it (an old run's file, or half of the new one); train returns {} there."""
+    (tmp_path / CHOICE_FILE).write_text(json.dumps({"chosen": None}))
+    (tmp_path / "metrics.json").write_text('{"AP": 0.5')          # rank 0 halfway through writing it
+    assert record_choice(tmp_path, {}) == {}
+    assert (tmp_path / "metrics.json").read_text() == '{"AP": 0.5'
+    (tmp_path / "metrics.json").write_text('{"AP": 0.5}')
+    assert record_choice(tmp_path, {"AP": 0.5})["tta_choice"] == {"chosen": None}
+    assert json.loads((tmp_path / "metrics.json").read_text())["tta_choice"] == {"chosen": None}
 
 

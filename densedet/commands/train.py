@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..analysis import dataset_statistics
 from ..config import ModelConfig, apply_overrides, find_config, from_dict, load_config, save_config, upgrade_config_dict
@@ -36,7 +38,25 @@ __all__ = ["add_parser", "run_train", "run_demo"]
 # The columns of the demo's closing table (COCO metrics of the validation scenes).
 DEMO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]
 
+# Under torchrun every process meets the same bad input: a process other than rank 0 waits this long before
+# it reports its error, and torchrun, seeing rank 0 fail, stops it first (one message, not one a process).
+# An error of that process alone is still reported, this much later.
+OTHER_RANKS_REPORT_AFTER_S = 5.0
 
+
+def _reported_by_rank0(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(verb)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return verb(args)
+        except Exception:
+            if int(os.environ.get("RANK", "0") or 0) > 0:
+                time.sleep(OTHER_RANKS_REPORT_AFTER_S)
+            raise
+    return run
+
+
+@_reported_by_rank0
 def run_train(args: argparse.Namespace) -> int:
     """``densedet train``: returns the exit code."""
     if args.config and "=" in args.config and not os.path.exists(args.config):
@@ -236,6 +256,7 @@ def _print_demo_table(metrics: dict[str, Any]) -> None:
               f" | {metrics['train_minutes']:.1f} | {metrics['images_per_s']:.1f} |")
 
 
+@_reported_by_rank0
 def run_demo(args: argparse.Namespace) -> int:
     """``densedet demo``: train on the digit scenes for the time budget, evaluate, print the table."""
     overrides = list(args.overrides)

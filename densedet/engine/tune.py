@@ -122,7 +122,11 @@ def choose_test_time(cfg: Config, model: nn.Module, device: torch.device, dtype:
 
 
 def record_choice(run_dir: str | Path, summary: dict) -> dict:
-    """Add the run's ``tta_choice.json`` (when it has one) to ``metrics.json`` and to ``summary``, as ``tta_choice``."""
+    """Add the run's ``tta_choice.json`` (when it has one) to ``metrics.json`` and to ``summary``, as ``tta_choice``.
+    An empty ``summary`` (what ``train`` returns on processes other than rank 0) is left alone, and the files too:
+    rank 0 alone writes them, and may be writing them now."""
+    if not summary:
+        return summary
     run = Path(run_dir)
     choice, metrics = run / CHOICE_FILE, run / "metrics.json"
     if not choice.is_file() or not metrics.is_file():
