@@ -1,6 +1,6 @@
 """Several processes and what goes wrong with them: the digit scenes drawn once, one error message for
 bad input, a lost process named as such, workers that stop with their torchrun, files written by rank 0
-alone.
+alone, and a resume with another process count.
 
 The runs train the tiny config of ``conftest.make_tiny_config`` (or the shipped ``tiny_digits``) for a
 few iterations, in 2 gloo processes (``torch.multiprocessing.spawn``, or ``torchrun`` as a user runs it).
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from densedet.config import find_config, load_config, save_config
+from densedet.engine.checkpoint import atomic_save, load_checkpoint
 from densedet.engine.trainer import train
 from densedet.engine.tune import CHOICE_FILE, record_choice
 
@@ -208,3 +209,21 @@ def test_only_rank0_adds_the_tta_choice_to_metrics_json(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["tta_choice"] == {"chosen": None}
 
 
+# -- resuming with another process count ------------------------------------------------------------
+
+def test_resume_with_another_process_count_says_it_is_not_bit_identical(tiny_config, restore_torch_globals):
+    """A 2-process run resumed in one process (or the reverse) continued with the same batches, and the
+    only note said to set OMP_NUM_THREADS "for bit-identical continuation", which no thread count gives."""
+    cfg = tiny_config()
+    cfg.train.max_iters = 2
+    train(cfg, log=lambda msg: None)
+    last = Path(cfg.train.output_dir) / "last.pt"
+    saved = load_checkpoint(last)
+    assert saved["world_size"] == 1
+    atomic_save({**saved, "world_size": 2, "num_threads": torch.get_num_threads() + 1}, last)  # torchrun's
+    cfg.train.max_iters = 3
+    said: list[str] = []
+    train(cfg, resume=True, log=said.append)
+    notes = [line for line in said if line.startswith("note:")]
+    assert notes == ["note: the interrupted run trained in 2 processes, this one in 1: the same batches follow, "
+                     "but the weights are not bit-identical to an uninterrupted run's"]

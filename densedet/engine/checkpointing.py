@@ -26,6 +26,7 @@ from ..config import Config, to_dict
 from ..data import DetectionData
 from .budget import TimeBudget
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
+from .distributed import world_size
 from .ema import ModelEMA
 
 __all__ = ["RunState", "Checkpointer", "rng_state", "set_rng_state"]
@@ -75,7 +76,7 @@ class Checkpointer:
                 "iteration": iteration, "max_iters": max_iters}
         if optimizer is not None:
             ckpt.update(optimizer=optimizer.state_dict(), rng=rng_state())
-        return {**ckpt, "num_threads": torch.get_num_threads(), **extra}
+        return {**ckpt, "num_threads": torch.get_num_threads(), "world_size": world_size(), **extra}
 
     def save_last(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, budget: TimeBudget,
                   ema: ModelEMA | None = None) -> None:
@@ -110,7 +111,13 @@ class Checkpointer:
         self.last_saved = ckpt["iteration"]
         say(f"resumed from {self.last_path} at iteration {ckpt['iteration']}/{ckpt['max_iters']}")
         threads = ckpt.get("num_threads", torch.get_num_threads())
-        if threads != torch.get_num_threads():
+        processes = ckpt.get("world_size", world_size())
+        if processes != world_size():
+            # Each process normalises and reduces its share of the batch: another count sums in another order.
+            say(f"note: the interrupted run trained in {processes} process{'es' if processes > 1 else ''}, this "
+                f"one in {world_size()}: the same batches follow, but the weights are not bit-identical to an "
+                f"uninterrupted run's")
+        elif threads != torch.get_num_threads():
             # Float sums are reduced in a thread-count-dependent order: same weights need the same count.
             say(f"note: the interrupted run used {threads} threads, this one {torch.get_num_threads()}; "
                 f"set OMP_NUM_THREADS={threads} for bit-identical continuation")
