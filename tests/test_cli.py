@@ -215,3 +215,18 @@ def test_eval_of_a_checkpoint_on_some_of_its_classes_scores_them_by_name(untrain
     assert main(["eval", "--weights", str(untrained_checkpoint), f"data.val={three}"]) == 2
     err = capsys.readouterr().err
     assert "val3.json: classes 'ten' are not among the 10 training classes" in err
+
+
+@pytest.mark.parametrize("config, family", [("demo_digits", "RetinaNet resnet18-FPN"),
+                                            ("refinedet_demo_digits", "RefineDet320 resnet18")])
+def test_the_demo_banner_names_the_configs_model(config, family, monkeypatch, tmp_path, capsys):
+    from densedet.commands import train as train_verb
+    seen = {}
+
+    def fake_train(cfg, resume=False):
+        seen["arch"] = cfg.model.arch
+        return {key: 0.0 for key in (*train_verb.DEMO_METRICS, "train_minutes", "images_per_s")} | {
+            "iterations": 0, "single_scale": {}}
+    monkeypatch.setattr(train_verb, "train", fake_train)
+    main(["demo", "--config", config, "--output-dir", str(tmp_path / "run")])
+    assert f"; {family} for 10 minutes;" in capsys.readouterr().err

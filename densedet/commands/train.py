@@ -62,6 +62,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.config and "=" in args.config and not os.path.exists(args.config):
         # `densedet train --data X key=value`: argparse hands the first override to the optional CONFIG
         args.overrides, args.config = [args.config, *args.overrides], None
+    if args.output_dir:
+        _check_output_dir(args.output_dir, "--output-dir")
     if args.data:
         return _train_from_data(args)
     if not args.config and args.resume and args.output_dir and os.path.isfile(os.path.join(args.output_dir, "config.yaml")):
@@ -256,17 +258,28 @@ def _print_demo_table(metrics: dict[str, Any]) -> None:
               f" | {metrics['train_minutes']:.1f} | {metrics['images_per_s']:.1f} |")
 
 
+def _check_output_dir(path: str, option: str) -> None:
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{option} {path}: is a file; a run writes a folder (checkpoints, metrics, report)")
+
+
 @_reported_by_rank0
 def run_demo(args: argparse.Namespace) -> int:
     """``densedet demo``: train on the digit scenes for the time budget, evaluate, print the table."""
     overrides = list(args.overrides)
     if args.minutes is not None:
+        if not args.minutes > 0:        # 0 would mean no budget: the demo's 100000 steps
+            raise UsageError(f"--minutes {args.minutes:g}: the training time budget must be more than 0 minutes")
         overrides.append(f"train.max_minutes={args.minutes}")
     cfg = load_config(find_config(args.config), overrides)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
+    _check_output_dir(cfg.train.output_dir, "--output-dir" if args.output_dir else "train.output_dir")
+    m = cfg.model
+    family = (f"RetinaNet {m.backbone}-FPN" if m.arch == "retinanet"
+              else f"RefineDet{m.refinedet.image_size} {m.backbone}")
     print(f"densedet demo: {cfg.data.num_train} training / {cfg.data.num_val} validation digit scenes in "
-          f"{cfg.data.root}; RetinaNet {cfg.model.backbone}-FPN for {cfg.train.max_minutes:g} minutes; "
+          f"{cfg.data.root}; {family} for {cfg.train.max_minutes:g} minutes; "
           f"run folder {cfg.train.output_dir}", file=sys.stderr)
     metrics = train(cfg, resume=args.resume)
     _print_demo_table(metrics)

@@ -309,6 +309,8 @@ def _prepare(cfg: Config, resume: bool, log: Callable[[str], None], init_weights
     is_main = rank == 0
     say = log if is_main else (lambda msg: None)
     out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir {out}: is a file; a run writes a folder (checkpoints, metrics, report)")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
