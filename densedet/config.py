@@ -195,6 +195,8 @@ class DataConfig:
                                             # (at least 1), drawn by image with data.seed and left out of training
     tune_fraction: float = 0.0              # >0: a tune split of this share of data.train's images (at least 1), also
                                             # left out of training, on which test.tta_choose picks the test-time scales
+    val_max_images: int = 0                 # >0: at most this many images in the carved val split
+    tune_max_images: int = 0                # >0: at most this many in the tune split
     holdout: str = "image"                  # how val/tune are carved: image (whole images) | region (a band at the end
                                             # of each large photo, the fractions of its longer side; few photos)
     holdout_gap: int = 0                    # region: pixels between a training part and a held-out band, dropped
@@ -520,6 +522,9 @@ def _data_checks(cfg: Config) -> list[Check]:
          f"replaces data.crop_size; set one of them, got crop_size {d.crop_size} and {d.crop_sizes}"),
         (d.num_tune >= 0, "data.num_tune", f"must be >= 0, got {d.num_tune}"),
         (0 < d.crop_min_visibility <= 1, "data.crop_min_visibility", f"must be in (0, 1], got {d.crop_min_visibility}"),
+        (d.val_max_images >= 0 and d.tune_max_images >= 0, "data.val_max_images",
+         f"val_max_images and tune_max_images must be >= 0 (0: no cap), got {d.val_max_images} and "
+         f"{d.tune_max_images}"),
         (0 <= d.val_fraction < 1 and 0 <= d.tune_fraction < 1 and d.val_fraction + d.tune_fraction < 1,
          "data.val_fraction", f"val_fraction and tune_fraction must be shares in [0, 1) leaving images to train on, "
          f"got {d.val_fraction} and {d.tune_fraction}"),

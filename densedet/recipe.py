@@ -6,8 +6,9 @@ chosen (:class:`Derived`). Every rule is a plain function of those statistics, s
 on a small hand-made set without training. The rules (``docs/own-data.md`` explains each):
 
 - **classes**: the annotations' class names and count.
-- **holdout**: without a validation file, 10% of the training images (at least 1) are the
-  validation split; with at least ``MIN_TUNE_IMAGES`` images, another 10% are a ``tune`` split on
+- **holdout**: without a validation file, 10% of the training images (at least 1, at most
+  ``MAX_VAL_IMAGES``) are the validation split; with at least ``MIN_TUNE_IMAGES`` images, another 10%
+  (at most ``MAX_TUNE_IMAGES``) are a ``tune`` split on
   which the test-time scales are chosen after training (never on the validation images). Each held-out
   split takes an image with objects and training keeps one: with too few such images the command asks
   for ``--val``, or makes no tune split. With fewer
@@ -100,6 +101,8 @@ SHORT_BUDGET_MIN = 60.0
 MIN_TUNE_IMAGES = 10
 MIN_TUNE_OBJECTS = 100      # a tune band with fewer whole objects cannot tell test-time sets apart (AP moves by 1/N)
 HOLDOUT_SHARE = 0.1
+MAX_VAL_IMAGES = 1000       # a held-out split's images, at most: beyond, they leave training and lengthen the evaluation
+MAX_TUNE_IMAGES = 250
 IOU = 0.5                   # the paper's foreground IoU: coverage is measured at it
 LOW_COVERAGE = 0.5          # anchors reaching fewer of the boxes than this are said so, plainly
 RETINANET_LEVELS = (3, 4, 5, 6, 7)
@@ -217,20 +220,25 @@ def holdout(s: DataSummary, has_val: bool) -> list[Derived]:
         if with_objects < 2:
             raise UsageError(f"only {with_objects} training image(s) with objects: too few to hold out a validation "
                              f"split with objects and keep one to train on; give one with --val")
-        n = max(1, round(HOLDOUT_SHARE * num_images))
+        n = min(max(1, round(HOLDOUT_SHARE * num_images)), MAX_VAL_IMAGES)
         out.append(Derived("data.val_fraction", HOLDOUT_SHARE,
-                           f"no --val: {n} of {num_images} training images (10%, by image, seeded) are held out "
-                           f"to validate" + (", images with and without objects in proportion"
-                                             if s.images_without_boxes else "")))
+                           f"no --val: {n} of {num_images} training images (10%, at most {MAX_VAL_IMAGES}, by "
+                           f"image, seeded) are held out to validate" + (", images with and without objects in "
+                                                                       "proportion" if s.images_without_boxes else "")))
+        out.append(Derived("data.val_max_images", MAX_VAL_IMAGES,
+                           "a larger validation split would take images from training, and time after it"))
     if num_images >= MIN_TUNE_IMAGES and with_objects < (2 if has_val else 3):
         out += [Derived("data.tune_fraction", 0.0, f"{with_objects} training image(s) with objects: none spared to "
                         f"choose test-time scales on"),
                 Derived("test.tta_choose", False, "no tune split: single-scale evaluation")]
     elif num_images >= MIN_TUNE_IMAGES:
-        n = max(1, round(HOLDOUT_SHARE * num_images))
+        n = min(max(1, round(HOLDOUT_SHARE * num_images)), MAX_TUNE_IMAGES)
         out += [Derived("data.tune_fraction", HOLDOUT_SHARE,
                         f"{n} more training images held out as the tune split: the test-time scales are chosen "
                         f"there, never on the validation images"),
+                Derived("data.tune_max_images", MAX_TUNE_IMAGES,
+                        f"every test-time set tried is a pass over the tune images after training (up to ~30 "
+                        f"passes in all); {MAX_TUNE_IMAGES} images resolve AP to 1/{MAX_TUNE_IMAGES} or finer"),
                 Derived("test.tta_choose", True, "after training, keep the TTA set that beats single scale on "
                         "the tune split, or none")]
     else:

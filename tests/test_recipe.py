@@ -14,7 +14,7 @@ from densedet.config import Config, ConfigError, apply_overrides, validate
 from densedet.data import DetectionDataset, RandomObjectCrop, TiledDataset
 from densedet.data.formats import detect_format
 from densedet.data.records import DatasetError, DetectionData, ImageRecord
-from densedet.data.split import SPLIT_SALT, region_layout, split_by_image, split_by_region
+from densedet.data.split import SPLIT_SALT, holdout_counts, region_layout, split_by_image, split_by_region
 from densedet.engine.data import shrink_to_input
 from densedet.engine.evaluate import eval_tiles
 from densedet.engine.pretrain import background_share, background_windows, pretrain_backbone
@@ -24,7 +24,8 @@ from densedet.models.preprocess import ImagePreprocessor
 from densedet.tta import TTAConfig
 from densedet.errors import UsageError
 from densedet.recipe import (DataSummary, RecipeOptions, base_config, choose_anchors, choose_ratios, derive,
-                             grid_best_iou, holdout, parse_model_name, recipe_config)
+                             grid_best_iou, holdout, parse_model_name, recipe_config, MAX_TUNE_IMAGES,
+                             MAX_VAL_IMAGES)
 
 
 def make_data(boxes_per_image, hw=(320, 320), labels=None, names=("thing",)) -> DetectionData:
@@ -436,6 +437,22 @@ def test_holdout_rule():
     assert with_val["data.val_fraction"] == 0.0
     with pytest.raises(UsageError, match="--val"):
         derived(make_data([squares(rng, 2, 20, 40) for _ in range(2)]))
+
+
+def test_held_out_splits_are_capped_in_images():
+    """10% of a large set would take thousands of images from training, and the tune split costs a pass
+    over its images per test-time set tried: at most MAX_VAL_IMAGES and MAX_TUNE_IMAGES."""
+    assert holdout_counts(12_000, 0.1, 0.1, MAX_VAL_IMAGES, MAX_TUNE_IMAGES) == (MAX_VAL_IMAGES, MAX_TUNE_IMAGES)
+    assert holdout_counts(12_000, 0.1, 0.1) == (1200, 1200)
+    assert holdout_counts(40, 0.1, 0.1, MAX_VAL_IMAGES, MAX_TUNE_IMAGES) == (4, 4)
+    rng = np.random.default_rng(11)
+    data = make_data([squares(rng, 1, 20, 40) for _ in range(3000)])
+    rows = {r.key: r for r in holdout(DataSummary.from_data(data), has_val=False)}
+    assert rows["data.val_max_images"].value == MAX_VAL_IMAGES and rows["data.tune_max_images"].value == MAX_TUNE_IMAGES
+    assert rows["data.val_fraction"].reason.startswith("no --val: 300 of 3000")
+    assert rows["data.tune_fraction"].reason.startswith(f"{MAX_TUNE_IMAGES} more training images")
+    parts = split_by_image(data, 0.1, 0.1, seed=0, val_max=MAX_VAL_IMAGES, tune_max=MAX_TUNE_IMAGES)
+    assert [len(parts[k].records) for k in ("train", "val", "tune")] == [2450, 300, MAX_TUNE_IMAGES]
 
 
 def test_held_out_splits_each_get_an_image_with_objects_or_are_not_made():

@@ -29,19 +29,23 @@ __all__ = ["holdout_counts", "split_by_image", "region_layout", "split_by_region
 SPLIT_SALT = 7_919          # the split's generator is seeded by (seed, this), not by the training seed alone
 
 
-def holdout_counts(num_images: int, val_fraction: float, tune_fraction: float) -> tuple[int, int]:
+def holdout_counts(num_images: int, val_fraction: float, tune_fraction: float, val_max: int = 0,
+                   tune_max: int = 0) -> tuple[int, int]:
     """Images held out for val and tune: ``max(1, round(fraction x N))`` each when the fraction is > 0,
-    else 0. At least one image must be left to train on (``DatasetError`` otherwise)."""
-    val = max(1, round(val_fraction * num_images)) if val_fraction > 0 else 0
-    tune = max(1, round(tune_fraction * num_images)) if tune_fraction > 0 else 0
+    else 0, and at most ``val_max`` / ``tune_max`` where those are > 0. At least one image must be left
+    to train on (``DatasetError`` otherwise)."""
+    def count(fraction: float, cap: int) -> int:
+        n = max(1, round(fraction * num_images)) if fraction > 0 else 0
+        return min(n, cap) if cap > 0 else n
+    val, tune = count(val_fraction, val_max), count(tune_fraction, tune_max)
     if val + tune >= num_images:
         raise DatasetError(f"{num_images} images cannot give {val} validation and {tune} tune images and still "
                            f"leave one to train on; give a validation file (--val) or more images")
     return val, tune
 
 
-def split_by_image(data: DetectionData, val_fraction: float, tune_fraction: float, seed: int
-                   ) -> dict[str, DetectionData]:
+def split_by_image(data: DetectionData, val_fraction: float, tune_fraction: float, seed: int,
+                   val_max: int = 0, tune_max: int = 0) -> dict[str, DetectionData]:
     """``{"train", "val", "tune"}``: disjoint subsets of ``data``'s images (:func:`holdout_counts` of
     them held out), each keeping the class list; a split with no image is absent. Records keep their
     order within a split.
@@ -50,7 +54,7 @@ def split_by_image(data: DetectionData, val_fraction: float, tune_fraction: floa
     set that is mostly empty frames still validates on some objects; the seeded order is the same
     either way, so a set whose every image has objects splits as a plain draw would."""
     n = len(data.records)
-    n_val, n_tune = holdout_counts(n, val_fraction, tune_fraction)
+    n_val, n_tune = holdout_counts(n, val_fraction, tune_fraction, val_max, tune_max)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * SPLIT_SALT + 1)).tolist()
     has_objects = [bool((~data.records[i].iscrowd).any()) for i in order]
     objects = [i for i, has in zip(order, has_objects) if has]

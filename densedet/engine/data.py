@@ -96,7 +96,8 @@ def carve(data: DataConfig, train: DetectionData) -> dict[str, DetectionData]:
     (:func:`~densedet.data.split.split_by_region`)."""
     if data.holdout == "region":
         return split_by_region(train, data.val_fraction, data.tune_fraction, data.holdout_gap, data.holdout_piece)
-    return split_by_image(train, data.val_fraction, data.tune_fraction, data.seed)
+    return split_by_image(train, data.val_fraction, data.tune_fraction, data.seed, data.val_max_images,
+                          data.tune_max_images)
 
 
 def _read(data: DataConfig, split: str) -> DetectionData:
