@@ -334,12 +334,18 @@ def size_view(s: DataSummary, short: float) -> tuple[str, str]:
 def input_scale(s: DataSummary) -> tuple[float, int, int, str, list[Derived]]:
     """``(scale, min_size, max_size, view, derived)`` for a resizing model (RetinaNet); ``scale`` multiplies
     the evaluation images' sizes (> 1: small objects upscaled, < 1: large objects shrunk), ``view`` is
-    :func:`size_view`'s. Objects that do not follow their images' sizes (``own``) are seen at one scale:
-    every image is resized by ``scale`` alone (``model.scale_as``), large ones tiled (:func:`tiling`);
+    :func:`size_view`'s. Objects that do not follow their images' sizes (``own``), and training images of
+    one size large enough to be tiled, are seen at one scale: every image is resized by ``scale`` alone
+    (``model.scale_as``), large ones tiled (:func:`tiling`);
     objects that do (``follow``) are measured, and seen, with each image resized to one shorter side."""
     short = float(np.median(s.eval_hw.min(axis=1)))
     long_ = float(s.eval_hw.max(axis=1).max())
     view, spreads = size_view(s, short)
+    tiled = view == "same" and bool((s.image_hw.max(axis=1) > TILE_ABOVE * long_).any())
+    if tiled:
+        # a square tile (tiling) resized by its own size takes another factor than a non-square evaluation
+        # image: 0.75x for an 800 px tile against 1x for an 800x600 image
+        view = "own"
     sizes = s.box_sizes
     if view == "follow":
         sizes = sizes * short / s.image_hw.min(axis=1)[s.box_image]
@@ -367,6 +373,8 @@ def input_scale(s: DataSummary) -> tuple[float, int, int, str, list[Derived]]:
             Derived("model.min_size", side, f"{what}; {why}"),
             Derived("model.max_size", side, "with model.scale_as: the size whose factor every image takes"),
             Derived("model.scale_as", [int(round(short))] * 2,
+                    f"training images are tiled: every tile and image is resized by one factor ({scale:.2f}x), "
+                    f"so a square tile sees its objects at the evaluation images' scale" if tiled else
                     f"{spreads}: the objects' sizes do not follow their images', so every image is resized by "
                     f"one factor ({scale:.2f}x), not each to one shorter side")]
     min_size, max_size = int(round(scale * short)), int(round(scale * long_))

@@ -135,6 +135,20 @@ def test_huge_images_with_tiny_objects_are_tiled_not_downscaled():
     assert v["data.crop_sizes"] and max(v["data.crop_sizes"]) <= 0.6 * 500   # small objects: windows
 
 
+@pytest.mark.parametrize("object_px, upscaled", [((20, 40), False), ((7, 11), True)])
+def test_a_square_tile_takes_the_factor_of_a_non_square_evaluation_image(object_px, upscaled):
+    """800x600 evaluation images, 2400x1800 training photos cut into 800 px tiles: an 800 px tile resized
+    by its own size would take 600/800 of the evaluation images' factor; one factor serves both."""
+    rng = np.random.default_rng(12)
+    train = make_data([squares(rng, 40, *object_px, size=1800) for _ in range(4)], hw=(1800, 2400))
+    val = make_data([squares(rng, 5, *object_px, size=600) for _ in range(5)], hw=(600, 800))
+    v = derived(train, val)
+    assert v["data.tile_size"] == 800 and v["model.scale_as"] is not None
+    model = ImagePreprocessor(v["model.min_size"], v["model.max_size"], scale_as=v["model.scale_as"]).eval()
+    tile, image, edge = (model._scale_for(h, w) or (1.0, 1.0) for h, w in ((800, 800), (600, 800), (300, 800)))
+    assert tile == image == edge and (tile[0] > 1.0) == upscaled
+
+
 def mixed_size_set(rng, objects_follow: bool) -> DetectionData:
     """Images of three sizes with 4 squares each: of 20-50 px in every image, or of 20-50 px in the
     480 x 640 images and as much smaller / larger in the others (``objects_follow``)."""
