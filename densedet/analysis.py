@@ -334,20 +334,27 @@ def _subset(n: int, max_images: int) -> list[int]:
 
 
 def analyze(cfg: Config, split: str = "train", max_images: int = 1000, candidates: bool = True,
-            data: DetectionData | None = None, bins: Sequence[float] = SIZE_BINS, log=print) -> dict[str, Any]:
+            data: DetectionData | None = None, bins: Sequence[float] = SIZE_BINS, log=print,
+            max_pixels: float = 0.0) -> dict[str, Any]:
     """Dataset statistics, anchor imbalance/coverage and candidate anchors for ``cfg``.
 
     The dataset comes from ``cfg.data`` (:func:`load_split`) unless ``data`` is given; the model
     from ``cfg.model``. Anchor statistics use at most ``max_images`` evenly spaced images
-    (``<= 0``: all); dataset statistics always use all of them.
+    (``<= 0``: all), and, with ``max_pixels`` > 0, no more of them than hold about that many input
+    pixels as the model sees them (at least one): matching costs anchors x boxes, and a large photo
+    has a hundred times a small image's anchors. Dataset statistics always use all the images.
     """
     data = data if data is not None else load_split(cfg.data, split)
     result: dict[str, Any] = {"split": split, "dataset": dataset_statistics(data)}
     model = build_from_config(cfg.model)
     setup = anchor_setup(model, cfg.model)
     indices = _subset(len(data.records), max_images)
-    log(f"analysing anchors on {len(indices)} of {len(data.records)} images")
     images = prepare_images(data, setup.preprocessor, indices)
+    pixels = [im.padded[0] * im.padded[1] for im in images]
+    if max_pixels > 0 and sum(pixels) > max_pixels:
+        indices = _subset(len(data.records), max(1, int(max_pixels / np.mean(pixels))))
+        images = prepare_images(data, setup.preprocessor, indices)
+    log(f"analysing anchors on {len(indices)} of {len(data.records)} images")
     stats = anchor_statistics(setup, images, bins)
     result["anchors"] = {"sizes": [[round(s, 2) for s in lv] for lv in setup.anchor_sizes],
                          "aspect_ratios": setup.aspect_ratios, **stats}

@@ -67,6 +67,8 @@ class ReportOptions:
 
     gallery_size: int = 24
     analysis_images: int = 50      # matching one 320 px image's ~19k anchors takes ~0.1 s on 2 cores
+    analysis_pixels: float = 6e6   # and no more images than this many model pixels: 50 such images hold 5.1M,
+                                   # one 2400x1600 photo 3.8M (~2-4 s to match its ~100 objects)
     score_thresh: float = 0.3
 
 
@@ -122,7 +124,7 @@ def write_report(out_dir: str | Path, cfg: Config, data: DetectionData, results:
                                       data.class_names),
         "errors": errors,
         "gallery": _gallery(images, errors["per_image"], data.class_names, options, pictures / "gallery", out_dir),
-        "analysis": _analysis(cfg, options.analysis_images, pictures / "analysis", out_dir),
+        "analysis": _analysis(cfg, options.analysis_images, options.analysis_pixels, pictures / "analysis", out_dir),
         "config": yaml.safe_dump(to_dict(cfg), sort_keys=False),
         "command": " ".join(shlex.quote(a) for a in [Path(command[0]).name, *command[1:]]) if command else "",
         "score_thresh": options.score_thresh,
@@ -275,14 +277,15 @@ def _gallery(images: Sequence[ImageResult], per_image: Sequence[dict], class_nam
     return out
 
 
-def _analysis(cfg: Config, max_images: int, folder: Path, root: Path) -> dict:
+def _analysis(cfg: Config, max_images: int, max_pixels: float, folder: Path, root: Path) -> dict:
     """The training set's anchor analysis: its printed summary and plots, or the reason it failed."""
     if max_images <= 0:
         return {"note": "not run (analysis_images is 0)"}
     try:
         from .analysis import analyze
         from .commands.analyze import format_summary, write_plots
-        result = analyze(cfg, "train", max_images=max_images, candidates=False, log=lambda message: None)
+        result = analyze(cfg, "train", max_images=max_images, candidates=False, log=lambda message: None,
+                         max_pixels=max_pixels)
         sizes = result["anchors"].pop("_box_sizes")
         plots = write_plots(result, sizes, folder)
         return {"summary": format_summary(result), "plots": [_relative(p, root) for p in plots],

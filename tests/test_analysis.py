@@ -263,3 +263,15 @@ def test_crowd_boxes_are_not_counted_as_boxes_but_ignore_their_anchors(tiny_setu
     inside = int((inter_w * inter_h / area >= 0.5).sum())
     assert inside > 50
     assert b["per_image"]["ignored"][0] - a["per_image"]["ignored"][0] == inside
+
+
+def test_a_pixel_budget_analyses_fewer_large_images_evenly_spaced():
+    """Matching costs anchors x boxes: with ``max_pixels`` the analysis takes no more images than hold
+    that many model pixels (each of these is 128 x 128 = 16384), evenly spaced, and at least one."""
+    data = DetectionData([ImageRecord(f"{i}.png", i + 1, 128, 128, [EXACT_BOX], [0]) for i in range(10)],
+                         ["cat", "dog"], None, "hand-made")
+    quiet = {"candidates": False, "data": data, "log": lambda *_: None}
+    assert A.analyze(tiny_config(), **quiet)["anchors"]["images"] == 10
+    assert A.analyze(tiny_config(), max_pixels=10 * 16384, **quiet)["anchors"]["images"] == 10
+    assert A.analyze(tiny_config(), max_pixels=3 * 16384, **quiet)["anchors"]["images"] == 3
+    assert A.analyze(tiny_config(), max_pixels=100, **quiet)["anchors"]["images"] == 1
