@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 from ..config import Config, ConfigError, apply_overrides, find_config, load_config, to_dict
 from ..engine.trainer import TrainingError, train
 from ..errors import DensedetError, UsageError
+from . import require_folder
 
 __all__ = ["PAPER_TABLE_1B", "PAPER_TABLE_1D", "DEFAULT_GAMMAS", "LOSS_METHODS", "AblationRun", "paper_alpha",
            "plan_runs", "run_config", "run_ablation", "write_tables", "plot_ap_vs_gamma", "add_parser", "run"]
@@ -378,8 +379,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--gammas: γ must be a number >= 0, got {' '.join(f'{g:g}' for g in bad)}")
     if not args.gammas and not args.methods:
         raise UsageError("--gammas, --methods: nothing to run: give γ values and/or methods")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: is a file; ablate writes a folder (the tables, the plot and runs/)")
+    require_folder(args.out, "--out", "the tables, the plot and runs/")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 from ..analysis import analyze
 from ..config import find_config, load_config
 from ..errors import UsageError
+from . import require_folder
 
 __all__ = ["format_summary", "write_plots", "add_parser", "run"]
 
@@ -187,8 +188,7 @@ def run(args: argparse.Namespace) -> int:
     turns that into one line and exit code 2)."""
     if args.max_images < 0:
         raise UsageError(f"--max-images: must be >= 0 (0: all images), got {args.max_images}")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: is a file; analyze writes a folder (analysis.json and the plots)")
+    require_folder(args.out, "--out", "analysis.json and the plots")
     cfg = load_config(find_config(args.config), list(args.overrides))
     result = analyze(cfg, split=args.split, max_images=args.max_images, candidates=not args.no_candidates)
     out = Path(args.out or os.path.join(cfg.train.output_dir, "analysis"))

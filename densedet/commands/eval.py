@@ -27,6 +27,7 @@ from ..evaluation import (evaluate_coco, evaluate_voc_from_coco, format_table, f
                           plot_pr_curves)
 from ..run_report import write_report
 from ..tta import tta_from_config
+from . import require_folder
 
 __all__ = ["add_parser", "run", "eval_checkpoint", "eval_results_main", "METRICS"]
 
@@ -185,8 +186,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.weights:
         raise UsageError("needs --weights CKPT (evaluate a model) or --results R.json --annotations A.json")
-    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
-        raise UsageError(f"--report {args.report}: is a file; give a folder (report.html and report/ go in it)")
+    require_folder(args.report, "--report", "report.html and report/")
     return eval_checkpoint(args)
 
 

@@ -22,6 +22,7 @@ from ..evaluation import detections_to_coco
 from ..predict import Predictor
 from ..tta import MERGE_METHODS, tta_preset
 from ..visualize import draw_detections
+from . import require_folder
 
 __all__ = ["add_parser", "run", "expand_inputs", "progress_bar", "IMAGE_EXTENSIONS"]
 
@@ -108,9 +109,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, value in (("--score-thresh", args.score_thresh), ("--score-thresh-draw", args.score_thresh_draw)):
         if value is not None and not 0 <= value <= 1:
             raise UsageError(f"{name}: must be a score in [0, 1], got {value:g}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: is a file; predict writes a folder (detections.json, images.json and "
-                         f"the annotated images)")
+    require_folder(args.out, "--out", "detections.json, images.json and the annotated images")
     if args.tile is not None and args.tile < 0:
         raise UsageError(f"--tile: must be >= 0 (0: no tiles), got {args.tile}")
     overlap = 128 if args.tile_overlap is None else args.tile_overlap

@@ -32,6 +32,7 @@ from ..errors import UsageError
 from ..recipe import (DataSummary, RecipeOptions, base_config, derive, format_table, holdout, parse_model_name,
                       recipe_config)
 from ..serialization import load_tensors
+from . import require_folder
 
 __all__ = ["add_parser", "run_train", "run_demo"]
 
@@ -62,8 +63,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.config and "=" in args.config and not os.path.exists(args.config):
         # `densedet train --data X key=value`: argparse hands the first override to the optional CONFIG
         args.overrides, args.config = [args.config, *args.overrides], None
-    if args.output_dir:
-        _check_output_dir(args.output_dir, "--output-dir")
+    require_folder(args.output_dir, "--output-dir", "the run: checkpoints, metrics, report")
     if args.data:
         return _train_from_data(args)
     if not args.config and args.resume and args.output_dir and os.path.isfile(os.path.join(args.output_dir, "config.yaml")):
@@ -258,11 +258,6 @@ def _print_demo_table(metrics: dict[str, Any]) -> None:
               f" | {metrics['train_minutes']:.1f} | {metrics['images_per_s']:.1f} |")
 
 
-def _check_output_dir(path: str, option: str) -> None:
-    if Path(path).exists() and not Path(path).is_dir():
-        raise UsageError(f"{option} {path}: is a file; a run writes a folder (checkpoints, metrics, report)")
-
-
 @_reported_by_rank0
 def run_demo(args: argparse.Namespace) -> int:
     """``densedet demo``: train on the digit scenes for the time budget, evaluate, print the table."""
@@ -274,7 +269,8 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = load_config(find_config(args.config), overrides)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
-    _check_output_dir(cfg.train.output_dir, "--output-dir" if args.output_dir else "train.output_dir")
+    require_folder(cfg.train.output_dir, "--output-dir" if args.output_dir else "train.output_dir",
+                   "the run: checkpoints, metrics, report")
     m = cfg.model
     family = (f"RetinaNet {m.backbone}-FPN" if m.arch == "retinanet"
               else f"RefineDet{m.refinedet.image_size} {m.backbone}")
